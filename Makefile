@@ -1,0 +1,62 @@
+# Flake scanner: every target runs `setup` first, which is idempotent and fast
+# when nothing changed. Targets source env.sh so the pip-only ROS 2 works.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV := .venv
+STAMPS := $(VENV)/.stamps
+PYTHON ?= python3
+ENV := source env.sh &&
+PACKAGES := flake_scanner flake_detector flake_registry
+MSG_FILES := $(shell find src/flake_msgs -type f -not -name '*~')
+PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src/$(p)/package.xml)
+
+.PHONY: help setup test lint demo bench clean
+
+help:
+	@echo "make setup  - create .venv, install pinned dependencies, build flake_msgs, install the packages"
+	@echo "make test   - ruff and the whole pytest suite (what CI runs)"
+	@echo "make bench  - run every bench/*.py and print their tables"
+	@echo "make clean  - remove .venv and build products"
+
+setup: $(STAMPS)/packages
+
+$(STAMPS)/requirements: requirements.txt tools/fix_wheel_cmake_paths.py
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@mkdir -p $(STAMPS) && touch $(VENV)/COLCON_IGNORE
+	@echo "[setup] installing pinned dependencies (first run downloads several GB)"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.txt
+	$(VENV)/bin/python tools/fix_wheel_cmake_paths.py $(VENV)
+	@touch $@
+
+# flake_msgs is installed into the venv prefix itself, so its typesupport
+# libraries are found without sourcing a colcon workspace.
+$(STAMPS)/flake_msgs: $(STAMPS)/requirements $(MSG_FILES)
+	@echo "[setup] building flake_msgs"
+	@mkdir -p .build && touch .build/COLCON_IGNORE
+	$(ENV) cmake -S src/flake_msgs -B .build/flake_msgs -DCMAKE_INSTALL_PREFIX=$(CURDIR)/$(VENV) \
+	  -DCMAKE_PREFIX_PATH=$(CURDIR)/$(VENV) -DBUILD_TESTING=OFF \
+	  -DPython3_EXECUTABLE=$(CURDIR)/$(VENV)/bin/python -DCMAKE_BUILD_TYPE=Release > .build/flake_msgs.log
+	$(ENV) cmake --build .build/flake_msgs -j2 >> .build/flake_msgs.log
+	$(ENV) cmake --install .build/flake_msgs >> .build/flake_msgs.log
+	@touch $@
+
+$(STAMPS)/packages: $(STAMPS)/flake_msgs $(PY_PKG_FILES) tools/install_ament_share.py
+	@echo "[setup] installing $(PACKAGES)"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+	  $(foreach p,$(PACKAGES),-e src/$(p))
+	$(VENV)/bin/python tools/install_ament_share.py $(VENV) $(PACKAGES)
+	@touch $@
+
+lint: setup
+	$(ENV) ruff check src tests bench tools launch
+
+test: setup lint
+	$(ENV) python -m pytest tests
+
+bench: setup
+	@for script in bench/*.py; do echo "== $$script"; $(ENV) python "$$script"; done
+
+clean:
+	rm -rf $(VENV) .build build install log

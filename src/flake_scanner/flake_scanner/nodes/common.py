@@ -1,0 +1,170 @@
+"""Shared plumbing for every node of the system: declared parameters with
+descriptors and validation, QoS profiles, diagnostics and the ``main`` runner.
+
+Nodes import from here rather than re-implementing these pieces.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                SetParametersResult)
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from rclpy.qos_overriding_options import QoSOverridingOptions
+
+# Images: publishers reliable (REP 2003), subscribers best effort (sensor data).
+IMAGE_PUBLISHER_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                                 reliability=ReliabilityPolicy.RELIABLE,
+                                 durability=DurabilityPolicy.VOLATILE)
+SENSOR_SUBSCRIBER_QOS = qos_profile_sensor_data
+# Data that must not be lost between pipeline stages (frames to the detector,
+# detections to the registry): reliable with a deep queue.
+PIPELINE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                          reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.VOLATILE)
+# Latched state such as the wafer frame or a revisit list.
+LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def image_publisher(node, msg_type, topic: str, qos: QoSProfile = IMAGE_PUBLISHER_QOS):
+    """An image publisher whose QoS a user may override with parameters."""
+    return node.create_publisher(msg_type, topic, qos,
+                                 qos_overriding_options=QoSOverridingOptions.with_default_policies())
+
+
+@dataclass(frozen=True)
+class Param:
+    """A node parameter: default, description, and the constraints it is validated against."""
+
+    name: str
+    default: Any
+    description: str
+    minimum: float | int | None = None
+    maximum: float | int | None = None
+    choices: Sequence[Any] | None = None
+    read_only: bool = False
+    validator: Callable[[Any], str | None] | None = None  # returns an error text or None
+
+    def check(self, value: Any) -> str | None:
+        if isinstance(value, float) and not math.isfinite(value):
+            return f'{self.name} must be finite, got {value}'
+        if self.minimum is not None and value < self.minimum:
+            return f'{self.name} must be >= {self.minimum}, got {value}'
+        if self.maximum is not None and value > self.maximum:
+            return f'{self.name} must be <= {self.maximum}, got {value}'
+        if self.choices is not None and value not in self.choices:
+            return f'{self.name} must be one of {list(self.choices)}, got {value!r}'
+        if self.validator is not None:
+            return self.validator(value)
+        return None
+
+    def descriptor(self) -> ParameterDescriptor:
+        constraints = ''
+        if self.choices is not None:
+            constraints = 'one of: ' + ', '.join(str(c) for c in self.choices)
+        descriptor = ParameterDescriptor(description=self.description, read_only=self.read_only,
+                                         additional_constraints=constraints)
+        has_range = self.minimum is not None and self.maximum is not None
+        if has_range and isinstance(self.default, bool):
+            has_range = False
+        if has_range and isinstance(self.default, int):
+            descriptor.integer_range = [IntegerRange(from_value=int(self.minimum),
+                                                     to_value=int(self.maximum), step=0)]
+        elif has_range and isinstance(self.default, float):
+            descriptor.floating_point_range = [FloatingPointRange(
+                from_value=float(self.minimum), to_value=float(self.maximum), step=0.0)]
+        return descriptor
+
+
+def declare_parameters(node, params: Iterable[Param],
+                       on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Declare ``params`` on ``node``, validate every later change, return the current values.
+
+    Invalid values given at start-up (from a YAML file or overrides) raise ValueError
+    so a misconfigured node fails loudly; invalid runtime changes are refused with a
+    reason. ``on_change`` receives the accepted changes as a dict.
+    """
+    params = list(params)
+    by_name = {p.name: p for p in params}
+    values: dict[str, Any] = {}
+    for p in params:
+        value = node.declare_parameter(p.name, p.default, p.descriptor()).value
+        error = p.check(value)
+        if error is not None:
+            raise ValueError(f'invalid parameter: {error}')
+        values[p.name] = value
+
+    def validate(changes) -> SetParametersResult:
+        accepted = {}
+        for change in changes:
+            spec = by_name.get(change.name)
+            if spec is None:
+                continue
+            error = spec.check(change.value)
+            if error is not None:
+                return SetParametersResult(successful=False, reason=error)
+            accepted[change.name] = change.value
+        values.update(accepted)
+        if on_change is not None and accepted:
+            on_change(accepted)
+        return SetParametersResult(successful=True)
+
+    node.add_on_set_parameters_callback(validate)
+    return values
+
+
+def diagnostic_status(name: str, hardware_id: str, level: int, message: str,
+                      values: dict[str, Any] | None = None) -> DiagnosticStatus:
+    """A DiagnosticStatus with key/values rendered as strings."""
+    return DiagnosticStatus(
+        level=bytes([level]) if isinstance(DiagnosticStatus().level, bytes) else level,
+        name=name, hardware_id=hardware_id, message=message,
+        values=[KeyValue(key=str(k), value=str(v)) for k, v in (values or {}).items()])
+
+
+def diagnostics_publisher(node):
+    return node.create_publisher(DiagnosticArray, '/diagnostics', 10)
+
+
+def publish_diagnostics(node, publisher, statuses: Sequence[DiagnosticStatus]) -> None:
+    array = DiagnosticArray()
+    array.header.stamp = node.get_clock().now().to_msg()
+    array.status = list(statuses)
+    publisher.publish(array)
+
+
+OK = DiagnosticStatus.OK
+WARN = DiagnosticStatus.WARN
+ERROR = DiagnosticStatus.ERROR
+
+
+def run_node(make_node: Callable[[], Any], args=None, executor=None) -> None:
+    """Init rclpy, build the node, spin until Ctrl-C or SIGTERM, then shut down cleanly."""
+    rclpy.init(args=args)
+    node = None
+    executor = executor or SingleThreadedExecutor()
+    signal.signal(signal.SIGTERM, lambda *_: rclpy.try_shutdown())
+    try:
+        node = make_node()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            close = getattr(node, 'close', None)
+            if close is not None:
+                close()
+            node.destroy_node()
+        executor.shutdown()
+        rclpy.try_shutdown()
