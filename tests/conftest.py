@@ -1,9 +1,9 @@
 """Test-wide set-up: an isolated DDS domain for this run and one rclpy context."""
 
 import os
+from pathlib import Path
 import random
 import sys
-from pathlib import Path
 
 # Tests may run without `source env.sh`; give them the same isolation it gives.
 os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(1, 100)))

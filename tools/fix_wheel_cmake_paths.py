@@ -8,10 +8,10 @@ against them needs this interpreter's dirs instead. Only the pip-only install
 Usage: python tools/fix_wheel_cmake_paths.py VENV
 """
 
+from pathlib import Path
 import re
 import sys
 import sysconfig
-from pathlib import Path
 
 import numpy
 

@@ -8,8 +8,8 @@ Usage: python tools/install_ament_share.py VENV PKG [PKG ...]
 """
 
 import os
-import sys
 from pathlib import Path
+import sys
 
 ROOT = Path(__file__).resolve().parent.parent
 
