@@ -1,0 +1,1 @@
+"""Record, replay and offline evaluation of scans stored as rosbag2 bags."""
