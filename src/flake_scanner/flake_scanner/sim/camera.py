@@ -1,0 +1,403 @@
+"""A camera on a microscope looking at a VirtualWafer: renders bgr8 frames and their ground truth.
+
+Pixel convention: exactly flake_scanner.geometry.pixel_to_stage (image centre at the
+stage position, +u along stage +x, +v along stage -y), then the chip mount
+(``wafer.stage_to_wafer``) into the chip's frame.
+
+Image formation, per frame:
+1. rasterise the field of view (cached per pose, so focus sweeps reuse it): every
+   object filled with its band reflectance (B, G, R) from the thin-film model;
+2. blur with the diffraction limit plus the geometric defocus blur
+   ``|z - focal_plane_z(x, y)| * tan(asin(NA))`` (separable Gaussian; large blurs on a
+   downsampled copy);
+3. scale to digital numbers: illumination spectrum (lamp colour temperature), white
+   balance, intensity, exposure, gain and vignetting;
+4. shot noise (from the electron count) and read noise, then 8-bit saturation.
+
+Noise is seeded by the camera seed and the pose, so a pose renders the same image
+every time.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+import math
+
+import cv2
+import numpy as np
+
+from flake_scanner.geometry import Affine2D, pixel_to_stage
+from flake_scanner.sim import optics
+from flake_scanner.sim.wafer import VirtualWafer, WaferObject, layer_class
+
+_WAVELENGTH_M = 550e-9
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    magnification: float
+    numerical_aperture: float
+    working_distance_m: float
+
+    @property
+    def depth_of_field_m(self) -> float:
+        """Wave-optical depth of field lambda / NA^2 (green light, in air)."""
+        return _WAVELENGTH_M / self.numerical_aperture ** 2
+
+    @property
+    def defocus_blur_per_m(self) -> float:
+        """Radius of the geometric blur disc per metre of defocus."""
+        return math.tan(math.asin(self.numerical_aperture))
+
+
+OBJECTIVES: dict[str, Objective] = {
+    '5x': Objective('5x', 5.0, 0.15, 23.5e-3),
+    '10x': Objective('10x', 10.0, 0.30, 17.5e-3),
+    '20x': Objective('20x', 20.0, 0.45, 4.5e-3),
+    '50x': Objective('50x', 50.0, 0.80, 1.0e-3),
+    '100x': Objective('100x', 100.0, 0.90, 1.0e-3),
+}
+
+
+def objective_by_name(name: str) -> Objective:
+    key = str(name).lower()
+    if key not in OBJECTIVES:
+        raise ValueError(f'unknown objective {name!r}; choose one of {", ".join(OBJECTIVES)}')
+    return OBJECTIVES[key]
+
+
+def _planck_band_weights(temperature_k: float) -> np.ndarray:
+    """Relative lamp power in the B, G, R camera bands for a black body at ``temperature_k``."""
+    lam = np.array(optics.CHANNEL_CENTRES_NM) * 1e-9
+    radiance = lam ** -5 / np.expm1(1.4388e-2 / (lam * temperature_k))
+    return radiance / radiance[1]
+
+
+@dataclass(frozen=True)
+class CameraSettings:
+    """Sensor, optics and exposure. Change with ``CameraModel.with_settings(**changes)``."""
+
+    width: int = 1024
+    height: int = 1024
+    pixel_pitch_um: float = 5.5
+    objective: str = '10x'
+    exposure_s: float = 0.01
+    gain: float = 1.0
+    intensity: float = 1.0
+    lamp_temperature_k: float = 3200.0
+    white_balance_k: float = 3200.0
+    vignetting: float = 0.15
+    read_noise_dn: float = 1.2
+    shot_noise: bool = True
+    full_well_e: float = 10000.0
+    # Bare substrate's brightest channel at exposure 10 ms, gain 1, intensity 1 [fraction of 255].
+    substrate_level: float = 0.55
+    seed: int = 0
+
+    def validate(self) -> None:
+        objective_by_name(self.objective)
+        if not (16 <= self.width <= 8192 and 16 <= self.height <= 8192):
+            raise ValueError(f'sensor size must be 16..8192 px, got {self.width}x{self.height}')
+        checks = {
+            'pixel_pitch_um': 0.5 <= self.pixel_pitch_um <= 50,
+            'exposure_s': 1e-6 <= self.exposure_s <= 10,
+            'gain': 0.01 <= self.gain <= 100,
+            'intensity': 0 <= self.intensity <= 100,
+            'lamp_temperature_k': 1000 <= self.lamp_temperature_k <= 20000,
+            'white_balance_k': 1000 <= self.white_balance_k <= 20000,
+            'vignetting': 0 <= self.vignetting < 1,
+            'read_noise_dn': 0 <= self.read_noise_dn <= 50,
+            'full_well_e': 100 <= self.full_well_e <= 1e7,
+            'substrate_level': 0 < self.substrate_level <= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            listed = ', '.join(f'{n}={getattr(self, n)}' for n in bad)
+            raise ValueError(f'camera settings out of range: {listed}')
+
+
+@dataclass
+class ObjectTruth:
+    """One object visible in a frame."""
+
+    object_id: int
+    kind: str
+    material: str
+    layers: int
+    thickness_nm: float
+    is_contaminant: bool
+    parent_id: int
+    mask: np.ndarray  # (H, W) bool, the visible pixels
+    bbox: tuple[int, int, int, int]  # u, v, width, height [px]
+    polygon_wafer: np.ndarray  # full outline (or line path) in the wafer frame [m]
+    centre_wafer: tuple[float, float]
+
+    @property
+    def area_px(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def layer_class(self) -> str:
+        return layer_class(self.layers)
+
+
+@dataclass
+class FrameTruth:
+    stage_x: float
+    stage_y: float
+    width: int
+    height: int
+    pixel_size: float
+    pixel_to_wafer: Affine2D
+    objects: list[ObjectTruth] = field(default_factory=list)
+
+    @property
+    def flakes(self) -> list[ObjectTruth]:
+        return [o for o in self.objects if not o.is_contaminant]
+
+
+class CameraModel:
+    """Renders the view of ``wafer`` through one objective at any stage pose."""
+
+    _RASTER_CACHE = 6
+    _OFF_CHIP_REFLECTANCE = (0.015, 0.015, 0.018)
+    _DUST_REFLECTANCE = (0.03, 0.035, 0.04)
+
+    def __init__(self, wafer: VirtualWafer, settings: CameraSettings | None = None,
+                 optics_model: optics.OpticsModel | None = None):
+        self.wafer = wafer
+        self.optics = optics_model or optics.default_model()
+        self._colour_cache: dict[tuple, np.ndarray] = {}
+        self._raster_cache: OrderedDict = OrderedDict()
+        self._noise: np.ndarray | None = None
+        self._vignette_key = None
+        self._vignette: np.ndarray | None = None
+        self.settings = settings or CameraSettings()
+        rng = np.random.default_rng([wafer.config.seed, 0xF0C5])
+        corners = wafer.corner_positions_stage()
+        self._focus_centre = (corners[1] + corners[2]) / 2
+        self._focus_z0 = float(rng.uniform(-10e-6, 10e-6))
+        self._focus_tilt = rng.uniform(-8e-4, 8e-4, 2)
+        self._focus_curvature = float(rng.uniform(-0.06, 0.06))  # [1/m]: about +-3 um at 7 mm
+
+    # -- settings -----------------------------------------------------------------------
+    @property
+    def settings(self) -> CameraSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: CameraSettings) -> None:
+        value.validate()
+        old = getattr(self, '_settings', None)
+        self._settings = value
+        if old is None or (old.width, old.height, old.objective, old.pixel_pitch_um) != (
+                value.width, value.height, value.objective, value.pixel_pitch_um):
+            self._raster_cache.clear()
+        if old is None or (old.width, old.height, old.seed) != (value.width, value.height, value.seed):
+            self._noise = None
+
+    def with_settings(self, **changes) -> CameraSettings:
+        """Change settings in place (e.g. ``objective='50x', exposure_s=0.02``); returns the new ones."""
+        self.settings = replace(self._settings, **changes)
+        return self._settings
+
+    @property
+    def objective(self) -> Objective:
+        return objective_by_name(self._settings.objective)
+
+    @property
+    def pixel_size(self) -> float:
+        """Size of one pixel at the sample [m]."""
+        return self._settings.pixel_pitch_um * 1e-6 / self.objective.magnification
+
+    @property
+    def field_of_view(self) -> tuple[float, float]:
+        return self._settings.width * self.pixel_size, self._settings.height * self.pixel_size
+
+    # -- focus ----------------------------------------------------------------------------
+    def focal_plane_z(self, stage_x: float, stage_y: float) -> float:
+        """Stage z [m] at which the sample at (x, y) is in focus: tilted, slightly curved."""
+        dx, dy = stage_x - self._focus_centre[0], stage_y - self._focus_centre[1]
+        return float(self._focus_z0 + self._focus_tilt[0] * dx + self._focus_tilt[1] * dy
+                     + self._focus_curvature * (dx * dx + dy * dy))
+
+    def blur_sigma_px(self, stage_x: float, stage_y: float, z: float) -> float:
+        """Gaussian sigma [px] of the point spread at this pose: diffraction plus defocus."""
+        obj = self.objective
+        diffraction = 0.21 * _WAVELENGTH_M / obj.numerical_aperture
+        defocus = abs(z - self.focal_plane_z(stage_x, stage_y)) * obj.defocus_blur_per_m / 2
+        return math.hypot(diffraction, defocus) / self.pixel_size
+
+    # -- geometry ---------------------------------------------------------------------------
+    def pixel_to_wafer(self, stage_x: float, stage_y: float) -> Affine2D:
+        s = self._settings
+        return pixel_to_stage(stage_x, stage_y, self.pixel_size, s.width, s.height).then(
+            self.wafer.stage_to_wafer)
+
+    def _visible_objects(self, to_wafer: Affine2D) -> list[WaferObject]:
+        s = self._settings
+        frame = np.array([[-1, -1], [s.width, -1], [-1, s.height], [s.width, s.height]])
+        corners = to_wafer.apply_points(frame)
+        lo, hi = corners.min(axis=0), corners.max(axis=0)
+        return self.wafer.objects_in_rect(lo[0], lo[1], hi[0], hi[1])
+
+    @staticmethod
+    def _to_pixels(to_pixel: Affine2D, pts: np.ndarray) -> np.ndarray:
+        # 4 fractional bits: fillPoly/polylines with shift=4 draw with sub-pixel vertices.
+        return np.round(to_pixel.apply_points(pts) * 16).astype(np.int32)
+
+    def _draw(self, canvas: np.ndarray, obj: WaferObject, to_pixel: Affine2D, value) -> None:
+        pts = self._to_pixels(to_pixel, obj.polygon)
+        if obj.shape == 'line':
+            width_px = obj.line_width_m / self.pixel_size
+            cv2.polylines(canvas, [pts], False, value, thickness=max(1, int(round(width_px))),
+                          lineType=cv2.LINE_8, shift=4)
+        else:
+            cv2.fillPoly(canvas, [pts], value, lineType=cv2.LINE_8, shift=4)
+
+    # -- colours ------------------------------------------------------------------------------
+    def _reflectance(self, obj: WaferObject | None) -> np.ndarray:
+        oxide = self.wafer.config.oxide_nm
+        key = None if obj is None else (obj.kind, obj.material, obj.layers, obj.thickness_nm)
+        cached = self._colour_cache.get(key)
+        if cached is not None:
+            return cached
+        sub = optics.substrate_reflectance(oxide)
+        if obj is None or obj.kind == 'crack':
+            value = sub
+        elif obj.kind == 'dust':
+            value = np.array(self._DUST_REFLECTANCE)
+        elif obj.kind in ('flake', 'terrace', 'fold'):
+            value = sub * (1.0 + self.optics.flake_contrast(obj.material, obj.layers, oxide))
+        else:
+            value = sub * (1.0 + optics.model_contrast(obj.material, obj.thickness_nm, oxide))
+        self._colour_cache[key] = value
+        return value
+
+    def _line_value(self, obj: WaferObject) -> np.ndarray:
+        # Lines thinner than a pixel: blend with the substrate by their coverage.
+        colour = self._reflectance(obj)
+        coverage = min(1.0, obj.line_width_m / self.pixel_size)
+        sub = self._reflectance(None)
+        return sub + (colour - sub) * coverage
+
+    def _raster(self, stage_x: float, stage_y: float) -> np.ndarray:
+        """Reflectance image (H, W, 3) float32 of the field of view, in focus, before the camera."""
+        key = (round(stage_x, 10), round(stage_y, 10))
+        cached = self._raster_cache.get(key)
+        if cached is not None:
+            self._raster_cache.move_to_end(key)
+            return cached
+        s = self._settings
+        to_wafer = self.pixel_to_wafer(stage_x, stage_y)
+        to_pixel = to_wafer.inverse()
+        canvas = np.empty((s.height, s.width, 3), np.float32)
+        canvas[:] = self._OFF_CHIP_REFLECTANCE
+        chip = self._to_pixels(to_pixel, self.wafer.chip_polygon())
+        cv2.fillPoly(canvas, [chip], self._reflectance(None).tolist(), lineType=cv2.LINE_8, shift=4)
+        for obj in self._visible_objects(to_wafer):
+            value = self._line_value(obj) if obj.shape == 'line' else self._reflectance(obj)
+            self._draw(canvas, obj, to_pixel, value.tolist())
+        self._raster_cache[key] = canvas
+        while len(self._raster_cache) > self._RASTER_CACHE:
+            self._raster_cache.popitem(last=False)
+        return canvas
+
+    def _channel_scale(self) -> np.ndarray:
+        """Digital numbers per unit reflectance, per channel (B, G, R)."""
+        s = self._settings
+        lamp = _planck_band_weights(s.lamp_temperature_k)
+        white_balance = 1.0 / _planck_band_weights(s.white_balance_k)
+        response = lamp * white_balance
+        sub = optics.substrate_reflectance(self.wafer.config.oxide_nm)
+        reference = 255.0 * s.substrate_level / float((sub * response).max())
+        return (reference * response * s.intensity * (s.exposure_s / 0.01) * s.gain).astype(np.float32)
+
+    def _vignette_map(self) -> np.ndarray:
+        s = self._settings
+        key = (s.width, s.height, s.vignetting)
+        if self._vignette_key != key:
+            u = (np.arange(s.width, dtype=np.float32) - (s.width - 1) / 2) / (s.width / 2)
+            v = (np.arange(s.height, dtype=np.float32) - (s.height - 1) / 2) / (s.height / 2)
+            r2 = (v[:, None] ** 2 + u[None, :] ** 2) / 2
+            self._vignette = (1.0 - s.vignetting * r2).astype(np.float32)[:, :, None]
+            self._vignette_key = key
+        return self._vignette
+
+    def _noise_buffer(self) -> np.ndarray:
+        if self._noise is None:
+            s = self._settings
+            rng = np.random.default_rng([s.seed, 0x0153])
+            self._noise = rng.standard_normal(s.width * s.height * 3 + (1 << 16), dtype=np.float32)
+        return self._noise
+
+    @staticmethod
+    def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+        if sigma < 0.3:
+            return image.copy()
+        if sigma <= 3.0:
+            return cv2.GaussianBlur(image, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+        sigma = min(sigma, 400.0)
+        factor = max(2, int(sigma / 1.5))
+        h, w = image.shape[:2]
+        small = cv2.resize(image, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
+        # Area averaging already blurs by about factor/2 px; take the rest here.
+        rest = math.sqrt(max(sigma ** 2 - (factor / 2) ** 2, 0.25)) / factor
+        small = cv2.GaussianBlur(small, (0, 0), rest, borderType=cv2.BORDER_REFLECT)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+    # -- public rendering ------------------------------------------------------------------------
+    def render(self, stage_x: float, stage_y: float, z: float | None = None) -> np.ndarray:
+        """bgr8 image (H, W, 3) at stage (x, y) [m] and focus z [m] (None: in focus)."""
+        for name, value in (('stage_x', stage_x), ('stage_y', stage_y), ('z', 0.0 if z is None else z)):
+            if not math.isfinite(value):
+                raise ValueError(f'{name} must be finite, got {value}')
+        if z is None:
+            z = self.focal_plane_z(stage_x, stage_y)
+        s = self._settings
+        image = self._blur(self._raster(stage_x, stage_y), self.blur_sigma_px(stage_x, stage_y, z))
+        image *= self._channel_scale()
+        image *= self._vignette_map()
+        if s.shot_noise or s.read_noise_dn > 0:
+            dn_per_electron = 255.0 * s.gain / s.full_well_e if s.shot_noise else 0.0
+            variance = image * dn_per_electron if s.shot_noise else np.zeros_like(image)
+            variance += s.read_noise_dn ** 2
+            np.maximum(variance, 0.0, out=variance)
+            std = np.sqrt(variance, out=variance)
+            noise = self._noise_buffer()
+            pose = [s.seed, *(int(round(v * 1e9)) & 0xFFFFFFFF for v in (stage_x, stage_y, z))]
+            start = int(np.random.default_rng(pose).integers(0, noise.size - image.size))
+            std *= noise[start:start + image.size].reshape(image.shape)
+            image += std
+        image += 0.5
+        np.clip(image, 0.0, 255.0, out=image)
+        return image.astype(np.uint8)
+
+    def ground_truth(self, stage_x: float, stage_y: float) -> FrameTruth:
+        """Visible objects of the frame at (x, y) with exclusive instance masks."""
+        s = self._settings
+        to_wafer = self.pixel_to_wafer(stage_x, stage_y)
+        to_pixel = to_wafer.inverse()
+        labels = np.zeros((s.height, s.width), np.int32)
+        chip = np.zeros((s.height, s.width), np.uint8)
+        cv2.fillPoly(chip, [self._to_pixels(to_pixel, self.wafer.chip_polygon())], 1, shift=4)
+        objects = self._visible_objects(to_wafer)
+        for index, obj in enumerate(objects, start=1):
+            self._draw(labels, obj, to_pixel, 0 if obj.kind == 'crack' else index)
+        labels[chip == 0] = 0
+        truth = FrameTruth(stage_x, stage_y, s.width, s.height, self.pixel_size, to_wafer)
+        for index, obj in enumerate(objects, start=1):
+            if obj.kind == 'crack':
+                continue
+            mask = labels == index
+            if not mask.any():
+                continue
+            vs, us = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+            bbox = (int(us[0]), int(vs[0]), int(us[-1] - us[0] + 1), int(vs[-1] - vs[0] + 1))
+            truth.objects.append(ObjectTruth(
+                object_id=obj.object_id, kind=obj.kind, material=obj.material, layers=obj.layers,
+                thickness_nm=obj.thickness_nm, is_contaminant=obj.is_contaminant, parent_id=obj.parent_id,
+                mask=mask, bbox=bbox, polygon_wafer=obj.polygon.copy(), centre_wafer=obj.centre))
+        return truth

@@ -1,0 +1,229 @@
+"""Thin-film interference colours of flakes on SiO2/Si (transfer-matrix method).
+
+The stack is air / film / SiO2 / Si at normal incidence. Each camera channel is a
+band of wavelengths (Gaussian weights) around 460 nm (B), 535 nm (G) and 610 nm (R);
+the channel reflectance is the weighted mean of the ``tmm`` reflectance over the band.
+
+Every array of three channel values in this module is in **B, G, R order**, the
+order of the bgr8 images the camera renders.
+
+Contrast is ``C = (R_film - R_substrate) / R_substrate`` (negative = darker). A
+measured calibration (a Gaussian per layer count, as in ``config/contrast_*.json``) can
+replace the model's contrast for the layer counts it covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import functools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import tmm
+
+CHANNELS = ('b', 'g', 'r')
+# Centre and 1-sigma width of each camera channel's band [nm], B, G, R order.
+CHANNEL_CENTRES_NM = (460.0, 535.0, 610.0)
+CHANNEL_WIDTHS_NM = (20.0, 22.0, 22.0)
+BAND_SAMPLES = 5
+OXIDE_THICKNESSES_NM = (90.0, 285.0)
+
+# n + ik at 450 / 550 / 650 nm (see docs/simulator.md for sources); interpolated
+# linearly in wavelength between the three anchor points and held flat outside.
+_ANCHOR_NM = np.array([450.0, 550.0, 650.0])
+REFRACTIVE_INDEX = {
+    'si': (4.69 + 0.086j, 4.08 + 0.028j, 3.84 + 0.014j),
+    'sio2': (1.466 + 0j, 1.460 + 0j, 1.457 + 0j),
+    'graphene': (2.69 + 1.15j, 2.68 + 1.25j, 2.74 + 1.38j),
+    'hbn': (2.18 + 0j, 2.14 + 0j, 2.12 + 0j),
+    'mos2': (5.93 + 2.09j, 4.97 + 0.91j, 5.17 + 1.31j),
+    'wte2': (3.27 + 1.64j, 3.40 + 1.45j, 3.42 + 1.34j),
+    # Adhesive left by exfoliation tape: a weakly dispersive polymer film.
+    'residue': (1.50 + 0.002j, 1.49 + 0.001j, 1.48 + 0.001j),
+}
+# Interlayer spacing [nm] of the layered materials.
+LAYER_THICKNESS_NM = {'graphene': 0.335, 'hbn': 0.333, 'mos2': 0.65, 'wte2': 0.70}
+MATERIALS = tuple(LAYER_THICKNESS_NM)
+
+# config/ of the source tree; an installed package finds it in its share directory.
+CONFIG_DIR = Path(__file__).resolve().parents[4] / 'config'
+
+
+def _check_material(material: str) -> str:
+    key = material.lower()
+    if key not in REFRACTIVE_INDEX or key in ('si', 'sio2'):
+        known = ', '.join(sorted(set(REFRACTIVE_INDEX) - {'si', 'sio2'}))
+        raise ValueError(f'unknown material {material!r}; known: {known}')
+    return key
+
+
+def layer_thickness_nm(material: str) -> float:
+    """Thickness of one layer [nm] of a layered material."""
+    key = _check_material(material)
+    if key not in LAYER_THICKNESS_NM:
+        raise ValueError(f'{material!r} is not a layered material')
+    return LAYER_THICKNESS_NM[key]
+
+
+def refractive_index(material: str, wavelength_nm: float) -> complex:
+    """Complex refractive index n + ik of a stack material at one wavelength."""
+    key = material.lower()
+    if key not in REFRACTIVE_INDEX:
+        raise ValueError(f'unknown material {material!r}')
+    values = np.array(REFRACTIVE_INDEX[key])
+    n = np.interp(wavelength_nm, _ANCHOR_NM, values.real)
+    k = np.interp(wavelength_nm, _ANCHOR_NM, values.imag)
+    return complex(n, k)
+
+
+def _band(channel: int) -> tuple[np.ndarray, np.ndarray]:
+    centre, width = CHANNEL_CENTRES_NM[channel], CHANNEL_WIDTHS_NM[channel]
+    offsets = np.linspace(-1.5, 1.5, BAND_SAMPLES)
+    weights = np.exp(-0.5 * offsets ** 2)
+    return centre + width * offsets, weights / weights.sum()
+
+
+def _stack_reflectance(film: str | None, film_nm: float, oxide_nm: float, wavelength_nm: float) -> float:
+    n_si = refractive_index('si', wavelength_nm)
+    n_ox = refractive_index('sio2', wavelength_nm)
+    if film is None or film_nm <= 0:
+        n_list, d_list = [1.0, n_ox, n_si], [np.inf, oxide_nm, np.inf]
+    else:
+        n_film = refractive_index(film, wavelength_nm)
+        n_list, d_list = [1.0, n_film, n_ox, n_si], [np.inf, film_nm, oxide_nm, np.inf]
+    return float(tmm.coh_tmm('s', n_list, d_list, 0.0, wavelength_nm)['R'])
+
+
+@functools.lru_cache(maxsize=8192)
+def _reflectance_cached(film: str | None, film_nm: float, oxide_nm: float) -> tuple[float, float, float]:
+    values = []
+    for channel in range(3):
+        wavelengths, weights = _band(channel)
+        values.append(sum(w * _stack_reflectance(film, film_nm, oxide_nm, lam)
+                          for lam, w in zip(wavelengths, weights, strict=True)))
+    return tuple(values)
+
+
+def _check_oxide(oxide_nm: float) -> float:
+    oxide_nm = float(oxide_nm)
+    if not (math.isfinite(oxide_nm) and 0.0 <= oxide_nm <= 2000.0):
+        raise ValueError(f'oxide thickness must be within 0..2000 nm, got {oxide_nm}')
+    return round(oxide_nm, 1)
+
+
+def substrate_reflectance(oxide_nm: float) -> np.ndarray:
+    """Band reflectance (B, G, R) of bare SiO2/Si."""
+    return np.array(_reflectance_cached(None, 0.0, _check_oxide(oxide_nm)))
+
+
+def film_reflectance(material: str, thickness_nm: float, oxide_nm: float) -> np.ndarray:
+    """Band reflectance (B, G, R) of a film of ``thickness_nm`` on SiO2/Si (model only)."""
+    key = _check_material(material)
+    if not (math.isfinite(thickness_nm) and thickness_nm >= 0):
+        raise ValueError(f'film thickness must be a non-negative number, got {thickness_nm}')
+    # 0.01 nm steps keep the cache small without visibly changing any colour.
+    return np.array(_reflectance_cached(key, round(float(thickness_nm), 2), _check_oxide(oxide_nm)))
+
+
+def model_contrast(material: str, thickness_nm: float, oxide_nm: float) -> np.ndarray:
+    """Model contrast (B, G, R) of a film ``thickness_nm`` thick."""
+    sub = substrate_reflectance(oxide_nm)
+    return film_reflectance(material, thickness_nm, oxide_nm) / sub - 1.0
+
+
+@dataclass(frozen=True)
+class ContrastCalibration:
+    """Measured contrast of one material on one oxide, per layer count (B, G, R)."""
+
+    material: str
+    oxide_nm: float
+    mean: dict[int, np.ndarray]
+    covariance: dict[int, np.ndarray]
+
+    @classmethod
+    def from_json(cls, path, material: str, oxide_nm: float) -> ContrastCalibration:
+        """Read a Gaussian-per-layer file: {"1": {"contrast": {"b","g","r"}, "covariance_matrix"}}.
+
+        The covariance in these files is in the file's channel order (b, g, r).
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f'cannot read contrast calibration {path}: {exc}') from exc
+        mean, cov = {}, {}
+        for key, entry in data.items():
+            try:
+                layers = int(key)
+                contrast = entry['contrast']
+                mean[layers] = np.array([float(contrast[c]) for c in CHANNELS])
+                cov[layers] = np.array(entry.get('covariance_matrix', np.zeros((3, 3))), dtype=float)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f'{path}: bad entry for layer count {key!r}: {exc}') from exc
+            if cov[layers].shape != (3, 3):
+                raise ValueError(f'{path}: covariance of layer count {key} is not 3x3')
+        return cls(_check_material(material), _check_oxide(oxide_nm), mean, cov)
+
+
+class OpticsModel:
+    """Contrast of layered flakes, from the transfer-matrix model plus optional calibrations."""
+
+    def __init__(self, calibrations: list[ContrastCalibration] | None = None):
+        self._calibrations: dict[tuple[str, float], ContrastCalibration] = {}
+        for cal in calibrations or []:
+            self.add_calibration(cal)
+
+    def add_calibration(self, calibration: ContrastCalibration) -> None:
+        self._calibrations[(calibration.material, calibration.oxide_nm)] = calibration
+
+    def calibration(self, material: str, oxide_nm: float) -> ContrastCalibration | None:
+        return self._calibrations.get((_check_material(material), _check_oxide(oxide_nm)))
+
+    def flake_contrast(self, material: str, layers: int, oxide_nm: float) -> np.ndarray:
+        """Contrast (B, G, R) of a ``layers``-layer flake; calibrated values win."""
+        layers = int(layers)
+        if layers < 1:
+            raise ValueError(f'layer count must be >= 1, got {layers}')
+        cal = self.calibration(material, oxide_nm)
+        if cal is not None and layers in cal.mean:
+            return cal.mean[layers].copy()
+        return model_contrast(material, layers * layer_thickness_nm(material), oxide_nm)
+
+    def film_contrast(self, material: str, thickness_nm: float, oxide_nm: float) -> np.ndarray:
+        """Contrast (B, G, R) of a film given by thickness; layered films use the calibration."""
+        key = _check_material(material)
+        if key in LAYER_THICKNESS_NM:
+            layers = thickness_nm / LAYER_THICKNESS_NM[key]
+            if abs(layers - round(layers)) < 1e-6 and round(layers) >= 1:
+                return self.flake_contrast(key, round(layers), oxide_nm)
+        return model_contrast(key, thickness_nm, oxide_nm)
+
+    def contrast_table(self, material: str, oxide_nm: float, max_layers: int = 300) -> np.ndarray:
+        """(max_layers, 3) contrast for 1..max_layers layers; row i is i + 1 layers."""
+        return np.stack([self.flake_contrast(material, n, oxide_nm) for n in range(1, max_layers + 1)])
+
+
+def default_calibrations() -> list[ContrastCalibration]:
+    """The calibrations shipped in config/ (graphene on 90 nm SiO2, 2DMatGMM, MIT)."""
+    path = CONFIG_DIR / 'contrast_graphene_sio2_90nm.json'
+    if not path.exists():
+        try:
+            from ament_index_python.packages import get_package_share_directory
+            path = Path(get_package_share_directory('flake_scanner')) / 'config' / path.name
+        except (ImportError, LookupError, ValueError):
+            return []
+        if not path.exists():
+            return []
+    return [ContrastCalibration.from_json(path, 'graphene', 90.0)]
+
+
+@functools.lru_cache(maxsize=1)
+def default_model() -> OpticsModel:
+    return OpticsModel(default_calibrations())
+
+
+def flake_contrast(material: str, layers: int, oxide_nm: float) -> np.ndarray:
+    """Contrast (B, G, R) of a flake with the default model (shipped calibrations applied)."""
+    return default_model().flake_contrast(material, layers, oxide_nm)
