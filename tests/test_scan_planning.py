@@ -84,3 +84,18 @@ def test_mosaic_places_a_frame_at_its_wafer_position():
     assert mosaic.canvas[v, u].tolist() == [0, 0, 255]
     far_u, far_v = mosaic.wafer_to_pixel(1.8e-3, 0.1e-3)
     assert mosaic.canvas[far_v, far_u].tolist() == [255, 255, 255]
+
+
+def test_mosaic_builder_grows_with_the_frames_it_receives():
+    from flake_scanner.scan.tiler import MosaicBuilder
+
+    builder = MosaicBuilder(metres_per_pixel=8e-6)
+    for i, x in enumerate([0.5e-3, 1.3e-3]):
+        frame = np.full((200, 200, 3), 60 * (i + 1), np.uint8)
+        builder.add(frame, pixel_to_wafer(x, 0.5e-3, 4e-6, 200, 200, Affine2D()))
+    mosaic = builder.render()
+    assert mosaic.width == pytest.approx((1.3e-3 + 0.4e-3 - 0.1e-3) / 8e-6, abs=2)
+    u0, v0 = mosaic.wafer_to_pixel(0.5e-3, 0.5e-3)
+    u1, v1 = mosaic.wafer_to_pixel(1.3e-3, 0.5e-3)
+    assert mosaic.canvas[v0, u0].tolist() == [60, 60, 60]
+    assert mosaic.canvas[v1, u1].tolist() == [120, 120, 120]

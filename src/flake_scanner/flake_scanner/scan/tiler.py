@@ -98,3 +98,39 @@ class Mosaic:
     def wafer_to_pixel(self, x: float, y: float) -> tuple[int, int]:
         u, v = self.wafer_to_mosaic().apply(x, y)
         return int(round(u)), int(round(v))
+
+
+class MosaicBuilder:
+    """Collects shrunken frames of a scan whose extent is not known in advance, and
+    renders them into a ``Mosaic`` covering everything seen so far."""
+
+    def __init__(self, metres_per_pixel: float, max_pixels: int = 4096):
+        if metres_per_pixel <= 0:
+            raise ValueError('mosaic resolution must be positive')
+        self.metres_per_pixel = metres_per_pixel
+        self.max_pixels = max_pixels
+        self._frames: list[tuple[np.ndarray, Affine2D]] = []
+        self.bounds = [math.inf, math.inf, -math.inf, -math.inf]
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def add(self, image: np.ndarray, pixel_to_wafer: Affine2D) -> None:
+        height, width = image.shape[:2]
+        factor = max(1, int(self.metres_per_pixel / max(pixel_to_wafer.scale, 1e-15) // 2))
+        small = cv2.resize(image, (max(1, width // factor), max(1, height // factor)),
+                           interpolation=cv2.INTER_AREA) if factor > 1 else image.copy()
+        to_wafer = Affine2D(float(factor), 0.0, (factor - 1) / 2.0, 0.0, float(factor),
+                            (factor - 1) / 2.0).then(pixel_to_wafer)
+        self._frames.append((small, to_wafer))
+        corners = pixel_to_wafer.apply_points(np.array([[0, 0], [width, 0], [0, height], [width, height]]))
+        self.bounds = [min(self.bounds[0], corners[:, 0].min()), min(self.bounds[1], corners[:, 1].min()),
+                       max(self.bounds[2], corners[:, 0].max()), max(self.bounds[3], corners[:, 1].max())]
+
+    def render(self) -> Mosaic:
+        if not self._frames:
+            raise ValueError('no frames in the mosaic yet')
+        mosaic = Mosaic(*self.bounds, metres_per_pixel=self.metres_per_pixel, max_pixels=self.max_pixels)
+        for small, to_wafer in self._frames:
+            mosaic.add(small, to_wafer)
+        return mosaic

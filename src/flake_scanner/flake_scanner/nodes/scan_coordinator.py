@@ -1,0 +1,584 @@
+"""scan_coordinator: the `Scan` action, the wafer frame, and revisits.
+
+Moves the stage tile by tile along a serpentine path, focuses (fixed, focus map,
+or autofocus per tile), captures a frame at each stop and publishes it as a
+`ScanFrame` on /scan/frames. Detection runs beside it (tiler -> detector ->
+registry): the stage never waits for the detector. When the path is done it waits
+for detection to drain, then revisits the registry's most promising flakes at a
+higher magnification and stores those images with the flakes.
+
+Everything runs as coroutines on one executor thread; no callback blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+import time
+
+from geometry_msgs.msg import Point
+from rcl_interfaces.msg import Parameter as ParameterMsg
+from rcl_interfaces.msg import ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
+from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.node import Node
+from rclpy.task import Future
+from sensor_msgs.msg import Image
+from std_srvs.srv import Trigger
+
+from flake_msgs.action import Autofocus, Scan
+from flake_msgs.msg import FlakeArray, FlakeImage, ScanFrame, StageState
+from flake_msgs.srv import AddFlakeImage, GetRevisitList, MoveStage, SetWaferFrame
+from flake_scanner.geometry import WaferFrame, pixel_to_wafer
+from flake_scanner.nodes.common import (
+    PIPELINE_QOS,
+    SENSOR_SUBSCRIBER_QOS,
+    Param,
+    declare_parameters,
+    run_node,
+)
+from flake_scanner.scan.planner import EtaEstimator, Region, focus_points, plan_serpentine
+from flake_scanner.scan.session import HardwareModel, ScanProgress
+
+FOCUS_STRATEGIES = ('autofocus', 'focus_map', 'fixed')
+DETECTORS = ('', 'contrast', 'cascade', 'maskrcnn')
+
+
+def objective_magnification(name: str) -> float:
+    """'10x' -> 10.0; raises ValueError for names that are not '<number>x'."""
+    text = name.strip().lower()
+    if not text.endswith('x'):
+        raise ValueError(f'objective names look like "10x", got {name!r}')
+    value = float(text[:-1])
+    if value <= 0:
+        raise ValueError(f'objective magnification must be positive, got {name!r}')
+    return value
+
+
+def _check_objective(name: str) -> str | None:
+    try:
+        objective_magnification(name)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+PARAMS = [
+    Param('objective', '10x', 'objective used for scanning, e.g. "10x"', validator=_check_objective),
+    Param('revisit_objective', '50x', 'objective for revisits of promising flakes', validator=_check_objective),
+    Param('camera_pixel_pitch', 3.45e-6,
+          'camera sensor pixel pitch [m]; pixel size at the sample = pitch / magnification '
+          '(calibrate with a stage micrometer on real hardware)', minimum=1e-7, maximum=1e-4),
+    Param('camera_node', 'camera_node', 'name of the camera node whose objective parameter is switched'),
+    Param('overlap', 0.1, 'default overlap between neighbouring fields', minimum=0.0, maximum=0.49),
+    Param('focus_strategy', 'focus_map', 'default focus strategy', choices=FOCUS_STRATEGIES),
+    Param('focus_points', 3, 'points measured for a focus map (seed 000 uses 3)', minimum=3, maximum=50),
+    Param('default_z', 0.0, 'stage z used with the "fixed" strategy before any focus was found [m]',
+          minimum=-0.01, maximum=0.01),
+    Param('revisit_max', 10, 'default number of flakes revisited after a scan', minimum=0, maximum=1000),
+    Param('move_timeout', 30.0, 'time allowed for one stage move [s]', minimum=0.1, maximum=600.0),
+    Param('capture_timeout', 10.0, 'time allowed for one frame to arrive [s]', minimum=0.1, maximum=120.0),
+    Param('autofocus_timeout', 60.0, 'time allowed for one autofocus [s]', minimum=1.0, maximum=600.0),
+    Param('drain_timeout', 300.0, 'time allowed for detection to catch up after the last frame [s]',
+          minimum=0.0, maximum=3600.0),
+    Param('wafer_frames_file', '',
+          'JSON file remembering each chip\'s wafer frame across restarts; empty = '
+          '$FLAKE_DATA_DIR/wafer_frames.json'),
+    Param('hardware_speed', 5e-3, 'stage speed of the hardware timing model [m/s]', minimum=1e-5, maximum=1.0),
+    Param('hardware_acceleration', 50e-3, 'stage acceleration of the hardware timing model [m/s^2]',
+          minimum=1e-4, maximum=10.0),
+    Param('hardware_settle', 0.05, 'stage settle time of the hardware timing model [s]',
+          minimum=0.0, maximum=5.0),
+    Param('hardware_exposure', 0.01, 'exposure of the hardware timing model [s]', minimum=0.0, maximum=5.0),
+]
+
+
+class ScanError(RuntimeError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ScanCoordinator(Node):
+    def __init__(self):
+        super().__init__('scan_coordinator')
+        self.params = declare_parameters(self, PARAMS)
+        self.group = ReentrantCallbackGroup()
+        self.move_client = self.create_client(MoveStage, '/stage/move', callback_group=self.group)
+        self.capture_client = self.create_client(Trigger, '/camera/capture', callback_group=self.group)
+        self.autofocus_client = ActionClient(self, Autofocus, '/autofocus', callback_group=self.group)
+        self.revisit_client = self.create_client(GetRevisitList, '/registry/get_revisit_list',
+                                                 callback_group=self.group)
+        self.add_image_client = self.create_client(AddFlakeImage, '/registry/add_flake_image',
+                                                   callback_group=self.group)
+        camera = self.params['camera_node']
+        self.camera_params_client = self.create_client(SetParameters, f'{camera}/set_parameters',
+                                                       callback_group=self.group)
+        self.frame_publisher = self.create_publisher(ScanFrame, '/scan/frames', PIPELINE_QOS)
+        self.create_subscription(StageState, '/stage/state', self._on_stage_state, 10,
+                                 callback_group=self.group)
+        self.create_subscription(Image, '/camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
+                                 callback_group=self.group)
+        self.create_subscription(FlakeArray, '/detections', self._on_detections, PIPELINE_QOS,
+                                 callback_group=self.group)
+        self.create_service(SetWaferFrame, '/scan/set_wafer_frame', self._on_set_wafer_frame,
+                            callback_group=self.group)
+        self.action_server = ActionServer(
+            self, Scan, '/scan', execute_callback=self._execute,
+            goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+            callback_group=self.group)
+        self.stage_state: StageState | None = None
+        self.latest_image: Image | None = None
+        self._image_waiters: list[tuple[int, Future]] = []
+        self.progress: ScanProgress | None = None
+        self.current_objective = self.params['objective']
+        self.wafer_frames: dict[str, WaferFrame] = {}
+        self.wafer_corners: dict[str, list] = {}
+        self._load_wafer_frames()
+        self.get_logger().info('scan coordinator ready: action /scan, service /scan/set_wafer_frame')
+
+    # ------------------------------------------------------------------ wafer frame
+    def _frames_file(self) -> Path:
+        configured = self.params['wafer_frames_file']
+        if configured:
+            return Path(configured)
+        return Path(os.environ.get('FLAKE_DATA_DIR', 'data')) / 'wafer_frames.json'
+
+    def _load_wafer_frames(self) -> None:
+        path = self._frames_file()
+        if not path.exists():
+            return
+        try:
+            stored = json.loads(path.read_text())
+            for chip_id, corners in stored.items():
+                self.wafer_frames[chip_id] = WaferFrame.from_corners(corners, chip_id)
+                self.wafer_corners[chip_id] = corners
+        except (ValueError, OSError) as error:
+            self.get_logger().error(f'ignoring unreadable wafer frames file {path}: {error}')
+
+    def _save_wafer_frames(self) -> None:
+        path = self._frames_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix('.tmp')
+        temporary.write_text(json.dumps(self.wafer_corners, indent=1))
+        os.replace(temporary, path)  # atomic: a crash never leaves half a file
+
+    def _on_set_wafer_frame(self, request, response):
+        if not request.chip_id:
+            response.error_code = response.ERROR_INVALID_ARGUMENT
+            response.message = 'chip_id is empty'
+            return response
+        corners = [(p.x, p.y) for p in request.corners]
+        try:
+            frame = WaferFrame.from_corners(corners, request.chip_id)
+        except ValueError as error:
+            degenerate = 'collinear' in str(error) or 'apart' in str(error) or 'clockwise' in str(error)
+            response.error_code = response.ERROR_DEGENERATE if degenerate else response.ERROR_INVALID_ARGUMENT
+            response.message = str(error)
+            return response
+        self.wafer_frames[request.chip_id] = frame
+        self.wafer_corners[request.chip_id] = [list(c) for c in corners]
+        try:
+            self._save_wafer_frames()
+        except OSError as error:
+            self.get_logger().warning(f'wafer frame kept in memory only: {error}')
+        response.success = True
+        response.stage_to_wafer = frame.stage_to_wafer.as_list()
+        response.rotation = frame.rotation
+        response.residual = frame.residual
+        response.message = (f'chip {request.chip_id}: rotation {math.degrees(frame.rotation):.3f} deg, '
+                            f'corner residual {frame.residual * 1e6:.1f} um')
+        self.get_logger().info(response.message)
+        return response
+
+    # ------------------------------------------------------------------ inputs
+    def _on_stage_state(self, msg: StageState) -> None:
+        self.stage_state = msg
+
+    def _on_image(self, msg: Image) -> None:
+        self.latest_image = msg
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        waiting = []
+        for after, future in self._image_waiters:
+            if future.done():
+                continue
+            if stamp > after:
+                future.set_result(msg)
+            else:
+                waiting.append((after, future))
+        self._image_waiters = waiting
+
+    def _on_detections(self, msg: FlakeArray) -> None:
+        progress = self.progress
+        if progress is None or msg.scan_id != progress.scan_id:
+            return
+        progress.tiles_detected.add(msg.tile_index)
+        progress.flakes_found += len(msg.flakes)
+        progress.last_detection = time.monotonic()
+
+    # ------------------------------------------------------------------ async helpers
+    def _with_timeout(self, future: Future, seconds: float, what: str) -> Future:
+        """A future with ``future``'s outcome, or a TimeoutError after ``seconds``."""
+        outer = Future()
+
+        def forward(inner):
+            if outer.done():
+                return
+            exception = inner.exception()
+            if exception is not None:
+                outer.set_exception(exception)
+            else:
+                outer.set_result(inner.result())
+
+        def expire():
+            timer.cancel()
+            if not outer.done():
+                outer.set_exception(TimeoutError(f'{what} did not finish within {seconds:.1f} s'))
+
+        timer = self.create_timer(seconds, expire, callback_group=self.group)
+        outer.add_done_callback(lambda _f: self.destroy_timer(timer))
+        future.add_done_callback(forward)
+        return outer
+
+    def _sleep(self, seconds: float) -> Future:
+        future = Future()
+
+        def fire():
+            timer.cancel()
+            if not future.done():
+                future.set_result(None)
+
+        timer = self.create_timer(seconds, fire, callback_group=self.group)
+        future.add_done_callback(lambda _f: self.destroy_timer(timer))
+        return future
+
+    async def _call(self, client, request, timeout: float, what: str):
+        if not client.service_is_ready():
+            deadline = time.monotonic() + min(timeout, 10.0)
+            while not client.service_is_ready():
+                if time.monotonic() > deadline:
+                    raise ScanError(Scan.Result.ERROR_DEVICE, f'{what}: service {client.srv_name} not available')
+                await self._sleep(0.05)
+        try:
+            return await self._with_timeout(client.call_async(request), timeout, what)
+        except TimeoutError as error:
+            raise ScanError(Scan.Result.ERROR_DEVICE, str(error)) from None
+
+    async def _move(self, x: float, y: float, z: float) -> Point:
+        request = MoveStage.Request(target=Point(x=float(x), y=float(y), z=float(z)), wait=True)
+        response = await self._call(self.move_client, request, self.params['move_timeout'], 'stage move')
+        if not response.success:
+            raise ScanError(Scan.Result.ERROR_DEVICE,
+                            f'stage refused move to ({x * 1e3:.3f}, {y * 1e3:.3f}) mm: '
+                            f'{response.error_code} {response.message}')
+        return response.position
+
+    async def _capture(self) -> Image:
+        """The first frame exposed after now (the stage has settled)."""
+        now = self.get_clock().now().nanoseconds
+        future = Future()
+        self._image_waiters.append((now, future))
+        if self.capture_client.service_is_ready():
+            self.capture_client.call_async(Trigger.Request())
+        try:
+            return await self._with_timeout(future, self.params['capture_timeout'], 'frame capture')
+        except TimeoutError as error:
+            raise ScanError(Scan.Result.ERROR_DEVICE, f'{error}: is camera_node active?') from None
+
+    async def _autofocus(self, z_center: float) -> float:
+        if not self.autofocus_client.server_is_ready():
+            deadline = time.monotonic() + 10.0
+            while not self.autofocus_client.server_is_ready():
+                if time.monotonic() > deadline:
+                    raise ScanError(Scan.Result.ERROR_DEVICE, 'autofocus action /autofocus not available')
+                await self._sleep(0.05)
+        goal = Autofocus.Goal(z_center=float(z_center), use_current=False)
+        timeout = self.params['autofocus_timeout']
+        handle = await self._with_timeout(self.autofocus_client.send_goal_async(goal), timeout, 'autofocus')
+        if not handle.accepted:
+            raise ScanError(Scan.Result.ERROR_DEVICE, 'autofocus goal rejected')
+        outcome = await self._with_timeout(handle.get_result_async(), timeout, 'autofocus')
+        if not outcome.result.success:
+            raise ScanError(Scan.Result.ERROR_DEVICE, f'autofocus failed: {outcome.result.message}')
+        return outcome.result.z
+
+    async def _set_objective(self, objective: str) -> None:
+        if objective == self.current_objective:
+            return
+        if not self.camera_params_client.service_is_ready():
+            self.get_logger().warning(f'camera parameters not reachable; objective stays {self.current_objective}')
+            return
+        parameter = ParameterMsg(name='objective', value=ParameterValue(
+            type=ParameterType.PARAMETER_STRING, string_value=objective))
+        response = await self._call(self.camera_params_client, SetParameters.Request(parameters=[parameter]),
+                                    10.0, 'objective switch')
+        result = response.results[0]
+        if not result.successful:
+            raise ScanError(Scan.Result.ERROR_DEVICE, f'camera refused objective {objective}: {result.reason}')
+        self.current_objective = objective
+
+    def _pixel_size(self, objective: str) -> float:
+        return self.params['camera_pixel_pitch'] / objective_magnification(objective)
+
+    def _hardware(self) -> HardwareModel:
+        return HardwareModel(speed=self.params['hardware_speed'],
+                             acceleration=self.params['hardware_acceleration'],
+                             settle=self.params['hardware_settle'],
+                             exposure=self.params['hardware_exposure'])
+
+    def _stage_xyz(self) -> tuple[float, float, float]:
+        if self.stage_state is None:
+            return 0.0, 0.0, self.params['default_z']
+        p = self.stage_state.position
+        return p.x, p.y, p.z
+
+    # ------------------------------------------------------------------ the action
+    def _on_goal(self, goal) -> GoalResponse:
+        if self.progress is not None:
+            self.get_logger().warning('a scan is already running; goal rejected')
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def _validate(self, goal) -> tuple[WaferFrame, Region, str, float, str, int]:
+        frame = self.wafer_frames.get(goal.chip_id)
+        if frame is None:
+            known = ', '.join(sorted(self.wafer_frames)) or 'none'
+            raise ScanError(Scan.Result.ERROR_NO_WAFER_FRAME,
+                            f'no wafer frame for chip {goal.chip_id!r} (known: {known}); '
+                            f'call /scan/set_wafer_frame with three corners first')
+        try:
+            region = Region(goal.region_min_x, goal.region_min_y, goal.region_max_x, goal.region_max_y)
+            objective = goal.objective or self.params['objective']
+            objective_magnification(objective)
+        except ValueError as error:
+            raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT, str(error)) from None
+        overlap = goal.overlap if goal.overlap > 0 else self.params['overlap']
+        if not 0.0 <= overlap < 0.5:
+            raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT, f'overlap must be in [0, 0.5), got {overlap}')
+        strategy = goal.focus_strategy or self.params['focus_strategy']
+        if strategy not in FOCUS_STRATEGIES:
+            raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT,
+                            f'focus_strategy must be one of {FOCUS_STRATEGIES}, got {strategy!r}')
+        if goal.detector not in DETECTORS:
+            raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT,
+                            f'detector must be one of {DETECTORS[1:]}, got {goal.detector!r}')
+        points = goal.focus_points or self.params['focus_points']
+        if strategy == 'focus_map' and points < 3:
+            raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT, 'a focus map needs at least 3 points')
+        return frame, region, objective, overlap, strategy, points
+
+    async def _execute(self, goal_handle):
+        goal = goal_handle.request
+        result = Scan.Result()
+        try:
+            frame, region, objective, overlap, strategy, n_points = self._validate(goal)
+        except ScanError as error:
+            goal_handle.abort()
+            result.error_code, result.message = error.code, str(error)
+            self.get_logger().error(result.message)
+            return result
+
+        scan_id = f'{goal.chip_id}-{time.strftime("%Y%m%dT%H%M%S", time.gmtime())}'
+        width, height = self._image_size()
+        pixel_size = self._pixel_size(objective)
+        tiles = plan_serpentine(region, width * pixel_size, height * pixel_size, overlap,
+                                frame.wafer_to_stage)
+        progress = ScanProgress(scan_id=scan_id, tiles_total=len(tiles))
+        self.progress = progress
+        result.scan_id = scan_id
+        result.tiles_total = len(tiles)
+        hardware = self._hardware()
+        eta = EtaEstimator()
+        self.get_logger().info(f'scan {scan_id}: {len(tiles)} tiles of {width * pixel_size * 1e3:.3f} x '
+                               f'{height * pixel_size * 1e3:.3f} mm at {objective}, focus {strategy}')
+        try:
+            await self._set_objective(objective)
+            focus = await self._focus_model(goal_handle, progress, frame, region, strategy, n_points)
+            position = self._stage_xyz()
+            for tile in tiles:
+                if goal_handle.is_cancel_requested:
+                    raise ScanError(Scan.Result.ERROR_CANCELED, 'scan cancelled')
+                tile_started = time.monotonic()
+                z = focus(tile.stage_x, tile.stage_y)
+                progress.hardware_time += hardware.move_time(position[:2], (tile.stage_x, tile.stage_y))
+                moved = time.monotonic()
+                reached = await self._move(tile.stage_x, tile.stage_y, z)
+                progress.move_time += time.monotonic() - moved
+                position = (reached.x, reached.y, reached.z)
+                if strategy == 'autofocus':
+                    focused = time.monotonic()
+                    z = await self._autofocus(z)
+                    progress.focus_time += time.monotonic() - focused
+                    reached = await self._move(tile.stage_x, tile.stage_y, z)
+                    position = (reached.x, reached.y, reached.z)
+                captured = time.monotonic()
+                image = await self._capture()
+                progress.capture_time += time.monotonic() - captured
+                progress.hardware_time += hardware.frame_time()
+                progress.exposure_time += hardware.exposure
+                self._publish_frame(image, progress, tile, position, objective, pixel_size, frame, goal.chip_id)
+                eta.add(time.monotonic() - tile_started)
+                goal_handle.publish_feedback(Scan.Feedback(
+                    phase='scanning', tiles_done=progress.tiles_done, tiles_total=progress.tiles_total,
+                    flakes_so_far=progress.flakes_found, eta=eta.eta(progress.tiles_total - progress.tiles_done),
+                    stage_position=Point(x=position[0], y=position[1], z=position[2])))
+            await self._drain(goal_handle, progress)
+            if goal.revisit:
+                await self._revisit(goal_handle, progress, goal, frame)
+        except ScanError as error:
+            result = self._fill_result(result, progress)
+            result.error_code, result.message = error.code, str(error)
+            if error.code == Scan.Result.ERROR_CANCELED:
+                goal_handle.canceled()
+                self.get_logger().info(f'scan {scan_id} cancelled after {progress.tiles_done} tiles')
+            else:
+                goal_handle.abort()
+                self.get_logger().error(f'scan {scan_id} aborted: {error}')
+            self.progress = None
+            return result
+        finally:
+            if self.current_objective != objective:
+                try:
+                    await self._set_objective(objective)
+                except ScanError as error:
+                    self.get_logger().warning(str(error))
+        goal_handle.succeed()
+        result = self._fill_result(result, progress)
+        result.success = True
+        result.message = (f'{progress.tiles_done} tiles, {progress.flakes_found} detections, '
+                          f'{progress.flakes_revisited} revisited in {progress.elapsed:.1f} s '
+                          f'(hardware {progress.hardware_time:.1f} s)')
+        self.get_logger().info(f'scan {scan_id} done: {result.message}')
+        self.progress = None
+        return result
+
+    def _image_size(self) -> tuple[int, int]:
+        if self.latest_image is not None:
+            return self.latest_image.width, self.latest_image.height
+        return 1024, 1024
+
+    def _fill_result(self, result, progress: ScanProgress):
+        result.tiles_done = progress.tiles_done
+        result.flakes_found = progress.flakes_found
+        result.flakes_revisited = progress.flakes_revisited
+        result.duration = progress.elapsed
+        result.hardware_time = progress.hardware_time
+        result.move_time = progress.move_time
+        result.focus_time = progress.focus_time
+        result.exposure_time = progress.exposure_time
+        result.detection_lag = progress.detection_lag
+        return result
+
+    def _publish_frame(self, image: Image, progress: ScanProgress, tile, position, objective: str,
+                       pixel_size: float, frame: WaferFrame, chip_id: str) -> None:
+        msg = ScanFrame()
+        msg.header.stamp = image.header.stamp
+        msg.header.frame_id = 'camera_optical'
+        msg.image = image
+        msg.scan_id = progress.scan_id
+        msg.chip_id = chip_id
+        msg.tile_index, msg.tile_row, msg.tile_col = tile.index, tile.row, tile.col
+        msg.tiles_total = progress.tiles_total
+        msg.objective = objective
+        msg.magnification = objective_magnification(objective)
+        msg.pixel_size = pixel_size
+        msg.stage_position = Point(x=position[0], y=position[1], z=position[2])
+        to_wafer = pixel_to_wafer(position[0], position[1], pixel_size, image.width, image.height,
+                                  frame.stage_to_wafer)
+        centre = to_wafer.apply((image.width - 1) / 2.0, (image.height - 1) / 2.0)
+        msg.wafer_position = Point(x=centre[0], y=centre[1], z=0.0)
+        msg.pixel_to_wafer = to_wafer.as_list()
+        msg.focus_z = position[2]
+        self.frame_publisher.publish(msg)
+        progress.tiles_done += 1
+        progress.frames_published += 1
+        progress.last_capture = time.monotonic()
+
+    async def _focus_model(self, goal_handle, progress, frame: WaferFrame, region: Region, strategy: str,
+                           n_points: int):
+        """A function (x, y) -> z in the stage frame for the chosen strategy."""
+        current_z = self._stage_xyz()[2]
+        if strategy in ('fixed', 'autofocus'):
+            return lambda _x, _y: current_z
+        from flake_scanner.autofocus import FocusMap
+
+        measured = []
+        z = current_z
+        for wx, wy in focus_points(region, n_points):
+            if goal_handle.is_cancel_requested:
+                raise ScanError(Scan.Result.ERROR_CANCELED, 'scan cancelled')
+            sx, sy = frame.wafer_to_stage.apply(wx, wy)
+            started = time.monotonic()
+            await self._move(sx, sy, z)
+            z = await self._autofocus(z)
+            progress.focus_time += time.monotonic() - started
+            measured.append((sx, sy, z))
+            goal_handle.publish_feedback(Scan.Feedback(phase='focus_map', tiles_total=progress.tiles_total))
+        focus_map = FocusMap.fit(measured)
+        self.get_logger().info(f'focus map from {len(measured)} points')
+        return focus_map.predict
+
+    async def _drain(self, goal_handle, progress: ScanProgress) -> None:
+        """Wait until the detector has reported on every published frame."""
+        deadline = time.monotonic() + self.params['drain_timeout']
+        while not progress.detection_complete():
+            if goal_handle.is_cancel_requested:
+                raise ScanError(Scan.Result.ERROR_CANCELED, 'scan cancelled while detection drained')
+            if time.monotonic() > deadline:
+                missing = progress.frames_published - len(progress.tiles_detected)
+                self.get_logger().warning(f'detection did not catch up: {missing} frame(s) without results')
+                return
+            goal_handle.publish_feedback(Scan.Feedback(
+                phase='draining', tiles_done=progress.tiles_done, tiles_total=progress.tiles_total,
+                flakes_so_far=progress.flakes_found))
+            await self._sleep(0.1)
+
+    async def _revisit(self, goal_handle, progress: ScanProgress, goal, frame: WaferFrame) -> None:
+        if not self.revisit_client.service_is_ready():
+            self.get_logger().warning('registry revisit list not available; skipping revisits')
+            return
+        # Let the registry ingest the last detections before asking what to revisit.
+        await self._sleep(0.5)
+        limit = goal.revisit_max or self.params['revisit_max']
+        response = await self._call(self.revisit_client,
+                                    GetRevisitList.Request(chip_id=goal.chip_id, scan_id=progress.scan_id,
+                                                           limit=limit),
+                                    10.0, 'revisit list')
+        if not response.success:
+            self.get_logger().warning(f'revisit list refused: {response.message}')
+            return
+        objective = goal.revisit_objective or self.params['revisit_objective']
+        await self._set_objective(objective)
+        pixel_size = self._pixel_size(objective)
+        for number, flake in enumerate(response.flakes[:limit]):
+            if goal_handle.is_cancel_requested:
+                raise ScanError(Scan.Result.ERROR_CANCELED, 'scan cancelled during revisits')
+            sx, sy = frame.wafer_to_stage.apply(flake.centre.x, flake.centre.y)
+            z = self._stage_xyz()[2]
+            await self._move(sx, sy, z)
+            z = await self._autofocus(z)
+            reached = await self._move(sx, sy, z)
+            image = await self._capture()
+            request = AddFlakeImage.Request(flake_id=flake.id, pixels=image)
+            request.image = FlakeImage(role='revisit', objective=objective, pixel_size=pixel_size,
+                                       stamp=image.header.stamp)
+            stored = await self._call(self.add_image_client, request, 30.0, 'store revisit image')
+            if stored.success:
+                progress.flakes_revisited += 1
+            else:
+                self.get_logger().warning(f'revisit image of {flake.id} not stored: {stored.message}')
+            goal_handle.publish_feedback(Scan.Feedback(
+                phase='revisit', tiles_done=progress.tiles_done, tiles_total=progress.tiles_total,
+                flakes_so_far=progress.flakes_found, eta=float(len(response.flakes) - number - 1),
+                stage_position=reached))
+
+
+def main(args=None):
+    run_node(ScanCoordinator, args=args)
+
+
+if __name__ == '__main__':
+    main()
