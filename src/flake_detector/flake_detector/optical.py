@@ -1,0 +1,504 @@
+"""Training-free optical detector and thickness estimator.
+
+A flake on SiO2/Si changes the reflected intensity by its optical contrast
+C = (I_flake - I_background) / I_background per camera channel, which depends on
+material, layer count and oxide thickness (thin-film interference) and not on the
+lamp brightness or white balance, since both scale I_flake and I_background alike.
+
+Pipeline for one frame: robust background (dominant substrate colour with a smooth
+vignetting surface), per-pixel contrast, foreground where the contrast stands out
+of the background noise, pixels labelled with the nearest layer class of a
+calibration, regions per class, and per region the layer count and thickness with
+an uncertainty from the posterior over the classes.
+
+A calibration is a Gaussian per layer count in (R, G, B) contrast space: measured
+(``calibration/*_measured.json``, 2DMatGMM) or computed from the thin-film model
+(transfer matrix, ``tmm``) with refractive indices from notes/optics-and-stem.md.
+``estimate_thickness`` is what other backends call to refine a mask's thickness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+import json
+import math
+from pathlib import Path
+import time
+
+import cv2
+import numpy as np
+
+from flake_detector.detection import (
+    Detection,
+    FrameResult,
+    FunnelStage,
+    layer_class_of,
+    region_quality,
+    register_detector,
+)
+
+CALIBRATION_DIR = Path(__file__).resolve().parent / 'calibration'
+
+# Camera channels modelled as narrow bands (R, G, B) [nm].
+CHANNEL_WAVELENGTHS_NM = (610.0, 535.0, 460.0)
+SIO2_N = {450.0: 1.466, 550.0: 1.460, 650.0: 1.457}
+SI_N = {450.0: 4.69 + 0.086j, 550.0: 4.08 + 0.028j, 650.0: 3.84 + 0.014j}
+# material: (n + ik at 450/550/650 nm, thickness of one layer [nm])
+MATERIAL_OPTICS = {
+    'graphene': ({450.0: 2.69 + 1.15j, 550.0: 2.68 + 1.25j, 650.0: 2.74 + 1.38j}, 0.335),
+    'hbn': ({450.0: 2.18 + 0j, 550.0: 2.14 + 0j, 650.0: 2.12 + 0j}, 0.333),
+    'mos2': ({450.0: 5.93 + 2.09j, 550.0: 4.97 + 0.91j, 650.0: 5.17 + 1.31j}, 0.65),
+    'wte2': ({450.0: 3.27 + 1.64j, 550.0: 3.40 + 1.45j, 650.0: 3.42 + 1.34j}, 0.7),
+}
+# Layer counts each material's model table spans (hBN is used 10-90 nm thick).
+MODEL_LAYERS = {'graphene': range(1, 41), 'hbn': range(3, 901, 3), 'mos2': range(1, 61),
+                'wte2': range(1, 61)}
+# Spread of real flakes around the model contrast (per channel, contrast units):
+# the measured graphene calibration sits within ~0.02 of the model.
+MODEL_SIGMA = 0.02
+
+
+def _interp_index(table: dict[float, complex], wavelength: float) -> complex:
+    keys = sorted(table)
+    values = np.array([table[k] for k in keys])
+    return complex(np.interp(wavelength, keys, values.real), np.interp(wavelength, keys, values.imag))
+
+
+@lru_cache(maxsize=256)
+def thin_film_contrast(material: str, layers: int, oxide_nm: float) -> tuple[float, float, float]:
+    """Model contrast (R, G, B) of ``layers`` layers of ``material`` on SiO2(oxide_nm)/Si."""
+    import tmm
+
+    if material not in MATERIAL_OPTICS:
+        raise ValueError(f'no optical constants for {material!r}; known: {sorted(MATERIAL_OPTICS)}')
+    indices, layer_nm = MATERIAL_OPTICS[material]
+    out = []
+    for wavelength in CHANNEL_WAVELENGTHS_NM:
+        n_flake = _interp_index(indices, wavelength)
+        n_oxide = _interp_index(SIO2_N, wavelength)
+        n_si = _interp_index(SI_N, wavelength)
+        r_sub = tmm.coh_tmm('s', [1.0, n_oxide, n_si], [math.inf, oxide_nm, math.inf], 0, wavelength)['R']
+        r_flake = tmm.coh_tmm('s', [1.0, n_flake, n_oxide, n_si],
+                              [math.inf, layers * layer_nm, oxide_nm, math.inf], 0, wavelength)['R']
+        out.append((r_flake - r_sub) / r_sub)
+    return tuple(float(v) for v in out)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Gaussian per layer count in (R, G, B) contrast space for one material and substrate."""
+
+    material: str
+    layer_nm: float
+    layers: np.ndarray  # (K,)
+    means: np.ndarray  # (K, 3) contrast R, G, B
+    covariances: np.ndarray  # (K, 3, 3)
+    version: str
+
+    @classmethod
+    def model(cls, material: str, oxide_nm: float = 90.0, sigma: float = MODEL_SIGMA) -> Calibration:
+        layers = np.array(list(MODEL_LAYERS[material]), dtype=np.float64)
+        means = np.array([thin_film_contrast(material, int(n), float(oxide_nm)) for n in layers])
+        covs = np.repeat((np.eye(3) * sigma ** 2)[None], len(layers), axis=0)
+        return cls(material, MATERIAL_OPTICS[material][1], layers, means, covs,
+                   f'{material}-thinfilm-sio2-{oxide_nm:g}nm-1')
+
+    @classmethod
+    def from_json(cls, path: Path | str, oxide_nm: float = 90.0) -> Calibration:
+        """A measured calibration; layer counts it lacks come from the thin-film model."""
+        data = json.loads(Path(path).read_text())
+        material = data['material']
+        measured = {int(c['layers']): (np.array(c['contrast_rgb'], float),
+                                       np.array(c['covariance_rgb'], float)) for c in data['classes']}
+        if material in MATERIAL_OPTICS:
+            model = cls.model(material, oxide_nm)
+            layers = sorted(set(measured) | {int(n) for n in model.layers})
+        else:
+            model, layers = None, sorted(measured)
+        means, covs = [], []
+        for n in layers:
+            if n in measured:
+                means.append(measured[n][0])
+                covs.append(measured[n][1])
+            else:
+                k = int(np.nonzero(model.layers == n)[0][0])
+                means.append(model.means[k])
+                covs.append(model.covariances[k])
+        layer_nm = MATERIAL_OPTICS[material][1] if material in MATERIAL_OPTICS else 0.65
+        return cls(material, layer_nm, np.array(layers, float), np.array(means), np.array(covs),
+                   data.get('version', Path(path).stem))
+
+    def restrict(self, max_layers: float) -> Calibration:
+        keep = self.layers <= max_layers
+        return Calibration(self.material, self.layer_nm, self.layers[keep], self.means[keep],
+                           self.covariances[keep], self.version)
+
+
+def load_calibration(material: str, oxide_nm: float = 90.0, source: str = 'auto') -> Calibration:
+    """``source``: 'measured' (calibration/<material>_measured.json), 'model', or 'auto'
+    (measured when it exists and the oxide is the one it was measured on, 90 nm)."""
+    path = CALIBRATION_DIR / f'{material}_measured.json'
+    if source == 'measured' or (source == 'auto' and path.exists() and abs(oxide_nm - 90.0) < 1.0):
+        if not path.exists():
+            raise ValueError(f'no measured calibration for {material!r} in {CALIBRATION_DIR}')
+        return Calibration.from_json(path, oxide_nm)
+    if source not in ('model', 'auto', 'measured'):
+        raise ValueError(f"calibration source must be 'auto', 'measured' or 'model', got {source!r}")
+    return Calibration.model(material, oxide_nm)
+
+
+# --------------------------------------------------------------------------- background
+
+
+def estimate_background(image_bgr: np.ndarray, step: int = 8, tolerance: float = 0.04) -> np.ndarray:
+    """Substrate intensity per pixel (float32 HxWx3, BGR) without the flakes.
+
+    The substrate is the dominant colour of a frame: take the mode of a coarse copy,
+    keep the pixels within ``tolerance`` (relative) of it in every channel, and fit a
+    smooth surface (quadratic plus r^4, enough for vignetting) through them.
+    """
+    image = _as_bgr(image_bgr)
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (max(8, w // step), max(8, h // step)), interpolation=cv2.INTER_AREA)
+    small = small.astype(np.float32)
+    sh, sw = small.shape[:2]
+    gray = small.mean(axis=2)
+    hist, edges = np.histogram(gray, bins=128, range=(0.0, float(gray.max()) + 1.0))
+    hist = np.convolve(hist, np.ones(3), mode='same')
+    mode = 0.5 * (edges[np.argmax(hist)] + edges[np.argmax(hist) + 1])
+    keep = np.abs(gray - mode) <= max(2.0, tolerance * mode)
+    colour = np.median(small[keep], axis=0)
+    keep = np.all(np.abs(small - colour) <= np.maximum(2.0, tolerance * colour), axis=2)
+    if keep.sum() < 20:
+        return np.broadcast_to(colour.astype(np.float32), image.shape).copy()
+    vv, uu = np.mgrid[0:sh, 0:sw].astype(np.float32)
+    uu = (uu - (sw - 1) / 2) / max(sw, sh)
+    vv = (vv - (sh - 1) / 2) / max(sw, sh)
+    r2 = uu ** 2 + vv ** 2
+    basis = np.stack([np.ones_like(uu), uu, vv, uu * uu, uu * vv, vv * vv, r2 * r2], axis=-1)
+    a = basis[keep].astype(np.float64)
+    surface = np.empty_like(small)
+    for c in range(3):
+        b = small[..., c][keep].astype(np.float64)
+        coef = _least_squares(a, b)
+        residual = np.abs(a @ coef - b)
+        inliers = residual <= max(1.0, 3.0 * 1.4826 * float(np.median(residual)))
+        if inliers.sum() >= 20:
+            coef = _least_squares(a[inliers], b[inliers])
+        surface[..., c] = basis @ coef.astype(np.float32)
+    surface = np.maximum(surface, 1.0)
+    return cv2.resize(surface, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # Normal equations: a has 7 well-scaled columns, and this is far cheaper than an SVD.
+    return np.linalg.solve(a.T @ a + 1e-9 * np.eye(a.shape[1]), a.T @ b)
+
+
+def mahalanobis_sq(x: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distances (N, K) of (N, 3) points to K Gaussians.
+
+    Expanded as x'Px - 2 x'Pm + m'Pm so the work is two small matrix products.
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(-1, 3)
+    precisions = np.linalg.inv(covariances)  # (K, 3, 3)
+    quad = np.stack([x[:, 0] ** 2, x[:, 1] ** 2, x[:, 2] ** 2, 2 * x[:, 0] * x[:, 1],
+                     2 * x[:, 0] * x[:, 2], 2 * x[:, 1] * x[:, 2]], axis=1)
+    p = precisions
+    coef = np.stack([p[:, 0, 0], p[:, 1, 1], p[:, 2, 2], p[:, 0, 1], p[:, 0, 2], p[:, 1, 2]], axis=0)
+    pm = np.einsum('kij,kj->ki', p, means)  # (K, 3)
+    mpm = np.einsum('ki,ki->k', means, pm)
+    return np.maximum(quad @ coef - 2.0 * (x @ pm.T) + mpm[None, :], 0.0)
+
+
+def contrast_map(image_bgr: np.ndarray, background: np.ndarray | None = None,
+                 smooth: int = 3) -> np.ndarray:
+    """Per-pixel contrast (float32 HxWx3 in R, G, B order), box-smoothed over ``smooth`` px."""
+    image = _as_bgr(image_bgr).astype(np.float32)
+    if background is None:
+        background = estimate_background(image_bgr)
+    if smooth > 1:
+        image = cv2.blur(image, (smooth, smooth))
+    contrast = image / background - 1.0
+    return np.ascontiguousarray(contrast[..., ::-1])
+
+
+def _as_bgr(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f'expected an HxWx3 BGR image, got shape {image.shape}')
+    return image[..., :3]
+
+
+# --------------------------------------------------------------------------- thickness
+
+
+@dataclass(frozen=True)
+class ThicknessEstimate:
+    material: str
+    layers: float
+    layers_std: float
+    thickness_nm: float
+    thickness_nm_std: float
+    best_layers: float  # most probable layer count
+    probability: float  # posterior of the most probable layer count
+    mahalanobis: float  # distance of the mean contrast to that class
+    contrast: tuple[float, float, float]
+    version: str
+
+    @property
+    def layer_class(self) -> int:
+        return layer_class_of(self.best_layers)
+
+
+def _log_likelihoods(calibration: Calibration, contrast: np.ndarray, extra_cov: np.ndarray | None = None):
+    """Gaussian log-likelihood of (N, 3) contrasts under each class: (N, K), plus d^2 (N, K)."""
+    covs = calibration.covariances
+    if extra_cov is not None:
+        covs = covs + extra_cov
+    _, logdet = np.linalg.slogdet(covs)
+    d2 = mahalanobis_sq(contrast, calibration.means, covs)
+    return -0.5 * (d2 + logdet[None, :]), d2
+
+
+def estimate_from_contrast(calibration: Calibration, contrast: np.ndarray,
+                           pixel_count: int = 1, pixel_noise: float = 0.0) -> ThicknessEstimate:
+    """Layer count and thickness from a region's mean (R, G, B) contrast."""
+    contrast = np.asarray(contrast, dtype=np.float64).reshape(1, 3)
+    extra = np.eye(3) * (pixel_noise ** 2 / max(1, pixel_count))
+    loglik, d2 = _log_likelihoods(calibration, contrast, extra)
+    loglik = loglik[0] - loglik[0].max()
+    posterior = np.exp(loglik)
+    posterior /= posterior.sum()
+    layers = calibration.layers
+    mean = float(posterior @ layers)
+    std = float(math.sqrt(max(0.0, posterior @ (layers - mean) ** 2)))
+    best = int(np.argmax(posterior))
+    # The std of a discrete posterior is 0 when one class dominates; the spacing of
+    # neighbouring classes keeps a floor on what the contrast can resolve.
+    spacing = float(np.median(np.diff(layers))) if len(layers) > 1 else 1.0
+    std = max(std, spacing * (1.0 - float(posterior[best])) * 0.5)
+    return ThicknessEstimate(
+        material=calibration.material, layers=float(layers[best]), layers_std=std,
+        thickness_nm=float(layers[best] * calibration.layer_nm), thickness_nm_std=std * calibration.layer_nm,
+        best_layers=float(layers[best]), probability=float(posterior[best]),
+        mahalanobis=float(math.sqrt(d2[0, best])), contrast=tuple(float(v) for v in contrast[0]),
+        version=calibration.version)
+
+
+def estimate_thickness(image_bgr: np.ndarray, mask: np.ndarray, calibration: Calibration,
+                       background: np.ndarray | None = None, bbox: tuple[int, int, int, int] | None = None,
+                       erode: int = 2) -> ThicknessEstimate:
+    """Refine the thickness of one flake given its mask: what every backend calls.
+
+    ``mask`` is a bool mask over the whole frame, or over ``bbox`` (x, y, w, h) when
+    given. The edge pixels are eroded away first (blurred in the optics).
+    """
+    contrast = contrast_map(image_bgr, background, smooth=1)
+    full = np.zeros(contrast.shape[:2], dtype=bool)
+    if bbox is not None:
+        x, y, w, h = bbox
+        full[y:y + h, x:x + w] = mask[:full.shape[0] - y, :full.shape[1] - x]
+    else:
+        full = np.asarray(mask, dtype=bool)
+    inner = full
+    if erode > 0:
+        eroded = cv2.erode(full.astype(np.uint8), np.ones((2 * erode + 1, 2 * erode + 1), np.uint8)) > 0
+        if eroded.sum() >= 4:
+            inner = eroded
+    if not inner.any():
+        raise ValueError('empty mask: nothing to estimate a thickness from')
+    values = contrast[inner]
+    return estimate_from_contrast(calibration, np.median(values, axis=0), len(values),
+                                  _pixel_noise(contrast))
+
+
+def _pixel_noise(contrast: np.ndarray) -> float:
+    sample = contrast[::4, ::4].reshape(-1, 3)
+    mad = np.median(np.abs(sample - np.median(sample, axis=0)), axis=0)
+    return float(np.mean(1.4826 * mad))
+
+
+# --------------------------------------------------------------------------- detector
+
+
+class OpticalDetector:
+    """The ``contrast`` backend: segmentation by calibrated contrast, no training.
+
+    ``materials`` lists the calibrations to match against (each region goes to the
+    best-fitting class of any of them); ``max_layers`` drops regions thicker than
+    the range one wants reported; regions whose contrast fits no class within
+    ``gate_sigma`` (residue, dust, bulk crystals) are dropped.
+    """
+
+    name = 'contrast'
+
+    def __init__(self, materials=('graphene',), oxide_nm: float = 90.0, calibration: str = 'auto',
+                 min_area_px: int = 60, max_layers: float = 40.0, gate_sigma: float = 4.0,
+                 foreground_sigma: float = 4.0, min_contrast: float = 0.03, smooth: int = 3,
+                 background_step: int = 8, edge_px: int = 3, work_size: int = 512, **_ignored):
+        if isinstance(materials, str):
+            materials = [m.strip() for m in materials.split(',') if m.strip()]
+        if not materials:
+            raise ValueError('need at least one material')
+        self.calibrations = [load_calibration(m, oxide_nm, calibration).restrict(max_layers)
+                             for m in materials]
+        self.min_area_px = int(min_area_px)
+        self.gate_sigma = float(gate_sigma)
+        self.foreground_sigma = float(foreground_sigma)
+        self.min_contrast = float(min_contrast)
+        self.smooth = int(smooth)
+        self.background_step = int(background_step)
+        self.edge_px = int(edge_px)
+        self.work_size = int(work_size)
+        self.model_version = '+'.join(c.version for c in self.calibrations)
+        # One stacked class table across materials: (material index, layers) per class.
+        self._owner = np.concatenate([np.full(len(c.layers), i) for i, c in enumerate(self.calibrations)])
+        self._means = np.concatenate([c.means for c in self.calibrations])
+        self._covs = np.concatenate([c.covariances for c in self.calibrations])
+
+    def detect(self, image_bgr: np.ndarray, background: np.ndarray | None = None) -> FrameResult:
+        t0 = time.perf_counter()
+        image = _as_bgr(image_bgr)
+        h, w = image.shape[:2]
+        # Large frames are segmented at reduced resolution (the blur of the optics is
+        # wider than a pixel anyway); masks come back at full resolution.
+        scale = min(1.0, self.work_size / max(h, w)) if self.work_size > 0 else 1.0
+        if scale < 1.0:
+            work = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                              interpolation=cv2.INTER_AREA)
+            if background is not None:
+                background = cv2.resize(background, (work.shape[1], work.shape[0]),
+                                        interpolation=cv2.INTER_AREA)
+        else:
+            work = image
+        if background is None:
+            background = estimate_background(work, step=max(1, round(self.background_step * scale)))
+        contrast = contrast_map(work, background, smooth=self.smooth)
+        t1 = time.perf_counter()
+        min_area = max(4, int(self.min_area_px * scale * scale))
+        noise = max(_pixel_noise(contrast), 1e-3)
+        magnitude = np.sqrt((contrast ** 2).sum(axis=2))
+        foreground = magnitude > max(self.min_contrast, self.foreground_sigma * noise * math.sqrt(3.0))
+        foreground = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+        candidates = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area]
+        detections: list[Detection] = []
+        pixel_cov = np.eye(3) * noise ** 2
+        for index in candidates:
+            x, y, bw, bh, _ = stats[index]
+            window = contrast[y:y + bh, x:x + bw]
+            component = labels[y:y + bh, x:x + bw] == index
+            values = window[component]
+            d2 = mahalanobis_sq(values, self._means, self._covs + pixel_cov)
+            best = np.argmin(d2, axis=1)
+            ok = d2[np.arange(len(best)), best] <= self.gate_sigma ** 2
+            class_map = np.full(component.shape, -1, dtype=np.int32)
+            class_map[component] = np.where(ok, best, -1)
+            class_map = self._settle_edges(class_map, component, min_area, scale)
+            detections.extend(self._regions(class_map, window, (x, y), noise, min_area))
+        if scale < 1.0:
+            detections = [_rescale(d, 1.0 / scale, (h, w)) for d in detections]
+        t2 = time.perf_counter()
+        _add_isolation(detections)
+        return FrameResult(detections, candidates=len(candidates),
+                           funnel=[FunnelStage('foreground regions', len(candidates)),
+                                   FunnelStage('calibrated regions', len(detections))],
+                           timings={'contrast': t1 - t0, 'segment': t2 - t1})
+
+    def _settle_edges(self, class_map: np.ndarray, component: np.ndarray, min_area: int,
+                      scale: float) -> np.ndarray:
+        """Give the blurred rim of a flake, and specks too small to be a terrace, the
+        class of the nearest interior region: across an edge the smoothed contrast
+        passes through the classes in between, which are not there."""
+        from scipy import ndimage
+
+        interior = cv2.erode(component.astype(np.uint8), np.ones((3, 3), np.uint8),
+                             iterations=max(1, round(self.edge_px * scale))) > 0
+        labelled = np.where(interior, class_map, -1)
+        side = 5 if scale > 0.75 else 3
+        kernel = np.ones((side, side), np.uint8)
+        for cls in np.unique(labelled[labelled >= 0]):
+            region = (labelled == cls).astype(np.uint8)
+            # Opening removes the thin rings that intermediate classes form along edges.
+            thin = (region > 0) & (cv2.morphologyEx(region, cv2.MORPH_OPEN, kernel) == 0)
+            labelled[thin] = -1
+            region[thin] = 0
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
+            small = np.nonzero(stats[1:, cv2.CC_STAT_AREA] < min_area // 2)[0] + 1
+            if len(small):
+                labelled[np.isin(labels, small)] = -1
+        if not (labelled >= 0).any():
+            return class_map
+        _, (iy, ix) = ndimage.distance_transform_edt(labelled < 0, return_indices=True)
+        settled = labelled[iy, ix]
+        settled[~component] = -1
+        # Pixels that fit no class stay out (residue touching a flake).
+        settled[component & (class_map < 0) & ~interior] = -1
+        return settled
+
+    def _regions(self, class_map: np.ndarray, window: np.ndarray, origin, noise: float,
+                 min_area: int) -> list[Detection]:
+        out = []
+        for material_index, calibration in enumerate(self.calibrations):
+            in_material = (class_map >= 0) & (self._owner[np.maximum(class_map, 0)] == material_index)
+            if in_material.sum() < min_area:
+                continue
+            layer_map = np.where(in_material, class_map, -1)
+            for cls in np.unique(layer_map[layer_map >= 0]):
+                region = (layer_map == cls).astype(np.uint8)
+                count, labels, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
+                for i in range(1, count):
+                    if stats[i, cv2.CC_STAT_AREA] < min_area:
+                        continue
+                    rx, ry, rw, rh, area = stats[i]
+                    mask = labels[ry:ry + rh, rx:rx + rw] == i
+                    values = window[ry:ry + rh, rx:rx + rw][mask]
+                    estimate = estimate_from_contrast(calibration, np.median(values, axis=0),
+                                                      int(area), noise)
+                    quality = region_quality(mask, window[ry:ry + rh, rx:rx + rw])
+                    fit = math.exp(-0.5 * max(0.0, estimate.mahalanobis - 1.0) ** 2 / 4.0)
+                    size = 1.0 - math.exp(-area / (4.0 * min_area))
+                    out.append(Detection(
+                        bbox=(origin[0] + rx, origin[1] + ry, rw, rh), mask=mask,
+                        material=calibration.material, layers=estimate.layers, layers_std=estimate.layers_std,
+                        thickness_nm=estimate.thickness_nm, thickness_nm_std=estimate.thickness_nm_std,
+                        score=float(np.clip(estimate.probability * fit * size, 0.0, 1.0)),
+                        detector=self.name, model_version=calibration.version,
+                        contrast=estimate.contrast, homogeneity=quality['homogeneity'],
+                        edge_straightness=quality['edge_straightness'],
+                        extra={'mahalanobis': estimate.mahalanobis, 'probability': estimate.probability}))
+        return out
+
+
+def _rescale(detection: Detection, factor: float, shape: tuple[int, int]) -> Detection:
+    """The detection of a downscaled frame, in the pixels of the full frame."""
+    x, y, w, h = detection.bbox
+    x0, y0 = int(math.floor(x * factor)), int(math.floor(y * factor))
+    x1 = min(shape[1], int(math.ceil((x + w) * factor)))
+    y1 = min(shape[0], int(math.ceil((y + h) * factor)))
+    mask = cv2.resize(detection.mask.astype(np.uint8), (x1 - x0, y1 - y0), interpolation=cv2.INTER_NEAREST)
+    detection.bbox = (x0, y0, x1 - x0, y1 - y0)
+    detection.mask = mask.astype(bool)
+    return detection
+
+
+def _add_isolation(detections: list[Detection]) -> None:
+    """Distance from each detection's bbox to the nearest other one [px]."""
+    for i, a in enumerate(detections):
+        best = float('inf')
+        for j, b in enumerate(detections):
+            if i == j:
+                continue
+            dx = max(0, max(a.bbox[0], b.bbox[0]) - min(a.bbox[0] + a.bbox[2], b.bbox[0] + b.bbox[2]))
+            dy = max(0, max(a.bbox[1], b.bbox[1]) - min(a.bbox[1] + a.bbox[3], b.bbox[1] + b.bbox[3]))
+            best = min(best, math.hypot(dx, dy))
+        a.isolation_px = best
+
+
+@register_detector('contrast')
+def _make_optical(**params) -> OpticalDetector:
+    return OpticalDetector(**params)

@@ -1,0 +1,118 @@
+"""Optical (contrast) detector and thickness estimator against synthetic ground truth."""
+
+from detector_synth import make_frame
+import numpy as np
+import pytest
+
+from flake_detector.detection import LAYER_FEW, LAYER_MONO, make_detector
+from flake_detector.optical import (
+    Calibration,
+    OpticalDetector,
+    contrast_map,
+    estimate_background,
+    estimate_thickness,
+    load_calibration,
+    thin_film_contrast,
+)
+
+
+def test_thin_film_model_matches_the_notes_table():
+    # notes/optics-and-stem.md: graphene 1L on 90 nm SiO2 is -0.133 / -0.132 / -0.074 (R/G/B).
+    r, g, b = thin_film_contrast('graphene', 1, 90.0)
+    assert r == pytest.approx(-0.133, abs=0.006)
+    assert g == pytest.approx(-0.132, abs=0.006)
+    assert b == pytest.approx(-0.074, abs=0.006)
+    # On 285 nm the blue channel turns slightly positive.
+    assert thin_film_contrast('graphene', 1, 285.0)[2] > -0.01
+
+
+def test_measured_calibration_keeps_measured_classes_and_extends_with_the_model():
+    calibration = load_calibration('graphene', 90.0, 'measured')
+    assert calibration.version == 'graphene-2dmatgmm-1'
+    one = int(np.nonzero(calibration.layers == 1)[0][0])
+    assert calibration.means[one].tolist() == pytest.approx([-0.137, -0.140, -0.071])
+    assert 10 in calibration.layers  # beyond the measured 1-4 layers: thin-film model
+
+
+def test_background_recovers_vignetted_substrate():
+    image, _ = make_frame(3, 256, noise=1.0)
+    background = estimate_background(image)
+    # Corner vs centre of the synthetic vignetting (8 % at the edge midpoints).
+    assert background[128, 128, 1] > background[5, 128, 1]
+    contrast = contrast_map(image, background, smooth=1)
+    assert abs(float(np.median(contrast[..., 1]))) < 0.01
+
+
+@pytest.mark.parametrize('seed', [11, 12])
+def test_thickness_of_a_known_mask_matches_ground_truth(seed):
+    calibration = Calibration.model('graphene', 90.0).restrict(10)
+    image, truths = make_frame(seed, 256, flakes=[('graphene', n) for n in (1, 2, 3, 4, 5)], noise=2.0)
+    for truth in truths:
+        estimate = estimate_thickness(image, truth.mask, calibration)
+        assert estimate.layers == truth.layers
+        assert estimate.thickness_nm == pytest.approx(truth.layers * 0.335, abs=1e-6)
+        assert 0.0 <= estimate.layers_std < 0.5
+        assert estimate.probability > 0.9
+
+
+def test_thickness_uncertainty_grows_between_classes():
+    calibration = Calibration.model('graphene', 90.0).restrict(10)
+    c1 = np.array(thin_film_contrast('graphene', 1, 90.0))
+    c2 = np.array(thin_film_contrast('graphene', 2, 90.0))
+    from flake_detector.optical import estimate_from_contrast
+    sure = estimate_from_contrast(calibration, c1)
+    torn = estimate_from_contrast(calibration, 0.5 * (c1 + c2))
+    assert sure.layers == 1 and sure.layers_std < 0.05
+    assert torn.layers_std > 0.3
+    assert torn.probability < 0.8
+
+
+def test_hbn_thickness_from_the_model():
+    calibration = Calibration.model('hbn', 285.0)
+    # hBN 10-90 nm is up to 5x brighter than the substrate in green: a camera exposed
+    # for it shows a dim substrate.
+    image, truths = make_frame(4, 256, flakes=[('hbn', 60), ('hbn', 150)], oxide_nm=285.0, noise=1.0,
+                               clutter=False, brightness=0.3)
+    assert image.max() < 255
+    for truth in truths:
+        estimate = estimate_thickness(image, truth.mask, calibration)
+        assert estimate.thickness_nm == pytest.approx(truth.layers * 0.333, abs=3.0)
+
+
+def _match(detections, truths, min_iou=0.5):
+    found = {}
+    for k, truth in enumerate(truths):
+        for det in detections:
+            full = det.full_mask(truth.mask.shape)
+            iou = (full & truth.mask).sum() / max(1, (full | truth.mask).sum())
+            if iou >= min_iou:
+                found[k] = det
+    return found
+
+
+def test_optical_detector_finds_graphene_with_exact_layers_and_ignores_clutter():
+    detector = make_detector('contrast', materials='graphene', calibration='model', max_layers=10)
+    assert isinstance(detector, OpticalDetector)
+    exact = total = false_positives = 0
+    for seed in range(20, 26):
+        image, truths = make_frame(seed, 256, flakes=[('graphene', n) for n in (1, 2, 3, 4, 5)])
+        result = detector.detect(image)
+        found = _match(result.detections, truths)
+        total += len(truths)
+        exact += sum(found[k].layers == truths[k].layers for k in found)
+        false_positives += len(result.detections) - len(found)
+        for det in result.detections:
+            assert det.detector == 'contrast' and det.model_version.startswith('graphene-thinfilm')
+    assert exact / total >= 0.9
+    assert false_positives <= 3
+
+
+def test_layer_class_and_full_resolution_masks_on_a_large_frame():
+    detector = OpticalDetector(materials=['graphene'], calibration='model', max_layers=10, work_size=512)
+    image, truths = make_frame(7, 1024, flakes=[('graphene', 1), ('graphene', 3)], clutter=False,
+                               radius=(60, 90))
+    result = detector.detect(image)
+    found = _match(result.detections, truths, min_iou=0.8)
+    assert set(found) == {0, 1}
+    assert found[0].layer_class == LAYER_MONO and found[1].layer_class == LAYER_FEW
+    assert found[0].to_json()['mask_rle']['size'] == [found[0].bbox[3], found[0].bbox[2]]
