@@ -355,3 +355,39 @@ class BagWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+PREFERRED_FRAME_TOPICS = ('/scan/tiles', '/scan/frames')
+
+
+def frame_topic(reader: BagReader, topic: str | None = None) -> str:
+    """The ScanFrame topic to evaluate: ``topic``, else the detector's input, else the only one."""
+    frame_topics = reader.topics_of_type(SCAN_FRAME_TYPE)
+    if topic is not None:
+        if topic not in frame_topics:
+            raise NoFramesError(f'bag {reader.path} has no {SCAN_FRAME_TYPE} topic {topic}; '
+                                f'its ScanFrame topics: {frame_topics or "none"}')
+        return topic
+    if not frame_topics:
+        listing = ', '.join(f'{t} [{i.msgtype}]' for t, i in sorted(reader.topics.items())) or 'no topics'
+        raise NoFramesError(f'bag {reader.path} holds no {SCAN_FRAME_TYPE} messages ({listing})')
+    for preferred in PREFERRED_FRAME_TOPICS:
+        if preferred in frame_topics:
+            return preferred
+    if len(frame_topics) > 1:
+        raise NoFramesError(f'bag {reader.path} has several ScanFrame topics {frame_topics}; choose one')
+    return frame_topics[0]
+
+
+def scan_frames(reader: BagReader, topic: str | None = None) -> Iterator[tuple[int, object]]:
+    """(timestamp, ScanFrame as a rosbags dataclass) for every frame of the bag, in order.
+
+    Raises NoFramesError when the bag has no frames at all.
+    """
+    chosen = frame_topic(reader, topic)
+    count = 0
+    for message in reader.messages([chosen]):
+        count += 1
+        yield message.timestamp, reader.deserialize(message)
+    if count == 0:
+        raise NoFramesError(f'bag {reader.path}: topic {chosen} has no messages')

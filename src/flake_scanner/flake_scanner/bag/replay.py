@@ -71,6 +71,27 @@ class BagReplayer(Node):
         if not self.params['bag']:
             raise ValueError('no bag given (parameter "bag")')
         self.reader = BagReader(Path(self.params['bag']))
+        try:
+            self._create_publishers()
+        except Exception:
+            self.reader.close()
+            raise
+        self.clock_publisher = (self.create_publisher(Clock, '/clock', 10)
+                                if self.params['publish_clock'] else None)
+        self.clock = PlaybackClock(self.params['rate'])
+        self.published = 0
+        self.loops_done = 0
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name='bag_replay', daemon=True)
+        self._thread.start()
+        self.create_timer(5.0, self._report_progress)
+        total = sum(self.reader.topics[t].count for t in self.publishers_by_topic)
+        self.get_logger().info(f'replaying {total} message(s) on {len(self.publishers_by_topic)} topic(s) '
+                               f'from {self.reader.path} at rate {self.params["rate"] or "unlimited"}')
+
+    def _create_publishers(self) -> None:
         self.remaps = parse_remaps(self.params['remap'])
         selected = parse_topics(self.params['topics']) or sorted(self.reader.topics)
         unknown = [t for t in selected if t not in self.reader.topics]
@@ -100,20 +121,6 @@ class BagReplayer(Node):
             self.reliable_topics.add(topic)
         if not self.publishers_by_topic:
             raise BagError(f'bag {self.reader.path}: nothing to replay (no topic selected)')
-        self.clock_publisher = (self.create_publisher(Clock, '/clock', 10)
-                                if self.params['publish_clock'] else None)
-        self.clock = PlaybackClock(self.params['rate'])
-        self.published = 0
-        self.loops_done = 0
-        self.error: BaseException | None = None
-        self.finished = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name='bag_replay', daemon=True)
-        self._thread.start()
-        self.create_timer(5.0, self._report_progress)
-        total = sum(self.reader.topics[t].count for t in self.publishers_by_topic)
-        self.get_logger().info(f'replaying {total} message(s) on {len(self.publishers_by_topic)} topic(s) '
-                               f'from {self.reader.path} at rate {self.params["rate"] or "unlimited"}')
 
     # -- playback thread ---------------------------------------------------------------
     def _run(self) -> None:
