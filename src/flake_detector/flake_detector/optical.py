@@ -13,14 +13,13 @@ an uncertainty from the posterior over the classes.
 
 A calibration is a Gaussian per layer count in (R, G, B) contrast space: measured
 (``calibration/*_measured.json``, 2DMatGMM) or computed from the thin-film model
-(transfer matrix, ``tmm``) with refractive indices from notes/optics-and-stem.md.
+(flake_scanner.sim.optics: transfer matrix, refractive indices of notes/optics-and-stem.md).
 ``estimate_thickness`` is what other backends call to refine a mask's thickness.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 import json
 import math
 from pathlib import Path
@@ -37,20 +36,10 @@ from flake_detector.detection import (
     region_quality,
     register_detector,
 )
+from flake_scanner.sim import optics
 
 CALIBRATION_DIR = Path(__file__).resolve().parent / 'calibration'
 
-# Camera channels modelled as narrow bands (R, G, B) [nm].
-CHANNEL_WAVELENGTHS_NM = (610.0, 535.0, 460.0)
-SIO2_N = {450.0: 1.466, 550.0: 1.460, 650.0: 1.457}
-SI_N = {450.0: 4.69 + 0.086j, 550.0: 4.08 + 0.028j, 650.0: 3.84 + 0.014j}
-# material: (n + ik at 450/550/650 nm, thickness of one layer [nm])
-MATERIAL_OPTICS = {
-    'graphene': ({450.0: 2.69 + 1.15j, 550.0: 2.68 + 1.25j, 650.0: 2.74 + 1.38j}, 0.335),
-    'hbn': ({450.0: 2.18 + 0j, 550.0: 2.14 + 0j, 650.0: 2.12 + 0j}, 0.333),
-    'mos2': ({450.0: 5.93 + 2.09j, 550.0: 4.97 + 0.91j, 650.0: 5.17 + 1.31j}, 0.65),
-    'wte2': ({450.0: 3.27 + 1.64j, 550.0: 3.40 + 1.45j, 650.0: 3.42 + 1.34j}, 0.7),
-}
 # Layer counts each material's model table spans (hBN is used 10-90 nm thick).
 MODEL_LAYERS = {'graphene': range(1, 41), 'hbn': range(3, 901, 3), 'mos2': range(1, 61),
                 'wte2': range(1, 61)}
@@ -59,30 +48,17 @@ MODEL_LAYERS = {'graphene': range(1, 41), 'hbn': range(3, 901, 3), 'mos2': range
 MODEL_SIGMA = 0.02
 
 
-def _interp_index(table: dict[float, complex], wavelength: float) -> complex:
-    keys = sorted(table)
-    values = np.array([table[k] for k in keys])
-    return complex(np.interp(wavelength, keys, values.real), np.interp(wavelength, keys, values.imag))
-
-
-@lru_cache(maxsize=256)
 def thin_film_contrast(material: str, layers: int, oxide_nm: float) -> tuple[float, float, float]:
-    """Model contrast (R, G, B) of ``layers`` layers of ``material`` on SiO2(oxide_nm)/Si."""
-    import tmm
+    """Model contrast (R, G, B) of ``layers`` layers of ``material`` on SiO2(oxide_nm)/Si.
 
-    if material not in MATERIAL_OPTICS:
-        raise ValueError(f'no optical constants for {material!r}; known: {sorted(MATERIAL_OPTICS)}')
-    indices, layer_nm = MATERIAL_OPTICS[material]
-    out = []
-    for wavelength in CHANNEL_WAVELENGTHS_NM:
-        n_flake = _interp_index(indices, wavelength)
-        n_oxide = _interp_index(SIO2_N, wavelength)
-        n_si = _interp_index(SI_N, wavelength)
-        r_sub = tmm.coh_tmm('s', [1.0, n_oxide, n_si], [math.inf, oxide_nm, math.inf], 0, wavelength)['R']
-        r_flake = tmm.coh_tmm('s', [1.0, n_flake, n_oxide, n_si],
-                              [math.inf, layers * layer_nm, oxide_nm, math.inf], 0, wavelength)['R']
-        out.append((r_flake - r_sub) / r_sub)
-    return tuple(float(v) for v in out)
+    The band-averaged transfer-matrix model of the simulated microscope
+    (flake_scanner.sim.optics, B, G, R order there), so simulated frames and this
+    detector share one physics.
+    """
+    if material not in optics.LAYER_THICKNESS_NM:
+        raise ValueError(f'no optical constants for {material!r}; known: {sorted(optics.LAYER_THICKNESS_NM)}')
+    bgr = optics.model_contrast(material, layers * optics.layer_thickness_nm(material), oxide_nm)
+    return tuple(float(v) for v in bgr[::-1])
 
 
 @dataclass(frozen=True)
@@ -101,7 +77,7 @@ class Calibration:
         layers = np.array(list(MODEL_LAYERS[material]), dtype=np.float64)
         means = np.array([thin_film_contrast(material, int(n), float(oxide_nm)) for n in layers])
         covs = np.repeat((np.eye(3) * sigma ** 2)[None], len(layers), axis=0)
-        return cls(material, MATERIAL_OPTICS[material][1], layers, means, covs,
+        return cls(material, optics.layer_thickness_nm(material), layers, means, covs,
                    f'{material}-thinfilm-sio2-{oxide_nm:g}nm-1')
 
     @classmethod
@@ -111,7 +87,7 @@ class Calibration:
         material = data['material']
         measured = {int(c['layers']): (np.array(c['contrast_rgb'], float),
                                        np.array(c['covariance_rgb'], float)) for c in data['classes']}
-        if material in MATERIAL_OPTICS:
+        if material in optics.LAYER_THICKNESS_NM:
             model = cls.model(material, oxide_nm)
             layers = sorted(set(measured) | {int(n) for n in model.layers})
         else:
@@ -125,7 +101,7 @@ class Calibration:
                 k = int(np.nonzero(model.layers == n)[0][0])
                 means.append(model.means[k])
                 covs.append(model.covariances[k])
-        layer_nm = MATERIAL_OPTICS[material][1] if material in MATERIAL_OPTICS else 0.65
+        layer_nm = optics.LAYER_THICKNESS_NM.get(material, 0.65)
         return cls(material, layer_nm, np.array(layers, float), np.array(means), np.array(covs),
                    data.get('version', Path(path).stem))
 
