@@ -69,7 +69,7 @@ def _check_objective(name: str) -> str | None:
 PARAMS = [
     Param('objective', '10x', 'objective used for scanning, e.g. "10x"', validator=_check_objective),
     Param('revisit_objective', '50x', 'objective for revisits of promising flakes', validator=_check_objective),
-    Param('camera_pixel_pitch', 3.45e-6,
+    Param('camera_pixel_pitch', 5.5e-6,
           'camera sensor pixel pitch [m]; pixel size at the sample = pitch / magnification '
           '(calibrate with a stage micrometer on real hardware)', minimum=1e-7, maximum=1e-4),
     Param('camera_node', 'camera_node', 'name of the camera node whose objective parameter is switched'),
@@ -517,7 +517,7 @@ class ScanCoordinator(Node):
             progress.focus_time += time.monotonic() - started
             measured.append((sx, sy, z))
             goal_handle.publish_feedback(Scan.Feedback(phase='focus_map', tiles_total=progress.tiles_total))
-        focus_map = FocusMap.fit(measured)
+        focus_map = FocusMap(measured)
         self.get_logger().info(f'focus map from {len(measured)} points')
         return focus_map.predict
 
