@@ -1,0 +1,51 @@
+"""Wafer-level precision/recall against the simulator's ground truth."""
+
+import math
+
+import numpy as np
+import pytest
+
+from flake_scanner.demo.metrics import FoundFlake, score_scan, truth_in_region
+from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
+
+
+def square(cx, cy, half):
+    return np.array([[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half], [cx - half, cy + half]])
+
+
+@pytest.fixture()
+def wafer():
+    config = WaferConfig(seed=3, flake_density_per_mm2=0.0, residue_line_density_per_mm2=0.0,
+                         residue_network_density_per_mm2=0.0, dust_density_per_mm2=0.0,
+                         bulk_density_per_mm2=0.0)
+    wafer = VirtualWafer.generate(config)
+    wafer.add_object('flake', 'graphene', square(1e-3, 1e-3, 20e-6), layers=1)
+    wafer.add_object('flake', 'hbn', square(2e-3, 1e-3, 30e-6), layers=60)
+    wafer.add_object('flake', 'mos2', square(1.5e-3, 2e-3, 15e-6), layers=3)
+    wafer.add_object('flake', 'graphene', square(5e-3, 5e-3, 20e-6), layers=2)  # outside the region
+    return wafer
+
+
+def test_truth_is_limited_to_the_region_and_to_findable_sizes(wafer):
+    truth = truth_in_region(wafer, 0.5e-3, 0.5e-3, 3e-3, 3e-3)
+    assert sorted(t.material for t in truth) == ['graphene', 'hbn', 'mos2']
+    assert {t.layer_class for t in truth} == {'mono', 'bulk', 'few'}
+    assert truth_in_region(wafer, 0.5e-3, 0.5e-3, 3e-3, 3e-3, min_area=2000e-12)[0].material == 'hbn'
+
+
+def test_precision_recall_and_layer_class_accuracy(wafer):
+    truth = truth_in_region(wafer, 0.5e-3, 0.5e-3, 3e-3, 3e-3)
+    found = [
+        FoundFlake('a', 'graphene', 'mono', (1.005e-3, 0.998e-3), 1.6e-9),   # right
+        FoundFlake('b', 'hbn', 'thick', (2.01e-3, 1.01e-3), 3.6e-9),         # right flake, wrong class
+        FoundFlake('c', 'graphene', 'few', (2.5e-3, 2.5e-3), 1e-9),          # nothing there
+        FoundFlake('d', 'graphene', 'mono', (8e-3, 8e-3), 1e-9),             # outside the region: ignored
+    ]
+    score = score_scan(found, truth, region=(0.5e-3, 0.5e-3, 3e-3, 3e-3))
+    total = score.total()
+    assert (total.found, total.matched_found, total.true, total.matched_true) == (3, 2, 3, 2)
+    assert total.precision == pytest.approx(2 / 3) and total.recall == pytest.approx(2 / 3)
+    assert total.layer_class_correct == 1
+    assert score.per_material['mos2'].recall == 0.0
+    assert math.isnan(score.per_material['wte2'].precision)
+    assert score.matches['a'] != score.matches['b']
