@@ -285,7 +285,7 @@ class CameraModel:
 
     def _raster(self, stage_x: float, stage_y: float) -> np.ndarray:
         """Reflectance image (H, W, 3) float32 of the field of view, in focus, before the camera."""
-        key = (round(stage_x, 10), round(stage_y, 10))
+        key = (round(stage_x, 10), round(stage_y, 10), self.wafer.revision)
         cached = self._raster_cache.get(key)
         if cached is not None:
             self._raster_cache.move_to_end(key)

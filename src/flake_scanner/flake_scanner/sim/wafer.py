@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import math
 
-import cv2
 import numpy as np
 
 from flake_scanner.geometry import Affine2D
@@ -196,6 +195,8 @@ class VirtualWafer:
         self.cells_x = max(1, math.ceil(config.chip_width_m / config.cell_size_m))
         self.cells_y = max(1, math.ceil(config.chip_height_m / config.cell_size_m))
         self._cells: dict[tuple[int, int], list[WaferObject]] = {}
+        # Bumped by add_object so renderers drop cached rasters.
+        self.revision = 0
 
     @classmethod
     def generate(cls, config: WaferConfig | None = None, **overrides) -> VirtualWafer:
@@ -261,6 +262,34 @@ class VirtualWafer:
             if obj.object_id == object_id:
                 return obj
         raise KeyError(object_id)
+
+    def add_object(self, kind: str, material: str, polygon, layers: int = 0, thickness_nm: float | None = None,
+                   shape: str = 'polygon', line_width_m: float = 0.0, parent_id: int = -1) -> WaferObject:
+        """Place a known object (e.g. a test flake) on the chip; returns it with its new id."""
+        if kind not in Z_ORDER:
+            raise ValueError(f'unknown object kind {kind!r}; known: {", ".join(Z_ORDER)}')
+        polygon = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        if len(polygon) < (2 if shape == 'line' else 3):
+            raise ValueError('an object needs at least 3 vertices (2 for a line)')
+        if kind in ('flake', 'terrace', 'fold', 'bulk') and material not in MATERIALS:
+            raise ValueError(f'unknown material {material!r}; known: {", ".join(MATERIALS)}')
+        if thickness_nm is None:
+            thickness_nm = layers * LAYER_THICKNESS_NM.get(material, 0.0)
+        cx, cy = polygon.mean(axis=0)
+        size = self.config.cell_size_m
+        ix = int(np.clip(cx // size, 0, self.cells_x - 1))
+        iy = int(np.clip(cy // size, 0, self.cells_y - 1))
+        cell = self._cell(ix, iy)
+        base = (iy * self.cells_x + ix) * _IDS_PER_CELL
+        # Placed objects count down from the top of the cell's id range.
+        placed = [o.object_id for o in cell if o.object_id > base + _IDS_PER_CELL // 2]
+        object_id = min(placed) - 1 if placed else base + _IDS_PER_CELL - 1
+        obj = WaferObject(object_id=object_id, kind=kind, material=material, layers=int(layers),
+                          thickness_nm=float(thickness_nm), polygon=polygon, shape=shape,
+                          line_width_m=float(line_width_m), parent_id=parent_id)
+        cell.append(obj)
+        self.revision += 1
+        return obj
 
     # -- generation -----------------------------------------------------------------
     def _cell(self, ix: int, iy: int) -> list[WaferObject]:
@@ -429,12 +458,3 @@ def layer_class(layers: int) -> str:
         return 'thick'
     return 'bulk'
 
-
-def rasterise_polygon_mask(poly: np.ndarray, pixel_size: float, origin) -> np.ndarray:
-    """Boolean mask of ``poly`` on a grid of ``pixel_size`` starting at ``origin`` (helper for tests)."""
-    pts = (np.asarray(poly) - np.asarray(origin)) / pixel_size
-    w = int(math.ceil(pts[:, 0].max())) + 2
-    h = int(math.ceil(pts[:, 1].max())) + 2
-    mask = np.zeros((h, w), np.uint8)
-    cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
-    return mask.astype(bool)

@@ -1,0 +1,191 @@
+"""flake-sim: render single frames or COCO datasets from the simulated microscope.
+
+    flake-sim render --seed 3 --x 6.2 --y 4.1 --objective 20x --out frame.png --truth truth.json
+    flake-sim dataset --seed 3 --frames 200 --objective 10x --out data/sim_train --thin-fraction 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+import sys
+
+import cv2
+import numpy as np
+
+from flake_scanner.sim.camera import OBJECTIVES, CameraModel, CameraSettings
+from flake_scanner.sim.coco import FrameRecord, frames_to_coco
+from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'must be within 0..1, got {value}')
+    return value
+
+
+def _objective(text: str) -> str:
+    if text.lower() not in OBJECTIVES:
+        raise argparse.ArgumentTypeError(f'unknown objective {text!r}; choose one of {", ".join(OBJECTIVES)}')
+    return text.lower()
+
+
+def _oxide(text: str) -> float:
+    value = float(text)
+    if value not in (90.0, 285.0):
+        raise argparse.ArgumentTypeError(f'oxide must be 90 or 285 nm, got {text}')
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--seed', type=int, default=0, help='wafer and camera seed (default 0)')
+    parser.add_argument('--objective', type=_objective, default='10x', help=f'one of {", ".join(OBJECTIVES)}')
+    parser.add_argument('--oxide', type=_oxide, default=90.0, help='SiO2 thickness: 90 or 285 nm')
+    parser.add_argument('--width', type=_positive_int, default=1024, help='image width [px]')
+    parser.add_argument('--height', type=_positive_int, default=1024, help='image height [px]')
+    parser.add_argument('--density', type=float, default=20.0, help='flakes per mm^2 (default 20)')
+    parser.add_argument('--thin-fraction', type=_fraction, default=0.0,
+                        help='share of flakes forced to 1-10 layers (enriches thin flakes for training)')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='flake-sim', description='Simulated optical microscope of 2D flakes.')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    render = sub.add_parser('render', help='render one frame (and optionally its ground truth)')
+    _add_common(render)
+    render.add_argument('--x', type=float, required=True, help='stage x of the image centre [mm]')
+    render.add_argument('--y', type=float, required=True, help='stage y of the image centre [mm]')
+    render.add_argument('--z', type=float, default=None,
+                        help='stage z [um]; default: the focal plane (in focus)')
+    render.add_argument('--defocus', type=float, default=0.0, help='offset from the focal plane [um]')
+    render.add_argument('--wafer-frame', action='store_true',
+                        help='--x/--y are chip (wafer-frame) coordinates instead of stage coordinates')
+    render.add_argument('--out', type=Path, required=True, help='output image (.png)')
+    render.add_argument('--truth', type=Path, default=None, help='write ground truth as COCO JSON here')
+
+    dataset = sub.add_parser('dataset', help='render N frames with COCO annotations')
+    _add_common(dataset)
+    dataset.add_argument('--frames', type=_positive_int, required=True, help='number of frames')
+    dataset.add_argument('--out', type=Path, required=True, help='output directory')
+    dataset.add_argument('--empty-fraction', type=_fraction, default=0.15,
+                         help='share of frames at random places (often empty or contaminants only)')
+    dataset.add_argument('--defocus-spread', type=float, default=0.0,
+                         help='random defocus, standard deviation in depths of field (augmentation)')
+    return parser
+
+
+def _make_camera(args) -> CameraModel:
+    wafer = VirtualWafer.generate(WaferConfig(seed=args.seed, oxide_nm=args.oxide,
+                                              flake_density_per_mm2=args.density,
+                                              thin_fraction=args.thin_fraction))
+    return CameraModel(wafer, CameraSettings(width=args.width, height=args.height, objective=args.objective,
+                                             seed=args.seed))
+
+
+def _render(args) -> int:
+    camera = _make_camera(args)
+    wafer = camera.wafer
+    x, y = args.x * 1e-3, args.y * 1e-3
+    if args.wafer_frame:
+        wx, wy = x, y
+        x, y = wafer.wafer_to_stage.apply(wx, wy)
+    else:
+        wx, wy = wafer.stage_to_wafer.apply(x, y)
+    if not wafer.contains(wx, wy):
+        w, h = wafer.config.chip_width_m * 1e3, wafer.config.chip_height_m * 1e3
+        corners = ', '.join(f'({cx * 1e3:.3f}, {cy * 1e3:.3f})' for cx, cy in wafer.corner_positions_stage())
+        raise SystemExit(f'flake-sim: error: position is off the {w:g} x {h:g} mm chip (chip coordinates '
+                         f'{wx * 1e3:.3f}, {wy * 1e3:.3f} mm); stage corners [mm]: {corners}')
+    z = camera.focal_plane_z(x, y) if args.z is None else args.z * 1e-6
+    z += args.defocus * 1e-6
+    image = camera.render(x, y, z)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(args.out), image):
+        raise SystemExit(f'flake-sim: error: cannot write image {args.out}')
+    print(f'wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {camera.pixel_size * 1e6:.3f} um/px, '
+          f'stage {x * 1e3:.3f}, {y * 1e3:.3f} mm, z {z * 1e6:.2f} um)')
+    if args.truth is not None:
+        truth = camera.ground_truth(x, y)
+        coco = frames_to_coco([FrameRecord(args.out.name, truth, args.objective,
+                                           z - camera.focal_plane_z(x, y))])
+        args.truth.parent.mkdir(parents=True, exist_ok=True)
+        args.truth.write_text(json.dumps(coco))
+        flakes = sum(not o.is_contaminant for o in truth.objects)
+        print(f'wrote {args.truth} ({flakes} flake regions, {len(truth.objects) - flakes} contaminants)')
+    return 0
+
+
+def dataset_positions(camera: CameraModel, frames: int, empty_fraction: float, seed: int) -> list[tuple]:
+    """Stage positions: most centred near a flake (thin ones preferred), some at random places."""
+    wafer = camera.wafer
+    rng = np.random.default_rng([seed, 0xDA7A])
+    fov_w, fov_h = camera.field_of_view
+    w, h = wafer.config.chip_width_m, wafer.config.chip_height_m
+    margin_x, margin_y = min(fov_w / 2, w / 2), min(fov_h / 2, h / 2)
+    positions = []
+    for index in range(frames):
+        centre = np.array([rng.uniform(margin_x, w - margin_x), rng.uniform(margin_y, h - margin_y)])
+        if rng.random() >= empty_fraction:
+            found = wafer.objects_in_rect(centre[0] - 0.5e-3, centre[1] - 0.5e-3,
+                                          centre[0] + 0.5e-3, centre[1] + 0.5e-3)
+            flakes = [o for o in found if o.kind in ('flake', 'terrace') and wafer.contains(*o.centre)]
+            if flakes:
+                thin = [o for o in flakes if o.layers <= 10]
+                pool = thin if thin and rng.random() < 0.5 else flakes
+                target = np.array(pool[int(rng.integers(len(pool)))].centre)
+                # The flake lands anywhere in the middle 60 % of the frame.
+                centre = target + rng.uniform(-0.3, 0.3, 2) * (fov_w, fov_h)
+        positions.append((index, *wafer.wafer_to_stage.apply(float(centre[0]), float(centre[1]))))
+    return positions
+
+
+def _dataset(args) -> int:
+    camera = _make_camera(args)
+    out = args.out
+    image_dir = out / 'images'
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([args.seed, 0xDEF0])
+    records = []
+    step = max(1, args.frames // 20)
+    for index, x, y in dataset_positions(camera, args.frames, args.empty_fraction, args.seed):
+        offset = float(rng.normal(0.0, args.defocus_spread)) * camera.objective.depth_of_field_m
+        z = camera.focal_plane_z(x, y) + offset
+        name = f'images/{args.seed:04d}_{index:06d}.png'
+        if not cv2.imwrite(str(out / name), camera.render(x, y, z)):
+            raise SystemExit(f'flake-sim: error: cannot write {out / name}')
+        records.append(FrameRecord(name, camera.ground_truth(x, y), args.objective, offset))
+        if (index + 1) % step == 0 or index + 1 == args.frames:
+            print(f'[flake-sim] {index + 1}/{args.frames} frames', file=sys.stderr, flush=True)
+    coco = frames_to_coco(records, description=f'flake-sim seed {args.seed} objective {args.objective}')
+    (out / 'annotations.json').write_text(json.dumps(coco))
+    flakes = sum(not a['is_contaminant'] for a in coco['annotations'])
+    print(f'wrote {len(records)} images and {out / "annotations.json"} '
+          f'({flakes} flake regions, {len(coco["annotations"]) - flakes} contaminants)')
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not math.isfinite(args.density) or not 0 <= args.density <= 1e4:
+        parser.error(f'--density must be within 0..10000 per mm^2, got {args.density}')
+    if args.command == 'render':
+        return _render(args)
+    if args.defocus_spread < 0:
+        parser.error('--defocus-spread must be >= 0')
+    return _dataset(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
