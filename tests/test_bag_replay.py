@@ -177,3 +177,25 @@ def test_sqlite3_bag_with_start_offset_and_topic_filter(executor, tmp_path):
     assert [f.tile_index for f in frames] == [5, 6, 7, 8, 9]
     assert flakes == []
     assert clocks[0].clock.sec == 1 and clocks[0].clock.nanosec == 450_000_000
+
+
+def test_paced_replay_advances_clock_between_messages(executor, tmp_path):
+    """At rate 1 /clock ticks through the gaps between messages; unlimited jumps from message to message."""
+    from rclpy.parameter import Parameter
+    from rclpy.serialization import serialize_message
+
+    bag = tmp_path / 'paced'
+    stamps = [2_000_000_000, 2_300_000_000, 2_600_000_000]
+    with BagWriter(bag) as writer:
+        writer.add_topic('/bagtest/tiles', SCAN_FRAME_TYPE)
+        for index, stamp in enumerate(stamps):
+            writer.write('/bagtest/tiles', stamp, serialize_message(_scan_frame(index)))
+    for rate, expect_ticks in ((1.0, True), (0.0, False)):
+        frames, _, clocks = _replay_and_collect(executor, bag, 3, extra=[Parameter('rate', value=rate)])
+        assert [f.tile_index for f in frames] == [0, 1, 2]
+        clock_ns = [c.clock.sec * 10**9 + c.clock.nanosec for c in clocks]
+        assert clock_ns == sorted(clock_ns)
+        assert clock_ns[0] == stamps[0] and clock_ns[-1] == stamps[-1]
+        between = [t for t in clock_ns if t not in stamps]
+        assert bool(between) == expect_ticks, (rate, clock_ns)
+        assert all(stamps[0] < t < stamps[-1] for t in between)
