@@ -49,3 +49,35 @@ def test_precision_recall_and_layer_class_accuracy(wafer):
     assert score.per_material['mos2'].recall == 0.0
     assert math.isnan(score.per_material['wte2'].precision)
     assert score.matches['a'] != score.matches['b']
+
+
+def test_report_page_mosaic_gallery_and_metrics(tmp_path, wafer):
+    import json
+
+    import cv2
+
+    from flake_scanner.demo.report import ReportFlake, text_summary, write_report
+
+    frames = tmp_path / 'frames'
+    frames.mkdir()
+    cv2.imwrite(str(frames / '00000.jpg'), np.full((100, 100, 3), 200, np.uint8))
+    mosaic = tmp_path / 'mosaic.png'
+    cv2.imwrite(str(mosaic), np.full((50, 80, 3), 255, np.uint8))
+    mosaic.with_suffix('.json').write_text(json.dumps({'wafer_to_mosaic': [1e4, 0, 0, 0, -1e4, 50]}))
+    flakes = [ReportFlake('f1', 'graphene', 'mono', 1.0, 0.34, 0.05, 1.6e-9, 0.9, (1e-3, 1e-3), 0, (40, 40, 20, 10)),
+              ReportFlake('f2', 'hbn', 'thick', 30.0, 10.0, 1.0, 3.6e-9, 0.8, (2e-3, 1e-3), 0, (10, 10, 5, 5))]
+    truth = truth_in_region(wafer, 0.5e-3, 0.5e-3, 3e-3, 3e-3)
+    from flake_scanner.demo.metrics import FoundFlake
+    score = score_scan([FoundFlake(f.flake_id, f.material, f.layer_class, f.centre, f.area) for f in flakes], truth)
+    page = write_report(tmp_path / 'report', flakes, frames, mosaic, score, {'scan': '12.0 s'})
+    text = page.read_text()
+    assert 'graphene' in text and 'thumbnails/f1.png' in text and 'mosaic.png' in text
+    assert (tmp_path / 'report' / 'thumbnails' / 'f1.png').exists()
+    annotated = cv2.imread(str(tmp_path / 'report' / 'mosaic.png'))
+    assert annotated[40, 14].tolist() != [255, 255, 255]  # the ring (radius 4 px) around the graphene flake at (10, 40)
+    metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
+    assert metrics['by_class']['graphene']['mono'] == 1
+    overall = [row for row in metrics['metrics'] if row['material'] == 'all'][0]
+    assert overall['found'] == 2 and overall['precision'] == pytest.approx(1.0)
+    summary = text_summary(flakes, score, {'scan': '12.0 s'})
+    assert '| graphene | 1 | 0 | 0 | 0 | 1 |' in summary
