@@ -73,3 +73,21 @@ def make_frame(seed: int, size: int = 256, flakes=(('graphene', 1), ('graphene',
     image = cv2.GaussianBlur(image, (0, 0), 0.8)
     image += rng.normal(0.0, noise, image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), truths
+
+
+def sim_frames(seed: int, count: int, size: int = 512, thin_fraction: float = 0.6, oxide_nm: float = 90.0,
+               objective: str = '10x', chip_mm: float = 2.0, **wafer_overrides):
+    """``count`` frames of the simulated microscope, each centred near a flake: (bgr, FrameTruth)."""
+    from flake_scanner.sim.camera import CameraModel, CameraSettings
+    from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
+
+    wafer = VirtualWafer.generate(WaferConfig(seed=seed, oxide_nm=oxide_nm, thin_fraction=thin_fraction,
+                                              chip_width_m=chip_mm * 1e-3, chip_height_m=chip_mm * 1e-3,
+                                              **wafer_overrides))
+    camera = CameraModel(wafer, CameraSettings(width=size, height=size, objective=objective, seed=seed))
+    rng = np.random.default_rng(seed)
+    flakes = [o for o in wafer.flakes() if 0.1e-3 < o.centre[0] < (chip_mm - 0.1) * 1e-3
+              and 0.1e-3 < o.centre[1] < (chip_mm - 0.1) * 1e-3]
+    for index in rng.permutation(len(flakes))[:count]:
+        x, y = wafer.wafer_to_stage.apply(*flakes[int(index)].centre)
+        yield camera.render(x, y), camera.ground_truth(x, y)

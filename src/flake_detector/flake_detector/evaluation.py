@@ -53,8 +53,9 @@ def layer_class_name(layers: float) -> str:
 
 
 def select_truth(gt: dict, material: str | None = None, min_layers: float | None = None,
-                 max_layers: float | None = None) -> list[dict]:
-    """Flake annotations of ``material`` (all when None) within a layer range."""
+                 max_layers: float | None = None, min_area: float = 0.0) -> list[dict]:
+    """Flake annotations of ``material`` (all when None) within a layer range and of at least
+    ``min_area`` pixels."""
     categories = {int(c['id']): c['name'] for c in gt.get('categories', [])}
     out = []
     for ann in gt['annotations']:
@@ -67,12 +68,14 @@ def select_truth(gt: dict, material: str | None = None, min_layers: float | None
             continue
         if max_layers is not None and not layers <= max_layers:
             continue
+        if float(ann.get('area', ann['bbox'][2] * ann['bbox'][3])) < min_area:
+            continue
         out.append(ann)
     return out
 
 
 def select_predictions(predictions: list[dict], material: str | None = None, min_layers: float | None = None,
-                       max_layers: float | None = None) -> list[dict]:
+                       max_layers: float | None = None, min_area: float = 0.0) -> list[dict]:
     out = []
     for p in predictions:
         if material is not None and p.get('material', 'unknown') != material:
@@ -82,8 +85,22 @@ def select_predictions(predictions: list[dict], material: str | None = None, min
             continue
         if max_layers is not None and not layers <= max_layers:
             continue
+        if min_area > 0 and _prediction_area(p) < min_area:
+            continue
         out.append(p)
     return out
+
+
+def _prediction_area(prediction: dict) -> float:
+    from pycocotools import mask as mask_utils
+
+    segmentation = prediction.get('segmentation')
+    if isinstance(segmentation, dict) and 'counts' in segmentation and 'size' in segmentation:
+        rle = dict(segmentation)
+        if isinstance(rle['counts'], str):
+            rle['counts'] = rle['counts'].encode('ascii')
+        return float(mask_utils.area(rle))
+    return float(prediction['bbox'][2] * prediction['bbox'][3])
 
 
 def _single_class(gt: dict, truth: list[dict], predictions: list[dict]) -> tuple[dict, list[dict]]:
@@ -240,22 +257,24 @@ def _group(items: list[dict]) -> dict[int, list[dict]]:
 
 def evaluate(gt: dict, predictions: list[dict], materials: list[str] | None = None,
              min_layers: float | None = None, max_layers: float | None = None, score_threshold: float = 0.5,
-             funnel: list[dict] | None = None) -> dict[str, Any]:
+             funnel: list[dict] | None = None, min_area: float = 0.0) -> dict[str, Any]:
     """All metrics of ``predictions`` against ``gt`` (COCO dicts), as one JSON-ready dict.
 
     ``min_layers`` / ``max_layers`` restrict both sides to a layer range (a detector
-    that reports a 5-layer flake is not penalised in a 1-3 layer evaluation).
+    that reports a 5-layer flake is not penalised in a 1-3 layer evaluation);
+    ``min_area`` [px] leaves out flakes too small to use on both sides.
     """
     categories = {int(c['id']): c['name'] for c in gt.get('categories', [])}
     if materials is None:
         found = {annotation_material(a, categories) for a in gt['annotations'] if is_flake(a)}
         materials = sorted(found)
     result: dict[str, Any] = {'images': len(gt['images']), 'predictions': len(predictions),
-                              'layer_range': [min_layers, max_layers], 'materials': {}}
+                              'layer_range': [min_layers, max_layers], 'min_area_px': min_area,
+                              'materials': {}}
     scopes: list[tuple[str, str | None]] = [('all', None)] + [(m, m) for m in materials]
     for name, material in scopes:
-        truth = select_truth(gt, material, min_layers, max_layers)
-        preds = select_predictions(predictions, material, min_layers, max_layers)
+        truth = select_truth(gt, material, min_layers, max_layers, min_area)
+        preds = select_predictions(predictions, material, min_layers, max_layers, min_area)
         if material is None and materials:
             preds = [p for p in preds if p.get('material', 'unknown') in materials] or preds
             truth = [t for t in truth if annotation_material(t, categories) in materials]
@@ -265,9 +284,9 @@ def evaluate(gt: dict, predictions: list[dict], materials: list[str] | None = No
             'segm': coco_ap(gt, truth, preds, 'segm') if all('segmentation' in p for p in preds) else None,
             'per_image': per_image_precision_recall(gt, truth, preds, score_threshold),
         }
-    truth_all = select_truth(gt, None, min_layers, max_layers)
+    truth_all = select_truth(gt, None, min_layers, max_layers, min_area)
     truth_all = [t for t in truth_all if annotation_material(t, categories) in materials]
-    preds_all = [p for p in select_predictions(predictions, None, min_layers, max_layers)
+    preds_all = [p for p in select_predictions(predictions, None, min_layers, max_layers, min_area)
                  if p.get('material', 'unknown') in materials]
     result['layer_confusion'] = layer_confusion(gt, truth_all, preds_all, score_threshold)
     if funnel:

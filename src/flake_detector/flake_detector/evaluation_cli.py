@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--materials', default='', help='comma-separated materials (default: all in the GT)')
     parser.add_argument('--min-layers', type=float, default=None, help='evaluate flakes with >= this many layers')
     parser.add_argument('--max-layers', type=float, default=None, help='evaluate flakes with <= this many layers')
+    parser.add_argument('--min-area', type=float, default=0.0,
+                        help='leave out flakes (and detections) smaller than this many pixels')
     parser.add_argument('--score-threshold', type=float, default=0.5,
                         help='score above which a detection counts for per-image P/R and confusion')
     return parser
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f'predictions name image ids missing from the ground truth: {sorted(unknown)[:5]}')
     materials = [m.strip() for m in args.materials.split(',') if m.strip()] or None
     metrics = evaluate(gt, predictions, materials, args.min_layers, args.max_layers, args.score_threshold,
-                       funnel)
+                       funnel, args.min_area)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out.with_suffix('.json'), args.out.with_suffix('.md')
     json_path.write_text(json.dumps(metrics, indent=1))
