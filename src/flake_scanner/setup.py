@@ -24,6 +24,7 @@ setup(
         'console_scripts': [
             'flake-sim = flake_scanner.sim.cli:main',
             'flake-system = flake_scanner.system:main',
+            'flake-demo = flake_scanner.demo.run:main',
             'flake-record = flake_scanner.bag.record:main',
             'flake-replay = flake_scanner.bag.replay:main',
             'flake-bag-eval = flake_scanner.bag.evaluate:main',

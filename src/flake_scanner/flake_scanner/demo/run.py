@@ -1,0 +1,262 @@
+"""``flake-demo`` (``make demo``): scan a simulated chip with the whole node graph.
+
+Brings the graph up (flake-system), measures the chip's three corners, sets the
+wafer frame, runs a Scan goal while printing progress, revisits the best flakes,
+then scores the registry against the simulator's ground truth and writes a report
+folder (index.html with the mosaic, a gallery and the metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+import time
+
+import cv2
+import yaml
+
+from flake_scanner.demo.metrics import FoundFlake, score_scan, truth_in_region
+from flake_scanner.demo.report import ReportFlake, text_summary, write_report
+from flake_scanner.graph import config_dir
+
+LAYER_CLASS_NAMES = {0: 'unknown', 1: 'mono', 2: 'few', 3: 'thick', 4: 'bulk'}
+
+
+def load_node_parameters(params_files: list[Path], node: str) -> dict:
+    """Merge ``node``'s ros__parameters from YAML files, later files overriding earlier ones."""
+    merged: dict = {}
+    for path in params_files:
+        if not path.exists():
+            continue
+        content = yaml.safe_load(path.read_text()) or {}
+        for key in (node, f'/{node}', '/**'):
+            section = content.get(key, {})
+            merged.update(section.get('ros__parameters', {}) if isinstance(section, dict) else {})
+    return merged
+
+
+def sim_wafer(camera_params: dict):
+    """The virtual chip camera_node renders, rebuilt from the same parameters."""
+    from flake_scanner.nodes.camera_node import wafer_config_from_parameters
+    from flake_scanner.sim.wafer import VirtualWafer
+
+    return VirtualWafer.generate(wafer_config_from_parameters(camera_params))
+
+
+class ProgressPrinter:
+    """One line per second of scan progress, for people watching a terminal."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def __call__(self, feedback) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0 and feedback.tiles_done != feedback.tiles_total:
+            return
+        self.last = now
+        total = max(1, feedback.tiles_total)
+        done = feedback.tiles_done
+        bar = '#' * int(30 * done / total) + '.' * (30 - int(30 * done / total))
+        eta = f'{feedback.eta:5.0f} s' if feedback.eta == feedback.eta else '    ? s'
+        print(f'  [{bar}] {feedback.phase:9s} {done:4d}/{feedback.tiles_total:<4d} tiles  '
+              f'{feedback.flakes_so_far:4d} detections  ETA {eta}', flush=True)
+
+
+def run_scan(region, chip_id: str, corners, objective: str, detector: str, revisit: int,
+             frames_dir: Path, timeout: float):
+    """Set the wafer frame, run the Scan action, then read every flake of the scan back."""
+    from geometry_msgs.msg import Point
+    import rclpy
+    from rclpy.action import ActionClient
+    from rclpy.executors import SingleThreadedExecutor
+
+    from flake_msgs.action import Scan
+    from flake_msgs.msg import ScanFrame
+    from flake_msgs.srv import GetFlake, QueryFlakes, SetWaferFrame
+    from flake_scanner.nodes.common import PIPELINE_QOS
+    from flake_scanner.ros_image import image_to_numpy
+
+    rclpy.init()
+    node = rclpy.create_node('flake_demo')
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    frames_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_frame(frame: ScanFrame) -> None:
+        if frame.revisit:
+            return
+        pixels = image_to_numpy(frame.image, 'bgr8')
+        cv2.imwrite(str(frames_dir / f'{frame.tile_index:05d}.jpg'), pixels, [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+    node.create_subscription(ScanFrame, '/scan/frames', save_frame, PIPELINE_QOS)
+
+    def wait(future, seconds: float, what: str):
+        deadline = time.monotonic() + seconds
+        while not future.done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'{what} did not finish within {seconds:.0f} s')
+            executor.spin_once(timeout_sec=0.1)
+        return future.result()
+
+    def ready(client, what: str, seconds: float = 120.0):
+        deadline = time.monotonic() + seconds
+        check = client.server_is_ready if isinstance(client, ActionClient) else client.service_is_ready
+        while not check():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'{what} is not available; see the node logs')
+            executor.spin_once(timeout_sec=0.1)
+
+    try:
+        set_frame = node.create_client(SetWaferFrame, '/scan/set_wafer_frame')
+        ready(set_frame, 'scan coordinator')
+        request = SetWaferFrame.Request(chip_id=chip_id,
+                                        corners=[Point(x=float(x), y=float(y)) for x, y in corners])
+        response = wait(set_frame.call_async(request), 30, 'SetWaferFrame')
+        if not response.success:
+            raise RuntimeError(f'wafer frame refused: {response.message}')
+        print(f'wafer frame: {response.message}', flush=True)
+
+        scan = ActionClient(node, Scan, '/scan')
+        ready(scan, 'Scan action')
+        goal = Scan.Goal(chip_id=chip_id, region_min_x=region[0], region_min_y=region[1],
+                         region_max_x=region[2], region_max_y=region[3], objective=objective,
+                         detector=detector, revisit=revisit > 0, revisit_max=revisit)
+        printer = ProgressPrinter()
+        handle = wait(scan.send_goal_async(goal, feedback_callback=lambda m: printer(m.feedback)), 30, 'Scan goal')
+        if not handle.accepted:
+            raise RuntimeError('scan goal rejected')
+        outcome = wait(handle.get_result_async(), timeout, 'the scan')
+        result = outcome.result
+        if not result.success:
+            raise RuntimeError(f'scan failed: {result.error_code} {result.message}')
+
+        query = node.create_client(QueryFlakes, '/registry/query_flakes')
+        ready(query, 'registry')
+        flakes = []
+        offset = 0
+        while True:
+            page = wait(query.call_async(QueryFlakes.Request(chip_id=chip_id, limit=500, offset=offset)), 30,
+                        'QueryFlakes')
+            if not page.success:
+                raise RuntimeError(f'registry query failed: {page.message}')
+            flakes += page.flakes
+            offset += len(page.flakes)
+            if not page.flakes or offset >= page.total:
+                break
+        get = node.create_client(GetFlake, '/registry/get_flake')
+        revisit_images = {}
+        for flake in flakes:
+            record = wait(get.call_async(GetFlake.Request(flake_id=flake.id)), 30, 'GetFlake')
+            for image in record.images:
+                if image.role == 'revisit':
+                    revisit_images[flake.id] = image.path
+        report = [ReportFlake(f.id, f.material, LAYER_CLASS_NAMES.get(f.layer_class, 'unknown'), f.layers,
+                              f.thickness_nm, f.thickness_nm_std, f.area, f.score, (f.centre.x, f.centre.y),
+                              f.tile_index, (f.bbox.x_offset, f.bbox.y_offset, f.bbox.width, f.bbox.height),
+                              revisit_images.get(f.id, '')) for f in flakes]
+        return result, report
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='flake-demo', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--report', default='reports/demo', help='report folder (recreated)')
+    parser.add_argument('--params-file', default=None,
+                        help='parameter overrides for the graph (default: config/demo.yaml)')
+    parser.add_argument('--region-mm', default='1.0,1.0,3.0,3.0',
+                        help='scan region in the wafer frame: min_x,min_y,max_x,max_y [mm]')
+    parser.add_argument('--objective', default='10x')
+    parser.add_argument('--detector', default='', help='contrast | cascade | maskrcnn (default: configured)')
+    parser.add_argument('--revisit', type=int, default=8, help='flakes to revisit at 50x (0 = none)')
+    parser.add_argument('--chip-id', default='demo-chip')
+    parser.add_argument('--timeout', type=float, default=900.0, help='give up on the scan after this [s]')
+    parser.add_argument('--record', action='store_true', default=True, help='record the scan to a bag (default)')
+    parser.add_argument('--no-record', dest='record', action='store_false')
+    args = parser.parse_args(argv)
+
+    try:
+        region = tuple(float(v) * 1e-3 for v in args.region_mm.split(','))
+        if len(region) != 4 or region[2] <= region[0] or region[3] <= region[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f'--region-mm needs min_x,min_y,max_x,max_y with max > min, got {args.region_mm!r}')
+    configs = config_dir()
+    params_file = Path(args.params_file) if args.params_file else configs / 'demo.yaml'
+    if not params_file.exists():
+        parser.error(f'parameter file {params_file} does not exist')
+    report_dir = Path(args.report)
+    if report_dir.exists():
+        shutil.rmtree(report_dir)
+    data_dir = report_dir / 'data'
+    data_dir.mkdir(parents=True)
+    os.environ['FLAKE_DATA_DIR'] = str(data_dir.resolve())
+
+    camera_params = load_node_parameters([configs / 'camera_node.yaml', params_file], 'camera_node')
+    wafer = sim_wafer(camera_params)
+    # An operator measures the corners with the stage; a few micrometres of error.
+    corners = wafer.corner_positions_stage(noise_m=2e-6, seed=1)
+
+    from flake_scanner.system import running_system
+
+    print(f'flake-demo: bringing the graph up (logs in {report_dir / "logs"})', flush=True)
+    started = time.monotonic()
+    recorder = None
+    with running_system(hardware='sim', params_file=str(params_file), log_dir=report_dir / 'logs',
+                        echo=False) as system:
+        if args.record and shutil.which('flake-record'):
+            recorder = subprocess.Popen(
+                ['flake-record', '--output', str(report_dir / 'scan_bag'), '--topics',
+                 '/scan/frames,/detections,/stage/state,/registry/events'],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        up = time.monotonic() - started
+        print(f'flake-demo: graph up in {up:.1f} s; scanning {args.region_mm} mm at {args.objective}', flush=True)
+        try:
+            result, flakes = run_scan(region, args.chip_id, corners, args.objective, args.detector, args.revisit,
+                                      report_dir / 'frames', args.timeout)
+        finally:
+            if recorder is not None:
+                recorder.send_signal(2)
+                try:
+                    recorder.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    recorder.kill()
+        dead = system.dead()
+        if dead:
+            print(f'flake-demo: warning: node(s) exited during the scan: {dead}', file=sys.stderr)
+
+    truth = truth_in_region(wafer, *region)
+    found = [FoundFlake(f.flake_id, f.material, f.layer_class, f.centre, f.area, f.score) for f in flakes]
+    score = score_scan(found, truth, region=region)
+    area_cm2 = (region[2] - region[0]) * (region[3] - region[1]) * 1e4
+    timings = {
+        'tiles': result.tiles_total,
+        'scan wall time': f'{result.duration:.1f} s',
+        'hardware time (moves, settles, exposures)': f'{result.hardware_time:.1f} s',
+        'software overhead (wall / hardware)': f'{result.duration / result.hardware_time:.2f}'
+        if result.hardware_time > 0 else '-',
+        'scan rate': f'{result.duration / area_cm2:.0f} s/cm^2',
+        'time spent focusing': f'{result.focus_time:.1f} s',
+        'detection lag after the last frame': f'{result.detection_lag:.2f} s',
+        'flakes revisited': result.flakes_revisited,
+    }
+    mosaic = data_dir / 'scans' / result.scan_id / 'mosaic.png'
+    page = write_report(report_dir, flakes, report_dir / 'frames', mosaic, score, timings,
+                        title=f'Flake scan {result.scan_id}')
+    print()
+    print(text_summary(flakes, score, timings))
+    print(f'\nreport: {page.resolve()}')
+    bag = report_dir / 'scan_bag'
+    if bag.exists():
+        print(f'bag of the scan: {bag.resolve()}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
