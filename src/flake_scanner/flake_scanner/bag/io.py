@@ -43,6 +43,8 @@ CLOCK_TYPE = 'rosgraph_msgs/msg/Clock'
 STORAGES = ('mcap', 'sqlite3')
 BAG_VERSIONS = (8, 9)
 DEFAULT_BAG_VERSION = 9
+# The simulator's COCO ground truth travels inside the bag directory under this name.
+GROUND_TRUTH_FILE = 'ground_truth.json'
 
 
 class BagError(Exception):

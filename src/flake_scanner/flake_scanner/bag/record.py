@@ -25,12 +25,10 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
 
-from flake_scanner.bag.io import BAG_VERSIONS, STORAGES, BagError, BagWriter, TopicQos
+from flake_scanner.bag.io import BAG_VERSIONS, GROUND_TRUTH_FILE, STORAGES, BagError, BagWriter, TopicQos
 from flake_scanner.bag.playback import parse_topics
 from flake_scanner.bag.types import python_message_class, typestore
 from flake_scanner.nodes.common import Param, declare_parameters
-
-GROUND_TRUTH_FILE = 'ground_truth.json'
 
 PARAMS = [
     Param('output', '', 'bag directory to create; empty: recording_<UTC date_time> in the working directory'),
