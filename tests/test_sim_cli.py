@@ -15,8 +15,8 @@ from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
 
 def test_coco_masks_decode_to_the_truth_areas(tmp_path):
     wafer = VirtualWafer.generate(WaferConfig(seed=9, chip_width_m=2e-3, chip_height_m=2e-3,
-                                              flake_density_per_mm2=150))
-    cam = CameraModel(wafer, CameraSettings(width=200, height=160, objective='10x'))
+                                              flake_density_per_mm2=300))
+    cam = CameraModel(wafer, CameraSettings(width=320, height=240, objective='10x'))
     poses = [wafer.wafer_to_stage.apply(0.6e-3 + 0.1e-3 * i, 1.0e-3) for i in range(3)]
     truths = [cam.ground_truth(x, y) for x, y in poses]
     path = tmp_path / 'annotations.json'

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import math
 
+import cv2
 import numpy as np
 
 from flake_scanner.geometry import Affine2D
@@ -95,7 +96,7 @@ class WaferConfig:
     chip_width_m: float = 10e-3
     chip_height_m: float = 10e-3
     oxide_nm: float = 90.0
-    flake_density_per_mm2: float = 20.0
+    flake_density_per_mm2: float = 30.0
     material_mix: dict = field(
         default_factory=lambda: {'graphene': 0.4, 'hbn': 0.3, 'mos2': 0.2, 'wte2': 0.1})
     # Share of flakes forced to 1-10 layers (0 = natural statistics, where thin is rare).
@@ -103,7 +104,7 @@ class WaferConfig:
     residue_line_density_per_mm2: float = 3.0
     residue_network_density_per_mm2: float = 0.3
     dust_density_per_mm2: float = 15.0
-    bulk_density_per_mm2: float = 3.0
+    bulk_density_per_mm2: float = 6.0
     # Mount of the chip on the stage; None draws it from the seed.
     mount_offset_m: tuple[float, float] | None = None
     mount_rotation_rad: float | None = None
@@ -162,6 +163,28 @@ def _cleaved_polygon(rng: np.random.Generator, centre, radius: float, lattice_an
         if len(clipped) >= 3:
             pts = clipped
     return pts + np.asarray(centre)
+
+
+def _fragment_union(rng: np.random.Generator, centre, radius: float, lattice_angle: float,
+                    pieces: int) -> np.ndarray:
+    """Outline of several cleaved fragments stuck together: a non-convex flake with crystal edges."""
+    centre = np.asarray(centre, dtype=np.float64)
+    parts = [_cleaved_polygon(rng, centre, radius, lattice_angle, float(rng.uniform(1.0, 2.0)))]
+    for _ in range(pieces - 1):
+        anchor = parts[-1][rng.integers(len(parts[-1]))]
+        parts.append(_cleaved_polygon(rng, centre + (anchor - centre) * 0.8, radius * float(rng.uniform(0.4, 0.8)),
+                                      lattice_angle, float(rng.uniform(1.0, 2.0))))
+    everything = np.vstack(parts)
+    lo = everything.min(axis=0)
+    step = (everything.max(axis=0) - lo).max() / 120.0
+    canvas = np.zeros((125, 125), np.uint8)
+    for part in parts:
+        cv2.fillPoly(canvas, [np.round((part - lo) / step * 16).astype(np.int32) + 32], 1, shift=4)
+    contours, _ = cv2.findContours(canvas, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    outline = cv2.approxPolyDP(max(contours, key=cv2.contourArea), 0.6, True).reshape(-1, 2)
+    if len(outline) < 3:
+        return parts[0]
+    return outline.astype(np.float64) * step + lo
 
 
 def _layers_for(rng: np.random.Generator, material: str, thin_fraction: float) -> int:
@@ -355,7 +378,7 @@ class _CellGenerator:
     def _residue_line(self, start, length, heading=None):
         heading = self.rng.uniform(0, 2 * np.pi) if heading is None else heading
         self._add(kind='residue', material='residue', layers=0,
-                  thickness_nm=float(self.rng.uniform(4, 20)),
+                  thickness_nm=float(self.rng.uniform(6, 30)),
                   polygon=self._residue_path(start, length, heading), shape='line',
                   line_width_m=float(self.rng.uniform(0.8e-6, 3e-6)))
 
@@ -373,11 +396,15 @@ class _CellGenerator:
         radius = float(np.clip(math.exp(rng.normal(math.log(median_um), 0.6)), 2.0, 80.0)) * 1e-6 / 2
         lattice = float(rng.uniform(0, np.pi / 3))
         centre = self._point()
-        body = _cleaved_polygon(rng, centre, radius, lattice, elongation=float(rng.uniform(1.0, 2.2)))
         t_layer = LAYER_THICKNESS_NM[material]
         fold = None
-        if layers >= 2 and rng.random() < 0.15:
-            body, fold = self._fold(body, lattice)
+        if rng.random() < 0.5:
+            body = _fragment_union(rng, centre, radius, lattice, int(rng.integers(2, 4)))
+        else:
+            # Folds are modelled on single convex fragments only.
+            body = _cleaved_polygon(rng, centre, radius, lattice, elongation=float(rng.uniform(1.0, 2.2)))
+            if layers >= 2 and rng.random() < 0.3:
+                body, fold = self._fold(body, lattice)
         if len(body) < 3:
             return
         body_obj = self._add(kind='flake', material=material, layers=layers, thickness_nm=layers * t_layer,
@@ -431,13 +458,22 @@ class _CellGenerator:
 
     def _bulk(self, material: str):
         rng = self.rng
-        radius = float(np.clip(math.exp(rng.normal(math.log(40.0), 0.5)), 15, 160)) * 1e-6 / 2
+        radius = float(np.clip(math.exp(rng.normal(math.log(45.0), 0.6)), 15, 200)) * 1e-6 / 2
         thickness = float(round(math.exp(rng.uniform(math.log(300), math.log(3000))), -1))
-        poly = _cleaved_polygon(rng, self._point(), radius, float(rng.uniform(0, np.pi / 3)),
-                                elongation=float(rng.uniform(1.0, 1.8)))
-        self._add(kind='bulk', material=material,
-                  layers=int(round(thickness / LAYER_THICKNESS_NM[material])),
-                  thickness_nm=thickness, polygon=poly)
+        lattice = float(rng.uniform(0, np.pi / 3))
+        centre = self._point()
+        poly = _fragment_union(rng, centre, radius, lattice, int(rng.integers(1, 4)))
+        t_layer = LAYER_THICKNESS_NM[material]
+        bulk = self._add(kind='bulk', material=material, layers=int(round(thickness / t_layer)),
+                         thickness_nm=thickness, polygon=poly)
+        if rng.random() < 0.4:
+            # Thin sheets peel off the edges of bulk crystals: the coloured rims seen in micrographs.
+            layers = int(np.clip(round(math.exp(rng.uniform(math.log(8), math.log(200))) / t_layer), 1, 300))
+            edge_pt = poly[rng.integers(len(poly))]
+            rim = _cleaved_polygon(rng, edge_pt + (edge_pt - centre) * 0.15, radius * float(rng.uniform(0.3, 0.6)),
+                                   lattice, elongation=float(rng.uniform(1.0, 2.0)))
+            self._add(kind='terrace', material=material, layers=layers, thickness_nm=layers * t_layer,
+                      polygon=rim, parent_id=bulk.object_id)
 
     def _dust(self):
         rng = self.rng
