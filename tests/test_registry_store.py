@@ -1,0 +1,403 @@
+"""FlakeStore on real SQLite files: schema and migrations, merge, queries, leases, exports."""
+
+import csv
+import io
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+
+from pycocotools.coco import COCO
+import pytest
+from ros_helpers import HELPERS
+
+from flake_registry.export import build_coco, export_csv, export_json
+from flake_registry.query import (
+    LAYER_FEW,
+    LAYER_MONO,
+    LAYER_THICK,
+    STATUS_AVAILABLE,
+    STATUS_RESERVED,
+    STATUS_USED,
+    FlakeQuery,
+    RegistryError,
+)
+from flake_registry.store import SCHEMA_VERSION, Detection, FlakeStore, SchemaError
+
+UM = 1e-6
+
+
+class FakeClock:
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def square(x, y, side, **fields):
+    """A detection with a square outline of `side` metres centred on (x, y)."""
+    h = side / 2
+    fields.setdefault('chip_id', 'chip-1')
+    fields.setdefault('scan_id', 'scan-1')
+    fields.setdefault('material', 'graphene')
+    fields.setdefault('score', 0.5)
+    return Detection(x=x, y=y, area=side * side,
+                     contour=[(x - h, y - h), (x + h, y - h), (x + h, y + h), (x - h, y + h)], **fields)
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    with FlakeStore(tmp_path / 'registry.sqlite', clock=clock, default_lease_s=60.0) as store:
+        yield store
+
+
+@pytest.fixture
+def populated(store):
+    """60 flakes on a 10 x 6 grid 100 um apart, with seeded properties."""
+    rng = random.Random(7)
+    materials = ['graphene', 'hbn', 'mos2']
+    batch = []
+    for i in range(60):
+        layers = rng.choice([1, 2, 5, 20])
+        batch.append(square((i % 10) * 100 * UM, (i // 10) * 100 * UM, rng.uniform(5, 30) * UM,
+                            material=materials[i % 3], layers=float(layers), thickness_nm=0.34 * layers,
+                            layer_class=LAYER_MONO if layers == 1 else LAYER_FEW if layers < 10 else LAYER_THICK,
+                            score=round(rng.random(), 3), homogeneity=rng.random(), tile_index=i // 10,
+                            chip_id='chip-1' if i < 40 else 'chip-2', scan_id='scan-1' if i < 40 else 'scan-2'))
+    outcomes = store.ingest(batch)
+    assert all(o.is_new for o in outcomes)
+    return store, batch, [o.flake_id for o in outcomes]
+
+
+# -- schema -------------------------------------------------------------------
+
+def test_new_file_has_current_schema_wal_and_full_sync(store):
+    assert store.schema_version == SCHEMA_VERSION == 2
+    tables = set(store.db.table_names())
+    assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
+            'labels', 'schema_version', 'flake_boxes'} <= tables
+    assert store.db.conn.execute('PRAGMA journal_mode').fetchone()[0] == 'wal'
+    assert store.db.conn.execute('PRAGMA synchronous').fetchone()[0] == 2  # FULL
+    assert store.integrity_check() == 'ok'
+
+
+def test_version_1_file_is_migrated_and_keeps_its_flakes(tmp_path):
+    path = tmp_path / 'old.sqlite'
+    with FlakeStore(path, schema_target=1) as old:
+        assert old.schema_version == 1
+        assert 'labels' not in old.db.table_names()
+        flake_id = old.ingest([square(0.0, 0.0, 10 * UM)])[0].flake_id
+    with FlakeStore(path) as new:
+        assert new.schema_version == 2
+        assert new.get_flake(flake_id).flake.area == pytest.approx(1e-10)
+        label_id = new.add_label('monolayer', 'alice', flake_id=flake_id)
+        assert new.labels(flake_id) == [{'id': label_id, 'flake_id': flake_id, 'crop_path': None,
+                                         'label': 'monolayer', 'labelled_by': 'alice',
+                                         'created': pytest.approx(new.clock(), abs=5)}]
+        versions = [r['version'] for r in new.db.query('SELECT version FROM schema_version ORDER BY version')]
+        assert versions == [1, 2]
+
+
+def test_file_from_newer_software_is_refused(tmp_path):
+    path = tmp_path / 'future.sqlite'
+    FlakeStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute('INSERT INTO schema_version VALUES (99, 0, "from the future")')
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaError, match='newer'):
+        FlakeStore(path)
+
+
+# -- merge --------------------------------------------------------------------
+
+def test_overlapping_tiles_and_rescan_merge_into_one_flake(store):
+    first = store.ingest([square(1e-3, 1e-3, 20 * UM, score=0.6, tile_index=3)])[0]
+    # The neighbouring tile sees the same flake 2 um off (stage error), with a better score.
+    second = store.ingest([square(1e-3 + 2 * UM, 1e-3, 20 * UM, score=0.9, tile_index=4)])[0]
+    rescan = store.ingest([square(1e-3 - 1 * UM, 1e-3 + 1 * UM, 20 * UM, score=0.7, scan_id='scan-2')])[0]
+    assert first.is_new and not second.is_new and not rescan.is_new
+    assert first.flake_id == second.flake_id == rescan.flake_id
+    detail = store.get_flake(first.flake_id)
+    assert detail.flake.n_observations == 3
+    assert [(o.scan_id, o.tile_index) for o in detail.observations] == [('scan-1', 3), ('scan-1', 4),
+                                                                       ('scan-2', 0)]
+    # The record keeps the best sighting's fields.
+    assert detail.flake.score == pytest.approx(0.9)
+    assert detail.flake.x == pytest.approx(1e-3 + 2 * UM)
+    assert detail.observations[1].iou == pytest.approx(18 / 22, rel=1e-4)  # R*Tree stores float32
+    assert store.count() == 1
+
+
+def test_nearby_distinct_flakes_other_chips_and_bad_input_stay_apart(store):
+    outcomes = store.ingest([
+        square(0.0, 0.0, 10 * UM),
+        square(40 * UM, 0.0, 10 * UM),                  # 40 um away: a neighbour, not the same flake
+        square(0.0, 0.0, 10 * UM, chip_id='chip-2'),    # same place on another chip
+        square(float('nan'), 0.0, 10 * UM),
+        square(0.0, 0.0, 10 * UM, material='gold'),
+        square(1 * UM, 0.0, 10 * UM),                   # same flake as the first, in the same batch
+    ])
+    assert [o.is_new for o in outcomes] == [True, True, True, False, False, False]
+    assert 'x is not finite' in outcomes[3].error and 'material' in outcomes[4].error
+    assert outcomes[5].flake_id == outcomes[0].flake_id
+    assert len({o.flake_id for o in outcomes if o.flake_id}) == 3
+    assert store.count() == 3
+
+
+# -- queries ------------------------------------------------------------------
+
+def test_filters_match_a_brute_force_scan(populated):
+    store, batch, ids = populated
+    flakes = list(zip(ids, batch, strict=True))
+
+    def expect(predicate):
+        return {i for i, d in flakes if predicate(d)}
+
+    def got(**kwargs):
+        result = store.query(FlakeQuery(limit=1000, **kwargs))
+        assert result.total == len(result.flakes)
+        return {f.id for f in result.flakes}
+
+    assert got(materials=('hbn',)) == expect(lambda d: d.material == 'hbn')
+    assert got(materials=('graphene',), layer_classes=(LAYER_MONO,)) == expect(
+        lambda d: d.material == 'graphene' and d.layer_class == LAYER_MONO)
+    assert got(layers_min=2, layers_max=5) == expect(lambda d: 2 <= d.layers <= 5)
+    assert got(thickness_nm_min=1.0) == expect(lambda d: d.thickness_nm >= 1.0)
+    assert got(area_min=100 * UM**2, area_max=400 * UM**2) == expect(lambda d: 100 * UM**2 <= d.area <= 400 * UM**2)
+    assert got(min_score=0.5, min_homogeneity=0.3) == expect(lambda d: d.score >= 0.5 and d.homogeneity >= 0.3)
+    assert got(chip_id='chip-2') == expect(lambda d: d.chip_id == 'chip-2')
+    assert got(scan_id='scan-1') == expect(lambda d: d.scan_id == 'scan-1')
+    assert got(region=(150 * UM, 50 * UM, 450 * UM, 250 * UM)) == expect(
+        lambda d: 150 * UM <= d.x <= 450 * UM and 50 * UM <= d.y <= 250 * UM)
+    near = (300 * UM, 200 * UM)
+    assert got(near=near, max_distance=150 * UM) == expect(
+        lambda d: (d.x - near[0]) ** 2 + (d.y - near[1]) ** 2 <= (150 * UM) ** 2)
+    assert len(got(near=near, max_distance=150 * UM)) == 9  # 5 on the axes and 4 on the diagonals at 141 um
+
+
+def test_sorting_and_paging(populated):
+    store, batch, ids = populated
+    by_score = store.query(FlakeQuery(limit=1000)).flakes
+    assert [f.score for f in by_score] == sorted((d.score for d in batch), reverse=True)
+    by_area = store.query(FlakeQuery(sort_by='area', ascending=True, limit=1000)).flakes
+    assert [f.area for f in by_area] == sorted(d.area for d in batch)
+    nearest = store.query(FlakeQuery(sort_by='distance', near=(0.0, 0.0), limit=3)).flakes
+    assert [f.id for f in nearest] == [ids[0], ids[1], ids[10]] or [f.id for f in nearest] == [ids[0], ids[10],
+                                                                                             ids[1]]
+    pages = [store.query(FlakeQuery(limit=7, offset=offset)) for offset in range(0, 60, 7)]
+    assert all(p.total == 60 for p in pages)
+    assert [f.id for p in pages for f in p.flakes] == [f.id for f in by_score]
+
+
+@pytest.mark.parametrize('filters, code', [
+    ({'layers_min': 5, 'layers_max': 2}, 'INVALID_RANGE'),
+    ({'area_min': -1.0}, 'INVALID_RANGE'),
+    ({'min_score': 1.5}, 'INVALID_RANGE'),
+    ({'region': (1.0, 0.0, 0.0, 1.0)}, 'INVALID_RANGE'),
+    ({'limit': 0}, 'INVALID_RANGE'),
+    ({'limit': 5000}, 'INVALID_RANGE'),
+    ({'materials': ('gold',)}, 'INVALID_ARGUMENT'),
+    ({'sort_by': 'colour'}, 'INVALID_ARGUMENT'),
+    ({'sort_by': 'distance'}, 'INVALID_ARGUMENT'),
+    ({'max_distance': 1e-3}, 'INVALID_ARGUMENT'),
+    ({'layers_min': float('nan')}, 'INVALID_ARGUMENT'),
+])
+def test_impossible_filters_are_refused_with_a_code(store, filters, code):
+    with pytest.raises(RegistryError) as error:
+        store.query(FlakeQuery(**filters))
+    assert error.value.code == code
+
+
+def test_query_from_loose_text_input():
+    query = FlakeQuery.from_mapping({'material': 'Graphene', 'layer_classes': 'mono,few', 'statuses': 'available',
+                                     'region': '0,0,1e-3,1e-3', 'limit': '5', 'ascending': 'true'})
+    assert query.materials == ('graphene',) and query.layer_classes == (LAYER_MONO, LAYER_FEW)
+    assert query.statuses == (STATUS_AVAILABLE,) and query.region == (0.0, 0.0, 1e-3, 1e-3)
+    assert query.limit == 5 and query.ascending is True
+    with pytest.raises(RegistryError, match='unknown filter'):
+        FlakeQuery.from_mapping({'colour': 'blue'})
+
+
+# -- reservations -------------------------------------------------------------
+
+def codes_of(call, *args):
+    with pytest.raises(RegistryError) as error:
+        call(*args)
+    return error.value.code
+
+
+def test_reservation_lifecycle_and_every_error(populated, clock):
+    store, _, ids = populated
+    flake = ids[0]
+    held = store.reserve(flake, 'robot-a', 30.0)
+    assert len(held.token) >= 32 and held.expires == clock.now + 30.0
+    assert codes_of(store.reserve, flake, 'robot-b') == 'ALREADY_RESERVED'
+    assert codes_of(store.reserve, 'F9999999', 'robot-b') == 'UNKNOWN_ID'
+    assert codes_of(store.reserve, ids[1], '') == 'INVALID_ARGUMENT'
+    assert codes_of(store.reserve, ids[1], 'robot-b', -1.0) == 'INVALID_ARGUMENT'
+    assert codes_of(store.release, flake, 'not-the-token') == 'WRONG_TOKEN'
+    assert codes_of(store.release, ids[1], 'x') == 'NOT_RESERVED'
+    assert codes_of(store.mark_used, flake, 'not-the-token') == 'WRONG_TOKEN'
+    assert codes_of(store.mark_used, 'nope', 'x') == 'UNKNOWN_ID'
+    record = store.get_flake(flake).flake
+    assert (record.status, record.reserved_by, record.lease_expires) == (STATUS_RESERVED, 'robot-a', held.expires)
+    assert store.query(FlakeQuery(statuses=(STATUS_RESERVED,))).total == 1
+
+    store.release(flake, held.token)
+    assert store.get_flake(flake).flake.status == STATUS_AVAILABLE
+    assert codes_of(store.release, flake, held.token) == 'NOT_RESERVED'
+
+    again = store.reserve(flake, 'robot-b')            # 0 s: the default lease
+    assert again.expires == clock.now + 60.0
+    store.mark_used(flake, again.token, 'stack 7')
+    record = store.get_flake(flake).flake
+    assert (record.status, record.used_by, record.used_note) == (STATUS_USED, 'robot-b', 'stack 7')
+    assert codes_of(store.reserve, flake, 'robot-a') == 'ALREADY_USED'
+    assert codes_of(store.mark_used, flake, again.token) == 'NOT_RESERVED'
+
+
+def test_lease_expires_at_query_time(populated, clock):
+    store, _, ids = populated
+    flake = ids[2]
+    old = store.reserve(flake, 'robot-a', 10.0)
+    clock.now += 10.5
+    assert store.get_flake(flake).flake.status == STATUS_AVAILABLE
+    assert codes_of(store.mark_used, flake, old.token) == 'LEASE_EXPIRED'
+    assert codes_of(store.release, flake, old.token) == 'NOT_RESERVED'
+    new = store.reserve(flake, 'robot-b', 10.0)
+    # The first robot's stale token is recognised as expired, not as somebody else's.
+    assert codes_of(store.mark_used, flake, old.token) == 'LEASE_EXPIRED'
+    assert codes_of(store.mark_used, flake, 'guess') == 'WRONG_TOKEN'
+    store.mark_used(flake, new.token)
+    outcomes = [r['outcome'] for r in store.reservations(flake, live_only=False)]
+    assert outcomes == ['expired', 'used']
+
+
+def test_reserve_many_is_all_or_none(populated):
+    store, _, ids = populated
+    store.reserve(ids[5], 'robot-a')
+    with pytest.raises(RegistryError) as error:
+        store.reserve_many([ids[3], ids[4], ids[5]], 'robot-b')
+    assert (error.value.code, error.value.flake_id) == ('ALREADY_RESERVED', ids[5])
+    assert store.reservations(ids[3]) == [] and store.reservations(ids[4]) == []
+    assert codes_of(store.reserve_many, [ids[3], ids[3]], 'robot-b') == 'INVALID_ARGUMENT'
+    stack = store.reserve_many([ids[3], ids[4]], 'robot-b', 20.0)
+    assert [r.flake_id for r in stack] == [ids[3], ids[4]] and len({r.token for r in stack}) == 2
+
+
+def test_processes_racing_for_the_same_flakes_never_share_one(populated):
+    store, _, ids = populated
+    contested = ids[:20]
+    workers = [subprocess.Popen([sys.executable, str(HELPERS / 'registry_worker.py'), 'reserve', str(store.path),
+                                 f'robot-{i}', *contested], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True) for i in range(4)]
+    outputs = []
+    try:
+        for worker in workers:
+            assert worker.stdout.readline().strip() == 'READY'
+        for worker in workers:  # release them together
+            worker.stdin.write('go\n')
+            worker.stdin.flush()
+        outputs = [worker.communicate(timeout=60)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    winners = {}
+    for robot, output in enumerate(outputs):
+        for line in output.splitlines():
+            if line.startswith('WON'):
+                _, flake_id, token = line.split()
+                assert flake_id not in winners, f'{flake_id} won twice'
+                winners[flake_id] = (f'robot-{robot}', token)
+    assert set(winners) == set(contested)
+    assert sum(output.count('LOST') for output in outputs) == 3 * len(contested)
+    for flake_id, (robot, token) in winners.items():
+        # The workers ran on the real clock, this store on a fake one: compare rows, not liveness.
+        rows = store.reservations(flake_id, live_only=False)
+        assert [(r['robot_id'], r['token']) for r in rows] == [(robot, token)]
+
+
+# -- revisit, images, labels, defect reports -----------------------------------
+
+def test_revisit_list_takes_good_unvisited_available_flakes(populated):
+    store, batch, ids = populated
+    expected = sorted(((d.score, i) for i, d in zip(ids, batch, strict=True) if d.score >= 0.8), reverse=True)
+    listed = store.revisit_list(min_score=0.8)
+    assert [f.id for f in listed] == [i for _, i in expected]
+    best = listed[0].id
+    store.add_image(best, 'revisit', 'images/revisit_best.png', objective='100x', pixel_size=70e-9)
+    taken = store.reserve(listed[1].id, 'robot-a')
+    assert taken.token
+    after = [f.id for f in store.revisit_list(min_score=0.8)]
+    assert best not in after and listed[1].id not in after and len(after) == len(listed) - 2
+    assert best in [f.id for f in store.revisit_list(min_score=0.8, include_revisited=True)]
+    images = store.get_flake(best).images
+    assert [(i.role, i.path, i.objective) for i in images] == [('revisit', 'images/revisit_best.png', '100x')]
+    assert codes_of(store.add_image, best, 'selfie', 'x.png') == 'INVALID_ARGUMENT'
+    assert codes_of(store.add_image, 'F0', 'crop', 'x.png') == 'UNKNOWN_ID'
+
+
+def test_labels_for_crops_and_defect_reports(populated):
+    store, _, ids = populated
+    store.add_label('not a flake', 'bob', crop_path='crops/c17.png')
+    assert codes_of(store.add_label, 'x', 'bob') == 'INVALID_ARGUMENT'
+    assert [r['crop_path'] for r in store.labels()] == ['crops/c17.png']
+    store.add_defect_report({'image_id': 'stem-1', 'cells_total': 400, 'class_names': ['perfect', 'v_te1'],
+                             'counts': [390, 10], 'concentration': [0.0, 1.2e13]}, flake_id=ids[0])
+    reports = store.defect_reports(ids[0])
+    assert len(reports) == 1 and reports[0]['counts'] == [390, 10] and reports[0]['flake_id'] == ids[0]
+
+
+# -- export -------------------------------------------------------------------
+
+def test_json_and_csv_exports_hold_every_flake_of_a_chip(populated):
+    store, batch, ids = populated
+    store.ingest([square(0.0, 0.0, 10 * UM, scan_id='scan-9', score=0.1)])  # second sighting of ids[0]
+    text = io.StringIO()
+    assert export_json(store, text, chip_id='chip-1') == 40
+    document = json.loads(text.getvalue())
+    assert [f['id'] for f in document['flakes']] == ids[:40]
+    first = document['flakes'][0]
+    assert len(first['observations']) == 2 and first['contour'][0] == pytest.approx(list(batch[0].contour[0]))
+    text = io.StringIO()
+    assert export_csv(store, text, scan_id='scan-2') == 20
+    rows = list(csv.DictReader(io.StringIO(text.getvalue())))
+    assert [r['id'] for r in rows] == ids[40:]
+    assert float(rows[0]['area']) == pytest.approx(batch[40].area)
+    assert rows[0]['status'] == 'available'
+    with pytest.raises(RegistryError):
+        export_json(store, io.StringIO())
+
+
+def test_coco_export_maps_outlines_to_tile_pixels(store, tmp_path):
+    # Tile 0 of scan-1: 0.5 um pixels, pixel (0, 0) at wafer (1 mm, 2 mm), +v is wafer -y.
+    px = 0.5 * UM
+    store.record_frame('scan-1', 0, [px, 0.0, 1e-3, 0.0, -px, 2e-3], width=640, height=480, path='tiles/0.png')
+    centre_u, centre_v = 100, 50
+    x, y = 1e-3 + centre_u * px, 2e-3 - centre_v * px
+    store.ingest([square(x, y, 20 * px, bbox_px=(90, 40, 20, 20), layer_class=LAYER_MONO, score=0.8)])
+    store.ingest([square(x + px, y, 20 * px, scan_id='scan-1', tile_index=1, bbox_px=(5, 40, 20, 20))])
+    coco = build_coco(store, scan_id='scan-1')
+    path = tmp_path / 'coco.json'
+    path.write_text(json.dumps(coco))
+    api = COCO(str(path))
+    assert len(api.getImgIds()) == 2 and len(api.getAnnIds()) == 2
+    first = api.loadAnns(api.getAnnIds(imgIds=[1]))[0]
+    assert api.loadImgs([1])[0]['file_name'] == 'tiles/0.png'
+    assert api.loadCats([first['category_id']])[0]['name'] == 'graphene_mono'
+    us, vs = first['segmentation'][0][0::2], first['segmentation'][0][1::2]
+    assert (min(us), max(us), min(vs), max(vs)) == pytest.approx((90, 110, 40, 60))
+    assert first['area'] == pytest.approx(400)
+    assert api.annToMask(first).sum() == pytest.approx(400, rel=0.15)
+    second = api.loadAnns(api.getAnnIds(imgIds=[2]))[0]  # tile geometry unknown: its box
+    assert second['bbox'] == [5, 40, 20, 20] and second['area'] == 400
