@@ -206,3 +206,16 @@ def test_writer_refuses_bad_input(tmp_path):
         BagWriter(tmp_path / 'z')
     assert os.path.isdir(tmp_path / 'z')
     shutil.rmtree(tmp_path / 'z')
+
+
+@pytest.mark.parametrize('module, node', [('record', 'bag_recorder'), ('replay', 'bag_replayer')])
+def test_config_files_hold_the_declared_defaults(module, node):
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    params = importlib.import_module(f'flake_scanner.bag.{module}').PARAMS
+    config = Path(__file__).resolve().parents[1] / 'config' / f'{node}.yaml'
+    values = yaml.safe_load(config.read_text())[node]['ros__parameters']
+    assert values == {p.name: p.default for p in params}
