@@ -15,6 +15,8 @@ from flake_scanner.autofocus import (
     focus_measure,
     run_focus_search,
 )
+from flake_scanner.sim.camera import CameraModel, CameraSettings
+from flake_scanner.sim.wafer import VirtualWafer
 
 
 def _scene(seed: int, size: int = 96) -> np.ndarray:
@@ -90,27 +92,51 @@ def test_search_validates_its_arguments_and_reports():
         search.report(z, float('nan'))
 
 
-@pytest.mark.parametrize('na,pixel_size,search_range,tilt', [
-    (0.3, 0.5e-6, 60e-6, 2e-3),   # 10x: DOF ~ 7.8 um
-    (0.8, 0.1e-6, 12e-6, 2e-4),   # 50x: DOF ~ 1 um
+def _camera_at_a_flake(seed: int, objective: str, rng: np.random.Generator):
+    """A small simulated camera on wafer ``seed`` (its own tilted, curved focal plane) and a
+    stage position showing a flake's edge."""
+    wafer = VirtualWafer.generate(seed=seed)
+    camera = CameraModel(wafer, CameraSettings(width=192, height=192, objective=objective, seed=seed))
+    for _ in range(50):
+        wx, wy = rng.uniform(1e-3, 9e-3, 2)
+        flakes = [o for o in wafer.objects_in_rect(wx - 3e-4, wy - 3e-4, wx + 3e-4, wy + 3e-4)
+                  if o.kind == 'flake']
+        if not flakes:
+            continue
+        # Centre the view on a corner of the flake: its edges are what focus is judged on.
+        x, y = wafer.wafer_to_stage.apply(*flakes[0].polygon[0])
+        if camera.ground_truth(x, y).flakes:
+            break
+    else:
+        raise AssertionError(f'no flake found on wafer {seed}')
+    return camera, float(x), float(y)
+
+
+@pytest.mark.parametrize('objective,search_range,centre_error', [
+    ('10x', 50e-6, None),   # DOF 6.1 um, searched blind around z = 0
+    ('50x', 8e-6, 3e-6),    # DOF 0.86 um, searched around a focus-map guess that is off by up to 3 um
 ])
-def test_focus_within_depth_of_field_on_random_tilted_planes(na, pixel_size, search_range, tilt):
+def test_focus_within_depth_of_field_on_random_tilted_planes(objective, search_range, centre_error):
     rng = np.random.default_rng(42)
-    dof = depth_of_field(na, 550e-9, 1.0, pixel_size)
-    for trial in range(12):
-        a, b = rng.uniform(-tilt, tilt, 2)
-        c = rng.uniform(-0.3, 0.3) * search_range
-        x, y = rng.uniform(-5e-3, 5e-3, 2)
-        focal_z = a * x + b * y + c
-        scene = _scene(trial)
-        frames = iter(range(100))
-
-        def score_at(z, scene=scene, focal_z=focal_z, frames=frames):
-            return focus_measure(_defocused(scene, z - focal_z, na, pixel_size, next(frames)), 'tenengrad')
-
-        result = run_focus_search(FocusSearch(0.0, search_range, 15, tolerance=dof / 4), score_at)
+    for seed in range(4):
+        camera, x, y = _camera_at_a_flake(seed, objective, rng)
+        focal_z = camera.focal_plane_z(x, y)
+        dof = camera.objective.depth_of_field_m
+        centre = 0.0 if centre_error is None else focal_z + rng.uniform(-centre_error, centre_error)
+        search = FocusSearch(centre, search_range, max_frames=15, tolerance=dof / 4)
+        result = run_focus_search(search, lambda z, c=camera, x=x, y=y: focus_measure(c.render(x, y, z),
+                                                                                       'tenengrad'))
         assert result.frames_used <= 15
-        assert abs(result.z - focal_z) <= dof / 2, (trial, result.z, focal_z)
+        assert abs(result.z - focal_z) <= dof / 2, (seed, result.z, focal_z, dof)
+
+
+def test_measures_peak_at_the_simulated_focal_plane():
+    camera, x, y = _camera_at_a_flake(1, '20x', np.random.default_rng(3))
+    focal_z = camera.focal_plane_z(x, y)
+    zs = focal_z + np.linspace(-6e-6, 6e-6, 13)
+    for name in FOCUS_MEASURES:
+        scores = [focus_measure(camera.render(x, y, z), name) for z in zs]
+        assert abs(zs[int(np.argmax(scores))] - focal_z) <= 0.5e-6, name
 
 
 def test_focus_map_through_three_points_is_exact():
