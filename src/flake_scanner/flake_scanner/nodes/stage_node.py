@@ -1,0 +1,361 @@
+"""Lifecycle node ``stage_node``: the XYZ stage over a serial line (ASI MS-2000 protocol).
+
+- configure: open the serial port (or start an in-process emulator on a pty when
+  ``emulate`` is true), set the speed;
+- activate: publish ``/stage/state`` (flake_msgs/StageState, metres) at ``poll_rate``;
+- service ``/stage/move`` (flake_msgs/srv/MoveStage): absolute/relative moves and
+  homing; serial I/O runs in a worker thread and the async callback awaits it, so a
+  waiting move never blocks the executor;
+- ``/diagnostics``: port, position, retries, lost replies, resyncs, reconnects, faults.
+
+All logic lives in flake_scanner.stage; this module converts messages and wires callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+
+from geometry_msgs.msg import Point
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.task import Future
+
+from flake_msgs.msg import StageState
+from flake_msgs.srv import MoveStage
+from flake_scanner.nodes.common import (
+    ERROR,
+    OK,
+    WARN,
+    Param,
+    declare_parameters,
+    diagnostic_status,
+    diagnostics_publisher,
+    publish_diagnostics,
+    run_node,
+)
+from flake_scanner.stage.driver import StageDriver, StageError, StageLimitError, StageNotHomedError, TravelLimits
+from flake_scanner.stage.emulator import EmulatorConfig, StageEmulator
+
+
+def level_number(level) -> int:
+    """DiagnosticStatus levels are bytes constants in rclpy; diagnostic_status takes an int."""
+    return level[0] if isinstance(level, bytes) else int(level)
+
+
+BAUD_RATES = (9600, 19200, 28800, 57600, 115200)
+
+
+def _limits_error(value) -> str | None:
+    values = list(value)
+    if len(values) != 6:
+        return f'limits must be [x_min, x_max, y_min, y_max, z_min, z_max] in metres, got {values}'
+    for axis, (low, high) in zip('xyz', (values[0:2], values[2:4], values[4:6]), strict=True):
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            return f'{axis} limits must be finite with min < max, got [{low}, {high}]'
+    return None
+
+
+PARAMS = [
+    Param('port', '', 'serial port of the controller, e.g. /dev/ttyUSB0 or /dev/serial/by-id/...; '
+          'ignored when emulate is true', read_only=True),
+    Param('emulate', True, 'start an in-process MS-2000 emulator on a pty and use it (simulated hardware)',
+          read_only=True),
+    Param('baudrate', 115200, 'serial baud rate (MS-2000 default 9600, often set to 115200)',
+          choices=BAUD_RATES, read_only=True),
+    Param('timeout', 0.2, 'time to wait for one reply before retrying [s]', minimum=0.01, maximum=10.0),
+    Param('retries', 3, 'resends of a command after a lost or garbled reply', minimum=0, maximum=20),
+    Param('reconnect_attempts', 5, 'reopen attempts after an I/O error before giving up', minimum=0,
+          maximum=100),
+    Param('reconnect_delay', 0.2, 'pause before each reopen attempt [s]', minimum=0.0, maximum=10.0),
+    Param('limits', [-0.05, 0.05, -0.05, 0.05, -0.005, 0.005],
+          'travel limits [x_min, x_max, y_min, y_max, z_min, z_max] [m]', validator=_limits_error,
+          read_only=True),
+    Param('speed', 5e-3, 'x/y speed [m/s]', minimum=1e-6, maximum=0.1),
+    Param('z_speed', 1e-3, 'z speed [m/s]', minimum=1e-7, maximum=0.05),
+    Param('require_homing', False, 'refuse moves until the stage was homed', read_only=True),
+    Param('home_on_configure', False, 'home all axes when configuring (clear the travel first)',
+          read_only=True),
+    Param('poll_rate', 20.0, 'rate of position reads and /stage/state messages [Hz]', minimum=0.5,
+          maximum=200.0),
+    Param('move_timeout', 60.0, 'longest a waited move may take [s]', minimum=0.1, maximum=3600.0),
+    Param('diagnostics_period', 1.0, 'period of /diagnostics messages [s]', minimum=0.1, maximum=60.0),
+    Param('emulator_time_scale', 1.0, 'emulated seconds per real second (tests run motion faster)',
+          minimum=0.01, maximum=1000.0, read_only=True),
+    Param('emulator_settle_time', 0.02, 'emulated settle time after each move [s]', minimum=0.0,
+          maximum=5.0, read_only=True),
+]
+
+
+class StageNode(LifecycleNode):
+    def __init__(self, **kwargs):
+        super().__init__('stage_node', **kwargs)
+        self.params = declare_parameters(self, PARAMS, on_change=self._on_params)
+        self.group = ReentrantCallbackGroup()
+        self.driver: StageDriver | None = None
+        self.emulator: StageEmulator | None = None
+        self.active = False
+        self.fault_message = ''
+        self._jobs: queue.Queue = queue.Queue(maxsize=16)
+        self._worker: threading.Thread | None = None
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._state_lock = threading.Lock()
+        self._position = (math.nan, math.nan, math.nan)
+        self._moving = False
+        self.state_publisher = None
+        self.diagnostics = diagnostics_publisher(self)
+        self.create_service(MoveStage, '/stage/move', self._on_move, callback_group=self.group)
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        p = self.params
+        try:
+            port = p['port']
+            if p['emulate']:
+                low = p['limits']
+                config = EmulatorConfig(
+                    speed_xy=p['speed'], speed_z=p['z_speed'], settle_time=p['emulator_settle_time'],
+                    time_scale=p['emulator_time_scale'],
+                    limits={'X': tuple(low[0:2]), 'Y': tuple(low[2:4]), 'Z': tuple(low[4:6])})
+                self.emulator = StageEmulator(config)
+                port = self.emulator.start()
+                self.get_logger().info(f'stage emulator serving on {port}')
+            elif not port:
+                raise StageError('parameter port is empty: set it to the controller\'s serial device '
+                                 '(e.g. /dev/ttyUSB0) or set emulate:=true')
+            limits = p['limits']
+            self.driver = StageDriver(
+                port, baudrate=p['baudrate'], timeout=p['timeout'], retries=p['retries'],
+                reconnect_attempts=p['reconnect_attempts'], reconnect_delay=p['reconnect_delay'],
+                limits=TravelLimits(tuple(limits[0:2]), tuple(limits[2:4]), tuple(limits[4:6])),
+                require_homing=p['require_homing'])
+            self.driver.open()
+            self.driver.set_speed(p['speed'], p['z_speed'])
+            if p['home_on_configure']:
+                self.driver.home(timeout=p['move_timeout'])
+            self._position = self.driver.where()
+        except (StageError, ValueError) as error:
+            self.get_logger().error(f'cannot configure the stage: {error}')
+            self._close_devices()
+            return TransitionCallbackReturn.FAILURE
+        self.state_publisher = self.create_lifecycle_publisher(StageState, '/stage/state', 10)
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._work, name='stage-io', daemon=True)
+        self._poller = threading.Thread(target=self._poll, name='stage-poll', daemon=True)
+        self._worker.start()
+        self._poller.start()
+        self.get_logger().info(f'stage configured on {self.driver.port} at {p["baudrate"]} Bd')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        self.active = True
+        return super().on_activate(state)
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self.active = False
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        self._shutdown_threads()
+        self._close_devices()
+        if self.state_publisher is not None:
+            self.destroy_lifecycle_publisher(self.state_publisher)
+            self.state_publisher = None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        self.active = False
+        self.close()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state) -> TransitionCallbackReturn:
+        self.active = False
+        self.close()
+        return TransitionCallbackReturn.SUCCESS
+
+    def close(self) -> None:
+        self._shutdown_threads()
+        self._close_devices()
+
+    def _shutdown_threads(self) -> None:
+        self._stop.set()
+        for thread in (self._worker, self._poller):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=5.0)
+        self._worker = self._poller = None
+        while not self._jobs.empty():
+            _, future = self._jobs.get_nowait()
+            if not future.done():
+                future.set_exception(StageError('stage node shut down'))
+
+    def _close_devices(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+            self.driver = None
+        if self.emulator is not None:
+            self.emulator.stop()
+            self.emulator = None
+
+    def _on_params(self, changes: dict) -> None:
+        driver = self.driver
+        if driver is None:
+            return
+        for name in ('timeout', 'retries', 'reconnect_attempts', 'reconnect_delay'):
+            if name in changes:
+                setattr(driver, name, changes[name])
+        if 'speed' in changes or 'z_speed' in changes:
+            self._submit(lambda d: d.set_speed(self.params['speed'], self.params['z_speed']))
+
+    # ------------------------------------------------------------------ worker threads
+    def _submit(self, job) -> Future:
+        """Run ``job(driver)`` on the serial worker; the returned future completes there."""
+        future = Future()
+        try:
+            self._jobs.put_nowait((job, future))
+        except queue.Full:
+            future.set_exception(StageError('stage command queue is full; the controller is not keeping up'))
+        return future
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job, future = self._jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            driver = self.driver
+            try:
+                if driver is None:
+                    raise StageError('stage is not configured')
+                result = job(driver)
+            except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def _poll(self) -> None:
+        last_diagnostics = 0.0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            driver = self.driver
+            if driver is None:
+                break
+            try:
+                position = driver.where()
+                moving = driver.is_busy()
+                with self._state_lock:
+                    self._position, self._moving = position, moving
+                self.fault_message = ''
+            except StageError as error:
+                self.fault_message = str(error)
+                self.get_logger().error(f'stage poll failed: {error}', throttle_duration_sec=5.0)
+            try:
+                self.publish_state()
+                if started - last_diagnostics >= self.params['diagnostics_period']:
+                    self._publish_diagnostics()
+                    last_diagnostics = started
+            except Exception as error:  # noqa: BLE001 - the poll loop must outlive one bad message
+                self.get_logger().error(f'stage state not published: {error}', throttle_duration_sec=5.0)
+            self._stop.wait(max(0.0, 1.0 / self.params['poll_rate'] - (time.monotonic() - started)))
+
+    def publish_state(self) -> None:
+        driver = self.driver
+        if not self.active or driver is None or self.state_publisher is None:
+            return
+        with self._state_lock:
+            position, moving = self._position, self._moving
+        msg = StageState()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.frame_id = 'stage'
+        msg.position = Point(x=position[0], y=position[1], z=position[2])
+        target = driver.target or position
+        msg.target = Point(x=float(target[0]), y=float(target[1]), z=float(target[2]))
+        msg.moving = bool(moving)
+        msg.homed = driver.homed
+        msg.fault = bool(self.fault_message)
+        msg.fault_message = self.fault_message
+        msg.retries = driver.counters.retries
+        msg.reconnects = driver.counters.reconnects
+        self.state_publisher.publish(msg)
+
+    def _publish_diagnostics(self) -> None:
+        driver = self.driver
+        if driver is None:
+            return
+        counters = driver.counters.as_dict()
+        if self.fault_message:
+            level, message = ERROR, self.fault_message
+        elif counters['retries'] or counters['reconnects']:
+            level, message = WARN, 'recovered from serial errors'
+        else:
+            level, message = OK, 'ok'
+        with self._state_lock:
+            position = self._position
+        values = {'port': driver.port, 'baudrate': driver.baudrate, 'homed': driver.homed,
+                  'position_m': ' '.join(f'{v:.7f}' for v in position), **counters}
+        if self.emulator is not None:
+            values['emulated'] = True
+        publish_diagnostics(self, self.diagnostics, [
+            diagnostic_status(f'{self.get_name()}: stage controller', driver.port, level_number(level),
+                              message, values)])
+
+    # ------------------------------------------------------------------ service
+    async def _on_move(self, request: MoveStage.Request, response: MoveStage.Response):
+        if not self.active or self.driver is None:
+            response.error_code = MoveStage.Response.ERROR_INACTIVE
+            response.message = 'stage_node is not active'
+            return response
+        target = (request.target.x, request.target.y, request.target.z)
+        if not all(math.isfinite(v) for v in (*target, request.speed)) or request.speed < 0:
+            response.error_code = MoveStage.Response.ERROR_INVALID_ARGUMENT
+            response.message = f'target and speed must be finite (speed >= 0), got {target}, {request.speed}'
+            return response
+        timeout = self.params['move_timeout']
+
+        def move(driver: StageDriver):
+            if request.speed > 0:
+                driver.set_speed(request.speed)
+            try:
+                if request.home:
+                    driver.home(wait=request.wait, timeout=timeout)
+                elif request.relative:
+                    driver.move_by(*target, wait=request.wait, timeout=timeout)
+                else:
+                    driver.move_to(*target, wait=request.wait, timeout=timeout)
+            finally:
+                if request.speed > 0:
+                    driver.set_speed(self.params['speed'], self.params['z_speed'])
+            position = driver.where()
+            moving = driver.is_busy()
+            with self._state_lock:
+                self._position, self._moving = position, moving
+            # Publish before answering, so a frame requested after the answer sees this pose.
+            self.publish_state()
+            return position
+
+        try:
+            position = await self._submit(move)
+        except StageLimitError as error:
+            response.error_code, response.message = MoveStage.Response.ERROR_OUT_OF_LIMITS, str(error)
+        except StageNotHomedError as error:
+            response.error_code, response.message = MoveStage.Response.ERROR_NOT_HOMED, str(error)
+        except (StageError, ValueError) as error:
+            response.error_code, response.message = MoveStage.Response.ERROR_DEVICE, str(error)
+            self.get_logger().error(f'stage move failed: {error}')
+        else:
+            response.success = True
+            response.message = 'homed' if request.home else 'moved'
+        with self._state_lock:
+            position = self._position
+        response.position = Point(x=float(position[0]), y=float(position[1]), z=float(position[2]))
+        return response
+
+
+def main(args=None) -> None:
+    run_node(StageNode, args=args)
+
+
+if __name__ == '__main__':
+    main()

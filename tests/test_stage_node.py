@@ -1,0 +1,125 @@
+"""stage_node over real rclpy: lifecycle, MoveStage, /stage/state and /diagnostics."""
+
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import Point
+import pytest
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from ros_helpers import spin_future, spin_until
+
+from flake_msgs.msg import StageState
+from flake_msgs.srv import MoveStage
+from flake_scanner.nodes.stage_node import StageNode
+
+pytestmark = pytest.mark.ros
+
+
+@pytest.fixture
+def graph(ros):
+    stage = StageNode(parameter_overrides=[Parameter('emulator_time_scale', value=20.0),
+                                           Parameter('timeout', value=0.1),
+                                           Parameter('poll_rate', value=50.0),
+                                           Parameter('diagnostics_period', value=0.2)])
+    client = ros.create_node('stage_test_client')
+    executor = SingleThreadedExecutor()
+    executor.add_node(stage)
+    executor.add_node(client)
+    states: list[StageState] = []
+    diagnostics: list[DiagnosticArray] = []
+    client.create_subscription(StageState, '/stage/state', states.append, 10)
+    client.create_subscription(DiagnosticArray, '/diagnostics', diagnostics.append, 10)
+    move = client.create_client(MoveStage, '/stage/move')
+    yield stage, executor, move, states, diagnostics
+    executor.remove_node(stage)
+    executor.remove_node(client)
+    stage.close()
+    stage.destroy_node()
+    client.destroy_node()
+    executor.shutdown()
+
+
+def _call(executor, client, request, timeout=20.0):
+    assert spin_until(executor, client.service_is_ready, 10.0)
+    return spin_future(executor, client.call_async(request), timeout)
+
+
+def test_move_inactive_is_refused_then_moves_and_state_follows(graph):
+    stage, executor, move, states, diagnostics = graph
+    response = _call(executor, move, MoveStage.Request(target=Point(x=0.001), wait=True))
+    assert not response.success and response.error_code == MoveStage.Response.ERROR_INACTIVE
+
+    assert stage.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert stage.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    target = Point(x=0.0021, y=-0.0013, z=4.2e-5)
+    response = _call(executor, move, MoveStage.Request(target=target, wait=True))
+    assert response.success, response.message
+    assert (response.position.x, response.position.y, response.position.z) == pytest.approx(
+        (0.0021, -0.0013, 4.2e-5), abs=1e-7)
+
+    def settled_at_target():
+        return bool(states) and not states[-1].moving and abs(states[-1].position.x - 0.0021) < 1e-7
+    assert spin_until(executor, settled_at_target, 10.0)
+    last = states[-1]
+    assert last.header.frame_id == 'stage'
+    assert (last.position.y, last.position.z) == pytest.approx((-0.0013, 4.2e-5), abs=1e-7)
+    assert (last.target.x, last.target.y) == pytest.approx((0.0021, -0.0013))
+    assert not last.fault
+
+    response = _call(executor, move, MoveStage.Request(target=Point(x=-0.0001), relative=True, wait=True))
+    assert response.success and response.position.x == pytest.approx(0.0020, abs=1e-7)
+
+    response = _call(executor, move, MoveStage.Request(home=True, wait=True))
+    assert response.success and response.position.x == pytest.approx(0.0, abs=1e-7)
+    assert spin_until(executor, lambda: states[-1].homed, 5.0)
+
+    assert spin_until(executor, lambda: any(
+        s.hardware_id == stage.driver.port for d in diagnostics for s in d.status), 5.0)
+    status = next(s for d in diagnostics for s in d.status if s.hardware_id == stage.driver.port)
+    keys = {kv.key: kv.value for kv in status.values}
+    assert {'port', 'retries', 'reconnects', 'faults', 'lost_replies', 'resyncs'} <= set(keys)
+
+
+def test_move_errors_map_to_codes_and_faults_recover(graph):
+    stage, executor, move, states, _ = graph
+    stage.trigger_configure()
+    stage.trigger_activate()
+    response = _call(executor, move, MoveStage.Request(target=Point(x=0.2), wait=True))
+    assert not response.success and response.error_code == MoveStage.Response.ERROR_OUT_OF_LIMITS
+    assert '200.0000 mm is outside' in response.message
+    response = _call(executor, move, MoveStage.Request(target=Point(x=float('nan'))))
+    assert response.error_code == MoveStage.Response.ERROR_INVALID_ARGUMENT
+
+    stage.emulator.drop_next_replies(1)
+    stage.emulator.disconnect(down_for=0.2)
+    response = _call(executor, move, MoveStage.Request(target=Point(x=0.001, y=0.001), wait=True))
+    assert response.success, response.message
+    assert spin_until(executor, lambda: states and states[-1].reconnects >= 1, 5.0)
+
+    stage.emulator.disconnect(down_for=None)
+    response = _call(executor, move, MoveStage.Request(target=Point(x=0.002), wait=True))
+    assert response.error_code == MoveStage.Response.ERROR_DEVICE
+    assert 'lost the stage controller' in response.message
+    assert spin_until(executor, lambda: states and states[-1].fault, 10.0)
+
+
+def test_waiting_move_does_not_block_the_executor(graph):
+    stage, executor, move, states, _ = graph
+    stage.trigger_configure()
+    stage.trigger_activate()
+    # 20 mm at 5 mm/s is 4 emulated s = 0.2 s real: state messages must keep flowing meanwhile.
+    future = move.call_async(MoveStage.Request(target=Point(x=0.02), wait=True))
+    assert spin_until(executor, lambda: bool(states) and states[-1].moving, 10.0)
+    moving_x = states[-1].position.x
+    response = spin_future(executor, future, 20.0)
+    assert response.success
+    assert 0.0 <= moving_x < 0.02
+
+
+def test_configure_fails_clearly_without_a_port(ros):
+    node = StageNode(parameter_overrides=[Parameter('emulate', value=False)])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    finally:
+        node.close()
+        node.destroy_node()
