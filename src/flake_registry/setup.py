@@ -20,6 +20,7 @@ setup(
         'console_scripts': [
             'flake-registry = flake_registry.cli:main',
             'registry_node = flake_registry.nodes.registry_node:main',
+            'flake-web = flake_registry.web.app:main',
         ],
     },
 )

@@ -1,0 +1,83 @@
+// Chip map: the scan mosaic with flake markers; zoom with the wheel, pan by dragging.
+'use strict';
+(function () {
+  const svg = document.getElementById('chipmap');
+  if (!svg) return;
+  const NS = 'http://www.w3.org/2000/svg';
+  const status = document.getElementById('chipmap-status');
+  let home = null;
+  let view = null;
+
+  function setView(v) {
+    view = v;
+    svg.setAttribute('viewBox', `${v.x} ${v.y} ${v.w} ${v.h}`);
+  }
+
+  function toView(event) {
+    const box = svg.getBoundingClientRect();
+    return {x: view.x + (event.clientX - box.left) / box.width * view.w,
+            y: view.y + (event.clientY - box.top) / box.height * view.h};
+  }
+
+  svg.addEventListener('wheel', (event) => {
+    event.preventDefault();
+    const p = toView(event);
+    const k = event.deltaY < 0 ? 0.8 : 1.25;
+    setView({x: p.x - (p.x - view.x) * k, y: p.y - (p.y - view.y) * k, w: view.w * k, h: view.h * k});
+  }, {passive: false});
+
+  let drag = null;
+  svg.addEventListener('mousedown', (event) => {
+    drag = {x: event.clientX, y: event.clientY, view: view, moved: false};
+  });
+  window.addEventListener('mousemove', (event) => {
+    if (!drag) return;
+    const box = svg.getBoundingClientRect();
+    const dx = (event.clientX - drag.x) / box.width * drag.view.w;
+    const dy = (event.clientY - drag.y) / box.height * drag.view.h;
+    if (Math.abs(event.clientX - drag.x) + Math.abs(event.clientY - drag.y) > 3) drag.moved = true;
+    setView({x: drag.view.x - dx, y: drag.view.y - dy, w: drag.view.w, h: drag.view.h});
+  });
+  window.addEventListener('mouseup', () => { setTimeout(() => { drag = null; }, 0); });
+  svg.addEventListener('dblclick', () => { if (home) setView(home); });
+
+  fetch(`/api/chipmap?scan_id=${encodeURIComponent(svg.dataset.scan)}`)
+    .then((r) => r.json().then((body) => ({ok: r.ok, body})))
+    .then(({ok, body}) => {
+      if (!ok) { status.textContent = body.error ? body.error.message : 'could not load the map'; return; }
+      const b = body.view;
+      const margin = 0.03 * Math.max(b.w, b.h);
+      home = {x: b.x - margin, y: b.y - margin, w: b.w + 2 * margin, h: b.h + 2 * margin};
+      setView(home);
+      if (body.mosaic) {
+        const img = document.createElementNS(NS, 'image');
+        img.setAttribute('href', body.mosaic.url);
+        img.setAttribute('x', 0); img.setAttribute('y', 0);
+        img.setAttribute('width', body.mosaic.width); img.setAttribute('height', body.mosaic.height);
+        svg.appendChild(img);
+      }
+      const layer = document.createElementNS(NS, 'g');
+      svg.appendChild(layer);
+      for (const m of body.markers) {
+        const a = document.createElementNS(NS, 'a');
+        a.setAttribute('href', `/flakes/${encodeURIComponent(m.id)}`);
+        a.addEventListener('click', (event) => { if (drag && drag.moved) event.preventDefault(); });
+        const c = document.createElementNS(NS, 'circle');
+        c.setAttribute('cx', m.u); c.setAttribute('cy', m.v); c.setAttribute('r', m.r);
+        c.setAttribute('class', `marker material-${m.material} layer-${m.layer_class}`);
+        c.setAttribute('fill', m.colour);
+        c.setAttribute('fill-opacity', m.fill);
+        c.setAttribute('stroke', m.colour);
+        c.setAttribute('stroke-width', m.stroke);
+        c.setAttribute('vector-effect', 'non-scaling-stroke');
+        c.dataset.id = m.id;
+        const title = document.createElementNS(NS, 'title');
+        title.textContent = `${m.id}: ${m.material} ${m.layer_name}, score ${m.score.toFixed(2)}`;
+        c.appendChild(title);
+        a.appendChild(c);
+        layer.appendChild(a);
+      }
+      status.textContent = `${body.markers.length} of ${body.total} flakes shown`;
+    })
+    .catch((error) => { status.textContent = `could not load the map: ${error}`; });
+})();

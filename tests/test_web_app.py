@@ -1,0 +1,300 @@
+"""Lab web app over HTTP: filters, paging, validation errors, the token rule, stack reservations."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from fastapi.testclient import TestClient
+import pytest
+from web_helpers import SCAN_ID, make_registry
+
+from flake_registry import labelling, stacks
+from flake_registry.query import FlakeQuery
+from flake_registry.stack_geometry import place_outline, stack_overlap
+from flake_registry.web.app import create_app, is_loopback, main
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    db_path, data_dir, store = make_registry(tmp_path, count=60)
+    yield db_path, data_dir, store
+    store.close()
+
+
+@pytest.fixture()
+def client(registry):
+    db_path, data_dir, store = registry
+    with TestClient(create_app(db_path, data_dir, store=store)) as test_client:
+        yield test_client
+
+
+def card_ids(html: str) -> list[str]:
+    return re.findall(r'data-flake="([^"]+)"', html)
+
+
+def test_browser_filters_match_the_registry_query(client, registry):
+    store = registry[2]
+    response = client.get('/flakes', params=[('material', 'hbn'), ('layer_classes', 'few'), ('sort_by', 'area'),
+                                             ('limit', '100')])
+    assert response.status_code == 200
+    expected = store.query(FlakeQuery(materials=('hbn',), layer_classes=(2,), sort_by='area', limit=100))
+    assert expected.total > 0
+    assert card_ids(response.text) == [f.id for f in expected.flakes]
+    assert f'{expected.total} flake' in response.text
+
+
+def test_browser_units_are_converted_to_si(client, registry):
+    store = registry[2]
+    response = client.get('/api/flakes', params={'area_min_um2': '300', 'sort_by': 'area', 'ascending': 'true',
+                                                 'limit': '1000'})
+    assert response.status_code == 200
+    body = response.json()
+    expected = store.query(FlakeQuery(area_min=300e-12, sort_by='area', ascending=True, limit=1000))
+    assert [f['id'] for f in body['flakes']] == [f.id for f in expected.flakes]
+    assert all(f['area'] >= 300e-12 for f in body['flakes'])
+    assert 0 < body['total'] < 60
+
+
+def test_paging_walks_every_flake_once(client):
+    seen = []
+    page = 1
+    while True:
+        response = client.get('/flakes', params={'limit': '25', 'page': str(page)})
+        assert response.status_code == 200
+        ids = card_ids(response.text)
+        seen.extend(ids)
+        if 'id="next-page"' not in response.text:
+            break
+        page += 1
+    assert page == 3
+    assert len(seen) == 60 and len(set(seen)) == 60
+    assert 'page 3 of 3' in response.text
+
+
+@pytest.mark.parametrize('params, code', [
+    ({'material': 'unobtainium'}, 'INVALID_ARGUMENT'),
+    ({'min_score': '1.5'}, 'INVALID_RANGE'),
+    ({'limit': 'lots'}, 'INVALID_ARGUMENT'),
+    ({'limit': '5000'}, 'INVALID_RANGE'),
+    ({'page': '0'}, 'INVALID_RANGE'),
+    ({'layers_min': '5', 'layers_max': '2'}, 'INVALID_RANGE'),
+    ({'area_min_um2': 'big'}, 'INVALID_ARGUMENT'),
+    ({'near_um': '1,2,3'}, 'INVALID_ARGUMENT'),
+    ({'sort_by': 'colour'}, 'INVALID_ARGUMENT'),
+    ({'drop_table': 'flakes'}, 'INVALID_ARGUMENT'),
+])
+def test_bad_filters_get_clear_errors(client, params, code):
+    page = client.get('/flakes', params=params)
+    assert page.status_code == 422
+    assert 'text/html' in page.headers['content-type']
+    assert code in page.text and 'Traceback' not in page.text
+    api = client.get('/api/flakes', params=params)
+    assert api.status_code == 422
+    assert api.json()['error']['code'] == code
+
+
+def test_unknown_things_are_404_pages_not_tracebacks(client):
+    assert client.get('/flakes/F9999999').status_code == 404
+    assert client.get('/api/flakes/F9999999').json()['error']['code'] == 'UNKNOWN_ID'
+    assert client.get('/flakes/bad%20id!').status_code == 422
+    assert client.get('/no/such/page').status_code == 404
+    assert client.get('/?scan_id=nope').status_code == 404
+    assert client.get('/api/chipmap', params={'scan_id': '../etc'}).status_code == 422
+    assert client.get('/crops/../registry.sqlite').status_code in (404, 422)
+    assert client.get('/defects/..%2F..').status_code in (404, 422)
+    assert client.get('/api/stacks/not-a-recipe').json()['error']['code'] == 'INVALID_ARGUMENT'
+
+
+def test_chip_map_markers_sit_on_the_mosaic(client, registry):
+    store = registry[2]
+    body = client.get('/api/chipmap', params={'scan_id': SCAN_ID}).json()
+    assert body['total'] == 60 and len(body['markers']) == 60
+    assert body['mosaic'] == {'url': f'/scans/{SCAN_ID}/mosaic.png', 'width': 200, 'height': 200,
+                              'metres_per_pixel': 10e-6}
+    flake = store.get_flake(body['markers'][0]['id']).flake
+    marker = body['markers'][0]
+    assert marker['u'] == pytest.approx(flake.x / 10e-6, abs=0.01)
+    assert marker['v'] == pytest.approx(200 - flake.y / 10e-6, abs=0.01)
+    assert marker['colour'] == '#4fc3f7' if flake.material == 'graphene' else marker['colour'].startswith('#')
+    png = client.get(body['mosaic']['url'])
+    assert png.status_code == 200 and png.content[:4] == b'\x89PNG'
+
+
+def test_flake_page_shows_thickness_observations_and_history(client, registry):
+    store = registry[2]
+    flake = store.query(FlakeQuery(materials=('graphene',), limit=1)).flakes[0]
+    reservation = store.reserve(flake.id, 'robot-7', 60)
+    store.release(flake.id, reservation.token)
+    html = client.get(f'/flakes/{flake.id}').text
+    assert f'{flake.thickness_nm:.2f} ± {flake.thickness_nm_std:.2f} nm' in html
+    assert 'robot-7' in html and 'released' in html
+    assert SCAN_ID in html  # the observation row
+    assert client.get(f'/flakes/{flake.id}/context.png').content[:4] == b'\x89PNG'
+    assert client.get(f'/flakes/{flake.id}/thumb.png').content[:4] == b'\x89PNG'
+
+
+def test_labels_are_stored_with_who_and_when(client, registry):
+    store = registry[2]
+    response = client.post('/flakes/F0000003/labels', data={'who': 'ada', 'verdict': 'relabel', 'material': 'hbn',
+                                                             'layer_class': 'thick'}, follow_redirects=False)
+    assert response.status_code == 303
+    rows = store.labels('F0000003')
+    assert len(rows) == 1
+    assert rows[0]['label'] == 'relabel:hbn:thick' and rows[0]['labelled_by'] == 'ada' and rows[0]['created'] > 0
+    bad = client.post('/flakes/F0000003/labels', data={'who': 'ada', 'verdict': 'maybe', 'material': 'hbn',
+                                                        'layer_class': 'thick'})
+    assert bad.status_code == 422 and 'verdict must be one of' in bad.text
+    missing = client.post('/api/labels', json={'who': 'ada', 'verdict': 'accept', 'material': 'hbn',
+                                               'layer_class': 'mono'})
+    assert missing.status_code == 422
+    assert len(store.labels('F0000003')) == 1
+
+
+def test_crop_labels_stay_inside_the_data_folder(client, registry):
+    _, data_dir, store = registry
+    crop = data_dir / 'candidates' / 'frame1' / 'c0001.png'
+    crop.parent.mkdir(parents=True)
+    import cv2
+    import numpy as np
+    cv2.imwrite(str(crop), np.full((80, 80, 3), 100, np.uint8))
+    ok = client.post('/api/labels', json={'who': 'bo', 'verdict': 'reject', 'material': 'unknown',
+                                          'layer_class': 'unknown', 'crop_path': 'candidates/frame1/c0001.png'})
+    assert ok.status_code == 201
+    outside = client.post('/api/labels', json={'who': 'bo', 'verdict': 'reject', 'material': 'unknown',
+                                               'layer_class': 'unknown', 'crop_path': '../../etc/passwd'})
+    assert outside.status_code == 422 and 'outside the data folder' in outside.json()['error']['message']
+    assert [r['crop_path'] for r in store.labels()] == ['candidates/frame1/c0001.png']
+
+
+def test_export_of_labelled_crops_counts_good_and_bad(registry, tmp_path):
+    _, data_dir, store = registry
+    crop = data_dir / 'candidates' / 'c1.png'
+    crop.parent.mkdir(parents=True)
+    import cv2
+    import numpy as np
+    cv2.imwrite(str(crop), np.full((64, 64, 3), 90, np.uint8))
+    store.add_image('F0000001', 'crop', str(crop))
+    labelling.label_flake(store, 'F0000001', labelling.make_label('accept', 'graphene', 'mono'), 'ada')
+    labelling.label_crop(store, data_dir, 'candidates/c1.png', labelling.make_label('reject', 'unknown', 0), 'ada')
+    # A flake without any image is reported, not silently dropped.
+    labelling.label_flake(store, 'F0000002', labelling.make_label('accept', 'hbn', 'few'), 'ada')
+    summary = labelling.export_labelled_crops(store, data_dir, tmp_path / 'crops')
+    assert (summary.good, summary.bad, summary.skipped) == (1, 1, ['F0000002'])
+    good = list((tmp_path / 'crops' / 'good').glob('*.png'))
+    assert len(good) == 1 and cv2.imread(str(good[0])).shape == (80, 80, 3)
+    assert (tmp_path / 'crops' / 'labels.csv').read_text().count('\n') == 3
+
+
+def test_token_rule(registry):
+    db_path, data_dir, store = registry
+    with TestClient(create_app(db_path, data_dir, token='s3cret-token', store=store)) as guarded:
+        label = {'who': 'ada', 'verdict': 'accept', 'material': 'graphene', 'layer_class': 'mono',
+                 'flake_id': 'F0000001'}
+        assert guarded.get('/flakes').status_code == 200  # reading needs no token
+        refused = guarded.post('/api/labels', json=label)
+        assert refused.status_code == 401 and refused.json()['error']['code'] == 'UNAUTHORISED'
+        assert guarded.post('/api/labels', json=label, headers={'X-Flake-Token': 'wrong'}).status_code == 401
+        assert guarded.post('/api/labels', json=label, headers={'X-Flake-Token': 's3cret-token'}).status_code == 201
+        assert guarded.post('/login', data={'token': 'nope'}).status_code == 401
+        logged_in = guarded.post('/login', data={'token': 's3cret-token'}, follow_redirects=False)
+        assert logged_in.status_code == 303
+        assert guarded.post('/api/labels', json=label).status_code == 201  # cookie from /login
+    assert len(store.labels('F0000001')) == 2
+    assert is_loopback('127.0.0.1') and is_loopback('::1') and is_loopback('localhost')
+    assert not is_loopback('0.0.0.0') and not is_loopback('192.168.1.5')
+    with pytest.raises(SystemExit) as refused_start:
+        main(['--host', '0.0.0.0', '--db', str(db_path), '--data-dir', str(data_dir)])
+    assert refused_start.value.code == 2
+
+
+def test_stack_reservation_is_all_or_none(client, registry):
+    store = registry[2]
+    ids = ['F0000002', 'F0000001', 'F0000006']  # hBN / graphene / hBN
+    blocker = store.reserve('F0000006', 'other-robot', 600)
+    layers = [{'flake_id': i, 'rotation_deg': 30.0 * k} for k, i in enumerate(ids)]
+    refused = client.post('/api/stacks', json={'name': 'hBN/G/hBN', 'robot_id': 'arm-1', 'lease_s': 600,
+                                               'layers': layers})
+    assert refused.status_code == 409
+    assert refused.json()['error']['code'] == 'ALREADY_RESERVED'
+    assert refused.json()['error']['flake_id'] == 'F0000006'
+    # Nothing of the stack was reserved: the first two flakes are still free.
+    assert [r['flake_id'] for r in store.reservations()] == ['F0000006']
+    recipe_id = refused.json()['recipe']['id']
+    store.release('F0000006', blocker.token)
+    reserved = client.post(f'/api/stacks/{recipe_id}/reserve', params={'robot_id': 'arm-1', 'lease_s': 600})
+    assert reserved.status_code == 200
+    body = reserved.json()
+    assert [layer['flake_id'] for layer in body['layers']] == ids
+    assert all(layer['token'] for layer in body['layers'])
+    assert sorted(r['flake_id'] for r in store.reservations()) == sorted(ids)
+    assert {r['robot_id'] for r in store.reservations()} == {'arm-1'}
+    # The robot can use the tokens kept in the recipe.
+    store.mark_used('F0000001', body['layers'][1]['token'])
+    exported = client.get(f'/api/stacks/{recipe_id}', params={'download': 'true'})
+    assert exported.headers['content-disposition'].endswith(f'{recipe_id}.json"')
+    recipe = exported.json()
+    assert recipe['order'] == 'bottom_first'
+    assert [layer['rotation_deg'] for layer in recipe['layers']] == pytest.approx([0.0, 30.0, 60.0])
+    flake = store.get_flake('F0000002').flake
+    assert recipe['layers'][0]['wafer_position_m'] == pytest.approx([flake.x, flake.y])
+    assert 'token' not in recipe['layers'][0]  # tokens only go to whoever reserved
+    again = client.post(f'/api/stacks/{recipe_id}/reserve', params={'robot_id': 'arm-2'})
+    assert again.status_code == 409
+
+
+@pytest.mark.parametrize('body', [
+    {'name': 'x', 'robot_id': 'arm', 'layers': []},
+    {'name': 'x', 'robot_id': 'arm', 'layers': [{'flake_id': 'F0000001', 'rotation_deg': 1000}]},
+    {'name': 'x', 'robot_id': 'arm', 'layers': [{'flake_id': 'F0000001'}, {'flake_id': 'F0000001'}]},
+    {'name': 'x', 'robot_id': 'a b', 'layers': [{'flake_id': 'F0000001'}]},
+    {'name': 'x', 'robot_id': 'arm', 'layers': [{'flake_id': 'F0000001', 'colour': 'red'}]},
+    {'name': 'x', 'robot_id': 'arm', 'layers': [{'flake_id': 'F9999999'}]},
+    {'name': '', 'robot_id': 'arm', 'layers': [{'flake_id': 'F0000001'}]},
+])
+def test_bad_stacks_are_refused_with_json_errors(client, registry, body):
+    response = client.post('/api/stacks', json=body)
+    assert response.status_code in (404, 422)
+    assert response.json()['error']['code'] in ('INVALID_ARGUMENT', 'UNKNOWN_ID')
+    assert registry[2].reservations() == []
+
+
+def test_stack_preview_coverage(client, registry):
+    store = registry[2]
+    body = client.post('/api/stacks/preview', json={'layers': [{'flake_id': 'F0000002'},
+                                                               {'flake_id': 'F0000001', 'rotation_deg': 45}]}).json()
+    assert len(body['layers']) == 2
+    covered = body['overlap']['covered']
+    areas = body['overlap']['areas']
+    # Covered area is shared: share_i * area_i == share_j * area_j (to raster precision).
+    assert covered[0][1] * areas[0] == pytest.approx(covered[1][0] * areas[1], rel=0.03)
+    flake = store.get_flake('F0000001').flake
+    centroid = [sum(p[i] for p in body['layers'][1]['outline']) / len(flake.contour) for i in (0, 1)]
+    expected = place_outline(flake.contour, (flake.x, flake.y), math.radians(45))
+    assert centroid == pytest.approx(expected.mean(axis=0).tolist(), abs=1e-12)
+
+
+def test_stack_overlap_of_known_squares():
+    big = place_outline([(0, 0), (4, 0), (4, 4), (0, 4)], (2, 2), 0.0)
+    small = place_outline([(0, 0), (2, 0), (2, 2), (0, 2)], (1, 1), math.pi / 4)
+    shifted = place_outline([(0, 0), (2, 0), (2, 2), (0, 2)], (1, 1), 0.0, offset=(2.0, 0.0))
+    overlap = stack_overlap([big, small, shifted])
+    assert overlap.areas == pytest.approx([16.0, 4.0, 4.0])
+    assert overlap.covered[1][0] == pytest.approx(1.0, abs=0.01)   # rotated small square inside the big one
+    assert overlap.covered[0][1] == pytest.approx(0.25, abs=0.01)
+    assert overlap.covered[2][0] == pytest.approx(0.5, abs=0.01)   # half of the shifted square sticks out
+    assert overlap.common_area == pytest.approx(overlap.covered[2][1] * 4.0, rel=0.05)
+    with pytest.raises(ValueError):
+        place_outline([(0, 0), (1, 1)], (0, 0), 0.0)
+
+
+def test_recipes_keep_order_and_survive_reopening(registry):
+    db_path, _, store = registry
+    layers = [stacks.StackLayer('F0000006', rotation=0.1), stacks.StackLayer('F0000001', rotation=-0.2)]
+    recipe = stacks.save_recipe(store, 'two', layers, created_by='ada')
+    from flake_registry.store import FlakeStore
+    with FlakeStore(db_path) as other:
+        again = stacks.get_recipe(other, recipe.id)
+    assert [layer.flake_id for layer in again.layers] == ['F0000006', 'F0000001']
+    assert [layer.rotation for layer in again.layers] == pytest.approx([0.1, -0.2])
+    assert again.layers[0].material == store.get_flake('F0000006').flake.material
