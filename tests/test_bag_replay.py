@@ -199,3 +199,42 @@ def test_paced_replay_advances_clock_between_messages(executor, tmp_path):
         between = [t for t in clock_ns if t not in stamps]
         assert bool(between) == expect_ticks, (rate, clock_ns)
         assert all(stamps[0] < t < stamps[-1] for t in between)
+
+
+def test_flake_record_process_closes_the_bag_on_sigterm(executor, tmp_path):
+    """The console script in its own process: SIGTERM mid-recording leaves a complete, readable bag."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from rclpy.duration import Duration
+
+    from flake_msgs.msg import ScanFrame
+    from flake_scanner.nodes.common import PIPELINE_QOS
+
+    bag = tmp_path / 'sigterm'
+    process = subprocess.Popen([sys.executable, '-m', 'flake_scanner.bag.record', '--topics', '/bagtest/sig',
+                                '--output', str(bag)], env=dict(os.environ), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    source = ros_node('bag_test_sig_source')
+    publisher = source.create_publisher(ScanFrame, '/bagtest/sig', PIPELINE_QOS)
+    executor.add_node(source)
+    try:
+        assert spin_until(executor, lambda: publisher.get_subscription_count() == 1, timeout=30)
+        for index in range(15):
+            publisher.publish(_scan_frame(index))
+        assert spin_until(executor, lambda: publisher.wait_for_all_acked(Duration(seconds=0.1)), timeout=10)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        executor.remove_node(source)
+        source.destroy_node()
+    assert process.returncode == 0, output
+    assert 'closed' in output
+    with BagReader(bag) as reader:
+        frames = [reader.deserialize(m).tile_index for m in reader.messages()]
+    assert frames == list(range(15))
