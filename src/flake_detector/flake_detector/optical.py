@@ -273,12 +273,18 @@ def estimate_thickness(image_bgr: np.ndarray, mask: np.ndarray, calibration: Cal
     ``mask`` is a bool mask over the whole frame, or over ``bbox`` (x, y, w, h) when
     given. The edge pixels are eroded away first (blurred in the optics).
     """
-    contrast = contrast_map(image_bgr, background, smooth=1)
-    full = np.zeros(contrast.shape[:2], dtype=bool)
+    image = _as_bgr(image_bgr)
+    if background is None:
+        background = estimate_background(image)
     if bbox is not None:
-        x, y, w, h = bbox
-        full[y:y + h, x:x + w] = mask[:full.shape[0] - y, :full.shape[1] - x]
+        # Only the flake's box is needed: keep the work proportional to the flake.
+        x, y, w, h = (int(v) for v in bbox)
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(image.shape[1], x + w), min(image.shape[0], y + h)
+        contrast = contrast_map(image[y0:y1, x0:x1], background[y0:y1, x0:x1], smooth=1)
+        full = np.asarray(mask, dtype=bool)[y0 - y:y1 - y, x0 - x:x1 - x]
     else:
+        contrast = contrast_map(image, background, smooth=1)
         full = np.asarray(mask, dtype=bool)
     inner = full
     if erode > 0:
@@ -288,8 +294,8 @@ def estimate_thickness(image_bgr: np.ndarray, mask: np.ndarray, calibration: Cal
     if not inner.any():
         raise ValueError('empty mask: nothing to estimate a thickness from')
     values = contrast[inner]
-    return estimate_from_contrast(calibration, np.median(values, axis=0), len(values),
-                                  _pixel_noise(contrast))
+    noise = float(np.mean(1.4826 * np.median(np.abs(values - np.median(values, axis=0)), axis=0)))
+    return estimate_from_contrast(calibration, np.median(values, axis=0), len(values), noise)
 
 
 def _pixel_noise(contrast: np.ndarray) -> float:

@@ -1,0 +1,362 @@
+"""``flake-train-cascade``: train seed 000's cascade of noisy nets for one target.
+
+Data (any mix):
+  --sim-seeds 1,2,3      frames of the simulated microscope (flake_scanner.sim), labelled
+                         from its ground truth; evaluation belongs on a seed not listed here
+  --coco FILE            a COCO file with flake annotations (attributes: material, layers)
+  --crops DIR            labelled crops: DIR/good/*.png and DIR/bad/*.png
+
+Every source goes through the candidate finder (crops excepted), so the nets learn
+on what they will see. A candidate is good when a flake the target accepts has its
+centroid inside the candidate's region. Training follows seed 000: balanced batches
+(half good, half bad), each good crop in 6 variants (rotations and mirrors), nets
+stopped while still noisy (``--stop-accuracy`` on a balanced held-out batch), three
+nets trained separately. Writes the weights (.pt) and a model card (.json).
+
+Shipped weights: ``flake-train-cascade --target graphene-1-10L --sim-seeds 1,2,3 --out
+src/flake_detector/flake_detector/models/cascade_graphene-1-10L.pt`` (same for hbn-10-90nm).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+import datetime as dt
+import json
+import math
+from pathlib import Path
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+
+from flake_detector.candidates import Candidate, CandidateFinder
+from flake_detector.cascade import TARGETS, Cascade, Target, build_net, target_by_name
+
+
+@dataclass
+class TruthObject:
+    """A ground-truth flake region, from the simulator or a COCO file."""
+
+    material: str
+    layers: float
+    thickness_nm: float
+    area_px: float
+    centre_px: tuple[float, float]
+
+
+@dataclass
+class CropSet:
+    crops: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,) 1 = good
+
+    @property
+    def good(self) -> int:
+        return int(self.labels.sum())
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def label_candidates(candidates: list[Candidate], truths: list[TruthObject], target: Target,
+                     slack_px: int = 3) -> np.ndarray:
+    """1 where a target flake's centroid lies in the candidate's region box (grown by ``slack_px``)."""
+    labels = np.zeros(len(candidates), dtype=np.int64)
+    goods = [t for t in truths if target.accepts(t.material, t.layers, t.thickness_nm, t.area_px)]
+    for k, c in enumerate(candidates):
+        x, y, w, h = c.bbox
+        for t in goods:
+            u, v = t.centre_px
+            if x - slack_px <= u < x + w + slack_px and y - slack_px <= v < y + h + slack_px:
+                labels[k] = 1
+                break
+    return labels
+
+
+def simulated_frames(seed: int, count: int, size: int = 1024, thin_fraction: float = 0.5,
+                     oxide_nm: float = 90.0, objective: str = '10x', chip_mm: float = 4.0,
+                     material_mix: dict | None = None):
+    """``count`` frames (bgr, [TruthObject], pixel_to_wafer) of a simulated chip, each
+    centred near a random flake so the rare good flakes are not rarer still."""
+    from flake_scanner.sim.camera import CameraModel, CameraSettings
+    from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
+
+    extra = {'material_mix': material_mix} if material_mix else {}
+    wafer = VirtualWafer.generate(WaferConfig(seed=seed, oxide_nm=oxide_nm, thin_fraction=thin_fraction,
+                                              chip_width_m=chip_mm * 1e-3, chip_height_m=chip_mm * 1e-3,
+                                              **extra))
+    camera = CameraModel(wafer, CameraSettings(width=size, height=size, objective=objective, seed=seed))
+    rng = np.random.default_rng([seed, 0xCA5C])
+    fov = camera.field_of_view
+    margin = 0.1e-3
+    flakes = [o for o in wafer.flakes() if margin < o.centre[0] < chip_mm * 1e-3 - margin
+              and margin < o.centre[1] < chip_mm * 1e-3 - margin]
+    if not flakes:
+        raise ValueError(f'simulated chip of seed {seed} has no flakes')
+    for _ in range(count):
+        centre = np.array(flakes[int(rng.integers(len(flakes)))].centre)
+        centre = centre + rng.uniform(-0.3, 0.3, 2) * np.array(fov)
+        x, y = wafer.wafer_to_stage.apply(float(centre[0]), float(centre[1]))
+        truth = camera.ground_truth(x, y)
+        objects = [TruthObject(o.material, float(o.layers), float(o.thickness_nm), float(o.area_px),
+                               _mask_centre(o.mask)) for o in truth.flakes]
+        yield camera.render(x, y), objects, truth.pixel_to_wafer
+
+
+def _mask_centre(mask: np.ndarray) -> tuple[float, float]:
+    vs, us = np.nonzero(mask)
+    return (float(us.mean()), float(vs.mean())) if len(us) else (math.nan, math.nan)
+
+
+def coco_frames(path: Path):
+    """(bgr, [TruthObject], None) for every image of a COCO file with flake attributes."""
+    from pycocotools import mask as mask_utils
+
+    coco = json.loads(Path(path).read_text())
+    categories = {c['id']: c['name'] for c in coco.get('categories', [])}
+    by_image: dict[int, list[dict]] = {}
+    for ann in coco['annotations']:
+        if ann.get('is_contaminant') or ann.get('category_id', 0) >= 100:
+            continue
+        by_image.setdefault(ann['image_id'], []).append(ann)
+    for image in coco['images']:
+        bgr = cv2.imread(str(Path(path).parent / image['file_name']), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f'cannot read {image["file_name"]} listed in {path}')
+        objects = []
+        for ann in by_image.get(image['id'], []):
+            attributes = ann.get('attributes') or {}
+            seg = ann.get('segmentation')
+            if isinstance(seg, dict):
+                rle = dict(seg)
+                if isinstance(rle['counts'], str):
+                    rle['counts'] = rle['counts'].encode('ascii')
+                centre = _mask_centre(mask_utils.decode(rle).astype(bool))
+            else:
+                x, y, w, h = ann['bbox']
+                centre = (x + w / 2, y + h / 2)
+            layers = float(attributes.get('layers', math.nan))
+            objects.append(TruthObject(
+                str(attributes.get('material', categories.get(ann['category_id'], 'unknown'))), layers,
+                float(attributes.get('thickness_nm', math.nan)), float(ann.get('area', 0.0)), centre))
+        yield bgr, objects, None
+
+
+def crops_from_frames(frames, finder: CandidateFinder, target: Target, progress: str = '') -> CropSet:
+    crops, labels = [], []
+    for index, (image, truths, to_wafer) in enumerate(frames, start=1):
+        candidates = finder.find(image, to_wafer)
+        crops.append(finder.crops(image, candidates))
+        labels.append(label_candidates(candidates, truths, target))
+        if progress and index % 25 == 0:
+            print(f'[{progress}] {index} frames, {sum(len(c) for c in crops)} candidates, '
+                  f'{int(sum(lab.sum() for lab in labels))} good', file=sys.stderr, flush=True)
+    if not crops:
+        return CropSet(np.zeros((0, finder.crop_size, finder.crop_size, 3), np.uint8), np.zeros(0, np.int64))
+    return CropSet(np.concatenate(crops), np.concatenate(labels))
+
+
+def crops_from_folder(folder: Path, crop_size: int) -> CropSet:
+    crops, labels = [], []
+    for label, name in ((1, 'good'), (0, 'bad')):
+        files = sorted((folder / name).glob('*.png')) + sorted((folder / name).glob('*.jpg'))
+        for f in files:
+            image = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            if image is None:
+                raise ValueError(f'cannot read crop {f}')
+            crops.append(cv2.resize(image, (crop_size, crop_size), interpolation=cv2.INTER_AREA))
+            labels.append(label)
+    if not crops:
+        raise ValueError(f'no crops in {folder}/good or {folder}/bad')
+    return CropSet(np.stack(crops), np.array(labels, np.int64))
+
+
+def six_variants(crops: np.ndarray) -> np.ndarray:
+    """Seed 000: every good crop enters in 6 variants (identity, 3 rotations, 2 mirrors)."""
+    return np.concatenate([crops, np.rot90(crops, 1, (1, 2)), np.rot90(crops, 2, (1, 2)),
+                           np.rot90(crops, 3, (1, 2)), crops[:, :, ::-1], crops[:, ::-1]])
+
+
+def split(data: CropSet, eval_fraction: float, rng: np.random.Generator) -> tuple[CropSet, CropSet]:
+    """Hold out ``eval_fraction`` of the good crops and as many bad ones: the balanced evaluation batch."""
+    good = np.nonzero(data.labels == 1)[0]
+    bad = np.nonzero(data.labels == 0)[0]
+    n_eval = max(1, int(round(len(good) * eval_fraction)))
+    good, bad = rng.permutation(good), rng.permutation(bad)
+    eval_idx = np.concatenate([good[:n_eval], bad[:n_eval]])
+    train_idx = np.concatenate([good[n_eval:], bad[n_eval:]])
+    return (CropSet(data.crops[train_idx], data.labels[train_idx]),
+            CropSet(data.crops[eval_idx], data.labels[eval_idx]))
+
+
+def train_net(train: CropSet, evaluation: CropSet, seed: int, width: float = 1.0, batch: int = 200,
+              max_steps: int = 600, stop_accuracy: float = 0.88, eval_every: int = 10, lr: float = 1e-3,
+              min_steps: int = 20, net_input: int = 40, log=None):
+    """One noisy net: balanced batches until the evaluation accuracy reaches ``stop_accuracy``."""
+    import torch
+    from torch import nn
+
+    from flake_detector.cascade import normalise_crops
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = build_net(width)
+    for module in net.modules():  # a fresh initialisation per seed (build_net seeds 0)
+        if hasattr(module, 'reset_parameters'):
+            module.reset_parameters()
+    good = six_variants(train.crops[train.labels == 1])
+    bad = train.crops[train.labels == 0]
+    if len(good) == 0 or len(bad) == 0:
+        raise ValueError(f'need good and bad crops to train; have {len(good) // 6} good, {len(bad)} bad')
+    # Inputs are prepared once at the net's input size; batches then only index them.
+    good = normalise_crops(good, net_input)
+    bad = normalise_crops(bad, net_input)
+    x_eval = torch.from_numpy(normalise_crops(evaluation.crops, net_input))
+    y_eval = torch.from_numpy(evaluation.labels)
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    half = batch // 2
+    history = []
+    accuracy = 0.0
+    step = 0
+    for step in range(1, max_steps + 1):
+        net.train()
+        gi = rng.integers(len(good), size=half)
+        bi = rng.integers(len(bad), size=batch - half)
+        x = torch.from_numpy(np.concatenate([good[gi], bad[bi]]))
+        y = torch.cat([torch.ones(half, dtype=torch.long), torch.zeros(batch - half, dtype=torch.long)])
+        optimiser.zero_grad()
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        optimiser.step()
+        if step % eval_every == 0 or step == max_steps:
+            net.eval()
+            with torch.inference_mode():
+                logits = net(x_eval)
+                eval_loss = float(loss_fn(logits, y_eval))
+                accuracy = float((logits.argmax(1) == y_eval).float().mean())
+            history.append({'step': step, 'train_loss': loss.item(), 'eval_loss': eval_loss,
+                            'eval_accuracy': accuracy})
+            if log:
+                log(f'step {step}: train loss {loss.item():.3f}, eval loss {eval_loss:.3f}, '
+                    f'eval accuracy {accuracy:.3f}')
+            if step >= min_steps and accuracy >= stop_accuracy:
+                break
+    net.eval()
+    return net, {'steps': step, 'eval_accuracy': accuracy, 'eval_size': len(evaluation), 'history': history}
+
+
+def train_cascade(data: CropSet, target: Target, nets: int = 3, seed: int = 0, width: float = 1.0,
+                  crop_size: int = 80, eval_fraction: float = 0.1, net_input: int = 40, log=None,
+                  **train_kwargs) -> Cascade:
+    """Train ``nets`` nets separately, each with its own evaluation batch (seed 000)."""
+    models, reports = [], []
+    for k in range(nets):
+        rng = np.random.default_rng([seed, k])
+        train, evaluation = split(data, eval_fraction, rng)
+        if log:
+            log(f'net {k + 1}/{nets}: {train.good} good and {len(train) - train.good} bad training crops, '
+                f'evaluation batch {len(evaluation)}')
+        net, report = train_net(train, evaluation, seed=seed * 100 + k, width=width, net_input=net_input,
+                                log=log, **train_kwargs)
+        models.append(net)
+        reports.append(report)
+    card = {'nets_report': [{k: v for k, v in r.items() if k != 'history'} for r in reports],
+            'history': [r['history'] for r in reports]}
+    return Cascade(models, target, crop_size=crop_size, card=card, width=width, net_input=net_input)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ''
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='flake-train-cascade', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--target', default='graphene-1-10L', help=f'one of {sorted(TARGETS)}')
+    parser.add_argument('--target-json', type=Path, default=None,
+                        help='a custom target: JSON with name, material, min/max_layers, min/max_thickness_nm')
+    parser.add_argument('--sim-seeds', default='', help='comma-separated simulator seeds to train on')
+    parser.add_argument('--sim-frames', type=int, default=120, help='frames per simulator seed')
+    parser.add_argument('--sim-size', type=int, default=1024, help='simulated frame size [px]')
+    parser.add_argument('--thin-fraction', type=float, default=0.5, help='simulator: share of thin flakes')
+    parser.add_argument('--oxide', type=float, default=90.0, help='simulator: SiO2 thickness [nm]')
+    parser.add_argument('--objective', default='10x', help='simulator objective')
+    parser.add_argument('--coco', type=Path, action='append', default=[], help='COCO file to train on')
+    parser.add_argument('--crops', type=Path, action='append', default=[], help='folder with good/ and bad/')
+    parser.add_argument('--nets', type=int, default=3, help='nets in the cascade (seed 000: 3)')
+    parser.add_argument('--batch', type=int, default=200, help='balanced batch size (seed 000: 200)')
+    parser.add_argument('--max-steps', type=int, default=400, help='training steps per net at most')
+    parser.add_argument('--stop-accuracy', type=float, default=0.88,
+                        help='stop a net once its balanced evaluation accuracy reaches this (noisy nets)')
+    parser.add_argument('--crop-size', type=int, default=80)
+    parser.add_argument('--width', type=float, default=1.0, help='scale of the layer widths (1 = Table I)')
+    parser.add_argument('--seed', type=int, default=0, help='training seed')
+    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument('--out', type=Path, required=True, help='weights file (.pt); the card goes next to it')
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        target = (Target.from_json(json.loads(args.target_json.read_text())) if args.target_json
+                  else target_by_name(args.target))
+    except (ValueError, TypeError, OSError) as exc:
+        parser.error(str(exc))
+    seeds = [int(s) for s in args.sim_seeds.split(',') if s.strip()]
+    if not (seeds or args.coco or args.crops):
+        parser.error('give training data: --sim-seeds, --coco or --crops')
+
+    def log(text):
+        print(f'[flake-train-cascade] {text}', file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    finder = CandidateFinder(crop_size=args.crop_size)
+    parts = []
+    for seed in seeds:
+        frames = simulated_frames(seed, args.sim_frames, args.sim_size, args.thin_fraction, args.oxide,
+                                  args.objective)
+        parts.append(crops_from_frames(frames, finder, target, progress=f'sim seed {seed}'))
+        log(f'sim seed {seed}: {len(parts[-1])} candidates, {parts[-1].good} good')
+    for path in args.coco:
+        parts.append(crops_from_frames(coco_frames(path), finder, target, progress=str(path)))
+        log(f'{path}: {len(parts[-1])} candidates, {parts[-1].good} good')
+    for folder in args.crops:
+        parts.append(crops_from_folder(folder, args.crop_size))
+        log(f'{folder}: {len(parts[-1])} crops, {parts[-1].good} good')
+    data = CropSet(np.concatenate([p.crops for p in parts]), np.concatenate([p.labels for p in parts]))
+    if data.good < 5 or len(data) - data.good < 5:
+        raise SystemExit(f'flake-train-cascade: error: too few examples ({data.good} good, '
+                         f'{len(data) - data.good} bad); add frames or lower the target')
+    cascade = train_cascade(data, target, nets=args.nets, seed=args.seed, width=args.width,
+                            crop_size=args.crop_size, log=log, batch=args.batch, max_steps=args.max_steps,
+                            stop_accuracy=args.stop_accuracy)
+    cascade.version = f'cascade-{target.name}-{dt.date.today().isoformat()}'
+    card = {
+        'command': 'flake-train-cascade ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+        'commit': _git_commit(), 'created': dt.datetime.now(dt.UTC).isoformat(timespec='seconds'),
+        'data': {'sim_seeds': seeds, 'sim_frames_per_seed': args.sim_frames, 'sim_size': args.sim_size,
+                 'thin_fraction': args.thin_fraction, 'oxide_nm': args.oxide, 'objective': args.objective,
+                 'coco': [str(p) for p in args.coco], 'crops': [str(p) for p in args.crops],
+                 'candidates': len(data), 'good': data.good},
+        'training': {'batch': args.batch, 'max_steps': args.max_steps, 'stop_accuracy': args.stop_accuracy,
+                     'seed': args.seed, 'seconds': round(time.perf_counter() - started, 1)},
+        'torch': torch.__version__,
+    }
+    path = cascade.save(args.out, card)
+    log(f'wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {path.with_suffix(".json")}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
