@@ -219,3 +219,23 @@ def test_config_files_hold_the_declared_defaults(module, node):
     config = Path(__file__).resolve().parents[1] / 'config' / f'{node}.yaml'
     values = yaml.safe_load(config.read_text())[node]['ros__parameters']
     assert values == {p.name: p.default for p in params}
+
+
+def test_replay_refuses_a_topic_recorded_with_another_definition(ros, tmp_path):
+    from rclpy.parameter import Parameter
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    from flake_scanner.bag.replay import BagReplayer
+
+    store = typestore()
+    msgdef, _ = store.generate_msgdef(SCAN_FRAME_TYPE, ros_version=2)
+    bag = tmp_path / 'old_definition'
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        stale = writer.add_connection('/scan/tiles', SCAN_FRAME_TYPE, msgdef=msgdef, rihs01='RIHS01_' + 'ab' * 32)
+        writer.write(stale, 1, _frame_bytes(0))
+    with BagReader(bag) as reader:
+        assert 'different definition' in reader.definition_mismatch('/scan/tiles')
+    with pytest.raises(UnknownTypeError, match='recorded with a different definition of flake_msgs/msg/ScanFrame'):
+        BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag))])
+    with BagReader(_write_bag(tmp_path / 'current')) as reader:
+        assert reader.definition_mismatch('/scan/tiles') is None

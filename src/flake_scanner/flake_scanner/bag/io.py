@@ -106,6 +106,7 @@ class TopicInfo:
     count: int
     qos: TopicQos
     has_definition: bool
+    type_hash: str = ''  # RIHS01 hash of the definition it was recorded with ('' when unknown)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ class BagReader:
             count = conn.msgcount + (previous.count if previous else 0)
             topics[conn.topic] = TopicInfo(
                 name=conn.topic, msgtype=conn.msgtype, count=count, qos=qos,
-                has_definition=conn.msgdef.format != MessageDefinitionFormat.NONE and bool(conn.msgdef.data))
+                has_definition=conn.msgdef.format != MessageDefinitionFormat.NONE and bool(conn.msgdef.data),
+                type_hash=conn.digest if str(conn.digest).startswith('RIHS01_') else '')
         return topics
 
     @property
@@ -210,6 +212,20 @@ class BagReader:
 
     def topics_of_type(self, msgtype: str) -> list[str]:
         return sorted(name for name, info in self.topics.items() if info.msgtype == msgtype)
+
+    def definition_mismatch(self, topic: str) -> str | None:
+        """Why ``topic``'s recorded definition differs from the one known here, or None when it agrees.
+
+        Only checked where the bag stores a type hash (rosbag2 metadata version 7 and later).
+        """
+        info = self.topics[topic]
+        if not info.type_hash or info.msgtype not in self._typestore.fielddefs:
+            return None
+        local = self._typestore.hash_rihs01(info.msgtype)
+        if local == info.type_hash:
+            return None
+        return (f'{topic} was recorded with a different definition of {info.msgtype} '
+                f'(hash {info.type_hash[:19]}..., here {local[:19]}...)')
 
     def messages(self, topics: Iterable[str] | None = None, start: int | None = None,
                  stop: int | None = None) -> Iterator[BagMessage]:

@@ -57,8 +57,8 @@ PARAMS = [
     Param('wait_for_subscribers', 0, 'start only when every replayed topic has this many subscribers',
           minimum=0, maximum=1000),
     Param('wait_timeout', 30.0, 'longest wait for those subscribers [s]', minimum=0.0, maximum=3600.0),
-    Param('skip_unknown_types', False, 'leave out topics whose message type is unknown here '
-          'instead of refusing the bag'),
+    Param('skip_unknown_types', False, 'leave out topics whose message type is unknown here (or was '
+          'recorded with another definition) instead of refusing the bag'),
 ]
 
 
@@ -109,6 +109,13 @@ class BagReplayer(Node):
                     self.get_logger().warning(f'leaving out {topic}: {exc}')
                     continue
                 raise UnknownTypeError(f'bag {self.reader.path}: cannot replay {topic}: {exc}') from exc
+            # Recorded bytes of another layout would be garbage to every subscriber.
+            mismatch = self.reader.definition_mismatch(topic)
+            if mismatch is not None:
+                if self.params['skip_unknown_types']:
+                    self.get_logger().warning(f'leaving out {mismatch}')
+                    continue
+                raise UnknownTypeError(f'bag {self.reader.path}: cannot replay {mismatch}')
             # Reliable for everything: a reliable publisher serves best-effort subscribers
             # too, and pipeline topics (frames, detections) must not lose samples.
             qos = QoSProfile(history=HistoryPolicy.KEEP_LAST,
