@@ -1,0 +1,288 @@
+"""Lifecycle node ``camera_node``: microscope camera frames on ``/camera/image_raw``.
+
+Backends: ``sim`` (the simulated microscope, rendering where ``/stage/state`` says the
+stage is), ``opencv`` (cv2.VideoCapture device index or URL), ``folder`` (images from
+a directory, looping). Frames are bgr8 in frame ``camera_optical`` with a matching
+``/camera/camera_info``; they are grabbed and published by a worker thread, free
+running at ``rate`` and on demand through ``/camera/capture`` (std_srvs/Trigger),
+which answers once a frame exposed after the request has been published.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.task import Future
+from sensor_msgs.msg import CameraInfo, Image
+from std_srvs.srv import Trigger
+
+from flake_msgs.msg import StageState
+from flake_scanner.camera_sources import CameraError, FolderSource, OpenCVSource, SimulatedSource, StagePose
+from flake_scanner.nodes.common import (
+    ERROR,
+    IMAGE_PUBLISHER_QOS,
+    OK,
+    Param,
+    declare_parameters,
+    diagnostic_status,
+    diagnostics_publisher,
+    publish_diagnostics,
+    run_node,
+)
+from flake_scanner.nodes.stage_node import level_number
+from flake_scanner.ros_image import numpy_to_image
+from flake_scanner.sim.camera import OBJECTIVES, objective_by_name
+
+FRAME_ID = 'camera_optical'
+
+PARAMS = [
+    Param('backend', 'sim', 'frame source', choices=('sim', 'opencv', 'folder'), read_only=True),
+    Param('device', '0', 'opencv backend: device index ("0") or URL / GStreamer pipeline', read_only=True),
+    Param('folder', '', 'folder backend: directory of images, replayed in name order', read_only=True),
+    Param('rate', 5.0, 'free-running frame rate [Hz]; 0 publishes only on /camera/capture',
+          minimum=0.0, maximum=200.0),
+    Param('width', 1024, 'image width [px] (requested from opencv devices)', minimum=16, maximum=8192,
+          read_only=True),
+    Param('height', 1024, 'image height [px] (requested from opencv devices)', minimum=16, maximum=8192,
+          read_only=True),
+    Param('exposure', 0.01, 'exposure time [s]', minimum=1e-6, maximum=10.0),
+    Param('gain', 1.0, 'sensor gain', minimum=0.01, maximum=100.0),
+    Param('objective', '10x', 'objective in use (sets the pixel size at the sample)', choices=tuple(OBJECTIVES)),
+    Param('pixel_pitch', 5.5e-6, 'sensor pixel pitch [m]; pixel size at the sample = pitch / magnification',
+          minimum=5e-7, maximum=5e-5, read_only=True),
+    Param('sim_seed', 0, 'sim backend: virtual wafer and noise seed', minimum=0, maximum=2 ** 31 - 1,
+          read_only=True),
+    Param('sim_oxide_nm', 90.0, 'sim backend: SiO2 thickness of the virtual wafer [nm]', choices=(90.0, 285.0),
+          read_only=True),
+    Param('motion_blur', True, 'sim backend: smear frames exposed while the stage moves'),
+    Param('diagnostics_period', 1.0, 'period of /diagnostics messages [s]', minimum=0.1, maximum=60.0),
+]
+
+
+class CameraNode(LifecycleNode):
+    def __init__(self, **kwargs):
+        super().__init__('camera_node', **kwargs)
+        self.params = declare_parameters(self, PARAMS, on_change=self._on_params)
+        self.group = ReentrantCallbackGroup()
+        self.source = None
+        self.active = False
+        self.frames = 0
+        self.failures = 0
+        self.last_error = ''
+        self._stage: list[StageState] = []  # the last two states, for the velocity
+        self._stage_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._waiters: list[Future] = []
+        self._waiters_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.image_publisher = None
+        self.info_publisher = None
+        self.diagnostics = diagnostics_publisher(self)
+        self.create_subscription(StageState, '/stage/state', self._on_stage_state, 10,
+                                 callback_group=self.group)
+        self.create_service(Trigger, '/camera/capture', self._on_capture, callback_group=self.group)
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        p = self.params
+        try:
+            if p['backend'] == 'sim':
+                self.source = SimulatedSource(p['width'], p['height'], p['objective'], p['exposure'], p['gain'],
+                                              p['pixel_pitch'], p['sim_seed'], p['sim_oxide_nm'],
+                                              p['motion_blur'])
+            elif p['backend'] == 'opencv':
+                self.source = OpenCVSource(p['device'], p['width'], p['height'], p['exposure'], p['gain'])
+            else:
+                self.source = FolderSource(p['folder'])
+        except (CameraError, ValueError) as error:
+            self.get_logger().error(f'cannot configure the camera: {error}')
+            return TransitionCallbackReturn.FAILURE
+        # Reliable publisher (REP 2003); subscribers use sensor-data QoS.
+        self.image_publisher = self.create_lifecycle_publisher(Image, '/camera/image_raw', IMAGE_PUBLISHER_QOS)
+        self.info_publisher = self.create_lifecycle_publisher(CameraInfo, '/camera/camera_info',
+                                                              IMAGE_PUBLISHER_QOS)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name='camera-grab', daemon=True)
+        self._thread.start()
+        self.get_logger().info(f'camera configured: backend {p["backend"]}')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        result = super().on_activate(state)
+        self.active = True
+        self._wake.set()
+        return result
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self.active = False
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        self.close()
+        for publisher in (self.image_publisher, self.info_publisher):
+            if publisher is not None:
+                self.destroy_lifecycle_publisher(publisher)
+        self.image_publisher = self.info_publisher = None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        self.active = False
+        self.close()
+        return TransitionCallbackReturn.SUCCESS
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+            self._thread = None
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+        self._fail_waiters('camera shut down')
+
+    def _on_params(self, changes: dict) -> None:
+        if self.source is not None:
+            try:
+                self.source.configure(**changes)
+            except ValueError as error:
+                self.get_logger().error(f'camera settings not applied: {error}')
+        if 'objective' in changes:
+            self.get_logger().info(f'objective now {changes["objective"]}')
+        self._wake.set()
+
+    # ------------------------------------------------------------------ inputs
+    def _on_stage_state(self, msg: StageState) -> None:
+        with self._stage_lock:
+            self._stage = [*self._stage[-1:], msg]
+
+    def pose(self) -> StagePose:
+        """The stage pose to expose at, with the velocity when the stage is moving."""
+        with self._stage_lock:
+            states = list(self._stage)
+        if not states:
+            return StagePose()
+        last = states[-1]
+        p = last.position
+        vx = vy = 0.0
+        if last.moving and len(states) == 2:
+            previous = states[0]
+            dt = ((last.header.stamp.sec - previous.header.stamp.sec)
+                  + (last.header.stamp.nanosec - previous.header.stamp.nanosec) * 1e-9)
+            if dt > 0:
+                vx = (p.x - previous.position.x) / dt
+                vy = (p.y - previous.position.y) / dt
+        return StagePose(p.x, p.y, p.z, vx, vy)
+
+    async def _on_capture(self, request, response):
+        if not self.active:
+            response.success, response.message = False, 'camera_node is not active'
+            return response
+        future = Future()
+        with self._waiters_lock:
+            self._waiters.append(future)
+        self._wake.set()
+        try:
+            stamp = await future
+        except CameraError as error:
+            response.success, response.message = False, str(error)
+            return response
+        response.success = True
+        response.message = f'frame published, stamp {stamp.sec}.{stamp.nanosec:09d}'
+        return response
+
+    def _fail_waiters(self, reason: str) -> None:
+        with self._waiters_lock:
+            waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_exception(CameraError(reason))
+
+    # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        next_frame = time.monotonic()
+        last_diagnostics = 0.0
+        while not self._stop.is_set():
+            rate = self.params['rate']
+            timeout = max(0.0, next_frame - time.monotonic()) if rate > 0 else 0.5
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            now = time.monotonic()
+            with self._waiters_lock:
+                waiters, self._waiters = self._waiters, []
+            due = rate > 0 and now >= next_frame
+            if self.active and (waiters or due):
+                self._grab_and_publish(waiters)
+                if rate > 0:
+                    next_frame = max(next_frame + 1.0 / rate, now) if due else next_frame
+            elif waiters:
+                with self._waiters_lock:
+                    self._waiters = waiters + self._waiters
+            if now - last_diagnostics >= self.params['diagnostics_period']:
+                self._publish_diagnostics()
+                last_diagnostics = now
+
+    def _grab_and_publish(self, waiters: list[Future]) -> None:
+        stamp = self.get_clock().now().to_msg()  # exposure starts now, at the stage pose known now
+        pose = self.pose()
+        try:
+            frame = self.source.grab(pose)
+            msg = numpy_to_image(frame, 'bgr8')
+            msg.header.stamp = stamp
+            msg.header.frame_id = FRAME_ID
+            info = self._camera_info(msg.width, msg.height)
+            info.header = msg.header
+            self.image_publisher.publish(msg)
+            self.info_publisher.publish(info)
+        except Exception as error:  # noqa: BLE001 - a bad frame must not end the grab loop
+            self.failures += 1
+            self.last_error = str(error)
+            self.get_logger().error(f'frame not published: {error}', throttle_duration_sec=5.0)
+            for future in waiters:
+                future.set_exception(CameraError(str(error)))
+            return
+        self.frames += 1
+        self.last_error = ''
+        for future in waiters:
+            future.set_result(stamp)
+
+    def pixel_size(self) -> float:
+        return self.params['pixel_pitch'] / objective_by_name(self.params['objective']).magnification
+
+    def _camera_info(self, width: int, height: int) -> CameraInfo:
+        """Pinhole model that reproduces the pixel size at the focal plane (an objective is near
+        telecentric; f [px] = working distance / pixel size keeps 1 px = pixel_size there)."""
+        objective = objective_by_name(self.params['objective'])
+        focal_px = objective.working_distance_m / self.pixel_size()
+        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        info = CameraInfo(width=width, height=height, distortion_model='plumb_bob')
+        info.d = [0.0] * 5
+        info.k = [focal_px, 0.0, cx, 0.0, focal_px, cy, 0.0, 0.0, 1.0]
+        info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+        info.p = [focal_px, 0.0, cx, 0.0, 0.0, focal_px, cy, 0.0, 0.0, 0.0, 1.0, 0.0]
+        return info
+
+    def _publish_diagnostics(self) -> None:
+        p = self.params
+        hardware = {'sim': 'simulated microscope', 'opencv': f'opencv:{p["device"]}',
+                    'folder': f'folder:{p["folder"]}'}[p['backend']]
+        level, message = (ERROR, self.last_error) if self.last_error else (OK, 'ok')
+        values = {'backend': p['backend'], 'frames': self.frames, 'failures': self.failures,
+                  'objective': p['objective'], 'pixel_size_m': f'{self.pixel_size():.4g}',
+                  'rate_hz': p['rate'], 'active': self.active}
+        publish_diagnostics(self, self.diagnostics, [diagnostic_status(
+            f'{self.get_name()}: camera', hardware, level_number(level), message, values)])
+
+
+def main(args=None) -> None:
+    run_node(CameraNode, args=args)
+
+
+if __name__ == '__main__':
+    main()
