@@ -205,6 +205,8 @@ class FlakeQuery:
                                                    f'({max_x}, {max_y})')
         if self.near is not None and (len(self.near) != 2 or not all(math.isfinite(v) for v in self.near)):
             raise RegistryError(INVALID_ARGUMENT, 'near needs two finite numbers x, y')
+        if self.max_distance is not None and self.max_distance <= 0:
+            raise RegistryError(INVALID_RANGE, f'max_distance must be > 0, got {self.max_distance}')
         if self.max_distance is not None and self.near is None:
             raise RegistryError(INVALID_ARGUMENT, 'max_distance needs a point `near`')
         if self.sort_by not in SORT_KEYS:

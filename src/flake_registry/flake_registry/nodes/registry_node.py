@@ -1,0 +1,334 @@
+"""registry_node: the flake registry on the ROS graph.
+
+Subscribes /detections (FlakeArray) and ingests batches in a worker thread fed by
+a bounded queue; serves the assembly robot (query, get, reserve, release, mark
+used) and the scan coordinator (revisit list, add image); publishes every change
+on /registry/events and its health on /diagnostics. All logic lives in
+flake_registry.store; this module converts messages and wires callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import json
+import os
+from pathlib import Path
+import queue
+import re
+import threading
+import time
+
+import cv2
+from rclpy.node import Node
+
+from flake_msgs.msg import FlakeArray, RegistryEvent
+from flake_msgs.srv import (
+    AddFlakeImage,
+    GetFlake,
+    GetRevisitList,
+    MarkFlakeUsed,
+    QueryFlakes,
+    ReleaseFlake,
+    ReserveFlake,
+)
+from flake_registry.nodes.conversions import (
+    detection_from_msg,
+    flake_to_msg,
+    from_time,
+    image_to_msg,
+    observation_to_msg,
+    query_from_request,
+    to_time,
+)
+from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, MAX_LIMIT, RegistryError
+from flake_registry.store import IMAGE_ROLES, SYNCHRONOUS_MODES, FlakeStore, default_database_path
+from flake_scanner.nodes.common import (
+    ERROR,
+    OK,
+    PIPELINE_QOS,
+    WARN,
+    Param,
+    declare_parameters,
+    diagnostic_status,
+    diagnostics_publisher,
+    publish_diagnostics,
+    run_node,
+)
+from flake_scanner.ros_image import image_to_numpy
+
+PARAMS = (
+    Param('database_path', '', 'SQLite file of the registry; empty: $FLAKE_DATA_DIR/registry.sqlite '
+          '(./data/registry.sqlite without the variable)', read_only=True),
+    Param('image_dir', '', 'Directory for images sent with AddFlakeImage; empty: "images" next to the database',
+          read_only=True),
+    Param('synchronous', 'FULL', 'SQLite synchronous mode: FULL survives power loss, NORMAL only process crashes',
+          choices=SYNCHRONOUS_MODES, read_only=True),
+    Param('default_lease', 300.0, 'Lease of a reservation when the request asks for 0 s [s]',
+          minimum=1.0, maximum=7 * 86400.0),
+    Param('max_lease', 86400.0, 'Longest lease a robot may ask for [s]', minimum=1.0, maximum=30 * 86400.0),
+    Param('merge_distance', 5e-6, 'Detections whose centres are this close on one chip are one flake [m]',
+          minimum=0.0, maximum=1e-3, read_only=True),
+    Param('merge_iou', 0.3, 'Detections whose wafer-frame boxes overlap at least this much are one flake',
+          minimum=0.01, maximum=1.0, read_only=True),
+    Param('ingest_queue_size', 256, 'Detection batches waiting for the database before new ones are dropped '
+          '(and counted on /diagnostics)', minimum=1, maximum=100000, read_only=True),
+    Param('ingest_retries', 3, 'Attempts to store a batch when the database is busy or failing',
+          minimum=1, maximum=100),
+    Param('default_query_limit', 100, 'Flakes per QueryFlakes answer when the request says 0',
+          minimum=1, maximum=MAX_LIMIT),
+    Param('revisit_min_score', 0.8, 'Lowest detector score on the revisit list when the request says 0',
+          minimum=0.0, maximum=1.0),
+    Param('revisit_limit', 50, 'Flakes on the revisit list when the request says 0', minimum=1, maximum=MAX_LIMIT),
+    Param('publish_observation_events', True, 'Also publish an event when a detection merges into a known flake'),
+    Param('diagnostics_period', 1.0, 'Seconds between /diagnostics messages', minimum=0.1, maximum=60.0),
+)
+
+_SAFE_NAME = re.compile(r'[^A-Za-z0-9_.-]+')
+
+
+class RegistryNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__('registry_node', **kwargs)
+        self.params = declare_parameters(self, PARAMS, on_change=self._on_params)
+        path = Path(self.params['database_path'] or default_database_path())
+        self.store = FlakeStore(path, synchronous=self.params['synchronous'],
+                                default_lease_s=min(self.params['default_lease'], self.params['max_lease']),
+                                max_lease_s=self.params['max_lease'], merge_distance=self.params['merge_distance'],
+                                merge_iou=self.params['merge_iou'])
+        self.image_dir = Path(self.params['image_dir'] or path.parent / 'images')
+        self.get_logger().info(f'registry {path} (schema {self.store.schema_version}, {self.store.count()} flakes)')
+
+        self._queue: queue.Queue[FlakeArray | None] = queue.Queue(maxsize=self.params['ingest_queue_size'])
+        self._stats_lock = threading.Lock()
+        self.stats = {'batches_received': 0, 'batches_stored': 0, 'batches_dropped': 0, 'batches_failed': 0,
+                      'detections_stored': 0, 'detections_refused': 0, 'new_flakes': 0}
+        self._last_error = ''
+
+        self.events = self.create_publisher(RegistryEvent, 'registry/events', PIPELINE_QOS)
+        self.create_subscription(FlakeArray, 'detections', self._on_detections, PIPELINE_QOS)
+        self.create_service(QueryFlakes, 'registry/query_flakes', self._query_flakes)
+        self.create_service(GetFlake, 'registry/get_flake', self._get_flake)
+        self.create_service(ReserveFlake, 'registry/reserve_flake', self._reserve_flake)
+        self.create_service(ReleaseFlake, 'registry/release_flake', self._release_flake)
+        self.create_service(MarkFlakeUsed, 'registry/mark_flake_used', self._mark_flake_used)
+        self.create_service(GetRevisitList, 'registry/get_revisit_list', self._get_revisit_list)
+        self.create_service(AddFlakeImage, 'registry/add_flake_image', self._add_flake_image)
+        self._diagnostics = diagnostics_publisher(self)
+        self._diagnostics_timer = self.create_timer(self.params['diagnostics_period'], self._publish_diagnostics)
+
+        self._worker = threading.Thread(target=self._ingest_loop, name='registry_ingest', daemon=True)
+        self._worker.start()
+
+    def _on_params(self, changes: dict) -> None:
+        if 'max_lease' in changes:
+            self.store.max_lease_s = changes['max_lease']
+        if 'default_lease' in changes or 'max_lease' in changes:
+            self.store.default_lease_s = min(self.params['default_lease'], self.params['max_lease'])
+
+    def _count(self, **increments: int) -> None:
+        with self._stats_lock:
+            for name, value in increments.items():
+                self.stats[name] += value
+
+    # -- ingest -------------------------------------------------------------------
+
+    def _on_detections(self, msg: FlakeArray) -> None:
+        self._count(batches_received=1)
+        try:
+            self._queue.put_nowait(msg)
+        except queue.Full:
+            self._count(batches_dropped=1)
+            self.get_logger().error(f'ingest queue full ({self._queue.maxsize} batches): dropped the batch of scan '
+                                    f'{msg.scan_id!r} tile {msg.tile_index}', throttle_duration_sec=5.0)
+
+    def _ingest_loop(self) -> None:
+        while True:
+            msg = self._queue.get()
+            if msg is None:
+                return
+            self._ingest(msg)
+
+    def _ingest(self, msg: FlakeArray) -> None:
+        detections = [detection_from_msg(flake, msg) for flake in msg.flakes]
+        for attempt in range(1, self.params['ingest_retries'] + 1):
+            try:
+                outcomes = self.store.ingest(detections)
+                break
+            except Exception as error:  # noqa: BLE001 - a failed batch is counted and retried, never raised
+                self._last_error = f'{type(error).__name__}: {error}'
+                self.get_logger().error(f'storing batch of scan {msg.scan_id!r} tile {msg.tile_index} failed '
+                                        f'(attempt {attempt}): {self._last_error}')
+                time.sleep(0.2 * attempt)
+        else:
+            self._count(batches_failed=1)
+            return
+        refused = [o for o in outcomes if o.error]
+        for outcome in refused:
+            self.get_logger().warn(f'refused a detection of scan {msg.scan_id!r}: {outcome.error}',
+                                   throttle_duration_sec=5.0)
+        stored = [o for o in outcomes if not o.error]
+        new = [o for o in stored if o.is_new]
+        self._count(batches_stored=1, detections_stored=len(stored), detections_refused=len(refused),
+                    new_flakes=len(new))
+        for outcome in stored:
+            if outcome.is_new or self.params['publish_observation_events']:
+                self._event(RegistryEvent.NEW_FLAKE if outcome.is_new else RegistryEvent.OBSERVED,
+                            outcome.flake_id, chip_id=outcome.chip_id,
+                            detail={'scan_id': msg.scan_id, 'tile_index': msg.tile_index})
+
+    def _event(self, kind: str, flake_id: str, chip_id: str = '', robot_id: str = '',
+               detail: dict | None = None) -> None:
+        self.events.publish(RegistryEvent(stamp=self.get_clock().now().to_msg(), kind=kind, flake_id=flake_id,
+                                          chip_id=chip_id, robot_id=robot_id,
+                                          detail=json.dumps(detail or {}, separators=(',', ':'))))
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """True once every received batch is stored (tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._stats_lock:
+                done = self.stats['batches_stored'] + self.stats['batches_failed'] + self.stats['batches_dropped']
+                if done >= self.stats['batches_received']:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    # -- services -------------------------------------------------------------------
+
+    def _answer(self, response, action: Callable[[], None], what: str):
+        """Run ``action``; a refusal or a failure becomes an error code in ``response``, never an exception."""
+        try:
+            action()
+            response.success = True
+            response.error_code = ''
+        except RegistryError as error:
+            response.success = False
+            response.error_code = error.code
+            response.message = error.message
+        except Exception as error:  # noqa: BLE001 - the node must answer, whatever went wrong
+            self.get_logger().error(f'{what} failed: {type(error).__name__}: {error}')
+            response.success = False
+            response.error_code = INTERNAL_ERROR
+            response.message = f'{type(error).__name__}: {error}'
+        return response
+
+    def _query_flakes(self, request, response):
+        def run():
+            result = self.store.query(query_from_request(request, self.params['default_query_limit']))
+            response.total = result.total
+            response.flakes = [flake_to_msg(f) for f in result.flakes]
+            response.message = f'{len(result.flakes)} of {result.total} flakes'
+        return self._answer(response, run, 'query_flakes')
+
+    def _get_flake(self, request, response):
+        def run():
+            detail = self.store.get_flake(request.flake_id)
+            response.flake = flake_to_msg(detail.flake)
+            response.observations = [observation_to_msg(o) for o in detail.observations]
+            response.images = [image_to_msg(i) for i in detail.images]
+            response.reserved_by = detail.flake.reserved_by
+            response.lease_expires = to_time(detail.flake.lease_expires)
+            response.message = f'{detail.flake.n_observations} observation(s)'
+        return self._answer(response, run, 'get_flake')
+
+    def _reserve_flake(self, request, response):
+        def run():
+            reservation = self.store.reserve(request.flake_id, request.robot_id, request.lease)
+            response.token = reservation.token
+            response.lease_expires = to_time(reservation.expires)
+            response.message = f'reserved for {reservation.expires - reservation.created:.1f} s'
+            self._event(RegistryEvent.RESERVED, request.flake_id, robot_id=request.robot_id,
+                        detail={'expires': reservation.expires})
+        return self._answer(response, run, 'reserve_flake')
+
+    def _release_flake(self, request, response):
+        def run():
+            reservation = self.store.release(request.flake_id, request.token)
+            response.message = 'released'
+            self._event(RegistryEvent.RELEASED, request.flake_id, robot_id=reservation.robot_id)
+        return self._answer(response, run, 'release_flake')
+
+    def _mark_flake_used(self, request, response):
+        def run():
+            reservation = self.store.mark_used(request.flake_id, request.token, request.note)
+            response.message = 'marked used'
+            self._event(RegistryEvent.USED, request.flake_id, robot_id=reservation.robot_id,
+                        detail={'note': request.note})
+        return self._answer(response, run, 'mark_flake_used')
+
+    def _get_revisit_list(self, request, response):
+        def run():
+            flakes = self.store.revisit_list(
+                chip_id=request.chip_id, scan_id=request.scan_id, materials=tuple(request.materials),
+                layer_classes=tuple(int(v) for v in request.layer_classes),
+                min_score=request.min_score or self.params['revisit_min_score'],
+                min_homogeneity=request.min_homogeneity, include_revisited=request.include_revisited,
+                limit=int(request.limit) or self.params['revisit_limit'])
+            response.flakes = [flake_to_msg(f) for f in flakes]
+            response.message = f'{len(flakes)} flake(s) to revisit'
+        return self._answer(response, run, 'get_revisit_list')
+
+    def _add_flake_image(self, request, response):
+        def run():
+            image = request.image
+            if image.role not in IMAGE_ROLES:
+                raise RegistryError(INVALID_ARGUMENT, f'image role must be one of {list(IMAGE_ROLES)}')
+            self.store.get_flake(request.flake_id)  # UNKNOWN_ID before anything is written to disk
+            path = image.path
+            if request.pixels.data:
+                path = str(self._write_image(request.flake_id, image.role, request.pixels))
+            self.store.add_image(request.flake_id, image.role, path, image.objective, image.pixel_size,
+                                 from_time(image.stamp) or None)
+            response.path = path
+            response.message = f'{image.role} image stored'
+            self._event(RegistryEvent.IMAGE_ADDED, request.flake_id, detail={'role': image.role, 'path': path})
+        return self._answer(response, run, 'add_flake_image')
+
+    def _write_image(self, flake_id: str, role: str, pixels_msg) -> Path:
+        try:
+            pixels = image_to_numpy(pixels_msg, 'passthrough')
+        except Exception as error:  # noqa: BLE001 - any decoding problem is the caller's bad image
+            raise RegistryError('INVALID_IMAGE', f'cannot decode the image: {error}') from None
+        if pixels_msg.encoding == 'rgb8':
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+        folder = self.image_dir / _SAFE_NAME.sub('_', flake_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime()) + f'{time.time() % 1:.6f}'[1:].replace('.', '_')
+        path = folder / f'{role}_{stamp}.png'
+        temporary = path.with_suffix('.tmp.png')
+        if not cv2.imwrite(str(temporary), pixels):
+            raise RegistryError('INVALID_IMAGE', f'cannot write {pixels_msg.encoding} pixels as PNG')
+        os.replace(temporary, path)  # never a half-written file under the final name
+        return path
+
+    # -- diagnostics and shutdown -----------------------------------------------------
+
+    def _publish_diagnostics(self) -> None:
+        with self._stats_lock:
+            stats = dict(self.stats)
+        level, message = OK, 'ingesting'
+        if stats['batches_dropped'] or stats['detections_refused']:
+            level, message = WARN, 'batches dropped or detections refused'
+        if stats['batches_failed']:
+            level, message = ERROR, f'batches failed to store: {self._last_error}'
+        # common.OK/WARN/ERROR are the message constants (bytes in these rclpy builds);
+        # diagnostic_status wants the number.
+        level = level[0] if isinstance(level, bytes) else level
+        values = dict(stats, queue_depth=self._queue.qsize(), queue_size=self._queue.maxsize,
+                      schema_version=self.store.schema_version, last_error=self._last_error)
+        publish_diagnostics(self, self._diagnostics, [
+            diagnostic_status('registry_node: database', str(self.store.path), level, message, values)])
+
+    def close(self) -> None:
+        """Store what is queued, then close the database."""
+        self._queue.put(None)
+        self._worker.join(timeout=30.0)
+        self.store.close()
+
+
+def main(args=None) -> None:
+    run_node(RegistryNode, args=args)
+
+
+if __name__ == '__main__':
+    main()
