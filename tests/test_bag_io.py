@@ -235,6 +235,9 @@ def test_replay_refuses_a_topic_recorded_with_another_definition(ros, tmp_path):
         writer.write(stale, 1, _frame_bytes(0))
     with BagReader(bag) as reader:
         assert 'different definition' in reader.definition_mismatch('/scan/tiles')
+        # decoded with the definition stored in the bag, not the one known here
+        (message,) = reader.messages()
+        assert reader.deserialize(message).tile_index == 0
     with pytest.raises(UnknownTypeError, match='recorded with a different definition of flake_msgs/msg/ScanFrame'):
         BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag))])
     with BagReader(_write_bag(tmp_path / 'current')) as reader:

@@ -182,7 +182,7 @@ class BagReader:
                 EOFError, AssertionError) as exc:
             raise _wrap(self.path, exc, 'opening') from exc
         self._typestore: Typestore = typestore()
-        self._own_types_registered: set[str] = set()
+        self._stores: dict[str, Typestore] = {}
         self.topics = self._collect_topics(self._reader.connections)
 
     @staticmethod
@@ -247,26 +247,35 @@ class BagReader:
         except Exception as exc:  # noqa: BLE001 - a storage library failing mid-file is a bag problem
             raise _wrap(self.path, exc, 'reading messages') from exc
 
-    def _ensure_type(self, msgtype: str) -> None:
-        if msgtype in self._typestore.fielddefs or msgtype in self._own_types_registered:
-            return
+    def _store_for(self, msgtype: str) -> Typestore:
+        """The typestore that decodes ``msgtype`` as it was recorded.
+
+        The shared store when the type is known here with the same definition; else one
+        built from the definition stored in the bag (foreign types, older versions).
+        """
+        if msgtype in self._stores:
+            return self._stores[msgtype]
+        stale = any(self.definition_mismatch(t) for t, i in self.topics.items() if i.msgtype == msgtype)
+        if msgtype in self._typestore.fielddefs and not stale:
+            return self._typestore
         definition = next((c.msgdef for c in self._reader.connections if c.msgtype == msgtype), None)
         if definition is None or definition.format != MessageDefinitionFormat.MSG or not definition.data:
             raise UnknownTypeError(f'bag {self.path}: message type {msgtype} is unknown here and the bag '
                                    'carries no .msg definition for it')
         try:
             types = _types_from_concatenated_msgdef(definition.data, msgtype)
+            store = _store_with(self._typestore, types)
         except Exception as exc:  # noqa: BLE001 - a garbled definition is an unknown type
             raise UnknownTypeError(f'bag {self.path}: cannot parse the definition of {msgtype} '
                                    f'stored in the bag: {exc}') from exc
-        self._typestore = _extended_copy(self._typestore, types)
-        self._own_types_registered.add(msgtype)
+        self._stores[msgtype] = store
+        return store
 
     def deserialize(self, message: BagMessage):
         """The message as a rosbags dataclass (fields as in the .msg, arrays as numpy)."""
-        self._ensure_type(message.msgtype)
+        store = self._store_for(message.msgtype)
         try:
-            return self._typestore.deserialize_cdr(message.data, message.msgtype)
+            return store.deserialize_cdr(message.data, message.msgtype)
         except Exception as exc:  # noqa: BLE001 - bad bytes in a message are a corrupt bag
             raise CorruptBagError(f'bag {self.path}: a {message.msgtype} message on {message.topic} at '
                                   f't={message.timestamp} ns cannot be decoded: {exc}') from exc
@@ -297,13 +306,13 @@ def _types_from_concatenated_msgdef(text: str, msgtype: str) -> dict:
     return types
 
 
-def _extended_copy(store: Typestore, types: dict) -> Typestore:
-    """A typestore with ``types`` added, leaving the shared one untouched."""
+def _store_with(store: Typestore, types: dict) -> Typestore:
+    """A copy of ``store`` in which ``types`` replace definitions of the same name."""
     from rosbags.typesys import Stores, get_typestore
 
     copy = get_typestore(Stores.EMPTY)
-    copy.register(dict(store.fielddefs))
-    copy.register({name: value for name, value in types.items() if name not in store.fielddefs})
+    copy.register({name: value for name, value in store.fielddefs.items() if name not in types})
+    copy.register(types)
     return copy
 
 
