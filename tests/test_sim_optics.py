@@ -84,3 +84,23 @@ def _contrast_on_rendered_frame(layers: int) -> np.ndarray:
 @pytest.mark.parametrize('layers', [1, 2, 3])
 def test_rendered_graphene_contrast_on_90nm_matches_measured(layers):
     np.testing.assert_allclose(_contrast_on_rendered_frame(layers), measured_graphene(layers), atol=0.03)
+
+
+@pytest.mark.parametrize('material', ['graphene', 'hbn', 'mos2', 'wte2', 'residue'])
+def test_vectorised_transfer_matrix_equals_the_tmm_package(material):
+    thicknesses = np.array([0.335, 3.0, 27.0, 150.0, 900.0])
+    for oxide in optics.OXIDE_THICKNESSES_NM:
+        for wavelength in (440.0, 535.0, 640.0):
+            fast = optics.stack_reflectance(material, thicknesses, oxide, wavelength)
+            reference = [optics.tmm_reflectance(material, d, oxide, wavelength) for d in thicknesses]
+            np.testing.assert_allclose(fast, reference, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(optics.stack_reflectance(None, 0.0, oxide, 500.0),
+                                   optics.tmm_reflectance(None, 0.0, oxide, 500.0), rtol=1e-9)
+
+
+def test_contrast_table_is_consistent_with_single_lookups():
+    model = optics.default_model()
+    table = model.contrast_table('mos2', 285.0)
+    assert table.shape == (300, 3)
+    np.testing.assert_allclose(table[6], optics.model_contrast('mos2', 7 * 0.65, 285.0))
+    np.testing.assert_allclose(model.contrast_table('graphene', 90.0)[0], measured_graphene(1))

@@ -180,6 +180,10 @@ class CameraModel:
         self._noise: np.ndarray | None = None
         self._vignette_key = None
         self._vignette: np.ndarray | None = None
+        self._gain_key = None
+        self._template_key = None
+        self._template: np.ndarray | None = None
+        self._gain: np.ndarray | None = None
         self.settings = settings or CameraSettings()
         rng = np.random.default_rng([wafer.config.seed, 0xF0C5])
         corners = wafer.corner_positions_stage()
@@ -299,10 +303,13 @@ class CameraModel:
         s = self._settings
         to_wafer = self.pixel_to_wafer(stage_x, stage_y)
         to_pixel = to_wafer.inverse()
-        canvas = np.empty((s.height, s.width, 3), np.float32)
-        canvas[:] = self._OFF_CHIP_REFLECTANCE
-        chip = self._to_pixels(to_pixel, self.wafer.chip_polygon())
-        cv2.fillPoly(canvas, [chip], self._reflectance(None).tolist(), lineType=cv2.LINE_8, shift=4)
+        frame = to_wafer.apply_points(np.array([[-1, -1], [s.width, -1], [-1, s.height], [s.width, s.height]]))
+        if all(self.wafer.contains(fx, fy) for fx, fy in frame):
+            canvas = self._uniform(tuple(self._reflectance(None)))
+        else:
+            canvas = self._uniform(self._OFF_CHIP_REFLECTANCE)
+            chip = self._to_pixels(to_pixel, self.wafer.chip_polygon())
+            cv2.fillPoly(canvas, [chip], self._reflectance(None).tolist(), lineType=cv2.LINE_8, shift=4)
         for obj in self._visible_objects(to_wafer):
             value = self._line_value(obj) if obj.shape == 'line' else self._reflectance(obj)
             self._draw(canvas, obj, to_pixel, value.tolist())
@@ -310,6 +317,15 @@ class CameraModel:
         while len(self._raster_cache) > self._RASTER_CACHE:
             self._raster_cache.popitem(last=False)
         return canvas
+
+    def _uniform(self, colour: tuple) -> np.ndarray:
+        """A fresh (H, W, 3) float32 image of one colour (copying a template beats broadcasting)."""
+        s = self._settings
+        key = (s.width, s.height, colour)
+        if self._template_key != key:
+            self._template = np.tile(np.asarray(colour, np.float32), (s.height, s.width, 1))
+            self._template_key = key
+        return self._template.copy()
 
     def _channel_scale(self) -> np.ndarray:
         """Digital numbers per unit reflectance, per channel (B, G, R)."""
@@ -364,27 +380,36 @@ class CameraModel:
             z = self.focal_plane_z(stage_x, stage_y)
         s = self._settings
         image = self._blur(self._raster(stage_x, stage_y), self.blur_sigma_px(stage_x, stage_y, z))
-        image *= self._channel_scale()
-        image *= self._vignette_map()
+        cv2.multiply(image, self._gain_map(), dst=image)
         if s.shot_noise or s.read_noise_dn > 0:
+            # Shot noise variance grows with the signal (electrons = DN / dn_per_electron).
             dn_per_electron = 255.0 * s.gain / s.full_well_e if s.shot_noise else 0.0
-            variance = image * dn_per_electron if s.shot_noise else np.zeros_like(image)
-            variance += s.read_noise_dn ** 2
-            np.maximum(variance, 0.0, out=variance)
-            std = np.sqrt(variance, out=variance)
+            std = cv2.addWeighted(image, dn_per_electron, image, 0.0, s.read_noise_dn ** 2)
+            np.maximum(std, 0.0, out=std)
+            cv2.sqrt(std, dst=std)
             noise = self._noise_buffer()
             pose = [s.seed, *(int(round(v * 1e9)) & 0xFFFFFFFF for v in (stage_x, stage_y, z))]
             start = int(np.random.default_rng(pose).integers(0, noise.size - image.size))
-            std *= noise[start:start + image.size].reshape(image.shape)
-            image += std
+            cv2.multiply(std, noise[start:start + image.size].reshape(image.shape), dst=std)
+            cv2.add(image, std, dst=image)
+        np.maximum(image, 0.0, out=image)
         if s.gamma != 1.0:
             # A 12-bit lookup: keeps the dark levels and is far cheaper than a float power.
             image *= 16.0
-            np.clip(image, 0.0, 4095.0, out=image)
+            np.minimum(image, 4095.0, out=image)
             return self._gamma_table(s.gamma)[image.astype(np.uint16)]
-        image += 0.5
-        np.clip(image, 0.0, 255.0, out=image)
-        return image.astype(np.uint8)
+        # Rounds and saturates to 0..255 (the input is already non-negative).
+        return cv2.convertScaleAbs(image)
+
+    def _gain_map(self) -> np.ndarray:
+        """Per-pixel, per-channel DN per unit reflectance: channel response times vignetting."""
+        s = self._settings
+        key = (s.width, s.height, s.vignetting, s.lamp_temperature_k, s.white_balance_k, s.intensity,
+               s.exposure_s, s.gain, s.substrate_level, self.wafer.config.oxide_nm)
+        if self._gain_key != key:
+            self._gain = np.ascontiguousarray(self._vignette_map() * self._channel_scale()[None, None, :])
+            self._gain_key = key
+        return self._gain
 
     @staticmethod
     @functools.lru_cache(maxsize=4)

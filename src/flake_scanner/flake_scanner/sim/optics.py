@@ -85,7 +85,20 @@ def _band(channel: int) -> tuple[np.ndarray, np.ndarray]:
     return centre + width * offsets, weights / weights.sum()
 
 
-def _stack_reflectance(film: str | None, film_nm: float, oxide_nm: float, wavelength_nm: float) -> float:
+def _bands() -> tuple[np.ndarray, np.ndarray]:
+    """Wavelengths (3, BAND_SAMPLES) and weights (3, BAND_SAMPLES) of the B, G, R bands."""
+    bands = [_band(c) for c in range(3)]
+    return np.stack([b[0] for b in bands]), np.stack([b[1] for b in bands])
+
+
+def _indices(material: str, wavelengths_nm: np.ndarray) -> np.ndarray:
+    values = np.array(REFRACTIVE_INDEX[material])
+    return (np.interp(wavelengths_nm, _ANCHOR_NM, values.real)
+            + 1j * np.interp(wavelengths_nm, _ANCHOR_NM, values.imag))
+
+
+def tmm_reflectance(film: str | None, film_nm: float, oxide_nm: float, wavelength_nm: float) -> float:
+    """Reflectance of air/film/SiO2/Si at one wavelength from the ``tmm`` package (the reference)."""
     n_si = refractive_index('si', wavelength_nm)
     n_ox = refractive_index('sio2', wavelength_nm)
     if film is None or film_nm <= 0:
@@ -96,14 +109,39 @@ def _stack_reflectance(film: str | None, film_nm: float, oxide_nm: float, wavele
     return float(tmm.coh_tmm('s', n_list, d_list, 0.0, wavelength_nm)['R'])
 
 
+def stack_reflectance(film: str | None, film_nm, oxide_nm: float, wavelength_nm) -> np.ndarray:
+    """Reflectance of air/film/SiO2/Si at normal incidence, vectorised over thickness and wavelength.
+
+    The same characteristic-matrix (transfer-matrix) product that ``tmm.coh_tmm`` evaluates one
+    wavelength at a time; tests hold the two equal. Arrays broadcast against each other.
+    """
+    lam = np.asarray(wavelength_nm, dtype=np.float64)
+    n_ox, n_si = _indices('sio2', lam), _indices('si', lam)
+
+    def layer(n, d):
+        delta = 2.0 * np.pi * n * d / lam
+        cos, sin = np.cos(delta), np.sin(delta)
+        return cos, -1j * sin / n, -1j * n * sin, cos
+
+    a, b, c, d = layer(n_ox, oxide_nm)
+    if film is not None:
+        d_film = np.asarray(film_nm, dtype=np.float64)
+        fa, fb, fc, fd = layer(_indices(film, lam), d_film)
+        a, b, c, d = fa * a + fb * c, fa * b + fb * d, fc * a + fd * c, fc * b + fd * d
+    big_b, big_c = a + b * n_si, c + d * n_si
+    return np.abs((big_b - big_c) / (big_b + big_c)) ** 2
+
+
+def band_reflectance(film: str | None, film_nm, oxide_nm: float) -> np.ndarray:
+    """Band reflectance (..., 3) in B, G, R order for film thicknesses ``film_nm`` (any shape)."""
+    wavelengths, weights = _bands()
+    thickness = np.asarray(film_nm, dtype=np.float64)[..., None, None]
+    return (stack_reflectance(film, thickness, oxide_nm, wavelengths) * weights).sum(axis=-1)
+
+
 @functools.lru_cache(maxsize=8192)
 def _reflectance_cached(film: str | None, film_nm: float, oxide_nm: float) -> tuple[float, float, float]:
-    values = []
-    for channel in range(3):
-        wavelengths, weights = _band(channel)
-        values.append(sum(w * _stack_reflectance(film, film_nm, oxide_nm, lam)
-                          for lam, w in zip(wavelengths, weights, strict=True)))
-    return tuple(values)
+    return tuple(float(v) for v in band_reflectance(film, film_nm if film else 0.0, oxide_nm))
 
 
 def _check_oxide(oxide_nm: float) -> float:
@@ -172,11 +210,13 @@ class OpticsModel:
 
     def __init__(self, calibrations: list[ContrastCalibration] | None = None):
         self._calibrations: dict[tuple[str, float], ContrastCalibration] = {}
+        self._tables: dict[tuple, np.ndarray] = {}
         for cal in calibrations or []:
             self.add_calibration(cal)
 
     def add_calibration(self, calibration: ContrastCalibration) -> None:
         self._calibrations[(calibration.material, calibration.oxide_nm)] = calibration
+        self._tables.clear()
 
     def calibration(self, material: str, oxide_nm: float) -> ContrastCalibration | None:
         return self._calibrations.get((_check_material(material), _check_oxide(oxide_nm)))
@@ -186,9 +226,8 @@ class OpticsModel:
         layers = int(layers)
         if layers < 1:
             raise ValueError(f'layer count must be >= 1, got {layers}')
-        cal = self.calibration(material, oxide_nm)
-        if cal is not None and layers in cal.mean:
-            return cal.mean[layers].copy()
+        if layers <= 300:
+            return self.contrast_table(material, oxide_nm)[layers - 1].copy()
         return model_contrast(material, layers * layer_thickness_nm(material), oxide_nm)
 
     def film_contrast(self, material: str, thickness_nm: float, oxide_nm: float) -> np.ndarray:
@@ -202,7 +241,19 @@ class OpticsModel:
 
     def contrast_table(self, material: str, oxide_nm: float, max_layers: int = 300) -> np.ndarray:
         """(max_layers, 3) contrast for 1..max_layers layers; row i is i + 1 layers."""
-        return np.stack([self.flake_contrast(material, n, oxide_nm) for n in range(1, max_layers + 1)])
+        key = (_check_material(material), _check_oxide(oxide_nm), int(max_layers))
+        table = self._tables.get(key)
+        if table is None:
+            layers = np.arange(1, max_layers + 1)
+            sub = substrate_reflectance(oxide_nm)
+            table = band_reflectance(key[0], layers * layer_thickness_nm(material), key[1]) / sub - 1.0
+            cal = self.calibration(material, oxide_nm)
+            for n, mean in (cal.mean.items() if cal else []):
+                if 1 <= n <= max_layers:
+                    table[n - 1] = mean
+            table.setflags(write=False)
+            self._tables[key] = table
+        return table
 
 
 def default_calibrations() -> list[ContrastCalibration]:

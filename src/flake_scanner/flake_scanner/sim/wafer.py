@@ -14,6 +14,7 @@ software measures it through three chip corners (``corner_positions_stage``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import functools
 import math
 
 import cv2
@@ -57,13 +58,13 @@ class WaferObject:
     def z_order(self) -> int:
         return Z_ORDER[self.kind]
 
-    @property
+    @functools.cached_property
     def bbox(self) -> tuple[float, float, float, float]:
         pad = self.line_width_m / 2
         lo, hi = self.polygon.min(axis=0), self.polygon.max(axis=0)
         return float(lo[0] - pad), float(lo[1] - pad), float(hi[0] + pad), float(hi[1] + pad)
 
-    @property
+    @functools.cached_property
     def centre(self) -> tuple[float, float]:
         """Area centroid of a polygon (mean of the path for a line) [m]."""
         pts = self.polygon
