@@ -1,0 +1,233 @@
+"""Node ``autofocus_node``: the ``/autofocus`` action (flake_msgs/action/Autofocus).
+
+For each z the search asks for (flake_scanner.autofocus.FocusSearch), the node moves
+the stage z through ``/stage/move`` (waiting for it to settle), takes the first frame
+of ``/camera/image_raw`` exposed after that (asking ``/camera/capture`` for one when
+the service exists), computes the focus measure in a worker thread, and publishes
+feedback. Everything is awaited: no callback blocks the executor. Cancelling stops
+after the current frame; the stage is left at the best z found so far.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+import math
+import time
+
+from geometry_msgs.msg import Point
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.node import Node
+from rclpy.task import Future
+from sensor_msgs.msg import Image
+from std_srvs.srv import Trigger
+
+from flake_msgs.action import Autofocus
+from flake_msgs.msg import StageState
+from flake_msgs.srv import MoveStage
+from flake_scanner.autofocus import FOCUS_MEASURES, FocusSearch, focus_measure
+from flake_scanner.nodes.common import SENSOR_SUBSCRIBER_QOS, Param, declare_parameters, run_node
+from flake_scanner.ros_image import image_to_numpy
+
+PARAMS = [
+    Param('search_range', 50e-6, 'full z range searched when the goal gives 0 [m]', minimum=1e-7, maximum=5e-3),
+    Param('measure', 'tenengrad', 'focus measure when the goal gives none', choices=tuple(FOCUS_MEASURES)),
+    Param('max_frames', 15, 'frame budget when the goal gives 0', minimum=3, maximum=500),
+    Param('coarse_frames', 7, 'frames of the coarse sweep before refinement', minimum=3, maximum=100),
+    Param('tolerance', 1.5e-6, 'stop refining once the bracket is narrower than this [m] '
+          '(about a quarter of the depth of field)', minimum=0.0, maximum=1e-3),
+    Param('move_timeout', 30.0, 'time allowed for one z move [s]', minimum=0.1, maximum=600.0),
+    Param('frame_timeout', 10.0, 'time allowed for a frame to arrive [s]', minimum=0.1, maximum=120.0),
+]
+
+
+class AutofocusError(RuntimeError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class AutofocusNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__('autofocus_node', **kwargs)
+        self.params = declare_parameters(self, PARAMS)
+        self.group = ReentrantCallbackGroup()
+        self.move_client = self.create_client(MoveStage, '/stage/move', callback_group=self.group)
+        self.capture_client = self.create_client(Trigger, '/camera/capture', callback_group=self.group)
+        self.create_subscription(StageState, '/stage/state', self._on_stage_state, 10, callback_group=self.group)
+        self.create_subscription(Image, '/camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
+                                 callback_group=self.group)
+        self.stage_state: StageState | None = None
+        self._image_waiters: list[tuple[int, Future]] = []
+        self._measure_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='focus-measure')
+        self._busy = False
+        self.action_server = ActionServer(
+            self, Autofocus, '/autofocus', execute_callback=self._execute,
+            goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+            callback_group=self.group)
+        self.get_logger().info('autofocus ready: action /autofocus')
+
+    def close(self) -> None:
+        self._measure_pool.shutdown(wait=True, cancel_futures=True)
+        self.action_server.destroy()
+
+    # ------------------------------------------------------------------ inputs
+    def _on_stage_state(self, msg: StageState) -> None:
+        self.stage_state = msg
+
+    def _on_image(self, msg: Image) -> None:
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        waiting = []
+        for after, future in self._image_waiters:
+            if future.done():
+                continue
+            if stamp > after:
+                future.set_result(msg)
+            else:
+                waiting.append((after, future))
+        self._image_waiters = waiting
+
+    # ------------------------------------------------------------------ async helpers
+    def _sleep(self, seconds: float) -> Future:
+        future = Future()
+
+        def fire():
+            timer.cancel()
+            if not future.done():
+                future.set_result(None)
+
+        timer = self.create_timer(seconds, fire, callback_group=self.group)
+        future.add_done_callback(lambda _f: self.destroy_timer(timer))
+        return future
+
+    async def _await(self, future: Future, seconds: float, what: str):
+        """``future``'s result, or AutofocusError(DEVICE) after ``seconds``."""
+        first = Future()  # True when ``future`` finished, False when the time ran out
+
+        def settle(value: bool) -> None:
+            if not first.done():
+                first.set_result(value)
+
+        if not future.done():
+            timer = self.create_timer(seconds, lambda: settle(False), callback_group=self.group)
+            future.add_done_callback(lambda _f: settle(True))
+            try:
+                finished = await first
+            finally:
+                timer.cancel()
+                self.destroy_timer(timer)
+            if not finished:
+                future.cancel()
+                raise AutofocusError(Autofocus.Result.ERROR_DEVICE, f'{what}: no answer within {seconds} s')
+        return future.result()
+
+    def _in_thread(self, function, *args) -> Future:
+        future = Future()
+
+        def finish(done):
+            if done.exception() is not None:
+                future.set_exception(done.exception())
+            else:
+                future.set_result(done.result())
+
+        self._measure_pool.submit(function, *args).add_done_callback(finish)
+        return future
+
+    async def _move_z(self, x: float, y: float, z: float) -> None:
+        if not self.move_client.service_is_ready():
+            raise AutofocusError(Autofocus.Result.ERROR_DEVICE, 'stage service /stage/move is not available')
+        request = MoveStage.Request(target=Point(x=x, y=y, z=float(z)), wait=True)
+        response = await self._await(self.move_client.call_async(request), self.params['move_timeout'],
+                                     'stage move')
+        if not response.success:
+            raise AutofocusError(Autofocus.Result.ERROR_DEVICE,
+                                 f'stage refused z = {z * 1e6:.2f} um: {response.error_code} {response.message}')
+
+    async def _frame_after_now(self) -> Image:
+        after = self.get_clock().now().nanoseconds
+        future = Future()
+        self._image_waiters.append((after, future))
+        if self.capture_client.service_is_ready():
+            self.capture_client.call_async(Trigger.Request())
+        return await self._await(future, self.params['frame_timeout'], 'camera frame (is camera_node active?)')
+
+    # ------------------------------------------------------------------ action
+    def _on_goal(self, goal: Autofocus.Goal) -> GoalResponse:
+        if self._busy:
+            self.get_logger().warning('autofocus goal rejected: another one is running')
+            return GoalResponse.REJECT
+        self._busy = True
+        return GoalResponse.ACCEPT
+
+    async def _execute(self, goal_handle) -> Autofocus.Result:
+        result = Autofocus.Result()
+        try:
+            return await self._focus(goal_handle, result)
+        except AutofocusError as error:
+            result.error_code, result.message = error.code, str(error)
+            self.get_logger().error(f'autofocus failed: {error}')
+            goal_handle.abort()
+            return result
+        finally:
+            self._busy = False
+
+    def _search_for(self, goal: Autofocus.Goal, current_z: float) -> tuple[FocusSearch, str]:
+        measure = goal.measure or self.params['measure']
+        if measure not in FOCUS_MEASURES:
+            raise AutofocusError(Autofocus.Result.ERROR_INVALID_ARGUMENT,
+                                 f'unknown measure {measure!r}; choose one of {sorted(FOCUS_MEASURES)}')
+        search_range = goal.search_range or self.params['search_range']
+        max_frames = goal.max_frames or self.params['max_frames']
+        centre = current_z if goal.use_current or not math.isfinite(goal.z_center) else goal.z_center
+        try:
+            search = FocusSearch(centre, search_range, max_frames=max_frames,
+                                 coarse_frames=min(self.params['coarse_frames'], max_frames),
+                                 tolerance=self.params['tolerance'])
+        except ValueError as error:
+            raise AutofocusError(Autofocus.Result.ERROR_INVALID_ARGUMENT, str(error)) from None
+        return search, measure
+
+    async def _focus(self, goal_handle, result: Autofocus.Result) -> Autofocus.Result:
+        deadline = time.monotonic() + self.params['move_timeout']
+        while self.stage_state is None:
+            if time.monotonic() > deadline:
+                raise AutofocusError(Autofocus.Result.ERROR_DEVICE, 'no /stage/state received: is stage_node active?')
+            await self._sleep(0.02)
+        position = self.stage_state.position
+        x, y = position.x, position.y
+        search, measure = self._search_for(goal_handle.request, position.z)
+        feedback = Autofocus.Feedback()
+        while (z := search.next_z()) is not None:
+            if goal_handle.is_cancel_requested:
+                break
+            await self._move_z(x, y, z)
+            frame = await self._frame_after_now()
+            score = await self._await(self._in_thread(
+                lambda msg=frame: focus_measure(image_to_numpy(msg), measure)), 30.0, 'focus measure')
+            search.report(z, score)
+            best_z, _ = search.best()
+            feedback.frames_used, feedback.z, feedback.score, feedback.best_z = (
+                search.frames_used, float(z), float(score), float(best_z))
+            goal_handle.publish_feedback(feedback)
+        if search.frames_used:
+            best_z, best_score = search.best()
+            await self._move_z(x, y, best_z)
+            result.z, result.score = float(best_z), float(best_score)
+        result.frames_used = search.frames_used
+        if goal_handle.is_cancel_requested:
+            result.error_code, result.message = Autofocus.Result.ERROR_CANCELED, 'canceled'
+            goal_handle.canceled()
+            return result
+        result.success = True
+        result.message = f'focus at z = {result.z * 1e6:.2f} um after {result.frames_used} frames ({measure})'
+        self.get_logger().info(result.message)
+        goal_handle.succeed()
+        return result
+
+
+def main(args=None) -> None:
+    run_node(AutofocusNode, args=args)
+
+
+if __name__ == '__main__':
+    main()
