@@ -1,0 +1,100 @@
+"""Stage and autofocus figures: serial round trips over a pty, autofocus accuracy on random planes.
+
+Run: `source env.sh && python bench/bench_stage.py [--planes N] [--commands N]`. Prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from flake_scanner.autofocus import FOCUS_MEASURES, FocusSearch, focus_measure, run_focus_search
+from flake_scanner.sim.camera import CameraModel, CameraSettings
+from flake_scanner.sim.wafer import VirtualWafer
+from flake_scanner.stage.driver import StageDriver
+from flake_scanner.stage.emulator import EmulatorConfig, StageEmulator
+
+
+def serial_latency(commands: int, drop: float, garbage: float) -> dict:
+    config = EmulatorConfig(time_scale=100.0, drop_probability=drop, garbage_probability=garbage, seed=3)
+    timings = {'WHERE': [], 'STATUS': [], 'MOVE': []}
+    with StageEmulator(config) as emulator, StageDriver(emulator.port, timeout=0.05, retries=5) as driver:
+        for i in range(commands):
+            for name, call in (('WHERE', driver.where), ('STATUS', driver.is_busy),
+                               ('MOVE', lambda i=i: driver.move_to(x=(i % 50) * 1e-5, wait=False))):
+                started = time.perf_counter()
+                call()
+                timings[name].append(time.perf_counter() - started)
+        counters = driver.counters
+    return {'timings': timings, 'retries': counters.retries, 'faults': counters.faults,
+            'resyncs': counters.resyncs, 'lost': counters.lost_replies}
+
+
+def _flake_edge(wafer: VirtualWafer, camera: CameraModel, rng: np.random.Generator) -> tuple[float, float]:
+    for _ in range(100):
+        wx, wy = rng.uniform(1e-3, 9e-3, 2)
+        flakes = [o for o in wafer.objects_in_rect(wx - 3e-4, wy - 3e-4, wx + 3e-4, wy + 3e-4)
+                  if o.kind == 'flake']
+        if flakes:
+            x, y = wafer.wafer_to_stage.apply(*flakes[0].polygon[0])
+            if camera.ground_truth(x, y).flakes:
+                return float(x), float(y)
+    raise RuntimeError('no flake found')
+
+
+def autofocus_accuracy(planes: int, objective: str, search_range: float, centre_error: float | None):
+    rng = np.random.default_rng(11)
+    rows = {name: {'frames': [], 'error': []} for name in FOCUS_MEASURES}
+    dof = None
+    for seed in range(planes):
+        wafer = VirtualWafer.generate(seed=100 + seed)  # each wafer has its own tilted, curved focal plane
+        camera = CameraModel(wafer, CameraSettings(width=256, height=256, objective=objective, seed=seed))
+        dof = camera.objective.depth_of_field_m
+        x, y = _flake_edge(wafer, camera, rng)
+        focal_z = camera.focal_plane_z(x, y)
+        centre = 0.0 if centre_error is None else focal_z + rng.uniform(-centre_error, centre_error)
+        for name in FOCUS_MEASURES:
+            search = FocusSearch(centre, search_range, max_frames=15, tolerance=dof / 4)
+            result = run_focus_search(search, lambda z, c=camera, x=x, y=y, n=name: focus_measure(
+                c.render(x, y, z), n))
+            rows[name]['frames'].append(result.frames_used)
+            rows[name]['error'].append(abs(result.z - focal_z) / dof)
+    return rows, dof
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--commands', type=int, default=300, help='commands of each kind per latency run')
+    parser.add_argument('--planes', type=int, default=20, help='random focal planes per objective')
+    args = parser.parse_args()
+
+    print('## Serial round trip over a pty (ASI MS-2000 protocol, 115200 Bd setting, emulator)\n')
+    print('| faults injected | command | n | p50 [ms] | p99 [ms] | max [ms] | retries | resyncs | faults |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for label, drop, garbage in (('none', 0.0, 0.0), ('2% lost + 2% garbage', 0.02, 0.02)):
+        run = serial_latency(args.commands, drop, garbage)
+        for name, values in run['timings'].items():
+            ms = np.array(values) * 1e3
+            print(f'| {label} | {name} | {len(ms)} | {np.percentile(ms, 50):.3f} | {np.percentile(ms, 99):.2f} '
+                  f'| {ms.max():.1f} | {run["retries"]} | {run["resyncs"]} | {run["faults"]} |')
+    print('\nRetries and resyncs are totals over the run; a lost reply costs one reply timeout (50 ms here).\n')
+
+    print('## Autofocus on random tilted, curved focal planes (simulated camera, 256x256 px, budget 15 frames)\n')
+    print('| objective | search | measure | planes | frames mean | frames max | mean abs(dz)/DOF '
+          '| p95 abs(dz)/DOF | max abs(dz)/DOF | within DOF/2 |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for objective, search_range, centre_error in (('10x', 50e-6, None), ('50x', 8e-6, 3e-6)):
+        rows, dof = autofocus_accuracy(args.planes, objective, search_range, centre_error)
+        where = (f'{search_range * 1e6:.0f} um around z=0' if centre_error is None
+                 else f'{search_range * 1e6:.0f} um around a guess off by <= {centre_error * 1e6:.0f} um')
+        for name, row in rows.items():
+            frames, error = np.array(row['frames']), np.array(row['error'])
+            print(f'| {objective} (DOF {dof * 1e6:.2f} um) | {where} | {name} | {len(error)} | {frames.mean():.1f} '
+                  f'| {frames.max()} | {error.mean():.3f} | {np.percentile(error, 95):.3f} | {error.max():.3f} '
+                  f'| {(error <= 0.5).mean() * 100:.0f}% |')
+
+
+if __name__ == '__main__':
+    main()
