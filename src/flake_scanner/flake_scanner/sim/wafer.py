@@ -134,16 +134,22 @@ class WaferConfig:
 
 def _clip_half_plane(poly: np.ndarray, normal: np.ndarray, offset: float) -> np.ndarray:
     """Keep the part of a convex polygon with ``normal . p <= offset``."""
+    pts = np.asarray(poly, dtype=np.float64)
+    if len(pts) == 0:
+        return pts.reshape(0, 2)
+    side = (pts @ np.asarray(normal, dtype=np.float64) - offset).tolist()
+    xy = pts.tolist()
     out = []
-    n = len(poly)
+    n = len(xy)
+    # Plain floats: this runs for every cleavage cut of every flake.
     for i in range(n):
-        p, q = poly[i], poly[(i + 1) % n]
-        dp, dq = normal @ p - offset, normal @ q - offset
+        (px, py), (qx, qy) = xy[i], xy[(i + 1) % n]
+        dp, dq = side[i], side[(i + 1) % n]
         if dp <= 0:
-            out.append(p)
+            out.append((px, py))
         if (dp < 0 < dq) or (dq < 0 < dp):
             t = dp / (dp - dq)
-            out.append(p + t * (q - p))
+            out.append((px + t * (qx - px), py + t * (qy - py)))
     return np.array(out) if out else np.zeros((0, 2))
 
 
