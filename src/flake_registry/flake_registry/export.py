@@ -9,6 +9,7 @@ or evaluate an instance-segmentation model.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import csv
 from dataclasses import asdict
 import json
@@ -16,7 +17,7 @@ import time
 from typing import IO, Any
 
 from flake_registry.query import LAYER_NAMES, MATERIALS, STATUS_NAMES, RegistryError
-from flake_registry.store import SCHEMA_VERSION, FlakeStore
+from flake_registry.store import SCHEMA_VERSION, FlakeRecord, FlakeStore
 from flake_scanner.geometry import Affine2D
 
 FORMATS = ('json', 'csv', 'coco')
@@ -54,11 +55,12 @@ def export_json(store: FlakeStore, out: IO[str], chip_id: str = '', scan_id: str
     return len(flakes)
 
 
-def export_csv(store: FlakeStore, out: IO[str], chip_id: str = '', scan_id: str = '') -> int:
+def write_flake_csv(flakes: Iterable[FlakeRecord], out: IO[str]) -> int:
+    """One row per flake (SI units; outline as a JSON list); returns the number of rows."""
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction='ignore')
     writer.writeheader()
     count = 0
-    for flake in store.iter_flakes(**_scope(chip_id, scan_id)):
+    for flake in flakes:
         row = asdict(flake)
         row['layer_class'] = LAYER_NAMES[flake.layer_class]
         row['status'] = STATUS_NAMES[flake.status]
@@ -66,6 +68,10 @@ def export_csv(store: FlakeStore, out: IO[str], chip_id: str = '', scan_id: str 
         writer.writerow(row)
         count += 1
     return count
+
+
+def export_csv(store: FlakeStore, out: IO[str], chip_id: str = '', scan_id: str = '') -> int:
+    return write_flake_csv(store.iter_flakes(**_scope(chip_id, scan_id)), out)
 
 
 def coco_categories() -> list[dict[str, Any]]:
