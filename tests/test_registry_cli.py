@@ -37,7 +37,7 @@ def test_query_prints_a_table_with_human_units(registry_file):
     assert lines[-1] == '1-2 of 2 flakes'
     near = cli(registry_file, 'query', '--near-mm', '3.1,0', '--within-um', '1500', '--sort', 'distance',
                '--format', 'json')
-    assert [f['x'] for f in json.loads(near)['flakes']] == pytest.approx([3e-3, 2e-3, 4e-3])
+    assert [f['x'] for f in json.loads(near)['flakes']] == pytest.approx([3e-3, 4e-3, 2e-3])
 
 
 def test_show_and_export(registry_file, tmp_path):
