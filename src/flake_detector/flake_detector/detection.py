@@ -216,3 +216,47 @@ def region_quality(mask: np.ndarray, contrast: np.ndarray | None = None) -> dict
             long_segments = seg[seg >= max(5.0, 0.1 * perimeter)].sum()
             out['edge_straightness'] = float(np.clip(long_segments / perimeter, 0.0, 1.0))
     return out
+
+
+@dataclass
+class WaferGeometry:
+    """Where a detection lies on the chip: what the registry keys a flake by."""
+
+    centre: tuple[float, float]  # wafer frame [m]
+    contour: np.ndarray  # (N, 2) outline, wafer frame [m]
+    area_m2: float
+    isolation_m: float  # distance to the nearest other detection (or frame edge) [m]
+
+
+def wafer_geometry(detection: Detection, pixel_to_wafer, frame_shape: tuple[int, int],
+                   max_points: int = 64) -> WaferGeometry:
+    """Centre, outline, area and isolation of ``detection`` in the wafer frame.
+
+    ``pixel_to_wafer`` is a flake_scanner.geometry.Affine2D (pixel centres at
+    integers). The isolation is bounded by the distance to the frame edge when no
+    other detection lies in the frame, since nothing beyond it was seen.
+    """
+    import cv2
+
+    scale = pixel_to_wafer.scale  # metres per pixel
+    u, v = detection.centroid_px()
+    centre = pixel_to_wafer.apply(u, v)
+    contours, _ = cv2.findContours(detection.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if contours:
+        contour = max(contours, key=cv2.contourArea)
+        epsilon = 0.5
+        while len(contour) > max_points:
+            contour = cv2.approxPolyDP(contour, epsilon, True)
+            epsilon *= 2.0
+        points = contour.reshape(-1, 2).astype(np.float64) + np.array(detection.bbox[:2], dtype=np.float64)
+    else:
+        x, y, w, h = detection.bbox
+        points = np.array([[x, y], [x + w - 1, y], [x + w - 1, y + h - 1], [x, y + h - 1]], dtype=np.float64)
+    contour_wafer = pixel_to_wafer.apply_points(points)
+    isolation_px = detection.isolation_px
+    x, y, w, h = detection.bbox
+    to_edge = float(min(x, y, frame_shape[1] - (x + w), frame_shape[0] - (y + h)))
+    if not np.isfinite(isolation_px):
+        isolation_px = max(0.0, to_edge)
+    return WaferGeometry((float(centre[0]), float(centre[1])), contour_wafer,
+                         float(detection.area_px) * scale * scale, float(isolation_px) * scale)

@@ -380,7 +380,7 @@ class OpticalDetector:
             ok = d2[np.arange(len(best)), best] <= self.gate_sigma ** 2
             class_map = np.full(component.shape, -1, dtype=np.int32)
             class_map[component] = np.where(ok, best, -1)
-            class_map = self._settle_edges(class_map, component, min_area, scale)
+            class_map = self._settle_edges(class_map, component, min_area, scale, window, pixel_cov)
             detections.extend(self._regions(class_map, window, (x, y), noise, min_area))
         if scale < 1.0:
             detections = [_rescale(d, 1.0 / scale, (h, w)) for d in detections]
@@ -392,7 +392,7 @@ class OpticalDetector:
                            timings={'contrast': t1 - t0, 'segment': t2 - t1})
 
     def _settle_edges(self, class_map: np.ndarray, component: np.ndarray, min_area: int,
-                      scale: float) -> np.ndarray:
+                      scale: float, window: np.ndarray, pixel_cov: np.ndarray) -> np.ndarray:
         """Give the blurred rim of a flake, and specks too small to be a terrace, the
         class of the nearest interior region: across an edge the smoothed contrast
         passes through the classes in between, which are not there."""
@@ -414,7 +414,15 @@ class OpticalDetector:
             if len(small):
                 labelled[np.isin(labels, small)] = -1
         if not (labelled >= 0).any():
-            return class_map
+            # A sliver too thin for an interior: one class for the whole of it, from the
+            # pixels deepest inside (least mixed with the substrate).
+            depth = cv2.distanceTransform(component.astype(np.uint8), cv2.DIST_L2, 3)
+            deep = component & (depth >= depth.max() - 1.0)
+            d2 = mahalanobis_sq(np.median(window[deep], axis=0), self._means, self._covs + pixel_cov)[0]
+            best = int(np.argmin(d2))
+            if d2[best] > self.gate_sigma ** 2:
+                return np.full_like(class_map, -1)
+            return np.where(component, best, -1).astype(class_map.dtype)
         _, (iy, ix) = ndimage.distance_transform_edt(labelled < 0, return_indices=True)
         settled = labelled[iy, ix]
         settled[~component] = -1
@@ -438,6 +446,7 @@ class OpticalDetector:
                         continue
                     rx, ry, rw, rh, area = stats[i]
                     mask = labels[ry:ry + rh, rx:rx + rw] == i
+                    mask = _half_contrast_edge(mask, window[ry:ry + rh, rx:rx + rw])
                     values = window[ry:ry + rh, rx:rx + rw][mask]
                     estimate = estimate_from_contrast(calibration, np.median(values, axis=0),
                                                       int(area), noise)
@@ -454,6 +463,20 @@ class OpticalDetector:
                         edge_straightness=quality['edge_straightness'],
                         extra={'mahalanobis': estimate.mahalanobis, 'probability': estimate.probability}))
         return out
+
+
+def _half_contrast_edge(mask: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Trim a region to where its contrast reaches half the region's own: the edge of a
+    blurred step sits at half height, while a noise threshold lets the blur tail in."""
+    values = window[mask]
+    if len(values) < 8:
+        return mask
+    mean = np.median(values, axis=0)
+    norm = float(mean @ mean)
+    if norm < 1e-8:
+        return mask
+    trimmed = mask & ((window @ mean) / norm >= 0.5)
+    return trimmed if trimmed.sum() >= 0.5 * mask.sum() else mask
 
 
 def _rescale(detection: Detection, factor: float, shape: tuple[int, int]) -> Detection:
