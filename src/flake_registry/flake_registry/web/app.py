@@ -554,7 +554,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
                 if pixels is not None:
                     return encode_png(cv2.resize(pixels, (THUMB_PIXELS, THUMB_PIXELS),
                                                  interpolation=cv2.INTER_AREA))
-        pixels = mosaic_cutout(detail.flake, 1.6, False, THUMB_PIXELS)
+        pixels = mosaic_cutout(detail.flake, 1.6, True, THUMB_PIXELS)
         if pixels is None:
             pixels = render_outline(detail.flake.contour, THUMB_PIXELS,
                                     MATERIAL_COLOURS.get(detail.flake.material, '#b0bec5'))

@@ -92,14 +92,21 @@
     return layers.map((l) => ({flake_id: l.flake_id, rotation_deg: l.rotation_deg}));
   }
 
+  let previewNumber = 0;  // only the newest preview is drawn when several are in flight
+
   async function preview() {
-    svg.innerHTML = '';
-    coverage.innerHTML = '';
-    document.getElementById('common-area').textContent = '';
-    if (!layers.length) return;
+    const number = ++previewNumber;
+    if (!layers.length) {
+      svg.innerHTML = ''; coverage.innerHTML = ''; document.getElementById('common-area').textContent = '';
+      return;
+    }
     const response = await fetch('/api/stacks/preview', {
       method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify({layers: payloadLayers()})});
     const body = await response.json();
+    if (number !== previewNumber) return;
+    svg.innerHTML = '';
+    coverage.innerHTML = '';
+    document.getElementById('common-area').textContent = '';
     if (!response.ok) { say(errorText(body), true); return; }
     const [minX, minY, maxX, maxY] = body.overlap.bounds;
     const span = Math.max(maxX - minX, maxY - minY) * 1.1;
@@ -166,6 +173,16 @@
     link.textContent = ' download recipe JSON';
     link.id = 'recipe-link';
     message.appendChild(link);
+    const table = document.getElementById('recipes');
+    const empty = table.querySelector('td.empty');
+    if (empty) empty.parentElement.remove();
+    const row = table.insertRow(1);
+    const names = reply.layers.map((l) => `${l.material} ${l.flake_id}`).join(' / ');
+    for (const text of [reply.id, reply.name, 'now', names, reply.robot_id]) row.insertCell().textContent = text;
+    const cell = row.insertCell();
+    const json = document.createElement('a');
+    json.href = link.href; json.textContent = 'JSON';
+    cell.appendChild(json);
     search();
   }
 
