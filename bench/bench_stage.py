@@ -20,7 +20,7 @@ from flake_scanner.stage.emulator import EmulatorConfig, StageEmulator
 def serial_latency(commands: int, drop: float, garbage: float) -> dict:
     config = EmulatorConfig(time_scale=100.0, drop_probability=drop, garbage_probability=garbage, seed=3)
     timings = {'WHERE': [], 'STATUS': [], 'MOVE': []}
-    with StageEmulator(config) as emulator, StageDriver(emulator.port, timeout=0.05, retries=5) as driver:
+    with StageEmulator(config) as emulator, StageDriver(emulator.port, timeout=0.2, retries=5) as driver:
         for i in range(commands):
             for name, call in (('WHERE', driver.where), ('STATUS', driver.is_busy),
                                ('MOVE', lambda i=i: driver.move_to(x=(i % 50) * 1e-5, wait=False))):
@@ -79,7 +79,7 @@ def main() -> None:
             ms = np.array(values) * 1e3
             print(f'| {label} | {name} | {len(ms)} | {np.percentile(ms, 50):.3f} | {np.percentile(ms, 99):.2f} '
                   f'| {ms.max():.1f} | {run["retries"]} | {run["resyncs"]} | {run["faults"]} |')
-    print('\nRetries and resyncs are totals over the run; a lost reply costs one reply timeout (50 ms here).\n')
+    print('\nRetries and resyncs are totals over the run; a lost reply costs one reply timeout (200 ms here).\n')
 
     print('## Autofocus on random tilted, curved focal planes (simulated camera, 256x256 px, budget 15 frames)\n')
     print('| objective | search | measure | planes | frames mean | frames max | mean abs(dz)/DOF '

