@@ -117,16 +117,22 @@ def _replay_and_collect(executor, bag, expected: int, extra=()):
 
     sink = ros_node('bag_test_sink')
     frames, flakes, clocks = [], [], []
-    sink.create_subscription(ScanFrame, '/replayed/tiles', frames.append, PIPELINE_QOS)
-    sink.create_subscription(FlakeArray, '/bagtest/detections', flakes.append, PIPELINE_QOS)
-    sink.create_subscription(Clock, '/clock', clocks.append, PIPELINE_QOS)
+    subscriptions = [sink.create_subscription(ScanFrame, '/replayed/tiles', frames.append, PIPELINE_QOS),
+                     sink.create_subscription(FlakeArray, '/bagtest/detections', flakes.append, PIPELINE_QOS),
+                     sink.create_subscription(Clock, '/clock', clocks.append, PIPELINE_QOS)]
     replayer = BagReplayer(parameter_overrides=[
         Parameter('bag', value=str(bag)), Parameter('rate', value=0.0),
-        Parameter('remap', value='/bagtest/tiles:=/replayed/tiles'),
-        Parameter('wait_for_subscribers', value=1), *extra])
+        Parameter('remap', value='/bagtest/tiles:=/replayed/tiles'), Parameter('start_paused', value=True),
+        Parameter('start_delay', value=0.0), *extra])
     executor.add_node(sink)
     executor.add_node(replayer)
     try:
+        # every replayed topic matched on the subscriber's side too, so nothing is sent into the void
+        wanted = [s for s in subscriptions if s.topic_name in {replayer.remaps.get(t, t)
+                                                               for t in replayer.publishers_by_topic} | {'/clock'}]
+        assert spin_until(executor, lambda: all(s.get_publisher_count() >= 1 for s in wanted), timeout=20)
+        assert replayer.paused and replayer.published == 0
+        replayer.resume()
         assert spin_until(executor, lambda: replayer.finished.is_set()
                           and len(frames) + len(flakes) >= expected, timeout=30)
         spin_until(executor, lambda: False, timeout=0.3)  # let late /clock samples arrive
@@ -238,3 +244,39 @@ def test_flake_record_process_closes_the_bag_on_sigterm(executor, tmp_path):
     with BagReader(bag) as reader:
         frames = [reader.deserialize(m).tile_index for m in reader.messages()]
     assert frames == list(range(15))
+
+
+def test_loop_starts_again_from_the_beginning(executor, tmp_path):
+    from rclpy.parameter import Parameter
+    from rclpy.serialization import serialize_message
+
+    from flake_msgs.msg import ScanFrame
+    from flake_scanner.bag.replay import BagReplayer
+    from flake_scanner.nodes.common import PIPELINE_QOS
+
+    bag = tmp_path / 'loop'
+    with BagWriter(bag) as writer:
+        writer.add_topic('/bagtest/loop', SCAN_FRAME_TYPE)
+        for index in range(3):
+            writer.write('/bagtest/loop', 10**9 + index, serialize_message(_scan_frame(index)))
+    sink = ros_node('bag_test_loop_sink')
+    received = []
+    sink.create_subscription(ScanFrame, '/bagtest/loop', lambda m: received.append(m.tile_index), PIPELINE_QOS)
+    replayer = BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag)), Parameter('rate', value=0.0),
+                                                Parameter('loop', value=True), Parameter('ack_window', value=1),
+                                                Parameter('start_paused', value=True)])
+    executor.add_node(sink)
+    executor.add_node(replayer)
+    try:
+        assert spin_until(executor, lambda: list(sink.subscriptions)[0].get_publisher_count() >= 1, timeout=20)
+        replayer.resume()
+        assert spin_until(executor, lambda: len(received) >= 9, timeout=30)
+        assert not replayer.finished.is_set()
+    finally:
+        executor.remove_node(replayer)
+        executor.remove_node(sink)
+        replayer.close()
+        replayer.destroy_node()
+        sink.destroy_node()
+    assert replayer.finished.is_set() and replayer.error is None  # close() stops the loop
+    assert received[:9] == [0, 1, 2] * 3

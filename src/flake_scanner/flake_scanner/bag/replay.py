@@ -27,6 +27,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
 from rosgraph_msgs.msg import Clock
+from std_srvs.srv import Trigger
 
 from flake_scanner.bag.io import BagError, BagReader, UnknownTypeError
 from flake_scanner.bag.playback import (
@@ -57,6 +58,9 @@ PARAMS = [
     Param('wait_for_subscribers', 0, 'start only when every replayed topic has this many subscribers',
           minimum=0, maximum=1000),
     Param('wait_timeout', 30.0, 'longest wait for those subscribers [s]', minimum=0.0, maximum=3600.0),
+    Param('start_delay', 0.2, 'pause before the first message [s]: lets subscribers that were just '
+          'discovered finish matching, or they miss the first messages', minimum=0.0, maximum=3600.0),
+    Param('start_paused', False, 'wait for a call of ~/resume (std_srvs/Trigger) before playing'),
     Param('skip_unknown_types', False, 'leave out topics whose message type is unknown here (or was '
           'recorded with another definition) instead of refusing the bag'),
 ]
@@ -84,6 +88,11 @@ class BagReplayer(Node):
         self.error: BaseException | None = None
         self.finished = threading.Event()
         self._stop = threading.Event()
+        self._running = threading.Event()
+        if not self.params['start_paused']:
+            self._running.set()
+        self.create_service(Trigger, '~/pause', self._on_pause)
+        self.create_service(Trigger, '~/resume', self._on_resume)
         self._thread = threading.Thread(target=self._run, name='bag_replay', daemon=True)
         self._thread.start()
         self.create_timer(5.0, self._report_progress)
@@ -134,6 +143,8 @@ class BagReplayer(Node):
         try:
             if not self._wait_for_subscribers():
                 return
+            if self._stop.wait(self.params['start_delay']) or not self._wait_while_paused():
+                return
             start = start_time_with_offset(self.reader.start_time, self.params['start_offset'])
             while not self._stop.is_set():
                 self._play_once(start)
@@ -168,10 +179,42 @@ class BagReplayer(Node):
             message.clock.sec, message.clock.nanosec = divmod(int(bag_time_ns), NS_PER_S)
             self.clock_publisher.publish(message)
 
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def _on_pause(self, _request, response):
+        self.pause()
+        response.success, response.message = True, 'paused'
+        return response
+
+    def _on_resume(self, _request, response):
+        self.resume()
+        response.success, response.message = True, 'playing'
+        return response
+
+    def _wait_while_paused(self) -> bool:
+        """Block while paused; False when stopped meanwhile."""
+        while not self._running.wait(0.1):
+            if self._stop.is_set():
+                return False
+        return not self._stop.is_set()
+
     def _wait_until_due(self, timestamp: int) -> bool:
         """Sleep until the message is due, publishing /clock meanwhile; False when stopped."""
         period = 1.0 / self.params['clock_frequency']
         while True:
+            if not self._running.is_set():
+                paused_at = self.clock.bag_time_now()
+                if not self._wait_while_paused():
+                    return False
+                self.clock.restart(paused_at)
             remaining = self.clock.due_in(timestamp)
             if remaining <= 0.0:
                 return not self._stop.is_set()
@@ -228,6 +271,8 @@ def _parse_args(argv: list[str]) -> list[Parameter]:
     parser.add_argument('--no-clock', action='store_true', help='do not publish /clock')
     parser.add_argument('--wait-for-subscribers', type=int, default=None)
     parser.add_argument('--skip-unknown-types', action='store_true')
+    parser.add_argument('--start-paused', action='store_true', help='play once ~/resume is called')
+    parser.add_argument('--delay', type=float, default=None, help='seconds to wait before the first message')
     args = parser.parse_args(argv)
     overrides = [Parameter('bag', value=args.bag)]
     if args.rate is not None:
@@ -246,6 +291,10 @@ def _parse_args(argv: list[str]) -> list[Parameter]:
         overrides.append(Parameter('wait_for_subscribers', value=args.wait_for_subscribers))
     if args.skip_unknown_types:
         overrides.append(Parameter('skip_unknown_types', value=True))
+    if args.start_paused:
+        overrides.append(Parameter('start_paused', value=True))
+    if args.delay is not None:
+        overrides.append(Parameter('start_delay', value=float(args.delay)))
     return overrides
 
 
