@@ -1,5 +1,9 @@
 """Stage protocol codec, and the pyserial driver against the emulator over a real pty."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import serial
 
@@ -229,3 +233,18 @@ def test_random_faults_over_many_commands_are_all_recovered():
 
 def test_serial_port_is_real_pyserial(driver):
     assert isinstance(driver._serial, serial.Serial)
+
+
+def test_emulator_cli_serves_a_port_until_terminated():
+    process = subprocess.Popen([sys.executable, '-m', 'flake_scanner.stage.emulator', '--time-scale', '50'],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = process.stdout.readline().strip()
+        with StageDriver(port, timeout=0.5) as drv:
+            drv.move_to(0.001, 0.002, 0.0)
+            assert drv.where() == pytest.approx((0.001, 0.002, 0.0), abs=1e-7)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+    assert 'served' in process.stderr.read()
+    assert not os.path.lexists(port)

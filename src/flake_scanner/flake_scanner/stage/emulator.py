@@ -30,6 +30,7 @@ import math
 import os
 import random
 import select
+import signal
 import sys
 import tempfile
 import threading
@@ -374,11 +375,13 @@ def main(argv=None) -> int:
                             drop_probability=args.drop_probability,
                             garbage_probability=args.garbage_probability, seed=args.seed)
     emulator = StageEmulator(config, link_path=args.link)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     port = emulator.start()
     print(port, flush=True)
     try:
-        while True:
-            time.sleep(1.0)
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
