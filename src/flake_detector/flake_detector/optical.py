@@ -425,9 +425,8 @@ class OpticalDetector:
             return np.where(component, best, -1).astype(class_map.dtype)
         _, (iy, ix) = ndimage.distance_transform_edt(labelled < 0, return_indices=True)
         settled = labelled[iy, ix]
-        settled[~component] = -1
-        # Pixels that fit no class stay out (residue touching a flake).
-        settled[component & (class_map < 0) & ~interior] = -1
+        # Pixels that fit no class stay out (residue, or a bulk crystal touching a flake).
+        settled[~component | (class_map < 0)] = -1
         return settled
 
     def _regions(self, class_map: np.ndarray, window: np.ndarray, origin, noise: float,
@@ -450,6 +449,8 @@ class OpticalDetector:
                     values = window[ry:ry + rh, rx:rx + rw][mask]
                     estimate = estimate_from_contrast(calibration, np.median(values, axis=0),
                                                       int(area), noise)
+                    if estimate.mahalanobis > self.gate_sigma:
+                        continue  # the region as a whole fits no class of this calibration
                     quality = region_quality(mask, window[ry:ry + rh, rx:rx + rw])
                     fit = math.exp(-0.5 * max(0.0, estimate.mahalanobis - 1.0) ** 2 / 4.0)
                     size = 1.0 - math.exp(-area / (4.0 * min_area))
