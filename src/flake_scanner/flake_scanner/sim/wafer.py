@@ -183,15 +183,16 @@ def _fragment_union(rng: np.random.Generator, centre, radius: float, lattice_ang
                                       lattice_angle, float(rng.uniform(1.0, 2.0))))
     everything = np.vstack(parts)
     lo = everything.min(axis=0)
-    step = (everything.max(axis=0) - lo).max() / 120.0
-    canvas = np.zeros((125, 125), np.uint8)
+    step = (everything.max(axis=0) - lo).max() / 240.0
+    canvas = np.zeros((310, 310), np.uint8)
     for part in parts:
         cv2.fillPoly(canvas, [np.round((part - lo) / step * 16).astype(np.int32) + 32], 1, shift=4)
     contours, _ = cv2.findContours(canvas, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    outline = cv2.approxPolyDP(max(contours, key=cv2.contourArea), 0.6, True).reshape(-1, 2)
+    # A tolerance of 1.5 grid cells removes the raster staircase but keeps the cleaved corners.
+    outline = cv2.approxPolyDP(max(contours, key=cv2.contourArea), 1.5, True).reshape(-1, 2)
     if len(outline) < 3:
         return parts[0]
-    return outline.astype(np.float64) * step + lo
+    return (outline.astype(np.float64) - 2.0) * step + lo
 
 
 def _layers_for(rng: np.random.Generator, material: str, thin_fraction: float) -> int:
@@ -385,7 +386,7 @@ class _CellGenerator:
     def _residue_line(self, start, length, heading=None):
         heading = self.rng.uniform(0, 2 * np.pi) if heading is None else heading
         self._add(kind='residue', material='residue', layers=0,
-                  thickness_nm=float(self.rng.uniform(6, 30)),
+                  thickness_nm=float(round(self.rng.uniform(5, 25))),
                   polygon=self._residue_path(start, length, heading), shape='line',
                   line_width_m=float(self.rng.uniform(0.8e-6, 3e-6)))
 
@@ -409,7 +410,9 @@ class _CellGenerator:
             body = _fragment_union(rng, centre, radius, lattice, int(rng.integers(2, 4)))
         else:
             # Folds are modelled on single convex fragments only.
-            body = _cleaved_polygon(rng, centre, radius, lattice, elongation=float(rng.uniform(1.0, 2.2)))
+            # Some flakes cleave into long ribbons along a crystal direction.
+            elongation = float(rng.uniform(2.5, 5.0) if rng.random() < 0.15 else rng.uniform(1.0, 2.2))
+            body = _cleaved_polygon(rng, centre, radius, lattice, elongation=elongation)
             if layers >= 2 and rng.random() < 0.3:
                 body, fold = self._fold(body, lattice)
         if len(body) < 3:
