@@ -2,3 +2,5 @@
 
 Importing this package registers the ``maskrcnn`` detector backend.
 """
+
+from flake_detector.maskrcnn import infer as _infer  # noqa: F401  (registers the backend)
