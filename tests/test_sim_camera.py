@@ -37,8 +37,14 @@ def test_same_seed_renders_identically_other_seeds_differ():
 
 
 def test_defocus_lowers_sharpness_monotonically():
-    cam = camera_for(size=256)
-    x, y = chip_centre_stage(cam.wafer)
+    # A fixed scene of strong edges: thick MoS2 triangles spread over the field.
+    wafer = VirtualWafer.generate(WaferConfig(seed=3, chip_width_m=1e-3, chip_height_m=1e-3, **CLEAN))
+    triangle = np.array([[-12e-6, -8e-6], [12e-6, -8e-6], [0.0, 12e-6]])
+    for i in range(3):
+        for j in range(2):
+            wafer.add_object('flake', 'mos2', triangle + [0.45e-3 + i * 40e-6, 0.48e-3 + j * 40e-6], layers=12)
+    cam = CameraModel(wafer, CameraSettings(width=256, height=256, objective='10x'))
+    x, y = wafer.wafer_to_stage.apply(0.49e-3, 0.5e-3)
     focus = cam.focal_plane_z(x, y)
     dof = cam.objective.depth_of_field_m
 
@@ -60,6 +66,7 @@ def test_defocus_lowers_sharpness_monotonically():
     noisy = [sharpness(steps * dof) for steps in (-2, -1, 0, 1, 2)]
     assert np.argmax(noisy) == 2 and noisy[1] > noisy[0] and noisy[3] > noisy[4], noisy
     # The plane is tilted: best focus differs between chip corners.
+    cam = camera_for()
     corners = cam.wafer.corner_positions_stage()
     assert abs(cam.focal_plane_z(*corners[1]) - cam.focal_plane_z(*corners[2])) > 0.1e-6
 
