@@ -6,7 +6,8 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_packages(exclude=['test']),
-    package_data={package_name: ['models/*.pt', 'models/*.json', 'calibration/*.json']},
+    package_data={package_name: ['models/*.pt', 'models/*.json', 'calibration/*.json',
+                                'defects/models/*.pt', 'defects/models/*.json']},
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
