@@ -50,8 +50,14 @@ def read_seconds(path: Path) -> tuple[float, int]:
     return time.perf_counter() - start, count
 
 
-def replay_throughput(path: Path, frames: int) -> tuple[float, int]:
-    """Frames/s from the first to the last frame received by a subscriber, replay at rate 0."""
+def replay_throughput(path: Path, frames: int, separate_process: bool) -> tuple[float, int]:
+    """Frames/s from the first to the last frame a subscriber receives, replay at rate 0.
+
+    The replay runs in this process (same executor as the subscriber) or as the
+    ``flake-replay`` command in its own process.
+    """
+    import subprocess
+
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
@@ -67,21 +73,33 @@ def replay_throughput(path: Path, frames: int) -> tuple[float, int]:
     arrivals: list[float] = []
     sink.create_subscription(ScanFrame, '/scan/tiles', lambda _: arrivals.append(time.perf_counter()),
                              PIPELINE_QOS)
-    replayer = BagReplayer(parameter_overrides=[
-        Parameter('bag', value=str(path)), Parameter('rate', value=0.0),
-        Parameter('wait_for_subscribers', value=1), Parameter('publish_clock', value=False)])
     executor.add_node(sink)
-    executor.add_node(replayer)
+    replayer = process = None
+    if separate_process:
+        process = subprocess.Popen([sys.executable, '-m', 'flake_scanner.bag.replay', str(path), '--rate', '0',
+                                    '--no-clock', '--wait-for-subscribers', '1'],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        replayer = BagReplayer(parameter_overrides=[
+            Parameter('bag', value=str(path)), Parameter('rate', value=0.0),
+            Parameter('wait_for_subscribers', value=1), Parameter('publish_clock', value=False)])
+        executor.add_node(replayer)
     deadline = time.monotonic() + 120
     try:
         while len(arrivals) < frames and time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.05)
-            if replayer.finished.is_set() and replayer.error is not None:
+            if replayer is not None and replayer.finished.is_set() and replayer.error is not None:
                 raise RuntimeError(f'replay failed: {replayer.error}')
+            if process is not None and process.poll() not in (None, 0):
+                raise RuntimeError(f'flake-replay exited with {process.returncode}')
     finally:
-        replayer.close()
+        if replayer is not None:
+            replayer.close()
+            replayer.destroy_node()
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
         executor.shutdown()
-        replayer.destroy_node()
         sink.destroy_node()
         rclpy.try_shutdown()
     if len(arrivals) < 2:
@@ -158,14 +176,17 @@ def main() -> int:
         write_s = write_frame_bag(bag, args.frames)
         size_mb = sum(f.stat().st_size for f in bag.iterdir()) / 1e6
         read_s, count = read_seconds(bag)
-        fps, received = replay_throughput(bag, args.frames)
+        fps, received = replay_throughput(bag, args.frames, separate_process=False)
+        fps_process, received_process = replay_throughput(bag, args.frames, separate_process=True)
         print(f'\n### Bags of {args.frames} ScanFrames, {SIDE}x{SIDE} bgr8 ({size_mb:.0f} MB MCAP)\n')
         print('| measurement | value |')
         print('|---|---|')
         print(f'| write (BagWriter, MCAP) | {args.frames / write_s:.0f} frames/s |')
         print(f'| read raw (BagReader) | {count / read_s:.0f} frames/s |')
-        print(f'| replay at rate unlimited into a subscriber (received {received}/{args.frames}) '
+        print(f'| replay at rate unlimited into a subscriber, one process (received {received}/{args.frames}) '
               f'| {fps:.0f} frames/s |')
+        print(f'| `flake-replay --rate 0` in its own process into a subscriber (received '
+              f'{received_process}/{args.frames}) | {fps_process:.0f} frames/s |')
         scan = Path(tmp) / 'simulated_scan'
         write_simulated_scan(scan, args.eval_frames)
         print(f'\n### Offline evaluation (flake-bag-eval) on {args.eval_frames} simulated {SIDE}x{SIDE} frames '
