@@ -433,11 +433,21 @@ class CameraModel:
         for index, obj in enumerate(objects, start=1):
             if obj.kind == 'crack':
                 continue
-            mask = labels == index
-            if not mask.any():
+            # Only look inside the object's own pixel box (plus the line width).
+            corners = to_pixel.apply_points(np.array([[obj.bbox[0], obj.bbox[1]], [obj.bbox[2], obj.bbox[1]],
+                                                      [obj.bbox[0], obj.bbox[3]], [obj.bbox[2], obj.bbox[3]]]))
+            u0, v0 = np.floor(corners.min(axis=0)).astype(int) - 2
+            u1, v1 = np.ceil(corners.max(axis=0)).astype(int) + 3
+            u0, v0, u1, v1 = max(u0, 0), max(v0, 0), min(u1, s.width), min(v1, s.height)
+            if u0 >= u1 or v0 >= v1:
                 continue
-            vs, us = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-            bbox = (int(us[0]), int(vs[0]), int(us[-1] - us[0] + 1), int(vs[-1] - vs[0] + 1))
+            crop = labels[v0:v1, u0:u1] == index
+            if not crop.any():
+                continue
+            vs, us = np.nonzero(crop.any(axis=1))[0], np.nonzero(crop.any(axis=0))[0]
+            bbox = (int(u0 + us[0]), int(v0 + vs[0]), int(us[-1] - us[0] + 1), int(vs[-1] - vs[0] + 1))
+            mask = np.zeros((s.height, s.width), bool)
+            mask[v0:v1, u0:u1] = crop
             truth.objects.append(ObjectTruth(
                 object_id=obj.object_id, kind=obj.kind, material=obj.material, layers=obj.layers,
                 thickness_nm=obj.thickness_nm, is_contaminant=obj.is_contaminant, parent_id=obj.parent_id,
