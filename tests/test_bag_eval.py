@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from flake_scanner.bag.evaluate import GroundTruthError, evaluate_bag, main
-from flake_scanner.bag.io import GROUND_TRUTH_FILE, SCAN_FRAME_TYPE, BagWriter, NoFramesError
+from flake_scanner.bag.io import (
+    GROUND_TRUTH_FILE,
+    GROUND_TRUTH_TOPIC,
+    SCAN_FRAME_TYPE,
+    STRING_TYPE,
+    BagWriter,
+    NoFramesError,
+)
 
 PIXEL = 1e-6
 TILE = 64
@@ -65,7 +72,7 @@ def _draw(image, ys, xs, code, layers):
     image[ys, xs] = (200, code, int(layers * 10))
 
 
-def _make_scan(tmp_path):
+def _make_scan(tmp_path, truth_in_bag: bool = False):
     """Two 128x64 ground-truth frames, recorded as four 64x64 tiles (as the tiler cuts them).
 
     Frame A: graphene 1 layer (left tile) and hBN 3 layers (right tile), both drawn,
@@ -103,6 +110,14 @@ def _make_scan(tmp_path):
     bag = tmp_path / 'scan'
     with BagWriter(bag) as writer:
         writer.add_topic('/scan/tiles', SCAN_FRAME_TYPE)
+        if truth_in_bag:  # one message per ground-truth frame, as a live publisher would send them
+            from std_msgs.msg import String
+
+            writer.add_topic(GROUND_TRUTH_TOPIC, STRING_TYPE)
+            for image in coco['images']:
+                part = {**coco, 'images': [image],
+                        'annotations': [a for a in coco['annotations'] if a['image_id'] == image['id']]}
+                writer.write(GROUND_TRUTH_TOPIC, image['id'], serialize_message(String(data=json.dumps(part))))
         stamp = 10**9
         for image_id in (1, 2):
             for column in (0, 1):
@@ -112,12 +127,14 @@ def _make_scan(tmp_path):
                 tile.pixel_to_wafer = [PIXEL, 0.0, origin_x[image_id] + column * TILE * PIXEL, 0.0, PIXEL, 0.0]
                 writer.write('/scan/tiles', stamp, serialize_message(tile))
                 stamp += 10**8
-    (bag / GROUND_TRUTH_FILE).write_text(json.dumps(coco))
+    if not truth_in_bag:
+        (bag / GROUND_TRUTH_FILE).write_text(json.dumps(coco))
     return bag
 
 
-def test_evaluation_of_a_tiny_bag_gives_the_hand_computed_metrics(ros, tmp_path, marker_backend):
-    bag = _make_scan(tmp_path)
+@pytest.mark.parametrize('truth_in_bag', [False, True], ids=['truth_beside', 'truth_topic'])
+def test_evaluation_of_a_tiny_bag_gives_the_hand_computed_metrics(ros, tmp_path, marker_backend, truth_in_bag):
+    bag = _make_scan(tmp_path, truth_in_bag)
     output = tmp_path / 'report'
     report = evaluate_bag(bag, [(marker_backend, {}), (marker_backend, {'min_score': 0.7})], output)
     assert report['frames'] == 4

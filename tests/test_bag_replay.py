@@ -220,8 +220,11 @@ def test_flake_record_process_closes_the_bag_on_sigterm(executor, tmp_path):
     from flake_scanner.nodes.common import PIPELINE_QOS
 
     bag = tmp_path / 'sigterm'
+    truth = tmp_path / 'truth.json'
+    truth.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "graphene"}]}')
     process = subprocess.Popen([sys.executable, '-m', 'flake_scanner.bag.record', '--topics', '/bagtest/sig',
-                                '--output', str(bag)], env=dict(os.environ), stdout=subprocess.PIPE,
+                                '--output', str(bag), '--ground-truth', str(truth)], env=dict(os.environ),
+                               stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     source = ros_node('bag_test_sig_source')
     publisher = source.create_publisher(ScanFrame, '/bagtest/sig', PIPELINE_QOS)
@@ -242,8 +245,11 @@ def test_flake_record_process_closes_the_bag_on_sigterm(executor, tmp_path):
     assert process.returncode == 0, output
     assert 'closed' in output
     with BagReader(bag) as reader:
-        frames = [reader.deserialize(m).tile_index for m in reader.messages()]
+        frames = [reader.deserialize(m).tile_index for m in reader.messages(['/bagtest/sig'])]
+        (stored_truth,) = [reader.deserialize(m).data for m in reader.messages(['/scan/ground_truth'])]
     assert frames == list(range(15))
+    # the ground truth travels both beside the messages and inside the bag
+    assert stored_truth == truth.read_text() == (bag / 'ground_truth.json').read_text()
 
 
 def test_loop_starts_again_from_the_beginning(executor, tmp_path):

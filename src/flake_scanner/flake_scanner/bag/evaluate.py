@@ -29,7 +29,15 @@ import time
 
 import numpy as np
 
-from flake_scanner.bag.io import GROUND_TRUTH_FILE, BagError, BagReader, NoFramesError, scan_frames
+from flake_scanner.bag.io import (
+    GROUND_TRUTH_FILE,
+    GROUND_TRUTH_TOPIC,
+    STRING_TYPE,
+    BagError,
+    BagReader,
+    NoFramesError,
+    scan_frames,
+)
 from flake_scanner.ros_image import image_to_numpy
 
 # Offsets of a tile inside its source frame are whole pixels; allow for float rounding.
@@ -40,7 +48,8 @@ class GroundTruthError(BagError):
     """Ground truth that is missing or does not fit the bag's frames."""
 
 
-def find_ground_truth(bag: Path, explicit: str | Path | None = None) -> Path:
+def find_ground_truth(bag: Path, explicit: str | Path | None = None) -> Path | None:
+    """The COCO file to score against: ``explicit``, else ``<bag>/ground_truth.json``; None if neither."""
     if explicit:
         path = Path(explicit)
         if not path.is_file():
@@ -48,10 +57,16 @@ def find_ground_truth(bag: Path, explicit: str | Path | None = None) -> Path:
         return path
     folder = bag if bag.is_dir() else bag.parent
     candidate = folder / GROUND_TRUTH_FILE
-    if candidate.is_file():
-        return candidate
-    raise GroundTruthError(f'no ground truth for bag {bag}: expected {candidate} '
-                           '(record with --ground-truth, or pass --ground-truth FILE)')
+    return candidate if candidate.is_file() else None
+
+
+def _check_coco(coco, source: str) -> dict:
+    if not isinstance(coco, dict):
+        raise GroundTruthError(f'ground truth {source} is not a COCO object')
+    missing = [k for k in ('images', 'annotations', 'categories') if k not in coco]
+    if missing:
+        raise GroundTruthError(f'ground truth {source} lacks COCO keys {missing}')
+    return coco
 
 
 def load_ground_truth(path: Path) -> dict:
@@ -59,10 +74,56 @@ def load_ground_truth(path: Path) -> dict:
         coco = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise GroundTruthError(f'ground truth {path} is not a readable COCO JSON file: {exc}') from exc
-    missing = [k for k in ('images', 'annotations', 'categories') if k not in coco]
-    if missing:
-        raise GroundTruthError(f'ground truth {path} lacks COCO keys {missing}')
-    return coco
+    return _check_coco(coco, str(path))
+
+
+def merge_coco(parts: list[dict]) -> dict:
+    """One COCO dict from several (e.g. one ground-truth message per frame), with fresh ids."""
+    merged: dict = {'images': [], 'annotations': [], 'categories': []}
+    known_categories = set()
+    for part in parts:
+        image_ids = {}
+        for image in part['images']:
+            image_ids[image['id']] = len(merged['images']) + 1
+            merged['images'].append({**image, 'id': image_ids[image['id']]})
+        for annotation in part['annotations']:
+            merged['annotations'].append({**annotation, 'id': len(merged['annotations']) + 1,
+                                          'image_id': image_ids[annotation['image_id']]})
+        for category in part['categories']:
+            if category['id'] not in known_categories:
+                known_categories.add(category['id'])
+                merged['categories'].append(category)
+    return merged
+
+
+def ground_truth_from_bag(reader: BagReader) -> dict | None:
+    """The COCO ground truth carried on ``/scan/ground_truth`` (std_msgs/String JSON), merged; None if absent."""
+    info = reader.topics.get(GROUND_TRUTH_TOPIC)
+    if info is None:
+        return None
+    if info.msgtype != STRING_TYPE:
+        raise GroundTruthError(f'bag {reader.path}: {GROUND_TRUTH_TOPIC} is {info.msgtype}, expected {STRING_TYPE}')
+    parts = []
+    for message in reader.messages([GROUND_TRUTH_TOPIC]):
+        source = f'message on {GROUND_TRUTH_TOPIC} at t={message.timestamp} ns'
+        try:
+            parts.append(_check_coco(json.loads(reader.deserialize(message).data), source))
+        except ValueError as exc:
+            raise GroundTruthError(f'bag {reader.path}: {source} is not COCO JSON: {exc}') from exc
+    return merge_coco(parts) if parts else None
+
+
+def resolve_ground_truth(reader: BagReader, bag: Path, explicit: str | Path | None = None) -> dict:
+    """``explicit`` file, else the file beside the bag, else the ground-truth topic in the bag."""
+    path = find_ground_truth(bag, explicit)
+    if path is not None:
+        return load_ground_truth(path)
+    coco = ground_truth_from_bag(reader)
+    if coco is not None:
+        return coco
+    folder = bag if bag.is_dir() else bag.parent
+    raise GroundTruthError(f'no ground truth for bag {bag}: neither {folder / GROUND_TRUTH_FILE} nor a '
+                           f'{GROUND_TRUTH_TOPIC} topic (record with --ground-truth, or pass --ground-truth FILE)')
 
 
 @dataclass
@@ -320,7 +381,7 @@ def evaluate_bag(bag: Path, backends: list[tuple[str, dict]], output: Path | Non
         raise ValueError('no detector backend given')
     bag = Path(bag)
     with BagReader(bag) as reader:
-        truth = GroundTruthIndex(load_ground_truth(find_ground_truth(bag, ground_truth)))
+        truth = GroundTruthIndex(resolve_ground_truth(reader, bag, ground_truth))
         gt = ground_truth_for_frames(reader, truth, topic, limit)
         if not gt['images']:
             raise NoFramesError(f'bag {bag}: no frames to evaluate')

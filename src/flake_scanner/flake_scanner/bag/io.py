@@ -45,6 +45,9 @@ BAG_VERSIONS = (8, 9)
 DEFAULT_BAG_VERSION = 9
 # The simulator's COCO ground truth travels inside the bag directory under this name.
 GROUND_TRUTH_FILE = 'ground_truth.json'
+# ... or inside the bag, as COCO JSON in std_msgs/String messages on this topic.
+GROUND_TRUTH_TOPIC = '/scan/ground_truth'
+STRING_TYPE = 'std_msgs/msg/String'
 
 
 class BagError(Exception):

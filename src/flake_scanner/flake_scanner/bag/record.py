@@ -25,7 +25,16 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
 
-from flake_scanner.bag.io import BAG_VERSIONS, GROUND_TRUTH_FILE, STORAGES, BagError, BagWriter, TopicQos
+from flake_scanner.bag.io import (
+    BAG_VERSIONS,
+    GROUND_TRUTH_FILE,
+    GROUND_TRUTH_TOPIC,
+    STORAGES,
+    STRING_TYPE,
+    BagError,
+    BagWriter,
+    TopicQos,
+)
 from flake_scanner.bag.playback import parse_topics
 from flake_scanner.bag.types import python_message_class, typestore
 from flake_scanner.nodes.common import Param, declare_parameters
@@ -44,7 +53,8 @@ PARAMS = [
           minimum=1, maximum=1_000_000),
     Param('discovery_period', 0.2, 'how often the graph is searched for the topics to record [s]',
           minimum=0.01, maximum=60.0),
-    Param('ground_truth', '', 'COCO ground-truth file copied into the bag as ground_truth.json'),
+    Param('ground_truth', '', 'COCO ground-truth file stored with the bag: as ground_truth.json in its '
+          'directory and as a std_msgs/String message on /scan/ground_truth'),
 ]
 
 _STOP = object()
@@ -176,6 +186,16 @@ class BagRecorder(Node):
         if time.monotonic() >= self._deadline:
             self.finished.set()
 
+    def _store_ground_truth(self) -> None:
+        """The COCO ground truth as one latched String message, so a bare storage file carries it too."""
+        if self.writer.has_topic(GROUND_TRUTH_TOPIC):
+            return  # a live ground-truth topic was recorded already
+        text = self.ground_truth.read_text()
+        message = typestore().types[STRING_TYPE](data=text)
+        self.writer.add_topic(GROUND_TRUTH_TOPIC, STRING_TYPE, TopicQos(transient_local=True, depth=1))
+        self.writer.write(GROUND_TRUTH_TOPIC, self.get_clock().now().nanoseconds,
+                          self.writer.serialize(message, STRING_TYPE))
+
     def close(self) -> None:
         """Stop subscribing, write what is queued, and close the bag (idempotent)."""
         if self._closed:
@@ -185,6 +205,8 @@ class BagRecorder(Node):
             self.destroy_subscription(subscription)
         self.queue.put(_STOP)
         self._writer_thread.join()
+        if self.ground_truth is not None and self.write_error is None:
+            self._store_ground_truth()
         self.writer.close()
         if self.ground_truth is not None:
             shutil.copyfile(self.ground_truth, self.output / GROUND_TRUTH_FILE)
