@@ -286,3 +286,72 @@ def test_loop_starts_again_from_the_beginning(executor, tmp_path):
         sink.destroy_node()
     assert replayer.finished.is_set() and replayer.error is None  # close() stops the loop
     assert received[:9] == [0, 1, 2] * 3
+
+
+def _humble_style_bag(path, frames: int):
+    """A bag as Humble's `ros2 bag record` lays it out: sqlite3 schema 3, metadata version 5, no definitions."""
+    import sqlite3
+
+    from rclpy.serialization import serialize_message
+
+    path.mkdir()
+    qos = ('- history: 3\n  depth: 0\n  reliability: 1\n  durability: 2\n  deadline:\n    sec: 2147483647\n'
+           '    nsec: 4294967295\n  lifespan:\n    sec: 2147483647\n    nsec: 4294967295\n  liveliness: 1\n'
+           '  liveliness_lease_duration:\n    sec: 2147483647\n    nsec: 4294967295\n'
+           '  avoid_ros_namespace_conventions: false')
+    stamps = [1_700_000_000_000_000_000 + i * 50_000_000 for i in range(frames)]
+    database = sqlite3.connect(path / 'humble_0.db3')
+    database.executescript(
+        'CREATE TABLE schema(schema_version INTEGER PRIMARY KEY, ros_distro TEXT NOT NULL);'
+        'INSERT INTO schema VALUES (3, "humble");'
+        'CREATE TABLE topics(id INTEGER PRIMARY KEY, name TEXT NOT NULL, type TEXT NOT NULL,'
+        ' serialization_format TEXT NOT NULL, offered_qos_profiles TEXT NOT NULL);'
+        'CREATE TABLE messages(id INTEGER PRIMARY KEY, topic_id INTEGER NOT NULL, timestamp INTEGER NOT NULL,'
+        ' data BLOB NOT NULL);')
+    database.execute('INSERT INTO topics VALUES (1, "/bagtest/tiles", "flake_msgs/msg/ScanFrame", "cdr", ?)', (qos,))
+    database.executemany('INSERT INTO messages (topic_id, timestamp, data) VALUES (1, ?, ?)',
+                         [(stamp, serialize_message(_scan_frame(i))) for i, stamp in enumerate(stamps)])
+    database.commit()
+    database.close()
+    indented_qos = qos.replace('\n', '\\n')
+    (path / 'metadata.yaml').write_text(f'''rosbag2_bagfile_information:
+  version: 5
+  storage_identifier: sqlite3
+  duration:
+    nanoseconds: {stamps[-1] - stamps[0]}
+  starting_time:
+    nanoseconds_since_epoch: {stamps[0]}
+  message_count: {frames}
+  topics_with_message_count:
+    - topic_metadata:
+        name: /bagtest/tiles
+        type: flake_msgs/msg/ScanFrame
+        serialization_format: cdr
+        offered_qos_profiles: "{indented_qos}"
+      message_count: {frames}
+  compression_format: ""
+  compression_mode: ""
+  relative_file_paths:
+    - humble_0.db3
+  files:
+    - path: humble_0.db3
+      starting_time:
+        nanoseconds_since_epoch: {stamps[0]}
+      duration:
+        nanoseconds: {stamps[-1] - stamps[0]}
+      message_count: {frames}
+''')
+    return stamps
+
+
+def test_bag_in_the_humble_recorder_layout_replays(executor, tmp_path):
+    bag = tmp_path / 'humble'
+    stamps = _humble_style_bag(bag, 6)
+    with BagReader(bag) as reader:
+        assert reader.storage == 'sqlite3'
+        info = reader.topics['/bagtest/tiles']
+        assert info.count == 6 and not info.has_definition and info.qos.reliable
+        assert reader.deserialize(next(reader.messages())).tile_index == 0
+    frames, _, clocks = _replay_and_collect(executor, bag, 6)
+    assert [f.tile_index for f in frames] == list(range(6))
+    assert clocks[-1].clock.sec * 10**9 + clocks[-1].clock.nanosec == stamps[-1]
