@@ -1,5 +1,7 @@
 """autofocus_node over real rclpy with stage_node (emulated controller) and camera_node (sim)."""
 
+import threading
+
 from action_msgs.msg import GoalStatus
 from geometry_msgs.msg import Point
 import pytest
@@ -32,14 +34,18 @@ def graph(ros):
     camera = CameraNode(parameter_overrides=[Parameter('width', value=SIZE), Parameter('height', value=SIZE),
                                              Parameter('rate', value=0.0), Parameter('sim_seed', value=SEED)])
     focus = AutofocusNode()
-    client = ros.create_node('autofocus_test_client')
-    executor = SingleThreadedExecutor()
-    nodes = (stage, camera, focus, client)
-    for node in nodes:
-        executor.add_node(node)
     for node in (stage, camera):
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    # The system spins on its own executor in its own thread, as in its own processes.
+    system = SingleThreadedExecutor()
+    for node in (stage, camera, focus):
+        system.add_node(node)
+    spinner = threading.Thread(target=system.spin, daemon=True)
+    spinner.start()
+    client = ros.create_node('autofocus_test_client')
+    executor = SingleThreadedExecutor()
+    executor.add_node(client)
     reference = CameraModel(VirtualWafer.generate(seed=SEED), CameraSettings(width=SIZE, height=SIZE, seed=SEED))
     x, y = _flake_edge_position(reference.wafer, reference)
     states: list[StageState] = []
@@ -52,12 +58,14 @@ def graph(ros):
     action = ActionClient(client, Autofocus, '/autofocus')
     yield executor, action, reference, (x, y), states
     action.destroy()
-    for node in nodes:
-        executor.remove_node(node)
-        if hasattr(node, 'close'):
-            node.close()
-        node.destroy_node()
+    system.shutdown()
+    spinner.join(timeout=10.0)
+    executor.remove_node(client)
+    client.destroy_node()
     executor.shutdown()
+    for node in (stage, camera, focus):
+        node.close()
+        node.destroy_node()
 
 
 def test_autofocus_action_reaches_focus_within_the_frame_budget(graph):

@@ -1,5 +1,7 @@
 """stage_node over real rclpy: lifecycle, MoveStage, /stage/state and /diagnostics."""
 
+import threading
+
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Point
 import pytest
@@ -21,9 +23,14 @@ def graph(ros):
                                            Parameter('timeout', value=0.5),
                                            Parameter('poll_rate', value=50.0),
                                            Parameter('diagnostics_period', value=0.2)])
+    # The stage node spins on its own executor in its own thread, as in its own process:
+    # a service answered from a worker thread must wake a blocking spin() by itself.
+    stage_executor = SingleThreadedExecutor()
+    stage_executor.add_node(stage)
+    spinner = threading.Thread(target=stage_executor.spin, daemon=True)
+    spinner.start()
     client = ros.create_node('stage_test_client')
     executor = SingleThreadedExecutor()
-    executor.add_node(stage)
     executor.add_node(client)
     states: list[StageState] = []
     diagnostics: list[DiagnosticArray] = []
@@ -31,7 +38,8 @@ def graph(ros):
     client.create_subscription(DiagnosticArray, '/diagnostics', diagnostics.append, 10)
     move = client.create_client(MoveStage, '/stage/move')
     yield stage, executor, move, states, diagnostics
-    executor.remove_node(stage)
+    stage_executor.shutdown()
+    spinner.join(timeout=10.0)
     executor.remove_node(client)
     stage.close()
     stage.destroy_node()

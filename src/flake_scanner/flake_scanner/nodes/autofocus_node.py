@@ -27,6 +27,7 @@ from flake_msgs.msg import StageState
 from flake_msgs.srv import MoveStage
 from flake_scanner.autofocus import FOCUS_MEASURES, FocusSearch, focus_measure
 from flake_scanner.nodes.common import SENSOR_SUBSCRIBER_QOS, Param, declare_parameters, run_node
+from flake_scanner.nodes.stage_node import wake_executor
 from flake_scanner.ros_image import image_to_numpy
 
 PARAMS = [
@@ -129,6 +130,7 @@ class AutofocusNode(Node):
                 future.set_exception(done.exception())
             else:
                 future.set_result(done.result())
+            wake_executor(self)
 
         self._measure_pool.submit(function, *args).add_done_callback(finish)
         return future

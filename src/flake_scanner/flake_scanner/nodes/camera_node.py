@@ -32,7 +32,7 @@ from flake_scanner.nodes.common import (
     publish_diagnostics,
     run_node,
 )
-from flake_scanner.nodes.stage_node import level_number
+from flake_scanner.nodes.stage_node import level_number, wake_executor
 from flake_scanner.ros_image import numpy_to_image
 from flake_scanner.sim.camera import OBJECTIVES, objective_by_name
 
@@ -42,7 +42,7 @@ PARAMS = [
     Param('backend', 'sim', 'frame source', choices=('sim', 'opencv', 'folder'), read_only=True),
     Param('device', '0', 'opencv backend: device index ("0") or URL / GStreamer pipeline', read_only=True),
     Param('folder', '', 'folder backend: directory of images, replayed in name order', read_only=True),
-    Param('rate', 5.0, 'free-running frame rate [Hz]; 0 publishes only on /camera/capture',
+    Param('rate', 2.0, 'free-running frame rate [Hz]; 0 publishes only on /camera/capture',
           minimum=0.0, maximum=200.0),
     Param('width', 1024, 'image width [px] (requested from opencv devices)', minimum=16, maximum=8192,
           read_only=True),
@@ -201,6 +201,8 @@ class CameraNode(LifecycleNode):
         for future in waiters:
             if not future.done():
                 future.set_exception(CameraError(reason))
+        if waiters:
+            wake_executor(self)
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
@@ -246,11 +248,14 @@ class CameraNode(LifecycleNode):
             self.get_logger().error(f'frame not published: {error}', throttle_duration_sec=5.0)
             for future in waiters:
                 future.set_exception(CameraError(str(error)))
+            wake_executor(self)
             return
         self.frames += 1
         self.last_error = ''
         for future in waiters:
             future.set_result(stamp)
+        if waiters:
+            wake_executor(self)
 
     def pixel_size(self) -> float:
         return self.params['pixel_pitch'] / objective_by_name(self.params['objective']).magnification

@@ -40,6 +40,17 @@ from flake_scanner.stage.driver import StageDriver, StageError, StageLimitError,
 from flake_scanner.stage.emulator import EmulatorConfig, StageEmulator
 
 
+def wake_executor(node) -> None:
+    """Make the node's executor resume coroutines awaiting a future completed in another thread.
+
+    rclpy resumes a waiting coroutine only when its executor wakes up; a future set from
+    a worker thread does not wake it by itself, so a spinning executor would sleep on.
+    """
+    executor = node.executor
+    if executor is not None:
+        executor.wake()
+
+
 def level_number(level) -> int:
     """DiagnosticStatus levels are bytes constants in rclpy; diagnostic_status takes an int."""
     return level[0] if isinstance(level, bytes) else int(level)
@@ -234,6 +245,7 @@ class StageNode(LifecycleNode):
                 future.set_exception(error)
             else:
                 future.set_result(result)
+            wake_executor(self)
 
     def _poll(self) -> None:
         last_diagnostics = 0.0
