@@ -29,6 +29,8 @@ def test_same_seed_renders_identically_other_seeds_differ():
     assert frame.shape == (256, 256, 3) and frame.dtype == np.uint8
     assert np.array_equal(frame, camera_for().render(x, y))
     assert np.array_equal(frame, cam.render(x, y))
+    next_frame = cam.render(x, y, noise_seed=1)
+    assert 0 < np.abs(frame.astype(int) - next_frame).mean() < 3  # fresh noise, same scene
     other_noise = camera_for(camera_seed=1).render(x, y)
     assert not np.array_equal(frame, other_noise)
     assert np.abs(frame.astype(int) - other_noise).mean() < 3  # only the noise differs

@@ -258,8 +258,15 @@ class CameraModel:
         # 4 fractional bits: fillPoly/polylines with shift=4 draw with sub-pixel vertices.
         return np.round(to_pixel.apply_points(pts) * 16).astype(np.int32)
 
-    def _draw(self, canvas: np.ndarray, obj: WaferObject, to_pixel: Affine2D, value) -> None:
-        pts = self._to_pixels(to_pixel, obj.polygon)
+    def _pixel_outlines(self, objects: list[WaferObject], to_pixel: Affine2D) -> list[np.ndarray]:
+        """Every object's outline in 1/16 pixel units, transformed in one go."""
+        if not objects:
+            return []
+        points = np.concatenate([obj.polygon for obj in objects])
+        ends = np.cumsum([len(obj.polygon) for obj in objects])[:-1]
+        return np.split(self._to_pixels(to_pixel, points), ends)
+
+    def _draw(self, canvas: np.ndarray, obj: WaferObject, pts: np.ndarray, value) -> None:
         if obj.shape == 'line':
             width_px = obj.line_width_m / self.pixel_size
             cv2.polylines(canvas, [pts], False, value, thickness=max(1, int(round(width_px))),
@@ -310,9 +317,10 @@ class CameraModel:
             canvas = self._uniform(self._OFF_CHIP_REFLECTANCE)
             chip = self._to_pixels(to_pixel, self.wafer.chip_polygon())
             cv2.fillPoly(canvas, [chip], self._reflectance(None).tolist(), lineType=cv2.LINE_8, shift=4)
-        for obj in self._visible_objects(to_wafer):
+        objects = self._visible_objects(to_wafer)
+        for obj, pts in zip(objects, self._pixel_outlines(objects, to_pixel), strict=True):
             value = self._line_value(obj) if obj.shape == 'line' else self._reflectance(obj)
-            self._draw(canvas, obj, to_pixel, value.tolist())
+            self._draw(canvas, obj, pts, value.tolist())
         self._raster_cache[key] = canvas
         while len(self._raster_cache) > self._RASTER_CACHE:
             self._raster_cache.popitem(last=False)
@@ -371,8 +379,14 @@ class CameraModel:
         return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
     # -- public rendering ------------------------------------------------------------------------
-    def render(self, stage_x: float, stage_y: float, z: float | None = None) -> np.ndarray:
-        """bgr8 image (H, W, 3) at stage (x, y) [m] and focus z [m] (None: in focus)."""
+    def render(self, stage_x: float, stage_y: float, z: float | None = None,
+               noise_seed: int = 0) -> np.ndarray:
+        """bgr8 image (H, W, 3) at stage (x, y) [m] and focus z [m] (None: in focus).
+
+        The noise is a function of the camera seed, the pose and ``noise_seed``: the same
+        call gives the same frame; pass a frame counter as ``noise_seed`` for fresh noise
+        at an unchanged pose.
+        """
         for name, value in (('stage_x', stage_x), ('stage_y', stage_y), ('z', 0.0 if z is None else z)):
             if not math.isfinite(value):
                 raise ValueError(f'{name} must be finite, got {value}')
@@ -388,7 +402,8 @@ class CameraModel:
             np.maximum(std, 0.0, out=std)
             cv2.sqrt(std, dst=std)
             noise = self._noise_buffer()
-            pose = [s.seed, *(int(round(v * 1e9)) & 0xFFFFFFFF for v in (stage_x, stage_y, z))]
+            pose = [s.seed, int(noise_seed) & 0xFFFFFFFF,
+                    *(int(round(v * 1e9)) & 0xFFFFFFFF for v in (stage_x, stage_y, z))]
             start = int(np.random.default_rng(pose).integers(0, noise.size - image.size))
             cv2.multiply(std, noise[start:start + image.size].reshape(image.shape), dst=std)
             cv2.add(image, std, dst=image)
@@ -426,8 +441,9 @@ class CameraModel:
         chip = np.zeros((s.height, s.width), np.uint8)
         cv2.fillPoly(chip, [self._to_pixels(to_pixel, self.wafer.chip_polygon())], 1, shift=4)
         objects = self._visible_objects(to_wafer)
-        for index, obj in enumerate(objects, start=1):
-            self._draw(labels, obj, to_pixel, 0 if obj.kind == 'crack' else index)
+        for index, (obj, pts) in enumerate(zip(objects, self._pixel_outlines(objects, to_pixel), strict=True),
+                                           start=1):
+            self._draw(labels, obj, pts, 0 if obj.kind == 'crack' else index)
         labels[chip == 0] = 0
         truth = FrameTruth(stage_x, stage_y, s.width, s.height, self.pixel_size, to_wafer)
         for index, obj in enumerate(objects, start=1):
