@@ -86,6 +86,7 @@ def _record(executor, tmp_path, count: int):
     executor.add_node(source)
     executor.add_node(recorder)
     try:
+        assert spin_until(executor, lambda: not recorder.missing_topics, timeout=20)
         assert spin_until(executor, lambda: frames_pub.get_subscription_count() == 1
                           and flakes_pub.get_subscription_count() == 1, timeout=20)
         for index in range(count):

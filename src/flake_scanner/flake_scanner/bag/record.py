@@ -97,6 +97,11 @@ class BagRecorder(Node):
             self.create_timer(min(0.1, self.params['duration']), self._check_duration)
         self.get_logger().info(f'recording to {self.output} ({self.params["storage"]})')
 
+    @property
+    def missing_topics(self) -> list[str]:
+        """Requested topics not subscribed yet (no publisher seen so far); spin until empty before a scan."""
+        return sorted(self.wanted - set(self.subscriptions_by_topic) - self.refused)
+
     # -- graph discovery -------------------------------------------------------------
     def _wants(self, topic: str) -> bool:
         if topic in self.wanted:
