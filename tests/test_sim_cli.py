@@ -73,3 +73,22 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(['dataset', '--frames', '0', '--out', str(tmp_path)])
     assert exc.value.code == 2
+
+
+def test_dataset_killed_half_way_keeps_annotations_for_written_images(tmp_path, monkeypatch):
+    real_render = CameraModel.render
+    calls = {'n': 0}
+
+    def failing_render(self, *args, **kwargs):
+        calls['n'] += 1
+        if calls['n'] > 3:
+            raise RuntimeError('injected crash')
+        return real_render(self, *args, **kwargs)
+
+    monkeypatch.setattr(CameraModel, 'render', failing_render)
+    out = tmp_path / 'set'
+    with pytest.raises(RuntimeError, match='injected crash'):
+        cli.main(['dataset', '--seed', '1', '--frames', '6', '--width', '96', '--height', '96', '--out', str(out)])
+    coco = json.loads((out / 'annotations.json').read_text())
+    assert len(coco['images']) == 3
+    assert all((out / image['file_name']).exists() for image in coco['images'])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 import sys
 
@@ -202,6 +203,14 @@ def dataset_positions(camera: CameraModel, frames: int, empty_fraction: float, s
     return positions
 
 
+def _write_coco(path: Path, records: list[FrameRecord], args) -> dict:
+    coco = frames_to_coco(records, description=f'flake-sim seed {args.seed} objective {args.objective}')
+    partial = path.with_name(path.name + '.partial')
+    partial.write_text(json.dumps(coco))
+    os.replace(partial, path)
+    return coco
+
+
 def _dataset(args) -> int:
     camera = _make_camera(args)
     out = args.out
@@ -218,9 +227,9 @@ def _dataset(args) -> int:
             raise SystemExit(f'flake-sim: error: cannot write {out / name}')
         records.append(FrameRecord(name, camera.ground_truth(x, y), args.objective, offset))
         if (index + 1) % step == 0 or index + 1 == args.frames:
+            # Checkpoint: a run killed half-way still leaves valid annotations for its images.
+            coco = _write_coco(out / 'annotations.json', records, args)
             print(f'[flake-sim] {index + 1}/{args.frames} frames', file=sys.stderr, flush=True)
-    coco = frames_to_coco(records, description=f'flake-sim seed {args.seed} objective {args.objective}')
-    (out / 'annotations.json').write_text(json.dumps(coco))
     flakes = sum(not a['is_contaminant'] for a in coco['annotations'])
     print(f'wrote {len(records)} images and {out / "annotations.json"} '
           f'({flakes} flake regions, {len(coco["annotations"]) - flakes} contaminants)')
