@@ -22,6 +22,7 @@ Durability and concurrency:
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 import contextlib
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import os
 from pathlib import Path
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from typing import Any
@@ -236,7 +238,7 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         'pk': int, 'id': str, 'chip_id': str, 'scan_id': str, 'tile_index': int, 'material': str,
         'layer_class': int, 'layers': float, 'layers_std': float, 'thickness_nm': float,
         'thickness_nm_std': float, 'score': float, 'detector': str, 'model_version': str,
-        'x': float, 'y': float, 'contour': str, 'area': float, 'bbox_px': str, 'homogeneity': float,
+        'x': float, 'y': float, 'contour': bytes, 'area': float, 'bbox_px': str, 'homogeneity': float,
         'isolation_distance': float, 'edge_straightness': float, 'status': int, 'n_observations': int,
         'created': float, 'updated': float, 'detected_at': float, 'revisited_at': float,
         'used_by': str, 'used_at': float, 'used_note': str,
@@ -346,12 +348,32 @@ _FLAKE_COLUMNS = ('f.id, f.chip_id, f.scan_id, f.tile_index, f.material, f.layer
 _FLAKE_COLUMNS_WITH_MASK = _FLAKE_COLUMNS + ', f.mask, f.mask_width, f.mask_height'
 
 
-def _record(row: sqlite3.Row) -> FlakeRecord:
+def encode_contour(points: Iterable[tuple[float, float]]) -> bytes:
+    """An outline as little-endian float64 x, y pairs: several times faster to read back than JSON."""
+    values = array('d', (float(v) for point in points for v in point[:2]))
+    if sys.byteorder == 'big':
+        values.byteswap()
+    return values.tobytes()
+
+
+def decode_contour(blob: bytes | None) -> list[tuple[float, float]]:
+    if not blob:
+        return []
+    values = array('d')
+    values.frombytes(blob)
+    if sys.byteorder == 'big':
+        values.byteswap()
+    return list(zip(values[0::2], values[1::2], strict=True))
+
+
+def _record(row: sqlite3.Row | dict) -> FlakeRecord:
     values = dict(row)
-    values['contour'] = [tuple(p) for p in json.loads(values['contour'] or '[]')]
-    values['bbox_px'] = tuple(json.loads(values['bbox_px'] or '[0, 0, 0, 0]'))
+    values['contour'] = decode_contour(values['contour'])
+    bbox = values['bbox_px']
+    values['bbox_px'] = tuple(json.loads(bbox)) if bbox else (0, 0, 0, 0)
     for name in ('reserved_by', 'used_by', 'used_note', 'detector', 'model_version', 'scan_id'):
-        values[name] = values[name] or ''
+        if values[name] is None:
+            values[name] = ''
     if 'mask' in values:
         values['mask'] = zlib.decompress(values['mask']) if values['mask'] else b''
         values['mask_width'] = values['mask_width'] or 0
@@ -563,10 +585,12 @@ class FlakeStore:
 
     def _best_match(self, conn: sqlite3.Connection, detection: Detection, box):
         reach = self.merge_distance
+        # `+f.chip_id`: keeps the planner on the R*Tree range search; with the chip index
+        # it would visit every flake of the chip and probe the R*Tree once for each.
         rows = conn.execute(
             'SELECT f.pk, f.id, f.x, f.y, f.score, b.min_x, b.min_y, b.max_x, b.max_y FROM flake_boxes b '
             'JOIN flakes f ON f.pk = b.id WHERE b.max_x >= ? AND b.min_x <= ? AND b.max_y >= ? AND b.min_y <= ? '
-            'AND f.chip_id = ?',
+            'AND +f.chip_id = ?',
             (box[0] - reach, box[2] + reach, box[1] - reach, box[3] + reach, detection.chip_id)).fetchall()
         best, best_key = None, None
         for row in rows:
@@ -588,7 +612,7 @@ class FlakeStore:
             'thickness_nm': detection.thickness_nm, 'thickness_nm_std': detection.thickness_nm_std,
             'score': detection.score, 'detector': detection.detector, 'model_version': detection.model_version,
             'x': detection.x, 'y': detection.y,
-            'contour': json.dumps([[float(px), float(py)] for px, py in detection.contour]),
+            'contour': encode_contour(detection.contour),
             'area': detection.area, 'bbox_px': json.dumps(list(map(int, detection.bbox_px))),
             'homogeneity': detection.homogeneity, 'isolation_distance': detection.isolation_distance,
             'edge_straightness': detection.edge_straightness, 'detected_at': detection.stamp,

@@ -1,0 +1,185 @@
+"""Flake registry bench: ingest rate of 100 000 flakes, QueryFlakes latency through the ROS service.
+
+Prints a Markdown table. Targets (issue 5): ingest >= 2000 flakes/s, QueryFlakes p99 < 20 ms
+for indexed filters. Usage: python bench/bench_registry.py [--flakes N] [--calls N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+from flake_registry.query import LAYER_FEW, LAYER_MONO, LAYER_THICK, FlakeQuery
+from flake_registry.store import Detection, FlakeStore
+
+UM, MM = 1e-6, 1e-3
+CHIPS = 4
+CHIP_SIZE = 10 * MM
+MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2')
+
+
+def make_detections(count: int, seed: int) -> list[Detection]:
+    """Flakes spread over four 10 mm chips with 8-point outlines and thin flakes rare."""
+    rng = random.Random(seed)
+    detections = []
+    for i in range(count):
+        x, y = rng.uniform(0, CHIP_SIZE), rng.uniform(0, CHIP_SIZE)
+        radius = rng.uniform(2, 40) * UM
+        layers = max(1.0, round(rng.lognormvariate(2.5, 1.2)))
+        layer_class = LAYER_MONO if layers == 1 else LAYER_FEW if layers <= 10 else LAYER_THICK
+        contour = [(x + radius * math.cos(a) * rng.uniform(0.7, 1.0), y + radius * math.sin(a) * rng.uniform(0.7, 1.0))
+                   for a in (k * math.pi / 4 for k in range(8))]
+        detections.append(Detection(
+            chip_id=f'chip-{i % CHIPS}', scan_id=f'scan-{i % CHIPS}', tile_index=i // 100, x=x, y=y,
+            material=MATERIALS[rng.randrange(4)], layer_class=layer_class, layers=layers, layers_std=0.3,
+            thickness_nm=0.34 * layers, score=rng.random(), detector='contrast', model_version='bench',
+            contour=contour, area=2.6 * radius * radius, bbox_px=(rng.randrange(2000), rng.randrange(2000), 40, 40),
+            homogeneity=rng.random(), edge_straightness=rng.random(), stamp=time.time()))
+    return detections
+
+
+def ingest_rate(path: Path, detections: list[Detection], batch: int, synchronous: str) -> tuple[float, float, int]:
+    """(flakes/s by the wall clock, flakes/s by this process's CPU time, distinct flakes stored).
+
+    Both rates are given because the bench machine is shared: the wall-clock rate
+    includes waiting for the CPU and for fsync, the CPU rate is what the code costs.
+    """
+    with FlakeStore(path, synchronous=synchronous) as store:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i in range(0, len(detections), batch):
+            store.ingest(detections[i:i + batch])
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        stored = store.count()
+    return len(detections) / wall, len(detections) / cpu, stored
+
+
+QUERIES = {
+    'material + layer class, by score': dict(material='graphene', layer_classes=[LAYER_MONO]),
+    'material + layers 2-5, by score': dict(material='hbn', layers_min=2.0, layers_max=5.0),
+    'chip + min score, by score': dict(chip_id='chip-1', min_score=0.9),
+    'region 1 x 1 mm': dict(use_region=True, region_min_x=4 * MM, region_min_y=4 * MM, region_max_x=5 * MM,
+                            region_max_y=5 * MM),
+    'within 300 um, by distance': dict(use_distance=True, max_distance=300 * UM, sort_by='distance'),
+    'everything, by score': dict(),
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(math.ceil(q * len(values))) - 1)]
+
+
+def service_latencies(path: Path, calls: int, seed: int) -> dict[str, tuple[float, float, int, int]]:
+    from geometry_msgs.msg import Point
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from flake_msgs.srv import QueryFlakes
+    from flake_registry.nodes.registry_node import RegistryNode
+
+    rclpy.init()
+    registry = RegistryNode(parameter_overrides=[Parameter('database_path', value=str(path))])
+    server = SingleThreadedExecutor()
+    server.add_node(registry)
+    spinner = threading.Thread(target=server.spin, daemon=True)
+    spinner.start()
+    client_node = rclpy.create_node('bench_registry_client')
+    client = client_node.create_client(QueryFlakes, '/registry/query_flakes')
+    executor = SingleThreadedExecutor()
+    executor.add_node(client_node)
+    rng = random.Random(seed)
+
+    def call(request):
+        future = client.call_async(request)
+        executor.spin_until_future_complete(future, timeout_sec=10.0)
+        if not future.done():
+            client.remove_pending_request(future)
+            return None
+        return future.result()
+
+    results = {}
+    try:
+        assert client.wait_for_service(timeout_sec=30.0)
+        for _ in range(20):  # the first replies may race DDS matching; warm up until answered
+            if call(QueryFlakes.Request(limit=1)) is not None:
+                break
+        for name, fields in QUERIES.items():
+            latencies, total, returned = [], 0, 0
+            for _ in range(calls):
+                request = QueryFlakes.Request(**fields)
+                if fields.get('use_distance'):
+                    request.near = Point(x=rng.uniform(1, 9) * MM, y=rng.uniform(1, 9) * MM)
+                start = time.perf_counter()
+                response = call(request)
+                latencies.append((time.perf_counter() - start) * 1e3)
+                assert response is not None and response.success, (name, response)
+                total, returned = response.total, len(response.flakes)
+            results[name] = (statistics.median(latencies), percentile(latencies, 0.99), total, returned)
+    finally:
+        executor.shutdown()
+        client_node.destroy_node()
+        server.shutdown()
+        registry.close()
+        registry.destroy_node()
+        rclpy.try_shutdown()
+        spinner.join(timeout=10)
+    return results
+
+
+def core_latency(path: Path, calls: int) -> float:
+    """p99 of the same 'material + layer class' query on FlakeStore directly (no ROS) [ms]."""
+    with FlakeStore(path) as store:
+        latencies = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            store.query(FlakeQuery(materials=('graphene',), layer_classes=(LAYER_MONO,)))
+            latencies.append((time.perf_counter() - start) * 1e3)
+    return percentile(latencies, 0.99)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--flakes', type=int, default=100_000)
+    parser.add_argument('--calls', type=int, default=200, help='service calls per query kind')
+    parser.add_argument('--seed', type=int, default=5)
+    args = parser.parse_args()
+    detections = make_detections(args.flakes, args.seed)
+    subset = detections[:min(20_000, args.flakes)]
+    with tempfile.TemporaryDirectory(prefix='bench_registry_') as folder:
+        folder = Path(folder)
+        print(f'ingesting {args.flakes} flakes ...', file=sys.stderr, flush=True)
+        full, full_cpu, stored = ingest_rate(folder / 'full.sqlite', detections, 100, 'FULL')
+        normal, normal_cpu, _ = ingest_rate(folder / 'normal.sqlite', subset, 100, 'NORMAL')
+        small, small_cpu, _ = ingest_rate(folder / 'small.sqlite', subset, 10, 'FULL')
+        print('querying through /registry/query_flakes ...', file=sys.stderr, flush=True)
+        latencies = service_latencies(folder / 'full.sqlite', args.calls, args.seed)
+        core_p99 = core_latency(folder / 'full.sqlite', args.calls)
+        size_mb = (folder / 'full.sqlite').stat().st_size / 1e6
+
+    print(f'\n### Flake registry ({args.flakes} detections -> {stored} flakes after merging overlaps, '
+          f'{size_mb:.0f} MB file, WAL)\n')
+    print('| ingest | detections | batch | synchronous | flakes/s (wall) | flakes/s (CPU) | target |')
+    print('|---|---:|---:|---|---:|---:|---|')
+    verdict = 'ok' if full >= 2000 else 'MISSED'
+    print(f'| FlakeStore.ingest | {args.flakes} | 100 | FULL | {full:.0f} | {full_cpu:.0f} | >= 2000 {verdict} |')
+    print(f'| FlakeStore.ingest | {len(subset)} | 100 | NORMAL | {normal:.0f} | {normal_cpu:.0f} | |')
+    print(f'| FlakeStore.ingest | {len(subset)} | 10 | FULL | {small:.0f} | {small_cpu:.0f} | |')
+    print(f'\n| QueryFlakes via ROS service ({args.calls} calls) | matches | returned | p50 ms | p99 ms | target |')
+    print('|---|---:|---:|---:|---:|---|')
+    for name, (p50, p99, total, returned) in latencies.items():
+        verdict = 'ok' if p99 < 20 else 'MISSED'
+        print(f'| {name} | {total} | {returned} | {p50:.2f} | {p99:.2f} | < 20 {verdict} |')
+    print(f'\nSame material + layer class query on FlakeStore without ROS: p99 {core_p99:.2f} ms.')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
