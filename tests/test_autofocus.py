@@ -68,6 +68,14 @@ def test_search_finds_the_peak_of_a_smooth_curve_exactly():
     assert result.z == pytest.approx(7.3e-6, abs=0.05e-6)
 
 
+def test_peak_ratio_tells_a_focus_signal_from_a_flat_field():
+    peaked = run_focus_search(FocusSearch(0.0, 40e-6), lambda z: 1.0 + 9.0 * math.exp(-(z / 4e-6) ** 2))
+    assert peaked.peak_ratio == pytest.approx(10.0, rel=0.05)
+    noise = iter(np.random.default_rng(0).normal(1.0, 0.01, 100))
+    flat = run_focus_search(FocusSearch(0.0, 40e-6), lambda z: float(next(noise)))
+    assert 1.0 <= flat.peak_ratio < 1.1
+
+
 def test_search_at_the_edge_of_the_range_and_z_limits():
     search = FocusSearch(0.0, 20e-6, max_frames=10, z_limits=(-5e-6, 1.0))
     first = search.next_z()

@@ -56,7 +56,7 @@ def graph(ros):
     assert spin_until(executor, lambda: focus.stage_state is not None
                       and abs(focus.stage_state.position.x - x) < 1e-6, 10.0)
     action = ActionClient(client, Autofocus, '/autofocus')
-    yield executor, action, reference, (x, y), states
+    yield executor, action, reference, (x, y), states, focus, move
     action.destroy()
     system.shutdown()
     spinner.join(timeout=10.0)
@@ -69,7 +69,7 @@ def graph(ros):
 
 
 def test_autofocus_action_reaches_focus_within_the_frame_budget(graph):
-    executor, action, reference, (x, y), states = graph
+    executor, action, reference, (x, y), states, _, _ = graph
     assert spin_until(executor, action.server_is_ready, 10.0)
     feedback: list[Autofocus.Feedback] = []
     goal = Autofocus.Goal(use_current=True, search_range=50e-6, measure='tenengrad', max_frames=15)
@@ -89,7 +89,7 @@ def test_autofocus_action_reaches_focus_within_the_frame_budget(graph):
 
 
 def test_autofocus_cancel_and_invalid_goal(graph):
-    executor, action, _, _, _ = graph
+    executor, action, _, _, _, _, _ = graph
     assert spin_until(executor, action.server_is_ready, 10.0)
     invalid = spin_future(executor, action.send_goal_async(Autofocus.Goal(use_current=True, measure='blur')))
     outcome = spin_future(executor, invalid.get_result_async(), 20.0)
@@ -105,3 +105,17 @@ def test_autofocus_cancel_and_invalid_goal(graph):
     assert outcome.status == GoalStatus.STATUS_CANCELED
     assert outcome.result.error_code == Autofocus.Result.ERROR_CANCELED
     assert 2 <= outcome.result.frames_used < 15
+
+
+def test_autofocus_on_an_empty_field_keeps_the_search_centre(graph):
+    executor, action, _, _, _, focus, move = graph
+    # Far off the chip the camera sees a uniform field: nothing to focus on.
+    assert spin_future(executor, move.call_async(MoveStage.Request(
+        target=Point(x=-0.02, y=-0.02, z=3e-6), wait=True))).success
+    assert spin_until(executor, lambda: abs(focus.stage_state.position.x + 0.02) < 1e-6, 10.0)
+    assert spin_until(executor, action.server_is_ready, 10.0)
+    handle = spin_future(executor, action.send_goal_async(Autofocus.Goal(use_current=True, max_frames=9)))
+    outcome = spin_future(executor, handle.get_result_async(), 60.0)
+    assert outcome.status == GoalStatus.STATUS_SUCCEEDED
+    assert 'no focus signal' in outcome.result.message
+    assert outcome.result.z == pytest.approx(3e-6, abs=1e-9)

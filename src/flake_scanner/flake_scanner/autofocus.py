@@ -93,6 +93,13 @@ class FocusResult:
     frames_used: int
     samples: list[tuple[float, float]] = field(default_factory=list)
 
+    @property
+    def peak_ratio(self) -> float:
+        """Best score over the lowest: near 1 when the field holds nothing to focus on
+        (bare substrate, a saturated crystal), and the "best" z is then only noise."""
+        lowest = min(score for _, score in self.samples)
+        return math.inf if lowest <= 0 else self.score / lowest
+
 
 class FocusSearch:
     """Frame-budgeted search for the z of the sharpest image.

@@ -37,6 +37,8 @@ PARAMS = [
     Param('coarse_frames', 7, 'frames of the coarse sweep before refinement', minimum=3, maximum=100),
     Param('tolerance', 1.5e-6, 'stop refining once the bracket is narrower than this [m] '
           '(about a quarter of the depth of field)', minimum=0.0, maximum=1e-3),
+    Param('min_peak_ratio', 1.2, 'best/lowest focus score below which the field is taken to hold nothing '
+          'to focus on; the stage then returns to the search centre', minimum=1.0, maximum=100.0),
     Param('move_timeout', 30.0, 'time allowed for one z move [s]', minimum=0.1, maximum=600.0),
     Param('frame_timeout', 10.0, 'time allowed for a frame to arrive [s]', minimum=0.1, maximum=120.0),
 ]
@@ -173,7 +175,7 @@ class AutofocusNode(Node):
         finally:
             self._busy = False
 
-    def _search_for(self, goal: Autofocus.Goal, current_z: float) -> tuple[FocusSearch, str]:
+    def _search_for(self, goal: Autofocus.Goal, current_z: float) -> tuple[FocusSearch, str, float]:
         measure = goal.measure or self.params['measure']
         if measure not in FOCUS_MEASURES:
             raise AutofocusError(Autofocus.Result.ERROR_INVALID_ARGUMENT,
@@ -187,7 +189,7 @@ class AutofocusNode(Node):
                                  tolerance=self.params['tolerance'])
         except ValueError as error:
             raise AutofocusError(Autofocus.Result.ERROR_INVALID_ARGUMENT, str(error)) from None
-        return search, measure
+        return search, measure, centre
 
     async def _focus(self, goal_handle, result: Autofocus.Result) -> Autofocus.Result:
         deadline = time.monotonic() + self.params['move_timeout']
@@ -197,7 +199,7 @@ class AutofocusNode(Node):
             await self._sleep(0.02)
         position = self.stage_state.position
         x, y = position.x, position.y
-        search, measure = self._search_for(goal_handle.request, position.z)
+        search, measure, centre = self._search_for(goal_handle.request, position.z)
         feedback = Autofocus.Feedback()
         while (z := search.next_z()) is not None:
             if goal_handle.is_cancel_requested:
@@ -211,18 +213,27 @@ class AutofocusNode(Node):
             feedback.frames_used, feedback.z, feedback.score, feedback.best_z = (
                 search.frames_used, float(z), float(score), float(best_z))
             goal_handle.publish_feedback(feedback)
-        if search.frames_used:
-            best_z, best_score = search.best()
-            await self._move_z(x, y, best_z)
-            result.z, result.score = float(best_z), float(best_score)
         result.frames_used = search.frames_used
+        flat = False
+        if search.frames_used:
+            found = search.result()
+            flat = found.peak_ratio < self.params['min_peak_ratio']
+            # With no focus signal the sharpest frame is noise: the search centre is the better guess.
+            best_z = centre if flat else found.z
+            await self._move_z(x, y, best_z)
+            result.z, result.score = float(best_z), float(found.score)
         if goal_handle.is_cancel_requested:
             result.error_code, result.message = Autofocus.Result.ERROR_CANCELED, 'canceled'
             goal_handle.canceled()
             return result
         result.success = True
-        result.message = f'focus at z = {result.z * 1e6:.2f} um after {result.frames_used} frames ({measure})'
-        self.get_logger().info(result.message)
+        if search.frames_used and flat:
+            result.message = (f'no focus signal (best/lowest score {found.peak_ratio:.2f} < '
+                              f'{self.params["min_peak_ratio"]}): kept z = {result.z * 1e6:.2f} um')
+            self.get_logger().warning(result.message)
+        else:
+            result.message = f'focus at z = {result.z * 1e6:.2f} um after {result.frames_used} frames ({measure})'
+            self.get_logger().info(result.message)
         goal_handle.succeed()
         return result
 
