@@ -131,3 +131,14 @@ def test_configure_fails_clearly_without_a_port(ros):
     finally:
         node.close()
         node.destroy_node()
+
+
+def test_camera_transform_flips_y_and_z_about_the_stage_position():
+    from flake_scanner.nodes.stage_node import _camera_transform
+
+    state = StageState()
+    state.position = Point(x=0.001, y=0.002, z=3e-6)
+    transform = _camera_transform(state).transform
+    assert (transform.translation.x, transform.translation.y, transform.translation.z) == (0.001, 0.002, 3e-6)
+    q = transform.rotation
+    assert (q.x, q.y, q.z, q.w) == (1.0, 0.0, 0.0, 0.0)  # half turn about x: y -> -y, z -> -z

@@ -100,6 +100,32 @@ PARAMS = [
 ]
 
 
+def _tf_broadcaster(node):
+    """A tf broadcaster where tf2_ros exists (a ROS 2 install); the pip-only install has none."""
+    try:
+        from tf2_ros import TransformBroadcaster
+    except ImportError:
+        return None
+    return TransformBroadcaster(node)
+
+
+def _camera_transform(state: StageState):
+    """stage -> camera_optical: the image centre sits at the stage position; optical x is
+    stage +x, optical y is stage -y, optical z looks down into the sample (a half turn about x)."""
+    from geometry_msgs.msg import TransformStamped
+
+    transform = TransformStamped()
+    transform.header.stamp = state.header.stamp
+    transform.header.frame_id = 'stage'
+    transform.child_frame_id = 'camera_optical'
+    transform.transform.translation.x = state.position.x
+    transform.transform.translation.y = state.position.y
+    transform.transform.translation.z = state.position.z
+    transform.transform.rotation.x = 1.0
+    transform.transform.rotation.w = 0.0
+    return transform
+
+
 class StageNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__('stage_node', **kwargs)
@@ -117,6 +143,7 @@ class StageNode(LifecycleNode):
         self._position = (math.nan, math.nan, math.nan)
         self._moving = False
         self.state_publisher = None
+        self.tf_broadcaster = None
         self.diagnostics = diagnostics_publisher(self)
         self.create_service(MoveStage, '/stage/move', self._on_move, callback_group=self.group)
 
@@ -153,6 +180,7 @@ class StageNode(LifecycleNode):
             self._close_devices()
             return TransitionCallbackReturn.FAILURE
         self.state_publisher = self.create_lifecycle_publisher(StageState, '/stage/state', 10)
+        self.tf_broadcaster = _tf_broadcaster(self)
         self._stop.clear()
         self._worker = threading.Thread(target=self._work, name='stage-io', daemon=True)
         self._poller = threading.Thread(target=self._poll, name='stage-poll', daemon=True)
@@ -291,6 +319,8 @@ class StageNode(LifecycleNode):
         msg.retries = driver.counters.retries
         msg.reconnects = driver.counters.reconnects
         self.state_publisher.publish(msg)
+        if self.tf_broadcaster is not None and all(math.isfinite(v) for v in position):
+            self.tf_broadcaster.sendTransform(_camera_transform(msg))
 
     def _publish_diagnostics(self) -> None:
         driver = self.driver
