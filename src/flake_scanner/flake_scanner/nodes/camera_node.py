@@ -165,6 +165,9 @@ class CameraNode(LifecycleNode):
         with self._stage_lock:
             states = list(self._stage)
         if not states:
+            if self.params['backend'] == 'sim':
+                self.get_logger().warning('no /stage/state yet: rendering at the stage origin',
+                                          throttle_duration_sec=10.0)
             return StagePose()
         last = states[-1]
         p = last.position

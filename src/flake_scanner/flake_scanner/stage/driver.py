@@ -167,13 +167,16 @@ class StageDriver:
         port = self._serial
         if port is None:
             return
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            time.sleep(0.005)
-            if port.in_waiting == 0:
-                break
+        try:
+            deadline = time.monotonic() + self.timeout
+            while time.monotonic() < deadline:
+                time.sleep(0.005)
+                if port.in_waiting == 0:
+                    break
+                port.reset_input_buffer()
             port.reset_input_buffer()
-        port.reset_input_buffer()
+        except (serial.SerialException, OSError):
+            self.close()  # the next attempt reopens the port
 
     # --- one exchange --------------------------------------------------------------------
 
