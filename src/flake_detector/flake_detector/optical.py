@@ -321,7 +321,7 @@ class OpticalDetector:
     def __init__(self, materials=('graphene',), oxide_nm: float = 90.0, calibration: str = 'auto',
                  min_area_px: int = 60, max_layers: float = 40.0, gate_sigma: float = 4.0,
                  foreground_sigma: float = 4.0, min_contrast: float = 0.03, smooth: int = 3,
-                 background_step: int = 8, edge_px: int = 3, work_size: int = 512, **_ignored):
+                 background_step: int = 8, edge_px: int = 2, work_size: int = 512, **_ignored):
         if isinstance(materials, str):
             materials = [m.strip() for m in materials.split(',') if m.strip()]
         if not materials:
@@ -401,7 +401,7 @@ class OpticalDetector:
         interior = cv2.erode(component.astype(np.uint8), np.ones((3, 3), np.uint8),
                              iterations=max(1, round(self.edge_px * scale))) > 0
         labelled = np.where(interior, class_map, -1)
-        side = 5 if scale > 0.75 else 3
+        side = 2 * self.edge_px - 1 if scale > 0.75 else 3
         kernel = np.ones((side, side), np.uint8)
         for cls in np.unique(labelled[labelled >= 0]):
             region = (labelled == cls).astype(np.uint8)
@@ -446,7 +446,7 @@ class OpticalDetector:
                     rx, ry, rw, rh, area = stats[i]
                     mask = labels[ry:ry + rh, rx:rx + rw] == i
                     mask = _half_contrast_edge(mask, window[ry:ry + rh, rx:rx + rw])
-                    values = window[ry:ry + rh, rx:rx + rw][mask]
+                    values = _deep_values(mask, window[ry:ry + rh, rx:rx + rw])
                     estimate = estimate_from_contrast(calibration, np.median(values, axis=0),
                                                       int(area), noise)
                     if estimate.mahalanobis > self.gate_sigma:
@@ -464,6 +464,16 @@ class OpticalDetector:
                         edge_straightness=quality['edge_straightness'],
                         extra={'mahalanobis': estimate.mahalanobis, 'probability': estimate.probability}))
         return out
+
+
+def _deep_values(mask: np.ndarray, window: np.ndarray, depth_px: float = 2.0) -> np.ndarray:
+    """Contrast of the pixels at least ``depth_px`` inside a region (all of them for a
+    region too thin for that): the rim is a blend of the flake and what surrounds it."""
+    depth = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    deep = mask & (depth > depth_px)
+    if deep.sum() < 5:
+        deep = mask & (depth >= depth[mask].max() - 0.5)
+    return window[deep]
 
 
 def _half_contrast_edge(mask: np.ndarray, window: np.ndarray) -> np.ndarray:
