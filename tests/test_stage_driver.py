@@ -116,8 +116,8 @@ def test_move_where_and_home(driver, emulator):
 
 
 def test_move_without_wait_reports_busy_then_arrives(driver, emulator):
-    driver.set_speed(1e-3)
-    driver.move_to(x=0.01, wait=False)  # 10 mm at 1 mm/s: 10 emulated s = 0.2 real s
+    driver.set_speed(0.5e-3)
+    driver.move_to(x=0.01, wait=False)  # 10 mm at 0.5 mm/s: 20 emulated s = 0.4 real s
     assert driver.is_busy() is True
     mid = driver.where()[0]
     assert 0.0 <= mid < 0.01
@@ -126,8 +126,8 @@ def test_move_without_wait_reports_busy_then_arrives(driver, emulator):
 
 
 def test_stop_halts_between_start_and_target(driver):
-    driver.set_speed(1e-3)
-    driver.move_to(x=0.02, wait=False)
+    driver.set_speed(0.5e-3)
+    driver.move_to(x=0.02, wait=False)  # 0.8 real s of motion: stopped long before the end
     driver.stop()
     assert driver.is_busy() is False
     assert driver.where()[0] < 0.02

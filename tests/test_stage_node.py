@@ -115,8 +115,8 @@ def test_waiting_move_does_not_block_the_executor(graph):
     stage, executor, move, states, _ = graph
     stage.trigger_configure()
     stage.trigger_activate()
-    # 20 mm at 5 mm/s is 4 emulated s = 0.2 s real: state messages must keep flowing meanwhile.
-    future = move.call_async(MoveStage.Request(target=Point(x=0.02), wait=True))
+    # 20 mm at 1 mm/s is 20 emulated s = 1 s real: state messages must keep flowing meanwhile.
+    future = move.call_async(MoveStage.Request(target=Point(x=0.02), speed=1e-3, wait=True))
     assert spin_until(executor, lambda: bool(states) and states[-1].moving, 10.0)
     moving_x = states[-1].position.x
     response = spin_future(executor, future, 20.0)
