@@ -191,13 +191,16 @@ def mahalanobis_sq(x: np.ndarray, means: np.ndarray, covariances: np.ndarray) ->
 def contrast_map(image_bgr: np.ndarray, background: np.ndarray | None = None,
                  smooth: int = 3) -> np.ndarray:
     """Per-pixel contrast (float32 HxWx3 in R, G, B order), box-smoothed over ``smooth`` px."""
-    image = _as_bgr(image_bgr).astype(np.float32)
+    image = _as_bgr(image_bgr)
     if background is None:
-        background = estimate_background(image_bgr)
+        background = estimate_background(image)
+    # cv2 does the channel swaps, the division and the subtraction in single passes.
+    image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2RGB).astype(np.float32)
     if smooth > 1:
         image = cv2.blur(image, (smooth, smooth))
-    contrast = image / background - 1.0
-    return np.ascontiguousarray(contrast[..., ::-1])
+    contrast = cv2.divide(image, cv2.cvtColor(np.ascontiguousarray(background, dtype=np.float32),
+                                               cv2.COLOR_BGR2RGB))
+    return cv2.subtract(contrast, 1.0)
 
 
 def _as_bgr(image: np.ndarray) -> np.ndarray:
@@ -363,8 +366,9 @@ class OpticalDetector:
         t1 = time.perf_counter()
         min_area = max(4, int(self.min_area_px * scale * scale))
         noise = max(_pixel_noise(contrast), 1e-3)
-        magnitude = np.sqrt((contrast ** 2).sum(axis=2))
-        foreground = magnitude > max(self.min_contrast, self.foreground_sigma * noise * math.sqrt(3.0))
+        threshold = max(self.min_contrast, self.foreground_sigma * noise * math.sqrt(3.0))
+        magnitude_sq = cv2.transform(contrast * contrast, np.ones((1, 3), np.float32))
+        foreground = magnitude_sq > threshold * threshold
         foreground = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
         count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
         candidates = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area]
