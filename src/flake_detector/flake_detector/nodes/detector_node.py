@@ -13,6 +13,7 @@ uncertainty, the backend and the model version.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 import queue
@@ -70,9 +71,20 @@ PARAMS = [
     Param('cascade_threshold', 0.5, 'cascade backend: P(good) every net must reach', minimum=0.0, maximum=1.0),
     Param('std_threshold', 0.02, 'cascade backend: candidate finder relative std threshold',
           minimum=1e-4, maximum=1.0),
+    Param('backend_params', '{}', 'JSON object of further keyword parameters for the backend '
+          '(e.g. {"model_path": "..."} for maskrcnn); they override the ones above',
+          validator=lambda v: _json_object_error(v)),
     Param('min_score', 0.0, 'detections below this score are not published', minimum=0.0, maximum=1.0),
     Param('diagnostics_period', 1.0, 'seconds between /diagnostics messages', minimum=0.1, maximum=60.0),
 ]
+
+
+def _json_object_error(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f'backend_params is not JSON: {exc}'
+    return None if isinstance(value, dict) else 'backend_params must be a JSON object'
 
 
 def backend_kwargs(params: dict) -> dict:
@@ -80,6 +92,7 @@ def backend_kwargs(params: dict) -> dict:
     kwargs = {name: params[name] for name in BACKEND_PARAMS.get(backend, ()) if name in params}
     if 'cascade_threshold' in kwargs:
         kwargs['threshold'] = kwargs.pop('cascade_threshold')
+    kwargs.update(json.loads(params.get('backend_params') or '{}'))
     return kwargs
 
 
@@ -131,7 +144,7 @@ class DetectorNode(Node):
         self.get_logger().warn(f'detector queue full: frame spilled to {path}', throttle_duration_sec=5.0)
 
     def _on_change(self, changes: dict) -> None:
-        if any(name in changes for name in ('backend', *sum(BACKEND_PARAMS.values(), ()))):
+        if any(name in changes for name in ('backend', 'backend_params', *sum(BACKEND_PARAMS.values(), ()))):
             self._rebuild = True
 
     # -- worker --------------------------------------------------------------------------------------
