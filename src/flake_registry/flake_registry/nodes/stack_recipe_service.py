@@ -1,0 +1,85 @@
+"""The GetStackRecipe service: stack recipes planned in the lab web app, for the assembly robot.
+
+``add_stack_recipe_service(node, store)`` serves /registry/get_stack_recipe from any
+node that holds a FlakeStore (the registry node calls it); ``StackRecipeNode`` is a
+small stand-alone node for a deployment that runs the web app without the registry
+node. The recipe logic lives in flake_registry.stacks; this module converts it to
+the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rclpy.node import Node
+
+from flake_msgs.msg import StackLayer
+from flake_msgs.srv import GetStackRecipe
+from flake_registry import stacks
+from flake_registry.query import INTERNAL_ERROR, RegistryError
+from flake_registry.store import FlakeStore, default_database_path
+from flake_scanner.nodes.common import Param, declare_parameters, run_node
+
+SERVICE_NAME = 'registry/get_stack_recipe'
+
+
+def recipe_to_response(recipe: stacks.StackRecipe, response: GetStackRecipe.Response) -> GetStackRecipe.Response:
+    response.name = recipe.name
+    response.robot_id = recipe.robot_id
+    response.layers = []
+    for index, layer in enumerate(recipe.layers):
+        msg = StackLayer(index=index, flake_id=layer.flake_id, chip_id=layer.chip_id, material=layer.material,
+                         layer_class=int(layer.layer_class), rotation=float(layer.rotation), token=layer.token)
+        msg.centre.x, msg.centre.y = float(layer.x), float(layer.y)
+        response.layers.append(msg)
+    return response
+
+
+def answer_stack_recipe(store: FlakeStore, request: GetStackRecipe.Request, response: GetStackRecipe.Response,
+                        logger=None) -> GetStackRecipe.Response:
+    """Fill ``response`` for ``request``; refusals become error codes, never exceptions."""
+    try:
+        recipe = stacks.get_recipe(store, request.recipe_id)
+        recipe_to_response(recipe, response)
+        response.success, response.error_code = True, ''
+        response.message = f'{len(recipe.layers)} layer(s), bottom first'
+    except RegistryError as error:
+        response.success, response.error_code, response.message = False, error.code, error.message
+    except Exception as error:  # noqa: BLE001 - a service must answer, whatever went wrong
+        if logger is not None:
+            logger.error(f'get_stack_recipe failed: {type(error).__name__}: {error}')
+        response.success, response.error_code = False, INTERNAL_ERROR
+        response.message = f'{type(error).__name__}: {error}'
+    return response
+
+
+def add_stack_recipe_service(node: Node, store: FlakeStore, name: str = SERVICE_NAME):
+    """Serve GetStackRecipe on ``node`` from ``store``; returns the service."""
+    return node.create_service(GetStackRecipe, name,
+                               lambda request, response: answer_stack_recipe(store, request, response,
+                                                                             node.get_logger()))
+
+
+PARAMS = (
+    Param('database_path', '', 'SQLite file of the registry; empty: $FLAKE_DATA_DIR/registry.sqlite',
+          read_only=True),
+)
+
+
+class StackRecipeNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__('stack_recipe_node', **kwargs)
+        self.params = declare_parameters(self, PARAMS)
+        self.store = FlakeStore(Path(self.params['database_path'] or default_database_path()))
+        add_stack_recipe_service(self, self.store)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def main(args=None):
+    run_node(StackRecipeNode, args=args)
+
+
+if __name__ == '__main__':
+    main()
