@@ -29,6 +29,14 @@ from flake_scanner.stage.protocol import ControllerError, ProtocolError
 T = TypeVar('T')
 AXES = ('x', 'y', 'z')
 
+try:
+    import termios
+
+    # pyserial lets termios.error (not an OSError) through from flushes of an unplugged port.
+    IO_ERRORS: tuple[type[BaseException], ...] = (serial.SerialException, OSError, termios.error)
+except ImportError:  # Windows
+    IO_ERRORS = (serial.SerialException, OSError)
+
 
 class StageError(RuntimeError):
     """The stage could not carry out a command (lost controller, refused command)."""
@@ -121,7 +129,7 @@ class StageDriver:
             try:
                 self._serial = self._serial_factory(self.port, baudrate=self.baudrate, timeout=self.timeout,
                                                     write_timeout=self.timeout)
-            except (serial.SerialException, OSError, ValueError) as exc:
+            except (*IO_ERRORS, ValueError) as exc:
                 raise StageError(f'cannot open stage port {self.port!r}: {exc}') from exc
             self.fault_message = ''
 
@@ -130,7 +138,7 @@ class StageDriver:
             if self._serial is not None:
                 try:
                     self._serial.close()
-                except (serial.SerialException, OSError):
+                except IO_ERRORS:
                     pass
                 self._serial = None
 
@@ -175,7 +183,7 @@ class StageDriver:
                     break
                 port.reset_input_buffer()
             port.reset_input_buffer()
-        except (serial.SerialException, OSError):
+        except IO_ERRORS:
             self.close()  # the next attempt reopens the port
 
     # --- one exchange --------------------------------------------------------------------
@@ -196,7 +204,7 @@ class StageDriver:
                     port.reset_input_buffer()  # a late reply to an earlier try must not answer this one
                     port.write(command)
                     line = port.read_until(b'\n')
-                except (serial.SerialException, OSError) as exc:
+                except IO_ERRORS as exc:
                     problem = exc
                     self._reconnect(exc)
                     continue

@@ -143,6 +143,7 @@ class StageEmulator:
         self._drop_next = 0
         self._garble_next = 0
         self._disconnect_request: float | None = None
+        self._unplugged = threading.Event()
         self._down_until: float | None = None  # real time when a disconnected port comes back
         self.homed = False
         self._master: int | None = None
@@ -237,9 +238,15 @@ class StageEmulator:
             self._held_busy_until = time.monotonic() + seconds
 
     def disconnect(self, down_for: float | None = 0.2) -> None:
-        """Unplug the port now; it comes back after ``down_for`` real seconds (None: never)."""
+        """Unplug the port now; it comes back after ``down_for`` real seconds (None: never).
+
+        Returns once the port is gone, so the next command of a driver meets the unplugged port.
+        """
+        self._unplugged.clear()
         with self._lock:
             self._disconnect_request = math.inf if down_for is None else down_for
+        if self._thread is not None and not self._unplugged.wait(5.0):
+            raise RuntimeError('emulator thread did not unplug the port')
 
     # --- serving -----------------------------------------------------------------------
 
@@ -253,6 +260,7 @@ class StageEmulator:
                 self.counters.disconnects += 1
                 buffer = b''
                 self._down_until = time.monotonic() + request
+                self._unplugged.set()
             if self._master is None:
                 if self._down_until is not None and time.monotonic() >= self._down_until:
                     self._down_until = None
