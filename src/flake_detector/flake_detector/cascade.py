@@ -30,7 +30,14 @@ import cv2
 import numpy as np
 
 from flake_detector.candidates import Candidate, CandidateFinder
-from flake_detector.detection import Detection, FrameResult, FunnelStage, region_quality, register_detector
+from flake_detector.detection import (
+    Detection,
+    FrameResult,
+    FunnelStage,
+    add_isolation,
+    region_quality,
+    register_detector,
+)
 
 MODELS_DIR = Path(__file__).resolve().parent / 'models'
 
@@ -258,6 +265,7 @@ class CascadeDetector:
         for candidate, ok, score in zip(candidates, accepted, scores, strict=True):
             if ok:
                 detections.append(self._detection(image_bgr, candidate, float(score), background))
+        add_isolation(detections)
         t2 = time.perf_counter()
         return FrameResult(detections, candidates=len(candidates), funnel=funnel,
                            timings={'cascade': t1 - t0, 'thickness': t2 - t1})

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 import importlib
+import math
 from typing import Any, Protocol
 
 import numpy as np
@@ -216,6 +217,19 @@ def region_quality(mask: np.ndarray, contrast: np.ndarray | None = None) -> dict
             long_segments = seg[seg >= max(5.0, 0.1 * perimeter)].sum()
             out['edge_straightness'] = float(np.clip(long_segments / perimeter, 0.0, 1.0))
     return out
+
+
+def add_isolation(detections: list[Detection]) -> None:
+    """Distance from each detection's bbox to the nearest other one [px]."""
+    for i, a in enumerate(detections):
+        best = float('inf')
+        for j, b in enumerate(detections):
+            if i == j:
+                continue
+            dx = max(0, max(a.bbox[0], b.bbox[0]) - min(a.bbox[0] + a.bbox[2], b.bbox[0] + b.bbox[2]))
+            dy = max(0, max(a.bbox[1], b.bbox[1]) - min(a.bbox[1] + a.bbox[3], b.bbox[1] + b.bbox[3]))
+            best = min(best, math.hypot(dx, dy))
+        a.isolation_px = best
 
 
 @dataclass

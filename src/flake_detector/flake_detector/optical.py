@@ -32,6 +32,7 @@ from flake_detector.detection import (
     Detection,
     FrameResult,
     FunnelStage,
+    add_isolation,
     layer_class_of,
     region_quality,
     register_detector,
@@ -389,7 +390,7 @@ class OpticalDetector:
         if scale < 1.0:
             detections = [_rescale(d, 1.0 / scale, (h, w)) for d in detections]
         t2 = time.perf_counter()
-        _add_isolation(detections)
+        add_isolation(detections)
         return FrameResult(detections, candidates=len(candidates),
                            funnel=[FunnelStage('foreground regions', len(candidates)),
                                    FunnelStage('calibrated regions', len(detections))],
@@ -504,19 +505,6 @@ def _rescale(detection: Detection, factor: float, shape: tuple[int, int]) -> Det
     detection.bbox = (x0, y0, x1 - x0, y1 - y0)
     detection.mask = mask.astype(bool)
     return detection
-
-
-def _add_isolation(detections: list[Detection]) -> None:
-    """Distance from each detection's bbox to the nearest other one [px]."""
-    for i, a in enumerate(detections):
-        best = float('inf')
-        for j, b in enumerate(detections):
-            if i == j:
-                continue
-            dx = max(0, max(a.bbox[0], b.bbox[0]) - min(a.bbox[0] + a.bbox[2], b.bbox[0] + b.bbox[2]))
-            dy = max(0, max(a.bbox[1], b.bbox[1]) - min(a.bbox[1] + a.bbox[3], b.bbox[1] + b.bbox[3]))
-            best = min(best, math.hypot(dx, dy))
-        a.isolation_px = best
 
 
 @register_detector('contrast')
