@@ -73,6 +73,12 @@ def test_speed_is_sent_in_mm_per_s():
     assert protocol.encode_speed(2.5e-3, 1e-4) == b'SPEED X=2.5 Y=2.5 Z=0.1\r'
 
 
+def test_here_sets_the_origin_and_aliases_follow_the_ms2000():
+    assert protocol.encode_here(0.0, 0.0, 0.0) == b'HERE X=0 Y=0 Z=0\r'
+    assert protocol.decode_command(b'! X Y\r').verb == 'HOME'
+    assert protocol.decode_command(b'H X=0\r').verb == 'HERE'
+
+
 def test_trapezoid_and_triangle_profiles_end_on_target():
     long_move = _AxisMove(0.0, 0.01, 0.0, speed=5e-3, accel=0.1)
     assert long_move.duration == pytest.approx(0.01 / 5e-3 + 5e-3 / 0.1)
@@ -201,6 +207,17 @@ def test_busy_controller_is_waited_for_or_times_out(driver, emulator):
     emulator.hold_busy(5.0)
     with pytest.raises(StageTimeoutError):
         driver.wait_until_idle(timeout=0.05)
+
+
+def test_homing_makes_the_home_position_the_origin():
+    config = EmulatorConfig(time_scale=100.0, home_position=(0.01, -0.02, 0.001), initial_position=(0.0, 0.0, 0.0))
+    with StageEmulator(config) as emu, StageDriver(emu.port, timeout=0.5) as drv:
+        drv.move_to(0.002, 0.0, 0.0)
+        drv.home()
+        assert drv.homed and drv.where() == pytest.approx((0.0, 0.0, 0.0), abs=1e-7)
+        drv.move_to(x=0.001)  # 1 mm from home, i.e. 11 mm on the mechanical scale
+        assert emu.position() == pytest.approx((0.001, 0.0, 0.0), abs=1e-7)
+        assert emu._moves['X'].target == pytest.approx(0.011)
 
 
 def test_homing_required_when_configured(emulator):

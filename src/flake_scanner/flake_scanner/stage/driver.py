@@ -264,11 +264,15 @@ class StageDriver:
             time.sleep(poll_interval)
 
     def home(self, wait: bool = True, timeout: float = 60.0) -> None:
-        """Drive every axis to its home position, which the controller then reads as zero."""
+        """Drive every axis to its home position and make that the origin (HOME, then HERE 0).
+
+        Always waits for the axes to arrive, because the origin is set there; ``wait`` is
+        accepted for symmetry with the moves.
+        """
         self._transact(protocol.encode_home('XYZ'), protocol.parse_ack)
+        self.wait_until_idle(timeout)
+        self._transact(protocol.encode_here(0.0, 0.0, 0.0), protocol.parse_ack)
         self.target = (0.0, 0.0, 0.0)
-        if wait:
-            self.wait_until_idle(timeout)
         self.homed = True
 
     def move_to(self, x: float | None = None, y: float | None = None, z: float | None = None,

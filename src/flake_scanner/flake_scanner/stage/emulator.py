@@ -136,6 +136,9 @@ class StageEmulator:
         self._lock = threading.Lock()
         self._moves = {axis: _AxisMove(p, p, 0.0, 1.0, 1.0)
                        for axis, p in zip(AXIS_NAMES, self.config.initial_position, strict=True)}
+        # Mechanical coordinate of each axis' logical zero; HERE moves it. Motion and limits
+        # are mechanical, WHERE/MOVE speak logical coordinates, as on the controller.
+        self._origin = {axis: 0.0 for axis in AXIS_NAMES}
         self._speeds = {'X': self.config.speed_xy, 'Y': self.config.speed_xy, 'Z': self.config.speed_z}
         self._accels = {'X': self.config.accel_xy, 'Y': self.config.accel_xy, 'Z': self.config.accel_z}
         self._busy_until = 0.0
@@ -210,10 +213,13 @@ class StageEmulator:
         return (time.monotonic() - self._t0) * self.config.time_scale
 
     def position(self) -> tuple[float, float, float]:
-        """Current position in metres (reads the motion profile at the emulated time)."""
+        """Current position in metres, controller coordinates (the motion profile at the emulated time)."""
         with self._lock:
             now = self.now()
-            return tuple(self._moves[a].position(now) for a in AXIS_NAMES)
+            return tuple(self._logical(a, now) for a in AXIS_NAMES)
+
+    def _logical(self, axis: str, now: float) -> float:
+        return self._moves[axis].position(now) - self._origin[axis]
 
     def busy(self) -> bool:
         with self._lock:
@@ -318,10 +324,10 @@ class StageEmulator:
                 return protocol.encode_reply_status(self._busy_locked(now))
             if command.verb == 'WHERE':
                 axes = [a for a in command.args] or list(AXIS_NAMES)
-                return protocol.encode_reply_where(
-                    [protocol.to_units(self._moves[a].position(now)) for a in axes])
+                return protocol.encode_reply_where([protocol.to_units(self._logical(a, now)) for a in axes])
             if command.verb == 'MOVE':
-                targets = {a: protocol.to_metres(v) for a, v in command.args.items() if v is not None}
+                targets = {a: protocol.to_metres(v) + self._origin[a]
+                           for a, v in command.args.items() if v is not None}
                 if not targets:
                     raise ControllerError(3)
                 return self._start_move(targets, now)
@@ -331,6 +337,13 @@ class StageEmulator:
                 reply = self._start_move({a: home[a] for a in axes}, now)
                 self.homed = True
                 return reply
+            if command.verb == 'HERE':
+                values = {a: v for a, v in command.args.items() if v is not None}
+                if not values:
+                    raise ControllerError(3)
+                for axis, value in values.items():
+                    self._origin[axis] = self._moves[axis].position(now) - protocol.to_metres(value)
+                return protocol.encode_reply_ack()
             if command.verb == 'HALT':
                 for axis in AXIS_NAMES:
                     here = self._moves[axis].position(now)

@@ -9,7 +9,8 @@ Commands used (MS-2000 "high level" syntax):
 - ``MOVE X=<u> Y=<u> Z=<u>``   absolute move            -> ``:A``
 - ``WHERE X Y Z``              read positions           -> ``:A <x> <y> <z>``
 - ``STATUS``                   any axis moving?         -> ``N`` (idle) or ``B`` (busy)
-- ``HOME X Y Z``               drive to the home switch -> ``:A`` (axis then reads 0)
+- ``HOME X Y Z``               drive to the home position -> ``:A``
+- ``HERE X=<u> Y=<u> Z=<u>``   call the current position <u> (defines the origin) -> ``:A``
 - ``HALT``                     stop all axes            -> ``:A``
 - ``SPEED X=<mm/s> Y=<mm/s>``  maximum axis speed       -> ``:A``
 
@@ -90,6 +91,12 @@ def encode_home(axes: str = 'XYZ') -> bytes:
     return ('HOME ' + ' '.join(axes.upper())).encode('ascii') + COMMAND_TERMINATOR
 
 
+def encode_here(x: float | None = None, y: float | None = None, z: float | None = None) -> bytes:
+    """Declare the current position of the given axes to be these values [m] (sets the origin)."""
+    args = _axes_arguments({'x': x, 'y': y, 'z': z}, lambda m: str(to_units(m)))
+    return f'HERE {args}'.encode('ascii') + COMMAND_TERMINATOR
+
+
 def encode_halt() -> bytes:
     return b'HALT' + COMMAND_TERMINATOR
 
@@ -167,7 +174,7 @@ class Command:
     args: dict[str, float | None]
 
 
-_VERB_ALIASES = {'M': 'MOVE', 'W': 'WHERE', '/': 'STATUS', 'H': 'HOME', '\\': 'HALT', 'S': 'SPEED',
+_VERB_ALIASES = {'M': 'MOVE', 'W': 'WHERE', '/': 'STATUS', '!': 'HOME', 'H': 'HERE', '\\': 'HALT', 'S': 'SPEED',
                  'R': 'MOVREL'}
 
 
