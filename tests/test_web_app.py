@@ -298,3 +298,34 @@ def test_recipes_keep_order_and_survive_reopening(registry):
     assert [layer.flake_id for layer in again.layers] == ['F0000006', 'F0000001']
     assert [layer.rotation for layer in again.layers] == pytest.approx([0.1, -0.2])
     assert again.layers[0].material == store.get_flake('F0000006').flake.material
+
+
+def test_defect_reports_show_overlay_and_concentrations(client, registry):
+    _, data_dir, store = registry
+    import json
+
+    import cv2
+    import numpy as np
+    folder = data_dir / 'defects' / 'mote2-001'
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / 'mote2-001_overlay.png'), np.zeros((32, 32, 3), np.uint8))
+    (folder / 'mote2-001_cells.csv').write_text('cell,class_id,class,confidence\n0,1,V_Te1,0.9\n')
+    (folder / 'mote2-001_report.json').write_text(json.dumps({
+        'image_id': 'mote2-001', 'cells_total': 1200, 'analysed_area_nm2': 25000.0, 'pixel_size_m': 2e-11,
+        'model_version': 'defects-test',
+        'classes': [{'name': 'Perfect', 'count': 1190, 'concentration_cm2': 4.76e15, 'concentration_low_cm2': 4.5e15,
+                     'concentration_high_cm2': 5.0e15},
+                    {'name': 'V_Te1', 'count': 10, 'concentration_cm2': 4.0e12, 'concentration_low_cm2': 1.9e12,
+                     'concentration_high_cm2': 7.4e12}]}))
+    listing = client.get('/defects').text
+    assert 'href="/defects/mote2-001"' in listing
+    page = client.get('/defects/mote2-001')
+    assert page.status_code == 200
+    assert '/defects/mote2-001/files/mote2-001_overlay.png' in page.text
+    assert 'V_Te1' in page.text and '4e+12' in page.text and '1.9e+12 – 7.4e+12' in page.text
+    assert client.get('/defects/mote2-001/files/mote2-001_overlay.png').content[:4] == b'\x89PNG'
+    assert client.get('/defects/mote2-001/files/secret.txt').status_code == 404
+    store.add_defect_report({'image_id': 'stem-7', 'cells_total': 50, 'class_names': ['Perfect', 'V_Mo'],
+                             'counts': [48, 2], 'concentration': [1e15, 3.5e13]}, flake_id='F0000003')
+    stored = client.get('/defects').text
+    assert 'stem-7' in stored and 'V_Mo: 3.5e+13' in stored and 'href="/flakes/F0000003"' in stored

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from collections import OrderedDict
 import hmac
-import html
 import ipaddress
 import json
 import logging
@@ -690,7 +689,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
 
     @app.get('/defects', response_class=HTMLResponse)
     def defects_page(request: Request):
-        stored = store.defect_reports()
+        stored = [dict(r, rows=concentration_rows(r)) for r in store.defect_reports()]
         folders = [{'name': p.name, 'files': sorted(f.name for f in p.iterdir() if f.is_file())}
                    for p in report_folders()]
         return page(request, 'defects.html', {'page': 'defects', 'stored': stored, 'folders': folders,
@@ -699,13 +698,16 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
     @app.get('/defects/{name}', response_class=HTMLResponse)
     def defect_folder_page(request: Request, name: str):
         folder = defect_folder(name)
-        report = {}
-        for path in sorted(folder.glob('*.json')):
+        report: dict = {}
+        # The analyzer writes <image id>_report.json; any other JSON is a fallback.
+        for path in sorted(folder.glob('*.json'), key=lambda p: (not p.name.endswith('_report.json'), p.name)):
             try:
-                report = json.loads(path.read_text())
-                break
+                loaded = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
+            if isinstance(loaded, dict):
+                report = loaded
+                break
         images = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in ('.png', '.jpg', '.jpeg'))
         csvs = sorted(p.name for p in folder.glob('*.csv'))
         rows = concentration_rows(report)
@@ -731,13 +733,22 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
 
 
 def concentration_rows(report: dict) -> list[dict[str, Any]]:
-    """Rows (class, count, concentration and its interval) from a defect report's JSON."""
+    """Rows (class, count, concentration and its 95 % interval, cm^-2) from a defect report.
+
+    Reads both the analyzer's report JSON (``classes``: name, count, concentration_cm2,
+    ...) and the registry's stored reports (parallel lists, as in DefectReport).
+    """
+    if isinstance(report.get('classes'), list):
+        return [{'class': str(c.get('name', '')), 'counts': c.get('count'),
+                 'concentration': c.get('concentration_cm2'), 'concentration_low': c.get('concentration_low_cm2'),
+                 'concentration_high': c.get('concentration_high_cm2')}
+                for c in report['classes'] if isinstance(c, dict)]
     names = report.get('class_names') or []
     columns = {key: report.get(key) or [] for key in ('counts', 'concentration', 'concentration_low',
                                                       'concentration_high')}
     rows = []
     for i, name in enumerate(names):
-        row = {'class': html.escape(str(name))}
+        row = {'class': str(name)}
         for key, values in columns.items():
             row[key] = values[i] if i < len(values) else None
         rows.append(row)
