@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from ros_helpers import spin_until
@@ -9,6 +11,10 @@ from ros_helpers import spin_until
 from flake_scanner.bag.io import SCAN_FRAME_TYPE, BagReader, BagWriter
 from flake_scanner.bag.playback import PlaybackClock, parse_remaps, parse_topics
 from flake_scanner.ros_image import image_to_numpy, numpy_to_image
+
+# Topics unique to this test process: other runs of this suite may share the DDS domain.
+T = f'/bagtest_{os.getpid()}'
+CLOCK = f'{T}/clock'
 
 
 def _scan_frame(index: int):
@@ -77,11 +83,11 @@ def _record(executor, tmp_path, count: int):
     from flake_scanner.nodes.common import PIPELINE_QOS
 
     source = ros_node('bag_test_source')
-    frames_pub = source.create_publisher(ScanFrame, '/bagtest/tiles', PIPELINE_QOS)
-    flakes_pub = source.create_publisher(FlakeArray, '/bagtest/detections', PIPELINE_QOS)
+    frames_pub = source.create_publisher(ScanFrame, f'{T}/tiles', PIPELINE_QOS)
+    flakes_pub = source.create_publisher(FlakeArray, f'{T}/detections', PIPELINE_QOS)
     bag = tmp_path / 'recorded'
     recorder = BagRecorder(parameter_overrides=[
-        Parameter('topics', value='/bagtest/tiles,/bagtest/detections'),
+        Parameter('topics', value=f'{T}/tiles,{T}/detections'),
         Parameter('output', value=str(bag))])
     executor.add_node(source)
     executor.add_node(recorder)
@@ -118,19 +124,20 @@ def _replay_and_collect(executor, bag, expected: int, extra=()):
 
     sink = ros_node('bag_test_sink')
     frames, flakes, clocks = [], [], []
-    subscriptions = [sink.create_subscription(ScanFrame, '/replayed/tiles', frames.append, PIPELINE_QOS),
-                     sink.create_subscription(FlakeArray, '/bagtest/detections', flakes.append, PIPELINE_QOS),
-                     sink.create_subscription(Clock, '/clock', clocks.append, PIPELINE_QOS)]
+    subscriptions = [sink.create_subscription(ScanFrame, f'{T}/replayed', frames.append, PIPELINE_QOS),
+                     sink.create_subscription(FlakeArray, f'{T}/detections', flakes.append, PIPELINE_QOS),
+                     sink.create_subscription(Clock, CLOCK, clocks.append, PIPELINE_QOS)]
     replayer = BagReplayer(parameter_overrides=[
         Parameter('bag', value=str(bag)), Parameter('rate', value=0.0),
-        Parameter('remap', value='/bagtest/tiles:=/replayed/tiles'), Parameter('start_paused', value=True),
+        Parameter('remap', value=f'{T}/tiles:={T}/replayed'), Parameter('start_paused', value=True),
+        Parameter('clock_topic', value=CLOCK),
         Parameter('start_delay', value=0.0), *extra])
     executor.add_node(sink)
     executor.add_node(replayer)
     try:
         # every replayed topic matched on the subscriber's side too, so nothing is sent into the void
         wanted = [s for s in subscriptions if s.topic_name in {replayer.remaps.get(t, t)
-                                                               for t in replayer.publishers_by_topic} | {'/clock'}]
+                                                               for t in replayer.publishers_by_topic} | {CLOCK}]
         assert spin_until(executor, lambda: all(s.get_publisher_count() >= 1 for s in wanted), timeout=20)
         assert replayer.paused and replayer.published == 0
         replayer.resume()
@@ -153,7 +160,7 @@ def test_record_then_replay_unlimited_gives_every_message_in_order(executor, tmp
     assert recorder.written == count + 1 and recorder.dropped == 0
     with BagReader(bag) as reader:
         assert reader.storage == 'mcap'
-        assert reader.topics['/bagtest/tiles'].count == count
+        assert reader.topics[f'{T}/tiles'].count == count
         stamps = [m.timestamp for m in reader.messages()]
     frames, flakes, clocks = _replay_and_collect(executor, bag, count + 1)
     assert [f.tile_index for f in frames] == list(range(count))
@@ -170,17 +177,17 @@ def test_sqlite3_bag_with_start_offset_and_topic_filter(executor, tmp_path):
 
     bag = tmp_path / 'sqlite_bag'
     with BagWriter(bag, storage='sqlite3') as writer:
-        writer.add_topic('/bagtest/tiles', SCAN_FRAME_TYPE)
-        writer.add_topic('/bagtest/detections', 'flake_msgs/msg/FlakeArray')
+        writer.add_topic(f'{T}/tiles', SCAN_FRAME_TYPE)
+        writer.add_topic(f'{T}/detections', 'flake_msgs/msg/FlakeArray')
         for index in range(10):
-            writer.write('/bagtest/tiles', 1_000_000_000 + index * 100_000_000,
+            writer.write(f'{T}/tiles', 1_000_000_000 + index * 100_000_000,
                          serialize_message(_scan_frame(index)))
     with BagReader(bag) as reader:
         assert reader.storage == 'sqlite3'
     # 0.45 s into the bag: frames 5..9 remain; the detections topic is filtered out
     frames, flakes, clocks = _replay_and_collect(
         executor, bag, 5, extra=[Parameter('start_offset', value=0.45),
-                                 Parameter('topics', value='/bagtest/tiles')])
+                                 Parameter('topics', value=f'{T}/tiles')])
     assert [f.tile_index for f in frames] == [5, 6, 7, 8, 9]
     assert flakes == []
     assert clocks[0].clock.sec == 1 and clocks[0].clock.nanosec == 450_000_000
@@ -194,9 +201,9 @@ def test_paced_replay_advances_clock_between_messages(executor, tmp_path):
     bag = tmp_path / 'paced'
     stamps = [2_000_000_000, 2_300_000_000, 2_600_000_000]
     with BagWriter(bag) as writer:
-        writer.add_topic('/bagtest/tiles', SCAN_FRAME_TYPE)
+        writer.add_topic(f'{T}/tiles', SCAN_FRAME_TYPE)
         for index, stamp in enumerate(stamps):
-            writer.write('/bagtest/tiles', stamp, serialize_message(_scan_frame(index)))
+            writer.write(f'{T}/tiles', stamp, serialize_message(_scan_frame(index)))
     for rate, expect_ticks in ((1.0, True), (0.0, False)):
         frames, _, clocks = _replay_and_collect(executor, bag, 3, extra=[Parameter('rate', value=rate)])
         assert [f.tile_index for f in frames] == [0, 1, 2]
@@ -223,12 +230,12 @@ def test_flake_record_process_closes_the_bag_on_sigterm(executor, tmp_path):
     bag = tmp_path / 'sigterm'
     truth = tmp_path / 'truth.json'
     truth.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "graphene"}]}')
-    process = subprocess.Popen([sys.executable, '-m', 'flake_scanner.bag.record', '--topics', '/bagtest/sig',
+    process = subprocess.Popen([sys.executable, '-m', 'flake_scanner.bag.record', '--topics', f'{T}/sig',
                                 '--output', str(bag), '--ground-truth', str(truth)], env=dict(os.environ),
                                stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     source = ros_node('bag_test_sig_source')
-    publisher = source.create_publisher(ScanFrame, '/bagtest/sig', PIPELINE_QOS)
+    publisher = source.create_publisher(ScanFrame, f'{T}/sig', PIPELINE_QOS)
     executor.add_node(source)
     try:
         assert spin_until(executor, lambda: publisher.get_subscription_count() == 1, timeout=30)
@@ -246,7 +253,7 @@ def test_flake_record_process_closes_the_bag_on_sigterm(executor, tmp_path):
     assert process.returncode == 0, output
     assert 'closed' in output
     with BagReader(bag) as reader:
-        frames = [reader.deserialize(m).tile_index for m in reader.messages(['/bagtest/sig'])]
+        frames = [reader.deserialize(m).tile_index for m in reader.messages([f'{T}/sig'])]
         (stored_truth,) = [reader.deserialize(m).data for m in reader.messages(['/scan/ground_truth'])]
     assert frames == list(range(15))
     # the ground truth travels both beside the messages and inside the bag
@@ -263,12 +270,12 @@ def test_loop_starts_again_from_the_beginning(executor, tmp_path):
 
     bag = tmp_path / 'loop'
     with BagWriter(bag) as writer:
-        writer.add_topic('/bagtest/loop', SCAN_FRAME_TYPE)
+        writer.add_topic(f'{T}/loop', SCAN_FRAME_TYPE)
         for index in range(3):
-            writer.write('/bagtest/loop', 10**9 + index, serialize_message(_scan_frame(index)))
+            writer.write(f'{T}/loop', 10**9 + index, serialize_message(_scan_frame(index)))
     sink = ros_node('bag_test_loop_sink')
     received = []
-    sink.create_subscription(ScanFrame, '/bagtest/loop', lambda m: received.append(m.tile_index), PIPELINE_QOS)
+    sink.create_subscription(ScanFrame, f'{T}/loop', lambda m: received.append(m.tile_index), PIPELINE_QOS)
     replayer = BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag)), Parameter('rate', value=0.0),
                                                 Parameter('loop', value=True), Parameter('ack_window', value=1),
                                                 Parameter('start_paused', value=True)])
@@ -309,7 +316,7 @@ def _humble_style_bag(path, frames: int):
         ' serialization_format TEXT NOT NULL, offered_qos_profiles TEXT NOT NULL);'
         'CREATE TABLE messages(id INTEGER PRIMARY KEY, topic_id INTEGER NOT NULL, timestamp INTEGER NOT NULL,'
         ' data BLOB NOT NULL);')
-    database.execute('INSERT INTO topics VALUES (1, "/bagtest/tiles", "flake_msgs/msg/ScanFrame", "cdr", ?)', (qos,))
+    database.execute(f'INSERT INTO topics VALUES (1, "{T}/tiles", "flake_msgs/msg/ScanFrame", "cdr", ?)', (qos,))
     database.executemany('INSERT INTO messages (topic_id, timestamp, data) VALUES (1, ?, ?)',
                          [(stamp, serialize_message(_scan_frame(i))) for i, stamp in enumerate(stamps)])
     database.commit()
@@ -325,7 +332,7 @@ def _humble_style_bag(path, frames: int):
   message_count: {frames}
   topics_with_message_count:
     - topic_metadata:
-        name: /bagtest/tiles
+        name: {T}/tiles
         type: flake_msgs/msg/ScanFrame
         serialization_format: cdr
         offered_qos_profiles: "{indented_qos}"
@@ -350,7 +357,7 @@ def test_bag_in_the_humble_recorder_layout_replays(executor, tmp_path):
     stamps = _humble_style_bag(bag, 6)
     with BagReader(bag) as reader:
         assert reader.storage == 'sqlite3'
-        info = reader.topics['/bagtest/tiles']
+        info = reader.topics[f'{T}/tiles']
         assert info.count == 6 and not info.has_definition and info.qos.reliable
         assert reader.deserialize(next(reader.messages())).tile_index == 0
     frames, _, clocks = _replay_and_collect(executor, bag, 6)

@@ -7,11 +7,17 @@ unlimited rate, into a fresh detector_node and registry_node (new database).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from ros_helpers import spin_until
 
 from flake_scanner.bag.io import BagReader
 
+# Topics unique to this test process: other runs of this suite may share the DDS domain.
+NAMESPACE = f'/bagrt_{os.getpid()}'
+TILES = f'{NAMESPACE}/scan/tiles'
+DETECTIONS = f'{NAMESPACE}/detections'
 SEED = 3
 FRAMES = 6
 CHIP = 'chip-bag'
@@ -45,8 +51,10 @@ def _pipeline(tmp_path, name: str):
     from flake_detector.nodes.detector_node import DetectorNode
     from flake_registry.nodes.registry_node import RegistryNode
 
-    detector = DetectorNode(parameter_overrides=[Parameter('spill_dir', value=str(tmp_path / f'{name}_spill'))])
-    registry = RegistryNode(parameter_overrides=[
+    detector = DetectorNode(parameter_overrides=[Parameter('spill_dir', value=str(tmp_path / f'{name}_spill')),
+                                                 Parameter('input_topic', value=TILES),
+                                                 Parameter('output_topic', value=DETECTIONS)])
+    registry = RegistryNode(namespace=NAMESPACE, parameter_overrides=[
         Parameter('database_path', value=str(tmp_path / f'{name}.sqlite'))])
     return detector, registry
 
@@ -84,9 +92,9 @@ def test_replayed_scan_fills_a_fresh_registry_with_the_same_flakes(ros, tmp_path
     bag = tmp_path / 'live_scan'
     # -- the live run, recorded ------------------------------------------------------------
     source = Node('bag_roundtrip_source')
-    frame_publisher = source.create_publisher(ScanFrame, '/scan/tiles', PIPELINE_QOS)
+    frame_publisher = source.create_publisher(ScanFrame, TILES, PIPELINE_QOS)
     detector, registry = _pipeline(tmp_path, 'live')
-    recorder = BagRecorder(parameter_overrides=[Parameter('topics', value='/scan/tiles,/detections'),
+    recorder = BagRecorder(parameter_overrides=[Parameter('topics', value=f'{TILES},{DETECTIONS}'),
                                                 Parameter('output', value=str(bag))])
     for node in (source, detector, registry, recorder):
         executor.add_node(node)
@@ -105,23 +113,24 @@ def test_replayed_scan_fills_a_fresh_registry_with_the_same_flakes(ros, tmp_path
     live = _flakes(tmp_path / 'live.sqlite')
     assert len(live) >= 3, 'the simulated frames must hold flakes the detector finds'
     with BagReader(bag) as reader:
-        assert reader.topics['/scan/tiles'].count == FRAMES
-        assert reader.topics['/detections'].count == FRAMES
-        recorded = [reader.deserialize(m) for m in reader.messages(['/scan/tiles'])]
+        assert reader.topics[TILES].count == FRAMES
+        assert reader.topics[DETECTIONS].count == FRAMES
+        recorded = [reader.deserialize(m) for m in reader.messages([TILES])]
     assert [f.tile_index for f in recorded] == list(range(FRAMES))
     assert np.array_equal(recorded[2].image.data, np.frombuffer(frames[2].image.data, np.uint8))
 
     # -- the replay into a fresh detector and registry -----------------------------------
     detector, registry = _pipeline(tmp_path, 'replayed')
     replayer = BagReplayer(parameter_overrides=[
-        Parameter('bag', value=str(bag)), Parameter('rate', value=0.0), Parameter('topics', value='/scan/tiles'),
-        Parameter('start_paused', value=True), Parameter('start_delay', value=0.0)])
+        Parameter('bag', value=str(bag)), Parameter('rate', value=0.0), Parameter('topics', value=TILES),
+        Parameter('start_paused', value=True), Parameter('start_delay', value=0.0),
+        Parameter('clock_topic', value=f'{NAMESPACE}/clock')])
     for node in (detector, registry, replayer):
         executor.add_node(node)
     try:
-        assert spin_until(executor, lambda: replayer.publishers_by_topic['/scan/tiles'].get_subscription_count() == 1
+        assert spin_until(executor, lambda: replayer.publishers_by_topic[TILES].get_subscription_count() == 1
                           and detector.publisher.get_subscription_count() == 1, timeout=30)
-        detector_input = [s for s in detector.subscriptions if s.topic_name == '/scan/tiles']
+        detector_input = [s for s in detector.subscriptions if s.topic_name == TILES]
         assert spin_until(executor, lambda: detector_input[0].get_publisher_count() == 1, timeout=30)
         replayer.resume()
         assert spin_until(executor, lambda: registry.stats['batches_stored'] == FRAMES, timeout=90)

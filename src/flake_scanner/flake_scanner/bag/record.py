@@ -23,6 +23,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
 from flake_scanner.bag.io import (
@@ -247,19 +248,44 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Parameter]]:
     return args, overrides
 
 
+def install_stop_handlers() -> threading.Event:
+    """SIGINT and SIGTERM set the returned event instead of tearing the context down.
+
+    rclpy's own handlers shut the context down at once, which races the executor
+    (an RCLError from spin_once) and drops messages still queued in subscriptions;
+    with an event the main loop ends, drains, and closes the bag cleanly.
+    """
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def drain(executor, recorder: BagRecorder, quiet_spins: int = 4, limit_s: float = 3.0) -> None:
+    """Spin until no message arrived for ``quiet_spins`` spins (or ``limit_s``): take what is still queued."""
+    deadline = time.monotonic() + limit_s
+    quiet, last = 0, recorder.received
+    while quiet < quiet_spins and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+        quiet = quiet + 1 if recorder.received == last else 0
+        last = recorder.received
+
+
 def main(argv=None) -> int:
     argv = sys.argv if argv is None else argv
     _, overrides = _parse_args(remove_ros_args(argv)[1:])
-    rclpy.init(args=argv)
-    signal.signal(signal.SIGTERM, lambda *_: rclpy.try_shutdown())
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    stop = install_stop_handlers()
     executor = SingleThreadedExecutor()
     recorder = None
     status = 0
     try:
         recorder = BagRecorder(parameter_overrides=overrides)
         executor.add_node(recorder)
-        while rclpy.ok() and not recorder.finished.is_set():
+        while rclpy.ok() and not recorder.finished.is_set() and not stop.is_set():
             executor.spin_once(timeout_sec=0.1)
+        if rclpy.ok():
+            drain(executor, recorder)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, FileNotFoundError, FileExistsError, BagError) as exc:

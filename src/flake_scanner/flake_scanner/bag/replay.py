@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-import signal
 import sys
 import threading
 
@@ -25,6 +24,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 from rosgraph_msgs.msg import Clock
 from std_srvs.srv import Trigger
@@ -37,6 +37,7 @@ from flake_scanner.bag.playback import (
     parse_topics,
     start_time_with_offset,
 )
+from flake_scanner.bag.record import install_stop_handlers
 from flake_scanner.bag.types import python_message_class
 from flake_scanner.nodes.common import Param, declare_parameters
 
@@ -49,6 +50,7 @@ PARAMS = [
     Param('topics', '', 'topics to replay, comma or space separated; empty replays all'),
     Param('remap', '', 'renamed topics, e.g. "/scan/tiles:=/old/tiles, /a:=/b"'),
     Param('publish_clock', True, 'publish the bag time on /clock (for use_sim_time)'),
+    Param('clock_topic', '/clock', 'where the bag time is published'),
     Param('clock_frequency', 40.0, 'how often /clock is published while waiting for a message [Hz]',
           minimum=1.0, maximum=1000.0),
     Param('queue_depth', 100, 'publisher history depth', minimum=1, maximum=100_000),
@@ -80,7 +82,7 @@ class BagReplayer(Node):
         except Exception:
             self.reader.close()
             raise
-        self.clock_publisher = (self.create_publisher(Clock, '/clock', 10)
+        self.clock_publisher = (self.create_publisher(Clock, self.params['clock_topic'], 10)
                                 if self.params['publish_clock'] else None)
         self.clock = PlaybackClock(self.params['rate'])
         self.published = 0
@@ -301,15 +303,15 @@ def _parse_args(argv: list[str]) -> list[Parameter]:
 def main(argv=None) -> int:
     argv = sys.argv if argv is None else argv
     overrides = _parse_args(remove_ros_args(argv)[1:])
-    rclpy.init(args=argv)
-    signal.signal(signal.SIGTERM, lambda *_: rclpy.try_shutdown())
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    stop = install_stop_handlers()
     executor = SingleThreadedExecutor()
     replayer = None
     status = 0
     try:
         replayer = BagReplayer(parameter_overrides=overrides)
         executor.add_node(replayer)
-        while rclpy.ok() and not replayer.finished.is_set():
+        while rclpy.ok() and not replayer.finished.is_set() and not stop.is_set():
             executor.spin_once(timeout_sec=0.1)
         if replayer.error is not None:
             print(f'flake-replay: {replayer.error}', file=sys.stderr)
