@@ -42,3 +42,13 @@ def test_invalid_start_up_value_fails_loudly(ros):
             declare_parameters(node, SPEC)
     finally:
         node.destroy_node()
+
+
+def test_diagnostic_status_accepts_the_message_levels_and_plain_integers():
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    from flake_scanner.nodes.common import ERROR, OK, diagnostic_status
+
+    assert diagnostic_status('a', 'hw', OK, 'fine').level == DiagnosticStatus.OK
+    status = diagnostic_status('a', 'hw', 2, 'broken', {'retries': 3})
+    assert status.level == ERROR and status.values[0].key == 'retries' and status.values[0].value == '3'

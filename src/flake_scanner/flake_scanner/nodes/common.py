@@ -126,7 +126,7 @@ def diagnostic_status(name: str, hardware_id: str, level: int, message: str,
                       values: dict[str, Any] | None = None) -> DiagnosticStatus:
     """A DiagnosticStatus with key/values rendered as strings."""
     return DiagnosticStatus(
-        level=bytes([level]) if isinstance(DiagnosticStatus().level, bytes) else level,
+        level=level if isinstance(level, bytes) else bytes([level]),
         name=name, hardware_id=hardware_id, message=message,
         values=[KeyValue(key=str(k), value=str(v)) for k, v in (values or {}).items()])
 
