@@ -64,10 +64,76 @@ def autofocus_accuracy(planes: int, objective: str, search_range: float, centre_
     return rows, dof
 
 
+def ros_round_trips(moves: int, autofocus_runs: int) -> dict:
+    """MoveStage (wait=True, 1 um z steps) and the Autofocus action through real rclpy, nodes in-process."""
+    import threading
+
+    from geometry_msgs.msg import Point
+    import rclpy
+    from rclpy.action import ActionClient
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from flake_msgs.action import Autofocus
+    from flake_msgs.srv import MoveStage
+    from flake_scanner.nodes.autofocus_node import AutofocusNode
+    from flake_scanner.nodes.camera_node import CameraNode
+    from flake_scanner.nodes.stage_node import StageNode
+
+    rclpy.init()
+    stage = StageNode(parameter_overrides=[Parameter('emulator_settle_time', value=0.0)])
+    camera = CameraNode(parameter_overrides=[Parameter('rate', value=0.0)])  # 1024 x 1024 frames
+    focus = AutofocusNode()
+    for node in (stage, camera):
+        node.trigger_configure()
+        node.trigger_activate()
+    system = SingleThreadedExecutor()
+    for node in (stage, camera, focus):
+        system.add_node(node)
+    spinner = threading.Thread(target=system.spin, daemon=True)
+    spinner.start()
+    client = rclpy.create_node('bench_stage_client')
+    move = client.create_client(MoveStage, '/stage/move')
+    action = ActionClient(client, Autofocus, '/autofocus')
+
+    def wait(future, timeout=120.0):
+        rclpy.spin_until_future_complete(client, future, timeout_sec=timeout)
+        return future.result()
+
+    move.wait_for_service(timeout_sec=10.0)
+    x, y = camera.source.wafer.wafer_to_stage.apply(5e-3, 5e-3)
+    wait(move.call_async(MoveStage.Request(target=Point(x=float(x), y=float(y)), wait=True)))
+    move_times = []
+    for i in range(moves):
+        target = Point(x=float(x), y=float(y), z=1e-6 * (i % 2))
+        started = time.perf_counter()
+        response = wait(move.call_async(MoveStage.Request(target=target, wait=True)))
+        move_times.append(time.perf_counter() - started)
+        assert response.success, response.message
+    action.wait_for_server(timeout_sec=10.0)
+    focus_runs = []
+    for _ in range(autofocus_runs):
+        started = time.perf_counter()
+        handle = wait(action.send_goal_async(Autofocus.Goal(use_current=True)))
+        result = wait(handle.get_result_async()).result
+        focus_runs.append((time.perf_counter() - started, result.frames_used))
+    action.destroy()
+    system.shutdown()
+    spinner.join(timeout=10.0)
+    for node in (stage, camera, focus):
+        node.close()
+        node.destroy_node()
+    client.destroy_node()
+    rclpy.shutdown()
+    return {'moves': move_times, 'focus': focus_runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--commands', type=int, default=300, help='commands of each kind per latency run')
     parser.add_argument('--planes', type=int, default=20, help='random focal planes per objective')
+    parser.add_argument('--ros-moves', type=int, default=40, help='MoveStage calls through rclpy')
+    parser.add_argument('--ros-autofocus', type=int, default=3, help='Autofocus actions through rclpy')
     args = parser.parse_args()
 
     print('## Serial round trip over a pty (ASI MS-2000 protocol, 115200 Bd setting, emulator)\n')
@@ -94,6 +160,19 @@ def main() -> None:
             print(f'| {objective} (DOF {dof * 1e6:.2f} um) | {where} | {name} | {len(error)} | {frames.mean():.1f} '
                   f'| {frames.max()} | {error.mean():.3f} | {np.percentile(error, 95):.3f} | {error.max():.3f} '
                   f'| {(error <= 0.5).mean() * 100:.0f}% |')
+
+
+    print('\n## Through ROS 2 (rclpy, nodes in one process, emulator at real speed, camera 1024x1024)\n')
+    run = ros_round_trips(args.ros_moves, args.ros_autofocus)
+    ms = np.array(run['moves']) * 1e3
+    print('| operation | n | p50 | p99 | max |')
+    print('|---|---|---|---|---|')
+    print(f'| MoveStage wait=True, 1 um z step (incl. motion) [ms] | {len(ms)} | {np.percentile(ms, 50):.1f} '
+          f'| {np.percentile(ms, 99):.1f} | {ms.max():.1f} |')
+    seconds = np.array([t for t, _ in run['focus']])
+    frames = np.array([f for _, f in run['focus']])
+    print(f'| Autofocus action, 50 um search [s] ({frames.mean():.1f} frames on average) | {len(seconds)} '
+          f'| {np.percentile(seconds, 50):.2f} | {np.percentile(seconds, 99):.2f} | {seconds.max():.2f} |')
 
 
 if __name__ == '__main__':
