@@ -24,7 +24,7 @@ from flake_msgs.srv import (
     ReleaseFlake,
     ReserveFlake,
 )
-from flake_registry.nodes.registry_node import RegistryNode
+from flake_registry.nodes.registry_node import SERVICE_QOS, RegistryNode
 from flake_scanner.nodes.common import PIPELINE_QOS
 from flake_scanner.ros_image import image_to_numpy, numpy_to_image
 
@@ -67,7 +67,7 @@ class Robot:
         for srv, name in ((QueryFlakes, 'query_flakes'), (GetFlake, 'get_flake'), (ReserveFlake, 'reserve_flake'),
                           (ReleaseFlake, 'release_flake'), (MarkFlakeUsed, 'mark_flake_used'),
                           (GetRevisitList, 'get_revisit_list'), (AddFlakeImage, 'add_flake_image')):
-            self.clients[name] = (srv, self.node.create_client(srv, f'/registry/{name}'))
+            self.clients[name] = (srv, self.node.create_client(srv, f'/registry/{name}', qos_profile=SERVICE_QOS))
 
     def call(self, name, **fields):
         srv, client = self.clients[name]
@@ -341,3 +341,20 @@ def test_diagnostics_report_the_ingest_counters(registry):
     assert int(values['new_flakes']) == node.stats['new_flakes'] >= 12
     assert status.hardware_id == str(node.store.path)
     assert status.level in (DiagnosticStatus.WARN, DiagnosticStatus.WARN[0])  # a refused detection warns
+
+
+def test_unreadable_flake_is_refused_and_ingest_goes_on(registry):
+    node, robot, events, _ = registry
+    refused_before = node.stats['detections_refused']
+    broken = make_flake(0, 0.0, 0.0, chip_id='chip-U')
+    broken.mask = numpy_to_image(np.zeros((20, 20), np.uint8), 'mono8')
+    broken.mask.data = broken.mask.data[:50]  # says 20 x 20, carries 50 bytes
+    good = make_flake(1, 500 * UM, 0.0, chip_id='chip-U')
+    publisher = robot.node.create_publisher(FlakeArray, '/detections', PIPELINE_QOS)
+    assert spin_until(robot.executor, lambda: publisher.get_subscription_count() > 0, timeout=30)
+    publisher.publish(FlakeArray(scan_id='scan-U', flakes=[broken, good]))
+    assert spin_until(robot.executor, lambda: any(e.chip_id == 'chip-U' for e in events), timeout=30)
+    robot.node.destroy_publisher(publisher)
+    assert node.stats['detections_refused'] == refused_before + 1
+    assert [e.kind for e in events if e.chip_id == 'chip-U'] == [RegistryEvent.NEW_FLAKE]
+    assert robot.call('query_flakes', chip_id='chip-U').total == 1

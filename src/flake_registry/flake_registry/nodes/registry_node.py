@@ -20,6 +20,7 @@ import time
 
 import cv2
 from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from flake_msgs.msg import FlakeArray, RegistryEvent
 from flake_msgs.srv import (
@@ -83,6 +84,10 @@ PARAMS = (
     Param('diagnostics_period', 1.0, 'Seconds between /diagnostics messages', minimum=0.1, maximum=60.0),
 )
 
+# The default service QoS keeps 10 replies: with many robots calling at once on a busy
+# host, replies not yet acknowledged were overwritten and a robot waited forever.
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=200, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
 _SAFE_NAME = re.compile(r'[^A-Za-z0-9_.-]+')
 
 
@@ -106,13 +111,14 @@ class RegistryNode(Node):
 
         self.events = self.create_publisher(RegistryEvent, 'registry/events', PIPELINE_QOS)
         self.create_subscription(FlakeArray, 'detections', self._on_detections, PIPELINE_QOS)
-        self.create_service(QueryFlakes, 'registry/query_flakes', self._query_flakes)
-        self.create_service(GetFlake, 'registry/get_flake', self._get_flake)
-        self.create_service(ReserveFlake, 'registry/reserve_flake', self._reserve_flake)
-        self.create_service(ReleaseFlake, 'registry/release_flake', self._release_flake)
-        self.create_service(MarkFlakeUsed, 'registry/mark_flake_used', self._mark_flake_used)
-        self.create_service(GetRevisitList, 'registry/get_revisit_list', self._get_revisit_list)
-        self.create_service(AddFlakeImage, 'registry/add_flake_image', self._add_flake_image)
+        for srv_type, name, callback in (
+                (QueryFlakes, 'query_flakes', self._query_flakes), (GetFlake, 'get_flake', self._get_flake),
+                (ReserveFlake, 'reserve_flake', self._reserve_flake),
+                (ReleaseFlake, 'release_flake', self._release_flake),
+                (MarkFlakeUsed, 'mark_flake_used', self._mark_flake_used),
+                (GetRevisitList, 'get_revisit_list', self._get_revisit_list),
+                (AddFlakeImage, 'add_flake_image', self._add_flake_image)):
+            self.create_service(srv_type, f'registry/{name}', callback, qos_profile=SERVICE_QOS)
         self._diagnostics = diagnostics_publisher(self)
         self._diagnostics_timer = self.create_timer(self.params['diagnostics_period'], self._publish_diagnostics)
 
@@ -146,10 +152,24 @@ class RegistryNode(Node):
             msg = self._queue.get()
             if msg is None:
                 return
-            self._ingest(msg)
+            try:
+                self._ingest(msg)
+            except Exception as error:  # noqa: BLE001 - the worker must outlive any one batch
+                self._last_error = f'{type(error).__name__}: {error}'
+                self._count(batches_failed=1)
+                self.get_logger().error(f'batch of scan {msg.scan_id!r} lost: {self._last_error}')
 
     def _ingest(self, msg: FlakeArray) -> None:
-        detections = [detection_from_msg(flake, msg) for flake in msg.flakes]
+        detections, unreadable = [], 0
+        for flake in msg.flakes:
+            try:
+                detections.append(detection_from_msg(flake, msg))
+            except Exception as error:  # noqa: BLE001 - e.g. a mask whose size does not match its data
+                unreadable += 1
+                self.get_logger().warn(f'unreadable flake in scan {msg.scan_id!r}: {error}',
+                                       throttle_duration_sec=5.0)
+        if unreadable:
+            self._count(detections_refused=unreadable)
         for attempt in range(1, self.params['ingest_retries'] + 1):
             try:
                 outcomes = self.store.ingest(detections)
