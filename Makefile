@@ -60,3 +60,6 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .build build install log
+
+demo: setup
+	$(ENV) python -m flake_scanner.demo.run --report reports/demo

@@ -182,7 +182,8 @@ def write_report(folder: Path, flakes: list[ReportFlake], frames_dir: Path | Non
     page = f'''<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} td:first-child{{text-align:left}}
-.mosaic{{max-width:100%;border:1px solid #888}} .gallery{{display:flex;flex-wrap:wrap;gap:12px}}
+.mosaic{{width:900px;max-width:100%;border:1px solid #888}}
+.gallery{{display:flex;flex-wrap:wrap;gap:12px}}
 .card{{width:340px;border:1px solid #ddd;padding:6px;font-size:13px}} .pics img{{margin-right:4px}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <h2>Mosaic</h2><p>{legend} (thick rings: mono and few layers)</p>{mosaic_html}

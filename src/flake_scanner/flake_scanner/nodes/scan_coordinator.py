@@ -93,6 +93,8 @@ PARAMS = [
     Param('hardware_settle', 0.05, 'stage settle time of the hardware timing model [s]',
           minimum=0.0, maximum=5.0),
     Param('hardware_exposure', 0.01, 'exposure of the hardware timing model [s]', minimum=0.0, maximum=5.0),
+    Param('hardware_readout', 0.033, 'sensor readout and transfer per frame of the hardware timing model [s] '
+          '(a 1 MP camera at 30 frames/s)', minimum=0.0, maximum=5.0),
 ]
 
 
@@ -288,7 +290,7 @@ class ScanCoordinator(Node):
         except TimeoutError as error:
             raise ScanError(Scan.Result.ERROR_DEVICE, f'{error}: is camera_node active?') from None
 
-    async def _autofocus(self, z_center: float) -> float:
+    async def _autofocus(self, z_center: float, progress: ScanProgress | None = None) -> float:
         if not self.autofocus_client.server_is_ready():
             deadline = time.monotonic() + 10.0
             while not self.autofocus_client.server_is_ready():
@@ -303,6 +305,10 @@ class ScanCoordinator(Node):
         outcome = await self._with_timeout(handle.get_result_async(), timeout, 'autofocus')
         if not outcome.result.success:
             raise ScanError(Scan.Result.ERROR_DEVICE, f'autofocus failed: {outcome.result.message}')
+        if progress is not None:
+            # Every focus frame is a z step, a settle and an exposure of the hardware.
+            hardware = self._hardware()
+            progress.hardware_time += outcome.result.frames_used * (hardware.settle + hardware.frame_time())
         return outcome.result.z
 
     async def _set_objective(self, objective: str) -> None:
@@ -327,7 +333,8 @@ class ScanCoordinator(Node):
         return HardwareModel(speed=self.params['hardware_speed'],
                              acceleration=self.params['hardware_acceleration'],
                              settle=self.params['hardware_settle'],
-                             exposure=self.params['hardware_exposure'])
+                             exposure=self.params['hardware_exposure'],
+                             readout=self.params['hardware_readout'])
 
     def _stage_xyz(self) -> tuple[float, float, float]:
         if self.stage_state is None:
@@ -410,7 +417,7 @@ class ScanCoordinator(Node):
                 position = (reached.x, reached.y, reached.z)
                 if strategy == 'autofocus':
                     focused = time.monotonic()
-                    z = await self._autofocus(z)
+                    z = await self._autofocus(z, progress)
                     progress.focus_time += time.monotonic() - focused
                     reached = await self._move(tile.stage_x, tile.stage_y, z)
                     position = (reached.x, reached.y, reached.z)
@@ -512,8 +519,10 @@ class ScanCoordinator(Node):
                 raise ScanError(Scan.Result.ERROR_CANCELED, 'scan cancelled')
             sx, sy = frame.wafer_to_stage.apply(wx, wy)
             started = time.monotonic()
+            here = self._stage_xyz()
+            progress.hardware_time += self._hardware().move_time(here[:2], (sx, sy))
             await self._move(sx, sy, z)
-            z = await self._autofocus(z)
+            z = await self._autofocus(z, progress)
             progress.focus_time += time.monotonic() - started
             measured.append((sx, sy, z))
             goal_handle.publish_feedback(Scan.Feedback(phase='focus_map', tiles_total=progress.tiles_total))
