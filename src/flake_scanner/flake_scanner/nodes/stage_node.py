@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 
-from geometry_msgs.msg import Point
+from geometry_msgs.msg import Point, TransformStamped
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.task import Future
@@ -112,8 +112,6 @@ def _tf_broadcaster(node):
 def _camera_transform(state: StageState):
     """stage -> camera_optical: the image centre sits at the stage position; optical x is
     stage +x, optical y is stage -y, optical z looks down into the sample (a half turn about x)."""
-    from geometry_msgs.msg import TransformStamped
-
     transform = TransformStamped()
     transform.header.stamp = state.header.stamp
     transform.header.frame_id = 'stage'
@@ -153,11 +151,11 @@ class StageNode(LifecycleNode):
         try:
             port = p['port']
             if p['emulate']:
-                low = p['limits']
+                travel = p['limits']
                 config = EmulatorConfig(
                     speed_xy=p['speed'], speed_z=p['z_speed'], settle_time=p['emulator_settle_time'],
                     time_scale=p['emulator_time_scale'],
-                    limits={'X': tuple(low[0:2]), 'Y': tuple(low[2:4]), 'Z': tuple(low[4:6])})
+                    limits={'X': tuple(travel[0:2]), 'Y': tuple(travel[2:4]), 'Z': tuple(travel[4:6])})
                 self.emulator = StageEmulator(config)
                 port = self.emulator.start()
                 self.get_logger().info(f'stage emulator serving on {port}')
