@@ -41,10 +41,10 @@ def load_node_parameters(params_files: list[Path], node: str) -> dict:
 
 def sim_wafer(camera_params: dict):
     """The virtual chip camera_node renders, rebuilt from the same parameters."""
-    from flake_scanner.nodes.camera_node import wafer_config_from_parameters
     from flake_scanner.sim.wafer import VirtualWafer
 
-    return VirtualWafer.generate(wafer_config_from_parameters(camera_params))
+    return VirtualWafer.generate(seed=int(camera_params.get('sim_seed', 0)),
+                                 oxide_nm=float(camera_params.get('sim_oxide_nm', 90.0)))
 
 
 class ProgressPrinter:
@@ -80,7 +80,9 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
     from flake_scanner.nodes.common import PIPELINE_QOS
     from flake_scanner.ros_image import image_to_numpy
 
-    rclpy.init()
+    own_context = not rclpy.ok()
+    if own_context:
+        rclpy.init()
     node = rclpy.create_node('flake_demo')
     executor = SingleThreadedExecutor()
     executor.add_node(node)
@@ -162,7 +164,8 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
     finally:
         executor.shutdown()
         node.destroy_node()
-        rclpy.try_shutdown()
+        if own_context:
+            rclpy.try_shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,160 @@
+"""The whole graph, brought up as a lab would (flake-system): graph consistency, then a
+scan of a small region scored against the simulator's ground truth."""
+
+import json
+import os
+from pathlib import Path
+import time
+
+import pytest
+from rclpy.action import get_action_client_names_and_types_by_node, get_action_server_names_and_types_by_node
+from rclpy.executors import SingleThreadedExecutor
+import yaml
+
+from flake_scanner.demo.metrics import FoundFlake, score_scan, truth_in_region
+from flake_scanner.demo.run import load_node_parameters, run_scan, sim_wafer
+from flake_scanner.graph import GRAPH, config_dir
+from flake_scanner.system import RunningSystem
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+# Inputs that come from outside the graph: a STEM microscope, a bag replayer's clock.
+EXTERNAL_INPUTS = {'/stem/image_raw', '/clock', '/parameter_events'}
+REGION = (1.0e-3, 1.0e-3, 2.0e-3, 2.0e-3)
+
+
+@pytest.fixture(scope='module')
+def system(ros, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('system')
+    previous = os.environ.get('FLAKE_DATA_DIR')
+    os.environ['FLAKE_DATA_DIR'] = str(folder / 'data')
+    params = folder / 'params.yaml'
+    params.write_text(yaml.safe_dump({
+        'camera_node': {'ros__parameters': {'rate': 0.0, 'sim_seed': 7}},
+        'detector_node': {'ros__parameters': {'backend': 'contrast', 'materials': 'graphene,hbn,mos2,wte2'}},
+        'scan_coordinator': {'ros__parameters': {'focus_strategy': 'focus_map', 'drain_timeout': 120.0}},
+    }))
+    running = RunningSystem(hardware='sim', params_file=str(params), log_dir=folder / 'logs', echo=False)
+    running.start()
+    try:
+        running.activate_lifecycle_nodes(timeout=120)
+        node = ros.create_node('system_test_probe')
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        yield running, node, executor, folder, params
+        executor.shutdown()
+        node.destroy_node()
+    finally:
+        codes = running.stop()
+        if previous is None:
+            os.environ.pop('FLAKE_DATA_DIR', None)
+        else:
+            os.environ['FLAKE_DATA_DIR'] = previous
+    crashed = {name: code for name, code in codes.items() if code not in (0, -2, -15)}
+    assert not crashed, f'nodes crashed: {crashed}; logs in {folder / "logs"}'
+
+
+def _graph(node, executor, names):
+    """Topics, services and actions of every graph node, once discovery has settled."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.2)
+        if names <= {n for n in node.get_node_names()}:
+            break
+    time.sleep(2.0)  # let every endpoint of the discovered nodes arrive too
+    executor.spin_once(timeout_sec=0.2)
+    graph = {}
+    for name in names:
+        graph[name] = {
+            'pub': dict(node.get_publisher_names_and_types_by_node(name, '')),
+            'sub': dict(node.get_subscriber_names_and_types_by_node(name, '')),
+            'srv': dict(node.get_service_names_and_types_by_node(name, '')),
+            'cli': dict(node.get_client_names_and_types_by_node(name, '')),
+            'act_srv': dict(get_action_server_names_and_types_by_node(node, name, '')),
+            'act_cli': dict(get_action_client_names_and_types_by_node(node, name, '')),
+        }
+    return graph
+
+
+def test_graph_is_consistent(system):
+    running, node, executor, _folder, _params = system
+    names = {spec.name for spec in GRAPH}
+    assert not running.dead(), f'nodes exited at start-up: {running.dead()}'
+    graph = _graph(node, executor, names)
+    publishers, services, action_servers = {}, {}, {}
+    for entry in graph.values():
+        for topic, types in entry['pub'].items():
+            publishers.setdefault(topic, set()).update(types)
+        for name, types in entry['srv'].items():
+            services.setdefault(name, set()).update(types)
+        for name, types in entry['act_srv'].items():
+            action_servers.setdefault(name, set()).update(types)
+    problems = []
+    for owner, entry in graph.items():
+        for topic, types in entry['sub'].items():
+            if topic in EXTERNAL_INPUTS:
+                continue
+            if not set(types) & publishers.get(topic, set()):
+                problems.append(f'{owner} subscribes {topic} {types} but nothing in the graph publishes it')
+        for name, types in entry['cli'].items():
+            if name.endswith(('/set_parameters', '/get_parameters', '/describe_parameters', '/list_parameters',
+                              '/get_parameter_types', '/set_parameters_atomically', '/get_type_description')):
+                continue
+            if not set(types) & services.get(name, set()):
+                problems.append(f'{owner} calls service {name} {types} but no node serves it')
+        for name, types in entry['act_cli'].items():
+            if not set(types) & action_servers.get(name, set()):
+                problems.append(f'{owner} uses action {name} {types} but no node serves it')
+    assert not problems, '\n'.join(problems)
+    # The interfaces the assembly robot and the operators rely on are there.
+    assert '/scan' in action_servers and '/autofocus' in action_servers
+    for name in ['/registry/query_flakes', '/registry/reserve_flake', '/stage/move', '/scan/set_wafer_frame',
+                 '/defects/analyze']:
+        assert name in services, f'{name} is not served'
+
+
+def test_every_configured_parameter_is_declared(system):
+    from rcl_interfaces.srv import ListParameters
+
+    _running, node, executor, _folder, _params = system
+    for spec in GRAPH:
+        path = config_dir() / spec.config_file
+        configured = load_node_parameters([path], spec.name)
+        assert configured, f'{path} holds no parameters for {spec.name}'
+        client = node.create_client(ListParameters, f'/{spec.name}/list_parameters')
+        try:
+            deadline = time.monotonic() + 60
+            while not client.service_is_ready() and time.monotonic() < deadline:
+                executor.spin_once(timeout_sec=0.1)
+            future = client.call_async(ListParameters.Request())
+            while not future.done() and time.monotonic() < deadline:
+                executor.spin_once(timeout_sec=0.1)
+            declared = set(future.result().result.names)
+        finally:
+            node.destroy_client(client)
+        undeclared = set(configured) - declared
+        assert not undeclared, f'{spec.name}: {sorted(undeclared)} in {path.name} are not declared by the node'
+
+
+def test_scan_finds_flakes_and_fills_the_registry(system):
+    running, _node, _executor, folder, params = system
+    camera = load_node_parameters([config_dir() / 'camera_node.yaml', Path(params)], 'camera_node')
+    wafer = sim_wafer(camera)
+    corners = wafer.corner_positions_stage(noise_m=2e-6, seed=1)
+    result, flakes = run_scan(REGION, 'system-chip', corners, '10x', '', 2, folder / 'frames', timeout=600)
+    assert result.success and result.tiles_done == result.tiles_total == 4
+    assert result.hardware_time > 0 and result.duration > 0
+    assert len(flakes) >= 3, 'the registry should hold the flakes of the scanned region'
+    truth = truth_in_region(wafer, *REGION)
+    score = score_scan([FoundFlake(f.flake_id, f.material, f.layer_class, f.centre, f.area) for f in flakes],
+                       truth, region=REGION).total()
+    assert score.matched_found >= 3
+    assert score.precision >= 0.5, f'precision {score.precision:.2f}'
+    # Positions are in the wafer frame: every flake lies in (or at the margin of) the scanned region.
+    margin = 0.6e-3
+    for flake in flakes:
+        assert REGION[0] - margin <= flake.centre[0] <= REGION[2] + margin
+        assert REGION[1] - margin <= flake.centre[1] <= REGION[3] + margin
+    mosaic = folder / 'data' / 'scans' / result.scan_id / 'mosaic.json'
+    assert json.loads(mosaic.read_text())['frames'] == 4
+    assert not running.dead()
