@@ -5,6 +5,7 @@ import threading
 from action_msgs.msg import GoalStatus
 from geometry_msgs.msg import Point
 import pytest
+from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
@@ -119,3 +120,24 @@ def test_autofocus_on_an_empty_field_keeps_the_search_centre(graph):
     assert outcome.status == GoalStatus.STATUS_SUCCEEDED
     assert 'no focus signal' in outcome.result.message
     assert outcome.result.z == pytest.approx(3e-6, abs=1e-9)
+
+
+def test_autofocus_follows_an_objective_switch_of_the_camera(graph):
+    executor, action, reference, (x, y), _, focus, _ = graph
+    client = executor.get_nodes()[0]
+    camera_parameters = client.create_client(SetParameters, '/camera_node/set_parameters')
+    assert spin_until(executor, camera_parameters.service_is_ready, 10.0)
+    switch = SetParameters.Request(parameters=[Parameter('objective', value='50x').to_parameter_msg()])
+    assert spin_future(executor, camera_parameters.call_async(switch)).results[0].successful
+    assert spin_until(executor, lambda: focus.objective == '50x', 10.0)
+
+    reference.with_settings(objective='50x')
+    focal_z = reference.focal_plane_z(x, y)
+    dof = reference.objective.depth_of_field_m
+    assert spin_until(executor, action.server_is_ready, 10.0)
+    # Centred 2.5 um off focus, as a focus map's prediction may be; the default range is 8 DOF.
+    handle = spin_future(executor, action.send_goal_async(Autofocus.Goal(z_center=focal_z + 2.5e-6)))
+    outcome = spin_future(executor, handle.get_result_async(), 60.0)
+    assert outcome.status == GoalStatus.STATUS_SUCCEEDED, outcome.result.message
+    assert outcome.result.frames_used <= 15
+    assert abs(outcome.result.z - focal_z) <= dof / 2, (outcome.result.z, focal_z, dof)

@@ -15,6 +15,7 @@ import math
 import time
 
 from geometry_msgs.msg import Point
+from rcl_interfaces.msg import ParameterEvent
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
@@ -29,14 +30,21 @@ from flake_scanner.autofocus import FOCUS_MEASURES, FocusSearch, focus_measure
 from flake_scanner.nodes.common import SENSOR_SUBSCRIBER_QOS, Param, declare_parameters, run_node
 from flake_scanner.nodes.stage_node import wake_executor
 from flake_scanner.ros_image import image_to_numpy
+from flake_scanner.sim.camera import OBJECTIVES, objective_by_name
 
 PARAMS = [
-    Param('search_range', 50e-6, 'full z range searched when the goal gives 0 [m]', minimum=1e-7, maximum=5e-3),
+    Param('search_range', 0.0, 'full z range searched when the goal gives 0 [m]; 0 = search_range_dof '
+          'depths of field of the objective in use', minimum=0.0, maximum=5e-3),
+    Param('search_range_dof', 8.0, 'default search range in depths of field of the objective in use '
+          '(8 x 6.1 um = 49 um at 10x, 6.9 um at 50x)', minimum=2.0, maximum=200.0),
+    Param('objective', '10x', 'objective the camera starts with; later switches of the camera node\'s '
+          '"objective" parameter are followed', choices=tuple(OBJECTIVES)),
+    Param('camera_node', 'camera_node', 'name of the camera node whose objective is followed'),
     Param('measure', 'tenengrad', 'focus measure when the goal gives none', choices=tuple(FOCUS_MEASURES)),
     Param('max_frames', 15, 'frame budget when the goal gives 0', minimum=3, maximum=500),
     Param('coarse_frames', 7, 'frames of the coarse sweep before refinement', minimum=3, maximum=100),
-    Param('tolerance', 1.5e-6, 'stop refining once the bracket is narrower than this [m] '
-          '(about a quarter of the depth of field)', minimum=0.0, maximum=1e-3),
+    Param('tolerance', 0.0, 'stop refining once the bracket is narrower than this [m]; '
+          '0 = a quarter of the depth of field of the objective in use', minimum=0.0, maximum=1e-3),
     Param('min_peak_ratio', 1.2, 'best/lowest focus score below which the field is taken to hold nothing '
           'to focus on; the stage then returns to the search centre', minimum=1.0, maximum=100.0),
     Param('move_timeout', 30.0, 'time allowed for one z move [s]', minimum=0.1, maximum=600.0),
@@ -61,6 +69,9 @@ class AutofocusNode(Node):
         self.create_subscription(Image, '/camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
                                  callback_group=self.group)
         self.stage_state: StageState | None = None
+        self.objective = self.params['objective']
+        self.create_subscription(ParameterEvent, '/parameter_events', self._on_parameter_event, 100,
+                                 callback_group=self.group)
         self._image_waiters: list[tuple[int, Future]] = []
         self._measure_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='focus-measure')
         self._busy = False
@@ -77,6 +88,14 @@ class AutofocusNode(Node):
     # ------------------------------------------------------------------ inputs
     def _on_stage_state(self, msg: StageState) -> None:
         self.stage_state = msg
+
+    def _on_parameter_event(self, event: ParameterEvent) -> None:
+        if event.node.rstrip('/').split('/')[-1] != self.params['camera_node']:
+            return
+        for parameter in (*event.new_parameters, *event.changed_parameters):
+            if parameter.name == 'objective' and parameter.value.string_value in OBJECTIVES:
+                self.objective = parameter.value.string_value
+                self.get_logger().info(f'following the camera: objective {self.objective}')
 
     def _on_image(self, msg: Image) -> None:
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
@@ -180,13 +199,16 @@ class AutofocusNode(Node):
         if measure not in FOCUS_MEASURES:
             raise AutofocusError(Autofocus.Result.ERROR_INVALID_ARGUMENT,
                                  f'unknown measure {measure!r}; choose one of {sorted(FOCUS_MEASURES)}')
-        search_range = goal.search_range or self.params['search_range']
+        depth_of_field = objective_by_name(self.objective).depth_of_field_m
+        search_range = (goal.search_range or self.params['search_range']
+                        or self.params['search_range_dof'] * depth_of_field)
+        tolerance = self.params['tolerance'] or depth_of_field / 4
         max_frames = goal.max_frames or self.params['max_frames']
         centre = current_z if goal.use_current or not math.isfinite(goal.z_center) else goal.z_center
         try:
             search = FocusSearch(centre, search_range, max_frames=max_frames,
                                  coarse_frames=min(self.params['coarse_frames'], max_frames),
-                                 tolerance=self.params['tolerance'])
+                                 tolerance=tolerance)
         except ValueError as error:
             raise AutofocusError(Autofocus.Result.ERROR_INVALID_ARGUMENT, str(error)) from None
         return search, measure, centre
