@@ -82,8 +82,13 @@ class BagReplayer(Node):
         except Exception:
             self.reader.close()
             raise
+        replays_clock = self.params['clock_topic'] in {self.remaps.get(t, t) for t in self.publishers_by_topic}
+        if self.params['publish_clock'] and replays_clock:
+            # Two clocks on one topic would make sim time jump back and forth.
+            self.get_logger().warning(f'the bag has {self.params["clock_topic"]} itself: replaying it instead '
+                                      'of publishing the bag time')
         self.clock_publisher = (self.create_publisher(Clock, self.params['clock_topic'], 10)
-                                if self.params['publish_clock'] else None)
+                                if self.params['publish_clock'] and not replays_clock else None)
         self.clock = PlaybackClock(self.params['rate'])
         self.published = 0
         self.loops_done = 0
