@@ -169,7 +169,9 @@ def test_query_filters_sort_and_page_through_the_service(registry):
     assert page.total == 12 and len(page.flakes) == 2
     first = robot.call('query_flakes', material='graphene', layer_classes=[Flake.LAYER_MONO], sort_by='score',
                        ascending=True).flakes[0]
-    assert len(first.contour.points) == 4 and first.chip_id == 'chip-N'
+    # Query answers leave outlines out (query_contours: false); GetFlake has them.
+    assert len(first.contour.points) == 0 and first.chip_id == 'chip-N' and first.area > 0
+    assert len(robot.call('get_flake', flake_id=first.id).flake.contour.points) == 4
 
 
 @pytest.mark.parametrize('fields, code', [

@@ -59,10 +59,16 @@ def detection_from_msg(flake: Flake, array: FlakeArray) -> Detection:
         rejected=flake.status == Flake.STATUS_REJECTED, mask=mask, mask_width=mask_width, mask_height=mask_height)
 
 
-def flake_to_msg(record: FlakeRecord, frame_id: str = 'wafer') -> Flake:
+def flake_to_msg(record: FlakeRecord, frame_id: str = 'wafer', contour: bool = True) -> Flake:
+    """The record as a Flake; ``contour=False`` leaves the outline out (long query answers)."""
+    # Fields are filled in place: a Flake() already holds its sub-messages, and making
+    # new ones costs as much again (QueryFlakes builds hundreds per answer).
     msg = Flake()
     msg.header.frame_id = frame_id
-    msg.header.stamp = to_time(record.detected_at or record.created)
+    seconds = record.detected_at or record.created
+    if seconds and math.isfinite(seconds):
+        msg.header.stamp.sec = math.floor(seconds)
+        msg.header.stamp.nanosec = min(int((seconds - math.floor(seconds)) * 1e9), 999_999_999)
     msg.id = record.id
     msg.scan_id = record.scan_id
     msg.chip_id = record.chip_id
@@ -76,9 +82,12 @@ def flake_to_msg(record: FlakeRecord, frame_id: str = 'wafer') -> Flake:
     msg.score = float(record.score)
     msg.detector = record.detector
     msg.model_version = record.model_version
-    msg.bbox = _roi(record.bbox_px)
-    msg.centre = Point(x=float(record.x), y=float(record.y), z=0.0)
-    msg.contour.points = [Point32(x=float(x), y=float(y), z=0.0) for x, y in record.contour]
+    bbox = msg.bbox
+    bbox.x_offset, bbox.y_offset, bbox.width, bbox.height = (max(int(v), 0) for v in record.bbox_px)
+    msg.centre.x = float(record.x)
+    msg.centre.y = float(record.y)
+    if contour:
+        msg.contour.points = [Point32(x=float(x), y=float(y), z=0.0) for x, y in record.contour]
     msg.area = float(record.area or 0.0)
     if record.mask:
         pixels = np.frombuffer(record.mask, np.uint8).reshape(record.mask_height, record.mask_width)

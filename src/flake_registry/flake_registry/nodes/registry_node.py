@@ -77,6 +77,8 @@ PARAMS = (
           minimum=1, maximum=100),
     Param('default_query_limit', 100, 'Flakes per QueryFlakes answer when the request says 0',
           minimum=1, maximum=MAX_LIMIT),
+    Param('query_contours', False, 'Send outlines in QueryFlakes answers too (GetFlake always does); each '
+          'outline point costs the service time, so long lists stay fast without them'),
     Param('revisit_min_score', 0.8, 'Lowest detector score on the revisit list when the request says 0',
           minimum=0.0, maximum=1.0),
     Param('revisit_limit', 50, 'Flakes on the revisit list when the request says 0', minimum=1, maximum=MAX_LIMIT),
@@ -236,7 +238,8 @@ class RegistryNode(Node):
         def run():
             result = self.store.query(query_from_request(request, self.params['default_query_limit']))
             response.total = result.total
-            response.flakes = [flake_to_msg(f) for f in result.flakes]
+            contours = self.params['query_contours']
+            response.flakes = [flake_to_msg(f, contour=contours) for f in result.flakes]
             response.message = f'{len(result.flakes)} of {result.total} flakes'
         return self._answer(response, run, 'query_flakes')
 
