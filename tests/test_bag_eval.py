@@ -127,6 +127,11 @@ def _make_scan(tmp_path, truth_in_bag: bool = False):
                 tile.pixel_to_wafer = [PIXEL, 0.0, origin_x[image_id] + column * TILE * PIXEL, 0.0, PIXEL, 0.0]
                 writer.write('/scan/tiles', stamp, serialize_message(tile))
                 stamp += 10**8
+        # a high-magnification revisit capture: not part of the scan grid the truth describes
+        revisit = ScanFrame(scan_id='scan-eval', revisit=True, revisit_flake_id='flake-1', pixel_size=PIXEL / 5)
+        revisit.image = numpy_to_image(np.full((TILE, TILE, 3), BACKGROUND, np.uint8), 'bgr8')
+        revisit.pixel_to_wafer = [PIXEL / 5, 0.0, 3e-3, 0.0, PIXEL / 5, 0.0]
+        writer.write('/scan/tiles', stamp, serialize_message(revisit))
     if not truth_in_bag:
         (bag / GROUND_TRUTH_FILE).write_text(json.dumps(coco))
     return bag

@@ -226,19 +226,27 @@ class BagFrame:
 
 def bag_frames(reader: BagReader, truth: GroundTruthIndex, topic: str | None = None,
                limit: int | None = None, strict: bool = True) -> Iterator[BagFrame]:
-    """Frames of the bag with their ground truth; frames outside the truth raise (strict) or are skipped."""
-    for index, (timestamp, frame) in enumerate(scan_frames(reader, topic)):
-        if limit is not None and index >= limit:
+    """Scan frames of the bag with their ground truth, in order.
+
+    High-magnification revisit captures are left out (the ground truth describes the
+    scan grid). Frames outside the truth raise (``strict``) or are skipped.
+    """
+    position = 0
+    for timestamp, frame in scan_frames(reader, topic):
+        if frame.revisit:
+            continue
+        if limit is not None and position >= limit:
             return
         pixels = image_to_numpy(frame.image, 'bgr8')
         height, width = pixels.shape[:2]
-        window = truth.locate(index, list(frame.pixel_to_wafer), width, height)
+        window = truth.locate(position, list(frame.pixel_to_wafer), width, height)
+        position += 1
         if window is None:
             if strict:
-                raise GroundTruthError(f'frame {index} (scan {frame.scan_id!r}, tile {frame.tile_index}) of '
-                                       f'{reader.path} lies in no ground-truth image')
+                raise GroundTruthError(f'frame {position - 1} (scan {frame.scan_id!r}, tile {frame.tile_index}) '
+                                       f'of {reader.path} lies in no ground-truth image')
             continue
-        yield BagFrame(image_id=index + 1, timestamp=timestamp, scan_id=frame.scan_id,
+        yield BagFrame(image_id=position, timestamp=timestamp, scan_id=frame.scan_id,
                        tile_index=int(frame.tile_index), pixels=pixels,
                        pixel_to_wafer=[float(v) for v in frame.pixel_to_wafer],
                        annotations=truth.annotations_in(window, width, height))
