@@ -63,6 +63,13 @@ def test_every_flake_msgs_type_is_registered_with_rosidl_hashes():
             'flake_msgs/action/Scan_FeedbackMessage'} <= set(names)
     store = typestore()
     share = Path(get_package_share_directory('flake_msgs'))
+    # action feedback travels on a topic: its Python class is found for replay and recording
+    from flake_scanner.bag.types import python_message_class
+
+    assert python_message_class('flake_msgs/action/Scan_FeedbackMessage').__name__ == 'Scan_FeedbackMessage'
+    assert python_message_class('flake_msgs/action/Scan_Goal').__name__ == 'Scan_Goal'
+    with pytest.raises(LookupError, match='acme_msgs/msg/Widget'):
+        python_message_class('acme_msgs/msg/Widget')
     for name in ('ScanFrame', 'Flake', 'FlakeArray', 'StageState'):
         described = json.loads((share / 'msg' / f'{name}.json').read_text())
         assert store.hash_rihs01(f'flake_msgs/msg/{name}') == described['type_hashes'][0]['hash_string']

@@ -111,6 +111,13 @@ def python_message_class(msgtype: str):
     package, kind, name = parts
     try:
         module = importlib.import_module(f'{package}.{kind}')
+        if hasattr(module, name):
+            return getattr(module, name)
+        # Action parts (Scan_Goal, Scan_FeedbackMessage, ...) live on the action class.
+        action, _, part = name.rpartition('_')
+        if kind == 'action' and action and hasattr(module, action):
+            holder = getattr(module, action)
+            return getattr(holder, part, None) or getattr(holder.Impl, part)
         return getattr(module, name)
     except (ImportError, AttributeError) as exc:
         raise LookupError(f'message type {msgtype} is not available in this Python environment '
