@@ -329,3 +329,19 @@ def test_defect_reports_show_overlay_and_concentrations(client, registry):
                              'counts': [48, 2], 'concentration': [1e15, 3.5e13]}, flake_id='F0000003')
     stored = client.get('/defects').text
     assert 'stem-7' in stored and 'V_Mo: 3.5e+13' in stored and 'href="/flakes/F0000003"' in stored
+
+
+def test_internal_failures_give_a_page_without_traceback(registry, monkeypatch):
+    db_path, data_dir, store = registry
+
+    def broken(query):
+        raise RuntimeError('disk on fire at /secret/path')
+
+    monkeypatch.setattr(store, 'query', broken)
+    with TestClient(create_app(db_path, data_dir, store=store), raise_server_exceptions=False) as failing:
+        page = failing.get('/flakes')
+        assert page.status_code == 500
+        assert 'INTERNAL_ERROR' in page.text and 'RuntimeError' in page.text
+        assert '/secret/path' not in page.text and 'Traceback' not in page.text
+        api = failing.get('/api/flakes')
+        assert api.status_code == 500 and api.json()['error']['code'] == 'INTERNAL_ERROR'
