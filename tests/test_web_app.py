@@ -345,3 +345,13 @@ def test_internal_failures_give_a_page_without_traceback(registry, monkeypatch):
         assert '/secret/path' not in page.text and 'Traceback' not in page.text
         api = failing.get('/api/flakes')
         assert api.status_code == 500 and api.json()['error']['code'] == 'INTERNAL_ERROR'
+
+
+def test_writes_from_another_site_are_refused(client, registry):
+    label = {'who': 'mallory', 'verdict': 'reject', 'material': 'graphene', 'layer_class': 'mono'}
+    cross = client.post('/flakes/F0000001/labels', data=label, headers={'Origin': 'http://evil.example'})
+    assert cross.status_code == 403 and 'another site' in cross.text
+    same = client.post('/flakes/F0000001/labels', data=label, headers={'Origin': 'http://testserver'},
+                       follow_redirects=False)
+    assert same.status_code == 303
+    assert [r['labelled_by'] for r in registry[2].labels('F0000001')] == ['mallory']

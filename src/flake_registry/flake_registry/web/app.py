@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import cv2
 from fastapi import Depends, FastAPI, Form, Query, Request
@@ -74,6 +74,7 @@ UNIT_FIELDS = {'area_min_um2': ('area_min', 1e-12), 'area_max_um2': ('area_max',
                'max_distance_um': ('max_distance', 1e-6)}
 HTTP_STATUS_OF_CODE = {'UNKNOWN_ID': 404, 'INVALID_ARGUMENT': 422, 'INVALID_RANGE': 422, 'ALREADY_RESERVED': 409,
                        'ALREADY_USED': 409, 'NOT_RESERVED': 409, 'WRONG_TOKEN': 403, 'LEASE_EXPIRED': 409}
+CODE_OF_HTTP_STATUS = {401: 'UNAUTHORISED', 403: 'FORBIDDEN', 404: 'NOT_FOUND', 405: 'METHOD_NOT_ALLOWED'}
 LOOPBACK_NAMES = ('localhost', 'localhost.localdomain', 'ip6-localhost')
 
 
@@ -242,6 +243,11 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
         return hmac.compare_digest(given.encode(), app.state.token.encode())
 
     def require_write(request: Request) -> None:
+        # A page from another site must not make a lab browser label or reserve (cross-site
+        # form posts reach 127.0.0.1 too): a write that names its origin must come from here.
+        origin = request.headers.get('origin')
+        if origin and origin != 'null' and urlsplit(origin).netloc != request.headers.get('host', ''):
+            raise StarletteHTTPException(403, f'writes from another site ({origin}) are refused')
         if not authorised(request):
             raise StarletteHTTPException(401, 'writes need the access token: open /login, or send the '
                                               'X-Flake-Token header')
@@ -278,7 +284,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        code = {401: 'UNAUTHORISED', 404: 'NOT_FOUND', 405: 'METHOD_NOT_ALLOWED'}.get(exc.status_code, 'HTTP_ERROR')
+        code = CODE_OF_HTTP_STATUS.get(exc.status_code, 'HTTP_ERROR')
         message = exc.detail if isinstance(exc.detail, str) else 'request refused'
         if exc.status_code == 404 and message == 'Not Found':
             message = f'no page at {request.url.path}'
