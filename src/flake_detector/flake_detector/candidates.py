@@ -62,7 +62,8 @@ class CandidateFinder:
 
     def std_map(self, image: np.ndarray) -> np.ndarray:
         """Local standard deviation of the grey level relative to the substrate level."""
-        gray = image.astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
+        gray = (cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2GRAY) if image.ndim == 3
+                else image).astype(np.float32)
         mean = cv2.blur(gray, (self.window, self.window))
         mean_sq = cv2.blur(gray * gray, (self.window, self.window))
         std = np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))

@@ -13,8 +13,8 @@ centroid inside the candidate's region. Training follows seed 000: balanced batc
 stopped while still noisy (``--stop-accuracy`` on a balanced held-out batch), three
 nets trained separately. Writes the weights (.pt) and a model card (.json).
 
-Shipped weights: ``flake-train-cascade --target graphene-1-10L --sim-seeds 1,2,3 --out
-src/flake_detector/flake_detector/models/cascade_graphene-1-10L.pt`` (same for hbn-10-90nm).
+Shipped weights: ``flake-train-cascade --target graphene-1-10L,hbn-10-90nm --sim-seeds 1,2,3
+--sim-frames 100 --max-steps 120 --out src/flake_detector/flake_detector/models``.
 """
 
 from __future__ import annotations
@@ -144,18 +144,28 @@ def coco_frames(path: Path):
         yield bgr, objects, None
 
 
-def crops_from_frames(frames, finder: CandidateFinder, target: Target, progress: str = '') -> CropSet:
+def crops_from_frames(frames, finder: CandidateFinder, target: Target | list[Target],
+                      progress: str = '') -> CropSet | list[CropSet]:
+    """Candidates of every frame, labelled for ``target`` (a CropSet), or for each of a
+    list of targets (a list of CropSets sharing one array of crops): frames are
+    rendered and searched once however many targets are trained."""
+    targets = target if isinstance(target, list) else [target]
     crops, labels = [], []
     for index, (image, truths, to_wafer) in enumerate(frames, start=1):
         candidates = finder.find(image, to_wafer)
         crops.append(finder.crops(image, candidates))
-        labels.append(label_candidates(candidates, truths, target))
+        labels.append(np.stack([label_candidates(candidates, truths, t) for t in targets], axis=1)
+                      if candidates else np.zeros((0, len(targets)), np.int64))
         if progress and index % 25 == 0:
-            print(f'[{progress}] {index} frames, {sum(len(c) for c in crops)} candidates, '
-                  f'{int(sum(lab.sum() for lab in labels))} good', file=sys.stderr, flush=True)
-    if not crops:
-        return CropSet(np.zeros((0, finder.crop_size, finder.crop_size, 3), np.uint8), np.zeros(0, np.int64))
-    return CropSet(np.concatenate(crops), np.concatenate(labels))
+            print(f'[{progress}] {index} frames, {sum(len(c) for c in crops)} candidates, good per target '
+                  f'{[int(v) for v in sum(lab.sum(axis=0) for lab in labels)]}', file=sys.stderr, flush=True)
+    if crops:
+        all_crops, all_labels = np.concatenate(crops), np.concatenate(labels)
+    else:
+        all_crops = np.zeros((0, finder.crop_size, finder.crop_size, 3), np.uint8)
+        all_labels = np.zeros((0, len(targets)), np.int64)
+    sets = [CropSet(all_crops, all_labels[:, k]) for k in range(len(targets))]
+    return sets if isinstance(target, list) else sets[0]
 
 
 def crops_from_folder(folder: Path, crop_size: int) -> CropSet:
@@ -200,12 +210,9 @@ def train_net(train: CropSet, evaluation: CropSet, seed: int, width: float = 1.0
 
     from flake_detector.cascade import normalise_crops
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # each net of a cascade starts from its own initialisation
     rng = np.random.default_rng(seed)
     net = build_net(width)
-    for module in net.modules():  # a fresh initialisation per seed (build_net seeds 0)
-        if hasattr(module, 'reset_parameters'):
-            module.reset_parameters()
     good = six_variants(train.crops[train.labels == 1])
     bad = train.crops[train.labels == 0]
     if len(good) == 0 or len(bad) == 0:
@@ -278,7 +285,8 @@ def _git_commit() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='flake-train-cascade', description=__doc__.split('\n\n')[0])
-    parser.add_argument('--target', default='graphene-1-10L', help=f'one of {sorted(TARGETS)}')
+    parser.add_argument('--target', default='graphene-1-10L',
+                        help=f'one of {sorted(TARGETS)}, or several comma-separated (frames rendered once)')
     parser.add_argument('--target-json', type=Path, default=None,
                         help='a custom target: JSON with name, material, min/max_layers, min/max_thickness_nm')
     parser.add_argument('--sim-seeds', default='', help='comma-separated simulator seeds to train on')
@@ -298,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--width', type=float, default=1.0, help='scale of the layer widths (1 = Table I)')
     parser.add_argument('--seed', type=int, default=0, help='training seed')
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
-    parser.add_argument('--out', type=Path, required=True, help='weights file (.pt); the card goes next to it')
+    parser.add_argument('--out', type=Path, required=True,
+                        help='weights file (.pt), or a directory for cascade_<target>.pt files; the card (.json) '
+                             'goes next to each')
     return parser
 
 
@@ -309,10 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     try:
-        target = (Target.from_json(json.loads(args.target_json.read_text())) if args.target_json
-                  else target_by_name(args.target))
+        if args.target_json:
+            targets = [Target.from_json(json.loads(args.target_json.read_text()))]
+        else:
+            targets = [target_by_name(name.strip()) for name in args.target.split(',') if name.strip()]
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))
+    if len(targets) > 1 and args.crops:
+        parser.error('--crops folders hold one target\'s labels; train one target at a time with them')
     seeds = [int(s) for s in args.sim_seeds.split(',') if s.strip()]
     if not (seeds or args.coco or args.crops):
         parser.error('give training data: --sim-seeds, --coco or --crops')
@@ -322,39 +336,44 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     finder = CandidateFinder(crop_size=args.crop_size)
-    parts = []
+    parts: list[list[CropSet]] = []  # per source, one CropSet per target
     for seed in seeds:
         frames = simulated_frames(seed, args.sim_frames, args.sim_size, args.thin_fraction, args.oxide,
                                   args.objective)
-        parts.append(crops_from_frames(frames, finder, target, progress=f'sim seed {seed}'))
-        log(f'sim seed {seed}: {len(parts[-1])} candidates, {parts[-1].good} good')
+        parts.append(crops_from_frames(frames, finder, targets, progress=f'sim seed {seed}'))
+        log(f'sim seed {seed}: {len(parts[-1][0])} candidates, good per target {[p.good for p in parts[-1]]}')
     for path in args.coco:
-        parts.append(crops_from_frames(coco_frames(path), finder, target, progress=str(path)))
-        log(f'{path}: {len(parts[-1])} candidates, {parts[-1].good} good')
+        parts.append(crops_from_frames(coco_frames(path), finder, targets, progress=str(path)))
+        log(f'{path}: {len(parts[-1][0])} candidates, good per target {[p.good for p in parts[-1]]}')
     for folder in args.crops:
-        parts.append(crops_from_folder(folder, args.crop_size))
-        log(f'{folder}: {len(parts[-1])} crops, {parts[-1].good} good')
-    data = CropSet(np.concatenate([p.crops for p in parts]), np.concatenate([p.labels for p in parts]))
-    if data.good < 5 or len(data) - data.good < 5:
-        raise SystemExit(f'flake-train-cascade: error: too few examples ({data.good} good, '
-                         f'{len(data) - data.good} bad); add frames or lower the target')
-    cascade = train_cascade(data, target, nets=args.nets, seed=args.seed, width=args.width,
-                            crop_size=args.crop_size, log=log, batch=args.batch, max_steps=args.max_steps,
-                            stop_accuracy=args.stop_accuracy)
-    cascade.version = f'cascade-{target.name}-{dt.date.today().isoformat()}'
-    card = {
-        'command': 'flake-train-cascade ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-        'commit': _git_commit(), 'created': dt.datetime.now(dt.UTC).isoformat(timespec='seconds'),
-        'data': {'sim_seeds': seeds, 'sim_frames_per_seed': args.sim_frames, 'sim_size': args.sim_size,
-                 'thin_fraction': args.thin_fraction, 'oxide_nm': args.oxide, 'objective': args.objective,
-                 'coco': [str(p) for p in args.coco], 'crops': [str(p) for p in args.crops],
-                 'candidates': len(data), 'good': data.good},
-        'training': {'batch': args.batch, 'max_steps': args.max_steps, 'stop_accuracy': args.stop_accuracy,
-                     'seed': args.seed, 'seconds': round(time.perf_counter() - started, 1)},
-        'torch': torch.__version__,
-    }
-    path = cascade.save(args.out, card)
-    log(f'wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {path.with_suffix(".json")}')
+        parts.append([crops_from_folder(folder, args.crop_size)])
+        log(f'{folder}: {len(parts[-1][0])} crops, {parts[-1][0].good} good')
+    crops = np.concatenate([p[0].crops for p in parts])
+    for k, target in enumerate(targets):
+        data = CropSet(crops, np.concatenate([p[k].labels for p in parts]))
+        if data.good < 5 or len(data) - data.good < 5:
+            raise SystemExit(f'flake-train-cascade: error: too few examples for {target.name} ({data.good} good, '
+                             f'{len(data) - data.good} bad); add frames or lower the target')
+        trained = time.perf_counter()
+        cascade = train_cascade(data, target, nets=args.nets, seed=args.seed, width=args.width,
+                                crop_size=args.crop_size, log=log, batch=args.batch, max_steps=args.max_steps,
+                                stop_accuracy=args.stop_accuracy)
+        cascade.version = f'cascade-{target.name}-{dt.date.today().isoformat()}'
+        card = {
+            'command': 'flake-train-cascade ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+            'commit': _git_commit(), 'created': dt.datetime.now(dt.UTC).isoformat(timespec='seconds'),
+            'data': {'sim_seeds': seeds, 'sim_frames_per_seed': args.sim_frames, 'sim_size': args.sim_size,
+                     'thin_fraction': args.thin_fraction, 'oxide_nm': args.oxide, 'objective': args.objective,
+                     'coco': [str(p) for p in args.coco], 'crops': [str(p) for p in args.crops],
+                     'candidates': len(data), 'good': data.good},
+            'training': {'batch': args.batch, 'max_steps': args.max_steps, 'stop_accuracy': args.stop_accuracy,
+                         'seed': args.seed, 'data_seconds': round(trained - started, 1),
+                         'train_seconds': round(time.perf_counter() - trained, 1)},
+            'torch': torch.__version__,
+        }
+        out = args.out / f'cascade_{target.name}.pt' if len(targets) > 1 or args.out.suffix != '.pt' else args.out
+        path = cascade.save(out, card)
+        log(f'wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {path.with_suffix(".json")}')
     return 0
 
 
