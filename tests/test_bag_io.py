@@ -249,3 +249,36 @@ def test_replay_refuses_a_topic_recorded_with_another_definition(ros, tmp_path):
         BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag))])
     with BagReader(_write_bag(tmp_path / 'current')) as reader:
         assert reader.definition_mismatch('/scan/tiles') is None
+
+
+@pytest.mark.parametrize('storage', ['mcap', 'sqlite3'])
+def test_damaged_bags_only_ever_raise_bag_errors(ros, tmp_path, storage):
+    """Seeded damage (cut short, bytes flipped, blocks overwritten): a BagError or intact data, nothing else."""
+    base = _write_bag(tmp_path / 'base', storage=storage)
+    (storage_file,) = [p for p in base.iterdir() if p.suffix in ('.mcap', '.db3')]
+    data = storage_file.read_bytes()
+    rng = np.random.default_rng(11)
+    outcomes = {'ok': 0, 'error': 0}
+    for trial in range(45):
+        damaged = bytearray(data)
+        if trial % 3 == 0:
+            damaged = damaged[:int(rng.integers(1, len(damaged)))]
+        elif trial % 3 == 1:
+            for index in rng.integers(0, len(damaged), int(rng.integers(1, 8))):
+                damaged[index] = int(rng.integers(0, 256))
+        else:
+            start = int(rng.integers(0, len(damaged) - 64))
+            damaged[start:start + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+        bag = tmp_path / f'damaged_{trial}'
+        shutil.copytree(base, bag)
+        (bag / storage_file.name).write_bytes(bytes(damaged))
+        try:
+            with BagReader(bag) as reader:
+                for message in reader.messages():
+                    reader.deserialize(message)
+            outcomes['ok'] += 1
+        except BagError as exc:
+            assert str(bag) in str(exc)
+            outcomes['error'] += 1
+        shutil.rmtree(bag)
+    assert outcomes['error'] >= 15  # every cut-short file at least

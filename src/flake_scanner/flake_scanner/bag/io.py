@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-import sqlite3
 import struct
 
 from rosbags.interfaces import (
@@ -31,7 +30,7 @@ from rosbags.interfaces import (
     QosReliability,
     QosTime,
 )
-from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer, WriterError
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer, WriterError
 from rosbags.typesys import get_types_from_msg
 from rosbags.typesys.store import Typestore
 
@@ -181,8 +180,7 @@ class BagReader:
         try:
             self._reader = Reader(self.path)
             self._reader.open()
-        except (ReaderError, OSError, sqlite3.Error, ValueError, KeyError, IndexError, struct.error,
-                EOFError, AssertionError) as exc:
+        except Exception as exc:  # noqa: BLE001 - garbled lengths surface as anything, MemoryError included
             raise _wrap(self.path, exc, 'opening') from exc
         self._typestore: Typestore = typestore()
         self._stores: dict[str, Typestore] = {}
