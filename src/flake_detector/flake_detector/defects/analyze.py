@@ -122,6 +122,19 @@ def validate_image(image) -> np.ndarray:
     return array
 
 
+def prepare_input(image, pixel_size: float | None = None) -> tuple[np.ndarray, float]:
+    """Validated float32 image and pixel size [m/px] (None or 0: seed 003 scale), or InvalidImageError."""
+    pixels = validate_image(image)
+    pixel_size = float(pixel_size) if pixel_size else SEED_PIXEL_SIZE
+    if not (1e-13 < pixel_size < 1e-9):
+        raise InvalidImageError(f'pixel size {pixel_size} m/px is outside 1e-13..1e-9 m/px')
+    lattice_px = LATTICE_A / pixel_size
+    if min(pixels.shape) < 2.5 * lattice_px:
+        raise InvalidImageError(f'image of {pixels.shape[1]}x{pixels.shape[0]} px holds no whole '
+                                f'hexagonal cell at {pixel_size:.3g} m/px (lattice {lattice_px:.0f} px)')
+    return pixels, pixel_size
+
+
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -166,22 +179,34 @@ def detect_boxes(model, config: DetectorConfig, normalised: np.ndarray, pixel_si
     return boxes.reshape(-1, 4), scores
 
 
+def consistent_size(boxes: np.ndarray, low: float = 0.75, high: float = 1.3) -> np.ndarray:
+    """Mask of boxes whose width and height are near the median: a crystal's cells all share one size,
+    so boxes around cells cut by the frame edge or spanning several cells are dropped."""
+    if len(boxes) < 5:
+        return np.ones(len(boxes), dtype=bool)
+    size = boxes[:, 2:] - boxes[:, :2]
+    ratio = size / np.median(size, axis=0)
+    return ((ratio >= low) & (ratio <= high)).all(axis=1)
+
+
 def detect_unit_cells(model, config: DetectorConfig, normalised: np.ndarray, pixel_size: float,
                       alpha: float = ALPHA, beta: float = BETA) -> tuple[np.ndarray, np.ndarray]:
     """Unit-cell boxes wholly inside the image, by casting (hex target) or directly (unit target)."""
     boxes, scores = detect_boxes(model, config, normalised, pixel_size)
+    keep = consistent_size(boxes)
+    boxes, scores = boxes[keep], scores[keep]
     if config.target == 'hex':
         boxes = cast_unit_cells(boxes, alpha, beta)
         scores = np.repeat(scores, 2)
     keep = merge_duplicates(boxes, scores, 0.5)
     boxes, scores = boxes[keep], scores[keep]
     H, W = normalised.shape
-    # Cells cut by the frame edge cannot be classified; a little slack absorbs box noise.
-    slack = 0.1 * LATTICE_A / pixel_size
+    # Cells cut by the frame edge are incomplete: like the ground truth, keep whole cells only.
+    slack = 1.0
     inside = ((boxes[:, 0] >= -slack) & (boxes[:, 1] >= -slack)
               & (boxes[:, 2] <= W + slack) & (boxes[:, 3] <= H + slack))
     boxes, scores = boxes[inside], scores[inside]
-    order = np.lexsort((boxes[:, 0], np.round(boxes[:, 1] / max(slack, 1.0))))
+    order = np.lexsort((boxes[:, 0], np.round(boxes[:, 1] * pixel_size / (0.1 * LATTICE_A))))
     return boxes[order], scores[order]
 
 
@@ -207,14 +232,7 @@ class DefectAnalyzer:
         self._lock = threading.Lock()
 
     def analyze(self, image, pixel_size: float | None = None) -> DefectAnalysis:
-        pixels = validate_image(image)
-        pixel_size = float(pixel_size) if pixel_size else SEED_PIXEL_SIZE
-        if not (1e-13 < pixel_size < 1e-9):
-            raise InvalidImageError(f'pixel size {pixel_size} m/px is outside 1e-13..1e-9 m/px')
-        lattice_px = LATTICE_A / pixel_size
-        if min(pixels.shape) < 2.5 * lattice_px:
-            raise InvalidImageError(f'image of {pixels.shape[1]}x{pixels.shape[0]} px holds no whole '
-                                    f'hexagonal cell at {pixel_size:.3g} m/px (lattice {lattice_px:.0f} px)')
+        pixels, pixel_size = prepare_input(image, pixel_size)
         with self._lock:
             torch.set_num_threads(self.threads)
             start = time.perf_counter()

@@ -129,11 +129,12 @@ def _train_classifier(args, argv) -> int:
 
 
 def _analyze(args) -> int:
-    from .analyze import DefectAnalyzer
+    from .analyze import DefectAnalyzer, prepare_input
     from .report import load_image, write_report
     image = load_image(args.image)
+    pixels, pixel_size = prepare_input(image, args.pixel_size or None)  # fail fast, before loading models
     analyzer = DefectAnalyzer(args.detector, args.classifier, threads=args.threads)
-    analysis = analyzer.analyze(image, args.pixel_size or None)
+    analysis = analyzer.analyze(pixels, pixel_size)
     paths = write_report(args.report, image, analysis, image_id=args.image.stem)
     counts = ', '.join(f'{n}={c}' for n, c in zip(CLASS_NAMES, analysis.counts))
     print(f'{len(analysis.classes)} unit cells in {analysis.processing_time:.1f} s: {counts}')
