@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ros_helpers import spin_until
 
-from flake_scanner.bag.io import SCAN_FRAME_TYPE, BagReader, BagWriter
+from flake_scanner.bag.io import SCAN_FRAME_TYPE, BagError, BagReader, BagWriter
 from flake_scanner.bag.playback import PlaybackClock, parse_remaps, parse_topics
 from flake_scanner.ros_image import image_to_numpy, numpy_to_image
 
@@ -363,3 +363,35 @@ def test_bag_in_the_humble_recorder_layout_replays(executor, tmp_path):
     frames, _, clocks = _replay_and_collect(executor, bag, 6)
     assert [f.tile_index for f in frames] == list(range(6))
     assert clocks[-1].clock.sec * 10**9 + clocks[-1].clock.nanosec == stamps[-1]
+
+
+def test_recorder_and_replayer_refuse_bad_options_clearly(ros, tmp_path):
+    from rclpy.parameter import Parameter
+
+    from flake_scanner.bag.io import BagNotFoundError
+    from flake_scanner.bag.record import BagRecorder
+    from flake_scanner.bag.replay import BagReplayer
+
+    with pytest.raises(ValueError, match='nothing to record'):
+        BagRecorder(parameter_overrides=[Parameter('output', value=str(tmp_path / 'a'))])
+    (tmp_path / 'exists').mkdir()
+    with pytest.raises(FileExistsError, match='exists already'):
+        BagRecorder(parameter_overrides=[Parameter('topics', value=f'{T}/x'),
+                                         Parameter('output', value=str(tmp_path / 'exists'))])
+    with pytest.raises(FileNotFoundError, match='ground truth'):
+        BagRecorder(parameter_overrides=[Parameter('topics', value=f'{T}/x'),
+                                         Parameter('output', value=str(tmp_path / 'b')),
+                                         Parameter('ground_truth', value=str(tmp_path / 'missing.json'))])
+    with pytest.raises(ValueError, match='absolute'):
+        BagRecorder(parameter_overrides=[Parameter('topics', value='relative/topic')])
+    with pytest.raises(ValueError, match='no bag given'):
+        BagReplayer()
+    with pytest.raises(BagNotFoundError):
+        BagReplayer(parameter_overrides=[Parameter('bag', value=str(tmp_path / 'none'))])
+    bag = tmp_path / 'one_topic'
+    with BagWriter(bag) as writer:
+        writer.add_topic(f'{T}/tiles', SCAN_FRAME_TYPE)
+    with pytest.raises(BagError, match='has no topic'):
+        BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag)), Parameter('topics', value=f'{T}/other')])
+    with pytest.raises(ValueError, match='from:=/to'):
+        BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag)), Parameter('remap', value='/a=/b')])

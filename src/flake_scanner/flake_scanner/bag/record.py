@@ -66,19 +66,11 @@ class BagRecorder(Node):
 
     def __init__(self, **node_kwargs):
         super().__init__('bag_recorder', **node_kwargs)
-        self.params = declare_parameters(self, PARAMS)
-        self.wanted = set(parse_topics(self.params['topics']))
-        self.excluded = set(parse_topics(self.params['exclude_topics']))
-        if not self.wanted and not self.params['all_topics']:
-            raise ValueError('nothing to record: give topics or set all_topics')
-        output = self.params['output'] or time.strftime('recording_%Y%m%d_%H%M%S', time.gmtime())
-        self.output = Path(output)
-        ground_truth = self.params['ground_truth']
-        self.ground_truth = Path(ground_truth) if ground_truth else None
-        if self.ground_truth is not None and not self.ground_truth.is_file():
-            raise FileNotFoundError(f'ground truth file {self.ground_truth} does not exist')
-        self.writer = BagWriter(self.output, storage=self.params['storage'],
-                                version=self.params['bag_version'])
+        try:
+            self._check_options()
+        except Exception:
+            self.destroy_node()
+            raise
         self.queue: queue.Queue = queue.Queue(maxsize=self.params['queue_size'])
         self.subscriptions_by_topic: dict[str, object] = {}
         self.refused: set[str] = set()
@@ -97,6 +89,21 @@ class BagRecorder(Node):
             self._deadline = time.monotonic() + self.params['duration']
             self.create_timer(min(0.1, self.params['duration']), self._check_duration)
         self.get_logger().info(f'recording to {self.output} ({self.params["storage"]})')
+
+    def _check_options(self) -> None:
+        self.params = declare_parameters(self, PARAMS)
+        self.wanted = set(parse_topics(self.params['topics']))
+        self.excluded = set(parse_topics(self.params['exclude_topics']))
+        if not self.wanted and not self.params['all_topics']:
+            raise ValueError('nothing to record: give topics or set all_topics')
+        output = self.params['output'] or time.strftime('recording_%Y%m%d_%H%M%S', time.gmtime())
+        self.output = Path(output)
+        ground_truth = self.params['ground_truth']
+        self.ground_truth = Path(ground_truth) if ground_truth else None
+        if self.ground_truth is not None and not self.ground_truth.is_file():
+            raise FileNotFoundError(f'ground truth file {self.ground_truth} does not exist')
+        self.writer = BagWriter(self.output, storage=self.params['storage'],
+                                version=self.params['bag_version'])
 
     @property
     def missing_topics(self) -> list[str]:

@@ -73,14 +73,18 @@ class BagReplayer(Node):
 
     def __init__(self, **node_kwargs):
         super().__init__('bag_replayer', **node_kwargs)
-        self.params = declare_parameters(self, PARAMS)
-        if not self.params['bag']:
-            raise ValueError('no bag given (parameter "bag")')
-        self.reader = BagReader(Path(self.params['bag']))
+        self.reader = None
         try:
+            self.params = declare_parameters(self, PARAMS)
+            if not self.params['bag']:
+                raise ValueError('no bag given (parameter "bag")')
+            self.reader = BagReader(Path(self.params['bag']))
             self._create_publishers()
         except Exception:
-            self.reader.close()
+            # A refused bag leaves nothing behind: no open file, no node in the graph.
+            if self.reader is not None:
+                self.reader.close()
+            self.destroy_node()
             raise
         replays_clock = self.params['clock_topic'] in {self.remaps.get(t, t) for t in self.publishers_by_topic}
         if self.params['publish_clock'] and replays_clock:
