@@ -355,3 +355,15 @@ def test_writes_from_another_site_are_refused(client, registry):
                        follow_redirects=False)
     assert same.status_code == 303
     assert [r['labelled_by'] for r in registry[2].labels('F0000001')] == ['mallory']
+
+
+def test_chip_map_region_returns_only_flakes_inside(client, registry):
+    store = registry[2]
+    region = (40e-6, 40e-6, 140e-6, 100e-6)
+    body = client.get('/api/chipmap', params={'scan_id': SCAN_ID, 'region': ','.join(map(str, region))}).json()
+    inside = {f.id for f in store.iter_flakes() if region[0] <= f.x <= region[2] and region[1] <= f.y <= region[3]}
+    assert 0 < len(inside) < 60
+    assert {m['id'] for m in body['markers']} == inside and body['total'] == len(inside)
+    assert body['to_view'] == pytest.approx([1e5, 0, 0, 0, -1e5, 200])
+    bad = client.get('/api/chipmap', params={'scan_id': SCAN_ID, 'region': '1,2,0,0'})
+    assert bad.status_code == 422 and bad.json()['error']['code'] == 'INVALID_RANGE'

@@ -6,6 +6,7 @@ tools/install_chromium.sh; without it these tests fail and say so.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 import socket
 import threading
@@ -31,22 +32,30 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope='module')
-def served(tmp_path_factory):
-    """The app over a seeded registry, served by uvicorn on 127.0.0.1 in a thread."""
-    db_path, data_dir, store = make_registry(tmp_path_factory.mktemp('web'), count=60)
+@contextlib.contextmanager
+def serve(app):
+    """``app`` served by uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(db_path, data_dir, store=store), host='127.0.0.1', port=port,
-                                          log_level='warning', lifespan='off'))
+    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', lifespan='off'))
     thread = threading.Thread(target=server.run, name='uvicorn', daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, 'uvicorn did not start'
-    yield f'http://127.0.0.1:{port}', store
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f'http://127.0.0.1:{port}'
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope='module')
+def served(tmp_path_factory):
+    """The app over a seeded registry."""
+    db_path, data_dir, store = make_registry(tmp_path_factory.mktemp('web'), count=60)
+    with serve(create_app(db_path, data_dir, store=store)) as base:
+        yield base, store
     store.close()
 
 
@@ -130,6 +139,32 @@ def test_chip_map_marker_opens_the_flake(served, page):
     page.click(f'#chipmap circle[data-id="{flake_id}"]', force=True)
     page.wait_for_url(f'**/flakes/{flake_id}')
     assert page.inner_text('#flake-material') == 'mos2'
+
+
+def test_chip_map_loads_the_visible_region_when_zoomed(tmp_path, page):
+    db_path, data_dir, store = make_registry(tmp_path, count=60)
+    with serve(create_app(db_path, data_dir, store=store, max_markers=12)) as base:
+        page.goto(f'{base}/')
+        page.wait_for_function("() => document.querySelectorAll('#chipmap circle.marker').length === 12")
+        assert page.inner_text('#chipmap-status') == '12 of 60 flakes shown'
+        box = page.locator('#chipmap').bounding_box()
+        # The flakes lie in the mosaic's lower-left corner: zoom in there.
+        page.mouse.move(box['x'] + box['width'] * 0.3, box['y'] + box['height'] * 0.9)
+        for _ in range(6):
+            page.mouse.wheel(0, -300)
+        page.wait_for_function("() => document.getElementById('chipmap-status').textContent.includes('in view')")
+        circles = page.locator('#chipmap circle.marker')
+        assert 0 < circles.count() <= 12
+        # Every marker now drawn lies inside the visible part of the map.
+        box = page.locator('#chipmap').bounding_box()
+        for i in range(circles.count()):
+            centre = circles.nth(i).evaluate(
+                "c => { const p = c.ownerSVGElement.createSVGPoint(); p.x = c.cx.baseVal.value;"
+                " p.y = c.cy.baseVal.value; const s = p.matrixTransform(c.getScreenCTM()); return [s.x, s.y]; }")
+            assert box['x'] <= centre[0] <= box['x'] + box['width']
+            assert box['y'] <= centre[1] <= box['y'] + box['height']
+        page.screenshot(path=str(ARTIFACTS / 'chip_map_zoomed.png'))
+    store.close()
 
 
 def test_planner_reserves_the_whole_stack(served, page):

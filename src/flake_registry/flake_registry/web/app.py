@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
+from dataclasses import replace
 import hmac
 import ipaddress
 import json
@@ -217,8 +218,12 @@ def render_outline(contour, size: int, colour_hex: str) -> np.ndarray:
 
 
 def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: str | None = None,
-               *, store: FlakeStore | None = None) -> FastAPI:
-    """The web app over the registry at ``db_path``; mosaics and reports come from ``data_dir``."""
+               *, store: FlakeStore | None = None, max_markers: int = MAX_MARKERS) -> FastAPI:
+    """The web app over the registry at ``db_path``; mosaics and reports come from ``data_dir``.
+
+    ``max_markers`` bounds the chip map's markers per request (the best flakes of the
+    view); zooming in loads the visible region's best.
+    """
     data_dir = Path(data_dir)
     store = store or FlakeStore(db_path)
     mosaics = MosaicCache()
@@ -343,16 +348,20 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
                                               'material_colours': MATERIAL_COLOURS, 'layer_styles': LAYER_STYLES})
 
     @app.get('/api/chipmap')
-    def chip_map_data(scan_id: str = Query(..., min_length=1, max_length=128)):
+    def chip_map_data(scan_id: str = Query(..., min_length=1, max_length=128),
+                      region: str = Query('', max_length=200, description='min_x,min_y,max_x,max_y [m], wafer')):
+        """Markers of the scan's best flakes (at most MAX_MARKERS), or of those inside ``region``."""
         check_scan_id(scan_id)
         meta = read_mosaic_meta(data_dir, scan_id)
+        base = FlakeQuery.from_mapping({'scan_id': scan_id, 'sort_by': 'score', 'limit': MAX_LIMIT,
+                                        'region': region})
         flakes, total, offset = [], None, 0
-        while offset < MAX_MARKERS:
-            result = store.query(FlakeQuery(scan_id=scan_id, sort_by='score', limit=MAX_LIMIT, offset=offset))
+        while offset < max_markers:
+            result = store.query(replace(base, offset=offset, limit=min(MAX_LIMIT, max_markers - offset)))
             total = result.total if total is None else total
             flakes.extend(result.flakes)
-            offset += MAX_LIMIT
-            if offset >= result.total:
+            offset += len(result.flakes)
+            if not result.flakes or offset >= result.total:
                 break
         if meta is not None:
             to_view = meta['to_mosaic']
@@ -366,7 +375,11 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
                         'h': float(np.ptp(vs)) or 100.0}
             else:
                 view = {'x': 0, 'y': 0, 'w': 100, 'h': 100}
-        minimum_radius = 0.004 * max(view['w'], view['h'])
+        extent = max(view['w'], view['h'])
+        if base.region is not None:
+            corners = to_view.apply_points(np.array([base.region[:2], base.region[2:]]))
+            extent = float(np.abs(corners[1] - corners[0]).max()) or extent
+        minimum_radius = 0.004 * extent
         markers = []
         for f in flakes:
             u, v = to_view.apply(f.x, f.y)
@@ -380,7 +393,8 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
         if meta is not None:
             mosaic = {'url': f'/scans/{scan_id}/mosaic.png', 'width': meta['width'], 'height': meta['height'],
                       'metres_per_pixel': meta.get('metres_per_pixel')}
-        return {'scan_id': scan_id, 'total': total or 0, 'markers': markers, 'mosaic': mosaic, 'view': view}
+        return {'scan_id': scan_id, 'total': total or 0, 'markers': markers, 'mosaic': mosaic, 'view': view,
+                'to_view': to_view.as_list(), 'region': list(base.region) if base.region else None}
 
     @app.get('/scans/{scan_id}/mosaic.png')
     def mosaic_png(scan_id: str):
