@@ -79,7 +79,7 @@ def populated(store):
 # -- schema -------------------------------------------------------------------
 
 def test_new_file_has_current_schema_wal_and_full_sync(store):
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     tables = set(store.db.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
             'labels', 'schema_version', 'flake_boxes'} <= tables
@@ -95,14 +95,16 @@ def test_version_1_file_is_migrated_and_keeps_its_flakes(tmp_path):
         assert 'labels' not in old.db.table_names()
         flake_id = old.ingest([square(0.0, 0.0, 10 * UM)])[0].flake_id
     with FlakeStore(path) as new:
-        assert new.schema_version == 2
+        assert new.schema_version == 3
         assert new.get_flake(flake_id).flake.area == pytest.approx(1e-10)
         label_id = new.add_label('monolayer', 'alice', flake_id=flake_id)
         assert new.labels(flake_id) == [{'id': label_id, 'flake_id': flake_id, 'crop_path': None,
                                          'label': 'monolayer', 'labelled_by': 'alice',
                                          'created': pytest.approx(new.clock(), abs=5)}]
         versions = [r['version'] for r in new.db.query('SELECT version FROM schema_version ORDER BY version')]
-        assert versions == [1, 2]
+        assert versions == [1, 2, 3]
+        indexes = {r['name'] for r in new.db.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert 'idx_flakes_material_layers_score' in indexes and 'idx_flakes_material_layers' not in indexes
 
 
 def test_file_from_newer_software_is_refused(tmp_path):
