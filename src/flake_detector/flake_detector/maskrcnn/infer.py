@@ -135,7 +135,7 @@ class MaskRCNNDetector:
     def __init__(self, model_path: str | Path = '', score_threshold: float = 0.5, mask_threshold: float = 0.5,
                  overlap_px: int = 32, stitch_iou: float = 0.3, min_area_px: int = 12,
                  refine_thickness: bool = True, oxide_nm: float = 90.0, calibration: str = 'auto',
-                 threads: int = 1, batch_tiles: int = 4, **_ignored):
+                 threads: int = 1, batch_tiles: int = 4, tile_size: int = 0, **_ignored):
         from flake_detector.maskrcnn.train import model_from_checkpoint
 
         path = Path(model_path) if model_path else SHIPPED_MODEL
@@ -157,14 +157,28 @@ class MaskRCNNDetector:
         self.oxide_nm = float(oxide_nm)
         self.calibration_source = calibration
         self.batch_tiles = max(1, int(batch_tiles))
+        self.tile_size = self._set_tile_size(int(tile_size) or self.config.input_size)
         self._calibrations: dict[str, object] = {}
+
+    def _set_tile_size(self, tile: int) -> int:
+        """Tiles larger than the training input are fine for the convolutional network (same pixel
+        scale, fewer tiles): only the input resize and the proposal budget follow the tile area."""
+        if tile < 64 or tile % 32:
+            raise ValueError(f'tile_size must be a multiple of 32 and >= 64, got {tile}')
+        self.model.transform.min_size = (tile,)
+        self.model.transform.max_size = tile
+        area = (tile / self.config.input_size) ** 2
+        self.model.rpn._post_nms_top_n['testing'] = round(self.config.rpn_proposals_test * max(1.0, area))
+        self.model.rpn._pre_nms_top_n['testing'] = 2 * self.model.rpn._post_nms_top_n['testing']
+        self.model.roi_heads.detections_per_img = round(self.config.detections_per_image * max(1.0, area))
+        return tile
 
     # ------------------------------------------------------------------ network
 
     @torch.no_grad()
     def predict_tiles(self, image_rgb: np.ndarray) -> tuple[list[TileDetection], int]:
         """Run the network on every tile of an RGB frame already at model scale."""
-        size = self.config.input_size
+        size = self.tile_size
         height, width = image_rgb.shape[:2]
         windows = [(x, y, min(x + size, width), min(y + size, height))
                    for y in tile_origins(height, size, self.overlap_px)

@@ -342,6 +342,9 @@ def _run_epoch(model, optimizer, loader, iterations: int, description: str, devi
             done += 1
             progress.update(1)
             progress.set_postfix(loss=f'{losses["total"]:.3f}')
+            if progress.disable and done % 20 == 0:  # no terminal: a plain progress line instead of a bar
+                print(f'{description}: {done}/{iterations} it, loss {losses["total"]:.3f}, '
+                      f'{(time.monotonic() - started) / done:.1f} s/it', flush=True)
             if done >= iterations:
                 break
     progress.close()
