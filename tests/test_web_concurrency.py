@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from rclpy.executors import SingleThreadedExecutor
 from ros_helpers import spin_future, spin_until, stop_helper
 from web_helpers import make_registry
 
-from flake_msgs.srv import ReserveFlake
+from flake_msgs.srv import GetStackRecipe, ReserveFlake
 from flake_registry.web.app import create_app
 
 pytestmark = pytest.mark.ros
@@ -109,3 +110,29 @@ def test_stack_against_ros_is_all_or_none(system):
             assert http.json()['error']['code'] == 'ALREADY_RESERVED'
             # The stack reserved nothing: only the robot's flake is taken.
             assert reserved == {contested: 'ros-arm'}
+
+
+def test_registry_node_serves_recipes_saved_by_the_app(system, ros):
+    web, _, executor, store = system
+    created = web.post('/api/stacks', json={'name': 'served', 'robot_id': 'arm-9', 'lease_s': 600,
+                                            'layers': [{'flake_id': 'F0000035'}, {'flake_id': 'F0000036',
+                                                                                  'rotation_deg': 90}]})
+    assert created.status_code == 201
+    node = executor.get_nodes()[0]
+    client = node.create_client(GetStackRecipe, '/registry/get_stack_recipe')
+    try:
+        assert client.wait_for_service(timeout_sec=30.0)
+        for _ in range(20):
+            future = client.call_async(GetStackRecipe.Request(recipe_id=created.json()['id']))
+            if spin_until(executor, future.done, timeout=3.0):
+                break
+            client.remove_pending_request(future)
+        else:
+            pytest.fail('get_stack_recipe never answered')
+        reply = future.result()
+        assert reply.success and reply.robot_id == 'arm-9'
+        assert [layer.flake_id for layer in reply.layers] == ['F0000035', 'F0000036']
+        assert reply.layers[1].rotation == pytest.approx(math.pi / 2)
+        assert reply.layers[0].token == created.json()['layers'][0]['token']
+    finally:
+        node.destroy_client(client)

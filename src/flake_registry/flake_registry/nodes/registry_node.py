@@ -41,6 +41,7 @@ from flake_registry.nodes.conversions import (
     query_from_request,
     to_time,
 )
+from flake_registry.nodes.stack_recipe_service import add_stack_recipe_service
 from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, MAX_LIMIT, RegistryError
 from flake_registry.store import IMAGE_ROLES, SYNCHRONOUS_MODES, FlakeStore, default_database_path
 from flake_scanner.nodes.common import (
@@ -121,6 +122,8 @@ class RegistryNode(Node):
                 (GetRevisitList, 'get_revisit_list', self._get_revisit_list),
                 (AddFlakeImage, 'add_flake_image', self._add_flake_image)):
             self.create_service(srv_type, f'registry/{name}', callback, qos_profile=SERVICE_QOS)
+        # Stack recipes planned in the lab web app, for the assembly robot (flake_registry.stacks).
+        add_stack_recipe_service(self, self.store, qos_profile=SERVICE_QOS)
         self._diagnostics = diagnostics_publisher(self)
         self._diagnostics_timer = self.create_timer(self.params['diagnostics_period'], self._publish_diagnostics)
 

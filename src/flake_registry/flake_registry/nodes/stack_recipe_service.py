@@ -53,11 +53,12 @@ def answer_stack_recipe(store: FlakeStore, request: GetStackRecipe.Request, resp
     return response
 
 
-def add_stack_recipe_service(node: Node, store: FlakeStore, name: str = SERVICE_NAME):
+def add_stack_recipe_service(node: Node, store: FlakeStore, name: str = SERVICE_NAME, qos_profile=None):
     """Serve GetStackRecipe on ``node`` from ``store``; returns the service."""
+    extra = {} if qos_profile is None else {'qos_profile': qos_profile}
     return node.create_service(GetStackRecipe, name,
                                lambda request, response: answer_stack_recipe(store, request, response,
-                                                                             node.get_logger()))
+                                                                             node.get_logger()), **extra)
 
 
 PARAMS = (
