@@ -116,3 +116,25 @@ def test_layer_class_and_full_resolution_masks_on_a_large_frame():
     assert set(found) == {0, 1}
     assert found[0].layer_class == LAYER_MONO and found[1].layer_class == LAYER_FEW
     assert found[0].to_json()['mask_rle']['size'] == [found[0].bbox[3], found[0].bbox[2]]
+
+
+def test_flake_detect_cli_writes_overlays_and_json(tmp_path):
+    import json
+
+    import cv2
+
+    from flake_detector.cli import main as detect_main
+
+    image, truths = make_frame(8, 256, flakes=[('graphene', 1), ('graphene', 2)], clutter=False, radius=(24, 30))
+    cv2.imwrite(str(tmp_path / 'frame.png'), image)
+    assert detect_main(['--backend', 'contrast', '--param', 'calibration=model', '--param', 'max_layers=10',
+                        '--out', str(tmp_path / 'out'), str(tmp_path / 'frame.png')]) == 0
+    overlay = cv2.imread(str(tmp_path / 'out' / 'overlays' / 'frame.png'))
+    assert overlay.shape == image.shape and not np.array_equal(overlay, image)
+    records = json.loads((tmp_path / 'out' / 'detections.json').read_text())
+    layers = sorted(d['layers'] for d in records['frames'][0]['detections'])
+    assert layers == [1.0, 2.0]
+    predictions = json.loads((tmp_path / 'out' / 'predictions.json').read_text())
+    assert len(predictions['predictions']) == 2 and predictions['funnel'][0]['stage'] == 'foreground regions'
+    with pytest.raises(SystemExit):
+        detect_main(['--backend', 'nonsense', '--out', str(tmp_path / 'x'), str(tmp_path / 'frame.png')])
