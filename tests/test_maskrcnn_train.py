@@ -164,3 +164,35 @@ def test_cli_checkpoints_card_resume_and_export(tmp_path, capsys):
     assert shipped['model']['roi_heads.box_predictor.cls_score.weight'].dtype == torch.float16
     # Bad input is reported, not a traceback.
     assert train.main(['--data', str(tmp_path / 'missing'), '--out', str(out)]) == 2
+
+
+def test_paper_backbones_build_offline_and_local_weights_load_by_shape(tmp_path):
+    resnet = build_model(ModelConfig(backbone='resnet50_fpn', fpn_channels=256, input_size=256),
+                         pretrained_backbone=False)
+    assert sum(p.numel() for p in resnet.backbone.body.parameters()) > 20_000_000
+    with pytest.raises(ValueError, match='no offline ImageNet weights'):
+        build_model(ModelConfig(backbone='resnet101_fpn', fpn_channels=256), pretrained_backbone=True)
+    # A local weights file of another class count (like a COCO model): everything but the
+    # class-specific predictors is taken over.
+    source = build_model(tiny_config(class_names=('background', 'a', 'b')), pretrained_backbone=False)
+    weights = tmp_path / 'coco_like.pth'
+    torch.save(source.state_dict(), weights)
+    from flake_detector.maskrcnn.model import load_matching_weights
+    target = build_model(tiny_config(), pretrained_backbone=False)
+    skipped = load_matching_weights(target, weights)
+    assert skipped and all('predictor' in name for name in skipped)
+    torch.testing.assert_close(target.backbone.body['0'][0].weight, source.backbone.body['0'][0].weight)
+
+
+def test_per_material_transfer_starts_from_the_all_material_weights(tmp_path):
+    annotations = make_dataset(tmp_path / 'data', images=3)
+    common = ['--data', str(annotations), '--input-size', '96', '--pixel-scale', '1', '--fpn-channels', '16',
+              '--anchor-sizes', '16,32,64,128', '--iterations-per-epoch', '1', '--epochs-per-stage', '1',
+              '--batch-size', '1', '--no-imagenet', '--threads', '1']
+    assert train.main(common + ['--out', str(tmp_path / 'all'), '--stages', 'heads:1e-3']) == 0
+    assert train.main(common + ['--out', str(tmp_path / 'hbn'), '--stages', 'all:1e-4', '--materials', 'hbn',
+                                '--init', str(tmp_path / 'all' / 'final.pt')]) == 0
+    card = json.loads((tmp_path / 'hbn' / 'final.json').read_text())
+    assert card['materials'] == ['hbn'] and card['init'].endswith('(0 tensors not matched)')
+    hbn_annotations = sum(a['category_id'] == 2 for a in json.loads(annotations.read_text())['annotations'])
+    assert card['data_annotations'] == hbn_annotations > 0
