@@ -12,10 +12,11 @@ PACKAGES := flake_scanner flake_detector flake_registry
 MSG_FILES := $(shell find src/flake_msgs -type f -not -name '*~')
 PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src/$(p)/package.xml)
 
-.PHONY: help setup test lint demo bench clean
+.PHONY: help setup browser test lint demo bench clean
 
 help:
 	@echo "make setup  - create .venv, install pinned dependencies, build flake_msgs, install the packages"
+	@echo "make demo   - scan a simulated chip with the whole graph; report in reports/demo"
 	@echo "make test   - ruff and the whole pytest suite (what CI runs)"
 	@echo "make bench  - run every bench/*.py and print their tables"
 	@echo "make clean  - remove .venv and build products"
@@ -52,7 +53,11 @@ $(STAMPS)/packages: $(STAMPS)/flake_msgs $(PY_PKG_FILES) tools/install_ament_sha
 lint: setup
 	$(ENV) ruff check src tests bench tools launch
 
-test: setup lint
+# Debian's chromium for the web app's browser tests; installed only when missing.
+browser:
+	@bash tools/install_chromium.sh
+
+test: setup lint browser
 	$(ENV) python -m pytest tests
 
 bench: setup

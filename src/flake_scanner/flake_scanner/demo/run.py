@@ -67,7 +67,7 @@ class ProgressPrinter:
 
 
 def run_scan(region, chip_id: str, corners, objective: str, detector: str, revisit: int,
-             frames_dir: Path, timeout: float):
+             frames_dir: Path, timeout: float, focus_strategy: str = ''):
     """Set the wafer frame, run the Scan action, then read every flake of the scan back."""
     from geometry_msgs.msg import Point
     import rclpy
@@ -126,7 +126,8 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
         ready(scan, 'Scan action')
         goal = Scan.Goal(chip_id=chip_id, region_min_x=region[0], region_min_y=region[1],
                          region_max_x=region[2], region_max_y=region[3], objective=objective,
-                         detector=detector, revisit=revisit > 0, revisit_max=revisit)
+                         detector=detector, revisit=revisit > 0, revisit_max=revisit,
+                         focus_strategy=focus_strategy)
         printer = ProgressPrinter()
         handle = wait(scan.send_goal_async(goal, feedback_callback=lambda m: printer(m.feedback)), 30, 'Scan goal')
         if not handle.accepted:
