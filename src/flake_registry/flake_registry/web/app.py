@@ -778,7 +778,8 @@ def concentration_rows(report: dict) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog='flake-web', description='Lab web app over the flake registry (chip map, flakes, labels, stacks). '
-                                      'Subcommand: `flake-web retrain ...` retrains the cascade from labels.')
+                                      'Subcommands: `flake-web retrain ...` retrains the cascade from labels; '
+                                      '`flake-web candidates IMAGE...` cuts candidate crops to label.')
     parser.add_argument('--db', default='', help='registry SQLite file (default: $FLAKE_DATA_DIR/registry.sqlite)')
     parser.add_argument('--data-dir', default='', help='folder with scans/ and defects/ (default: $FLAKE_DATA_DIR '
                                                       'or ./data)')
@@ -791,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == 'retrain':
         from flake_registry.web.retrain import main as retrain_main
         return retrain_main(argv[1:])
+    if argv and argv[0] == 'candidates':
+        from flake_registry.web.candidates import main as candidates_main
+        return candidates_main(argv[1:])
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f'--port must be 1..65535, got {args.port}')
