@@ -367,3 +367,19 @@ def test_chip_map_region_returns_only_flakes_inside(client, registry):
     assert body['to_view'] == pytest.approx([1e5, 0, 0, 0, -1e5, 200])
     bad = client.get('/api/chipmap', params={'scan_id': SCAN_ID, 'region': '1,2,0,0'})
     assert bad.status_code == 422 and bad.json()['error']['code'] == 'INVALID_RANGE'
+
+
+def test_thumbnail_prefers_the_stored_crop(client, registry):
+    _, data_dir, store = registry
+    import cv2
+    import numpy as np
+    crop = data_dir / 'crops' / 'F0000004.png'
+    crop.parent.mkdir(parents=True)
+    cv2.imwrite(str(crop), np.full((80, 80, 3), (10, 200, 30), np.uint8))
+    store.add_image('F0000004', 'crop', 'crops/F0000004.png', objective='10x', pixel_size=1e-6)
+    thumb = cv2.imdecode(np.frombuffer(client.get('/flakes/F0000004/thumb.png').content, np.uint8), cv2.IMREAD_COLOR)
+    assert thumb.shape == (120, 120, 3) and tuple(int(v) for v in thumb[60, 60]) == (10, 200, 30)
+    page = client.get('/flakes/F0000004').text
+    assert '/images/0?flake_id=F0000004' in page and 'crop · 10x' in page
+    assert client.get('/images/0', params={'flake_id': 'F0000004'}).content[:4] == b'\x89PNG'
+    assert client.get('/images/1', params={'flake_id': 'F0000004'}).status_code == 404
