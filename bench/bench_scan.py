@@ -38,7 +38,7 @@ def main() -> int:
         corners = wafer.corner_positions_stage(noise_m=2e-6, seed=1)
         with running_system(hardware='sim', params_file=str(params), log_dir=folder / 'logs', echo=False):
             for strategy in ('fixed', 'focus_map'):
-                result, flakes = run_scan(region, f'bench-{strategy}', corners, '10x', '', 0,
+                result, flakes, _poses = run_scan(region, f'bench-{strategy}', corners, '10x', '', 0,
                                           folder / f'frames-{strategy}', timeout=1800, focus_strategy=strategy)
                 rows.append((strategy, result, len(flakes)))
     print(f'Scan of {REGION_MM[2] - REGION_MM[0]:.0f} x {REGION_MM[3] - REGION_MM[1]:.0f} mm at 10x '

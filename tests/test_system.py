@@ -141,7 +141,7 @@ def test_scan_finds_flakes_and_fills_the_registry(system):
     camera = load_node_parameters([config_dir() / 'camera_node.yaml', Path(params)], 'camera_node')
     wafer = sim_wafer(camera)
     corners = wafer.corner_positions_stage(noise_m=2e-6, seed=1)
-    result, flakes = run_scan(REGION, 'system-chip', corners, '10x', '', 2, folder / 'frames', timeout=600)
+    result, flakes, _poses = run_scan(REGION, 'system-chip', corners, '10x', '', 2, folder / 'frames', timeout=600)
     assert result.success and result.tiles_done == result.tiles_total == 4
     assert result.hardware_time > 0 and result.duration > 0
     assert len(flakes) >= 3, 'the registry should hold the flakes of the scanned region'

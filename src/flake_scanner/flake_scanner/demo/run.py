@@ -47,6 +47,28 @@ def sim_wafer(camera_params: dict):
                                  oxide_nm=float(camera_params.get('sim_oxide_nm', 90.0)))
 
 
+def write_ground_truth(wafer, camera_params: dict, poses: dict, path: Path) -> None:
+    """The simulator's truth for every scan frame, as COCO, so `flake-bag-eval` can score the bag."""
+    import json
+
+    from flake_scanner.sim.camera import CameraModel, CameraSettings
+    from flake_scanner.sim.coco import frames_to_coco
+
+    records, frame_maps = [], []
+    for tile_index in sorted(poses):
+        x, y, objective, width, height, pixel_to_wafer = poses[tile_index]
+        frame_maps.append(pixel_to_wafer)
+        camera = CameraModel(wafer, CameraSettings(width=width, height=height, objective=objective,
+                                                   pixel_pitch_um=float(camera_params.get('pixel_pitch', 5.5e-6))
+                                                   * 1e6))
+        records.append((f'{tile_index:05d}.jpg', camera.ground_truth(x, y)))
+    coco = frames_to_coco(records)
+    # Masks are in frame pixels; the frames place them on the chip with the measured wafer frame.
+    for image, pixel_to_wafer in zip(coco['images'], frame_maps):
+        image['pixel_to_wafer'] = pixel_to_wafer
+    path.write_text(json.dumps(coco))
+
+
 class ProgressPrinter:
     """One line per second of scan progress, for people watching a terminal."""
 
@@ -88,11 +110,15 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
     executor.add_node(node)
     frames_dir.mkdir(parents=True, exist_ok=True)
 
+    poses = {}
+
     def save_frame(frame: ScanFrame) -> None:
         if frame.revisit:
             return
         pixels = image_to_numpy(frame.image, 'bgr8')
         cv2.imwrite(str(frames_dir / f'{frame.tile_index:05d}.jpg'), pixels, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        poses[frame.tile_index] = (frame.stage_position.x, frame.stage_position.y, frame.objective,
+                                   frame.image.width, frame.image.height, list(frame.pixel_to_wafer))
 
     node.create_subscription(ScanFrame, '/scan/frames', save_frame, PIPELINE_QOS)
 
@@ -161,7 +187,7 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
                               f.thickness_nm, f.thickness_nm_std, f.area, f.score, (f.centre.x, f.centre.y),
                               f.tile_index, (f.bbox.x_offset, f.bbox.y_offset, f.bbox.width, f.bbox.height),
                               revisit_images.get(f.id, '')) for f in flakes]
-        return result, report
+        return result, report, poses
     finally:
         executor.shutdown()
         node.destroy_node()
@@ -217,13 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.record and shutil.which('flake-record'):
             recorder = subprocess.Popen(
                 ['flake-record', '--output', str(report_dir / 'scan_bag'), '--topics',
-                 '/scan/frames,/detections,/stage/state,/registry/events'],
+                 '/scan/frames', '/detections', '/stage/state', '/registry/events'],
                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         up = time.monotonic() - started
         print(f'flake-demo: graph up in {up:.1f} s; scanning {args.region_mm} mm at {args.objective}', flush=True)
         try:
-            result, flakes = run_scan(region, args.chip_id, corners, args.objective, args.detector, args.revisit,
-                                      report_dir / 'frames', args.timeout)
+            result, flakes, poses = run_scan(region, args.chip_id, corners, args.objective, args.detector,
+                                             args.revisit, report_dir / 'frames', args.timeout)
         finally:
             if recorder is not None:
                 recorder.send_signal(2)
@@ -258,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f'\nreport: {page.resolve()}')
     bag = report_dir / 'scan_bag'
     if bag.exists():
-        print(f'bag of the scan: {bag.resolve()}')
+        write_ground_truth(wafer, camera_params, poses, bag / 'ground_truth.json')
+        print(f'bag of the scan (ground truth beside it): {bag.resolve()}')
     return 0
 
 
