@@ -12,7 +12,7 @@ PACKAGES := flake_scanner flake_detector flake_registry
 MSG_FILES := $(shell find src/flake_msgs -type f -not -name '*~')
 PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src/$(p)/package.xml)
 
-.PHONY: help setup browser test lint demo bench clean
+.PHONY: help setup browser test lint demo web bench clean
 
 help:
 	@echo "make setup  - create .venv, install pinned dependencies, build flake_msgs, install the packages"
@@ -68,3 +68,7 @@ clean:
 
 demo: setup
 	$(ENV) python -m flake_scanner.demo.run --report reports/demo
+
+# The lab web app over the demo's registry (after make demo): http://127.0.0.1:8080/
+web: setup
+	$(ENV) flake-web --db reports/demo/data/registry.sqlite --data-dir reports/demo/data

@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text_summary(flakes, score, timings))
     print(f'\nreport: {page.resolve()}')
+    print(f'lab web app over this scan: make web   (flake-web --db {(data_dir / "registry.sqlite").resolve()} '
+          f'--data-dir {data_dir.resolve()}), then open http://127.0.0.1:8080/')
     bag = report_dir / 'scan_bag'
     if bag.exists():
         write_ground_truth(wafer, camera_params, poses, bag / 'ground_truth.json')
