@@ -88,6 +88,16 @@ def test_new_file_has_current_schema_wal_and_full_sync(store):
     assert store.integrity_check() == 'ok'
 
 
+def test_batches_commit_with_normal_sync_and_claims_with_full(store):
+    def mode():
+        return store.db.conn.execute('PRAGMA synchronous').fetchone()[0]
+
+    flake_id = store.ingest([square(0.0, 0.0, 10 * UM)])[0].flake_id
+    assert mode() == 1  # NORMAL: a batch survives crashes of the process; a rescan restores it after power loss
+    store.reserve(flake_id, 'robot-a')
+    assert mode() == 2  # FULL: a claim survives power loss too
+
+
 def test_version_1_file_is_migrated_and_keeps_its_flakes(tmp_path):
     path = tmp_path / 'old.sqlite'
     with FlakeStore(path, schema_target=1) as old:
