@@ -154,6 +154,7 @@ def _funnel(detector, frames) -> tuple[list[int], list[int], float, int]:
     good_total = None
     seconds = cpu = 0.0
     count = 0
+    all_scores, all_labels = [], []
     for image, objects, truth in frames:
         to_wafer = getattr(truth, 'pixel_to_wafer', truth)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -162,6 +163,8 @@ def _funnel(detector, frames) -> tuple[list[int], list[int], float, int]:
         cpu += time.process_time() - c0
         count += 1
         labels = label_candidates(candidates, objects, detector.cascade.target)
+        all_scores.append(np.where(accepted, scores, 0.0))
+        all_labels.append(labels)
         # Good left after each stage: rerun the nets' order on this frame's verdicts.
         alive = np.ones(len(candidates), dtype=bool)
         goods = [int(labels.sum())]
@@ -175,7 +178,8 @@ def _funnel(detector, frames) -> tuple[list[int], list[int], float, int]:
         lefts = [f.remaining for f in funnel]
         left_total = lefts if left_total is None else [a + b for a, b in zip(left_total, lefts, strict=True)]
         good_total = goods if good_total is None else [a + b for a, b in zip(good_total, goods, strict=True)]
-    return left_total, good_total, (seconds, cpu), count
+    sweep = (np.concatenate(all_scores), np.concatenate(all_labels))
+    return left_total, good_total, (seconds, cpu), count, sweep
 
 
 def bench_cascade(frames: int) -> list[str]:
@@ -195,18 +199,25 @@ def bench_cascade(frames: int) -> list[str]:
         summary = []
         for label, seed, thin, centred in (('natural scan', SCAN_SEED, 0.0, False),
                                            ('centred on flakes', EVAL_SEED, 0.5, True)):
-            left, good, seconds, count = _funnel(detector, _frames(seed, frames, thin, centred=centred))
+            left, good, seconds, count, (scores, labels) = _funnel(detector, _frames(seed, frames, thin,
+                                                                                       centred=centred))
             names = ['candidates'] + [f'after net {k + 1}' for k in range(len(left) - 1)]
             for name, n_left, n_good in zip(names, left, good, strict=True):
                 lines.append(f'| {label} ({count}) | {name} | {n_left} | {n_good} |')
             removed = 1 - left[-1] / max(1, left[0])
             kept = good[-1] / max(1, good[0])
             precision = good[-1] / max(1, left[-1])
-            summary.append(f'| {label} | {removed:.1%} | {kept:.1%} | {precision:.1%} | '
+            summary.append(f'| {label} | 0.5 | {removed:.1%} | {kept:.1%} | {precision:.1%} | '
                            f'{count / seconds[1]:.1f} | {count / seconds[0]:.1f} |')
+            # A stricter threshold (every net must be surer) trades kept good flakes for removal.
+            for threshold in (0.8, 0.95):
+                passed = scores >= threshold
+                summary.append(f'| {label} | {threshold} | {1 - passed.sum() / max(1, len(scores)):.1%} | '
+                               f'{(passed & (labels == 1)).sum() / max(1, (labels == 1).sum()):.1%} | '
+                               f'{(passed & (labels == 1)).sum() / max(1, passed.sum()):.1%} | | |')
             print(f'[bench] cascade {target} {label} done', file=sys.stderr, flush=True)
-        lines += ['', '| frames | candidates removed | good kept | precision after the cascade | '
-                      'frames/s finder + nets (CPU time) | (wall) |', '|---|---|---|---|---|---|', *summary]
+        lines += ['', '| frames | threshold | candidates removed | good kept | precision after the cascade | '
+                      'frames/s finder + nets (CPU time) | (wall) |', '|---|---|---|---|---|---|---|', *summary]
     return lines
 
 
