@@ -30,8 +30,8 @@ def main() -> int:
         os.environ['FLAKE_DATA_DIR'] = str(folder / 'data')
         params = folder / 'params.yaml'
         params.write_text(yaml.safe_dump({
-            'camera_node': {'ros__parameters': {'rate': 0.0, 'sim_seed': 11}},
-            'detector_node': {'ros__parameters': {'backend': 'contrast'}},
+            '/**/camera_node': {'ros__parameters': {'rate': 0.0, 'sim_seed': 11}},
+            '/**/detector_node': {'ros__parameters': {'backend': 'contrast'}},
         }))
         camera = load_node_parameters([config_dir() / 'camera_node.yaml', params], 'camera_node')
         wafer = sim_wafer(camera)

@@ -19,8 +19,11 @@ from flake_scanner.system import RunningSystem
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 # Inputs that come from outside the graph: a STEM microscope, a bag replayer's clock.
-EXTERNAL_INPUTS = {'/stem/image_raw', '/clock', '/parameter_events'}
+EXTERNAL_INPUTS = {'/system_test/stem/image_raw', '/clock', '/parameter_events'}
 REGION = (1.0e-3, 1.0e-3, 2.0e-3, 2.0e-3)
+# Its own namespace keeps the graph apart from nodes other tests made in this process,
+# and shows the launch file's namespace argument works.
+NAMESPACE = '/system_test'
 
 
 @pytest.fixture(scope='module')
@@ -30,11 +33,12 @@ def system(ros, tmp_path_factory):
     os.environ['FLAKE_DATA_DIR'] = str(folder / 'data')
     params = folder / 'params.yaml'
     params.write_text(yaml.safe_dump({
-        'camera_node': {'ros__parameters': {'rate': 0.0, 'sim_seed': 7}},
-        'detector_node': {'ros__parameters': {'backend': 'contrast', 'materials': 'graphene,hbn,mos2,wte2'}},
-        'scan_coordinator': {'ros__parameters': {'focus_strategy': 'focus_map', 'drain_timeout': 120.0}},
+        '/**/camera_node': {'ros__parameters': {'rate': 0.0, 'sim_seed': 7}},
+        '/**/detector_node': {'ros__parameters': {'backend': 'contrast', 'materials': 'graphene,hbn,mos2,wte2'}},
+        '/**/scan_coordinator': {'ros__parameters': {'focus_strategy': 'focus_map', 'drain_timeout': 120.0}},
     }))
-    running = RunningSystem(hardware='sim', params_file=str(params), log_dir=folder / 'logs', echo=False)
+    running = RunningSystem(hardware='sim', namespace=NAMESPACE, params_file=str(params), log_dir=folder / 'logs',
+                            echo=False)
     running.start()
     try:
         running.activate_lifecycle_nodes(timeout=120)
@@ -54,24 +58,30 @@ def system(ros, tmp_path_factory):
     assert not crashed, f'nodes crashed: {crashed}; logs in {folder / "logs"}'
 
 
+REQUIRED_SERVICES = ['registry/query_flakes', 'registry/reserve_flake', 'stage/move', 'scan/set_wafer_frame',
+                     'defects/analyze']
+
+
 def _graph(node, executor, names):
-    """Topics, services and actions of every graph node, once discovery has settled."""
-    deadline = time.monotonic() + 60
+    """Topics, services and actions of every graph node, once every node has made its endpoints."""
+    required = {f'{NAMESPACE}/{name}' for name in REQUIRED_SERVICES}
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         executor.spin_once(timeout_sec=0.2)
-        if names <= {n for n in node.get_node_names()}:
+        nodes_up = names <= {n for n, ns in node.get_node_names_and_namespaces() if ns == NAMESPACE}
+        if nodes_up and required <= {name for name, _types in node.get_service_names_and_types()}:
             break
-    time.sleep(2.0)  # let every endpoint of the discovered nodes arrive too
+    time.sleep(2.0)  # let the remaining endpoints of the discovered nodes arrive too
     executor.spin_once(timeout_sec=0.2)
     graph = {}
     for name in names:
         graph[name] = {
-            'pub': dict(node.get_publisher_names_and_types_by_node(name, '')),
-            'sub': dict(node.get_subscriber_names_and_types_by_node(name, '')),
-            'srv': dict(node.get_service_names_and_types_by_node(name, '')),
-            'cli': dict(node.get_client_names_and_types_by_node(name, '')),
-            'act_srv': dict(get_action_server_names_and_types_by_node(node, name, '')),
-            'act_cli': dict(get_action_client_names_and_types_by_node(node, name, '')),
+            'pub': dict(node.get_publisher_names_and_types_by_node(name, NAMESPACE)),
+            'sub': dict(node.get_subscriber_names_and_types_by_node(name, NAMESPACE)),
+            'srv': dict(node.get_service_names_and_types_by_node(name, NAMESPACE)),
+            'cli': dict(node.get_client_names_and_types_by_node(name, NAMESPACE)),
+            'act_srv': dict(get_action_server_names_and_types_by_node(node, name, NAMESPACE)),
+            'act_cli': dict(get_action_client_names_and_types_by_node(node, name, NAMESPACE)),
         }
     return graph
 
@@ -107,10 +117,9 @@ def test_graph_is_consistent(system):
                 problems.append(f'{owner} uses action {name} {types} but no node serves it')
     assert not problems, '\n'.join(problems)
     # The interfaces the assembly robot and the operators rely on are there.
-    assert '/scan' in action_servers and '/autofocus' in action_servers
-    for name in ['/registry/query_flakes', '/registry/reserve_flake', '/stage/move', '/scan/set_wafer_frame',
-                 '/defects/analyze']:
-        assert name in services, f'{name} is not served'
+    assert f'{NAMESPACE}/scan' in action_servers and f'{NAMESPACE}/autofocus' in action_servers
+    for name in REQUIRED_SERVICES:
+        assert f'{NAMESPACE}/{name}' in services, f'{NAMESPACE}/{name} is not served'
 
 
 def test_every_configured_parameter_is_declared(system):
@@ -121,7 +130,7 @@ def test_every_configured_parameter_is_declared(system):
         path = config_dir() / spec.config_file
         configured = load_node_parameters([path], spec.name)
         assert configured, f'{path} holds no parameters for {spec.name}'
-        client = node.create_client(ListParameters, f'/{spec.name}/list_parameters')
+        client = node.create_client(ListParameters, f'{NAMESPACE}/{spec.name}/list_parameters')
         try:
             deadline = time.monotonic() + 60
             while not client.service_is_ready() and time.monotonic() < deadline:
@@ -141,7 +150,8 @@ def test_scan_finds_flakes_and_fills_the_registry(system):
     camera = load_node_parameters([config_dir() / 'camera_node.yaml', Path(params)], 'camera_node')
     wafer = sim_wafer(camera)
     corners = wafer.corner_positions_stage(noise_m=2e-6, seed=1)
-    result, flakes, _poses = run_scan(REGION, 'system-chip', corners, '10x', '', 2, folder / 'frames', timeout=600)
+    result, flakes, _poses = run_scan(REGION, 'system-chip', corners, '10x', '', 2, folder / 'frames', timeout=600,
+                                      namespace=NAMESPACE)
     assert result.success and result.tiles_done == result.tiles_total == 4
     assert result.hardware_time > 0 and result.duration > 0
     assert len(flakes) >= 3, 'the registry should hold the flakes of the scanned region'

@@ -74,12 +74,17 @@ class RunningSystem:
         return {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
 
     def activate_lifecycle_nodes(self, timeout: float = 60.0) -> None:
-        """Configure then activate every lifecycle node, as a lifecycle manager would."""
+        """Configure then activate every lifecycle node, as a lifecycle manager would.
+
+        A service response can be lost while DDS is still matching the reply endpoints, so
+        the manager asks each node for its state and only requests the transition that is
+        still missing, again after a short wait, until the node is active or time runs out.
+        """
         lifecycle = [s for s in self.specs if s.lifecycle]
         if not lifecycle:
             return
-        from lifecycle_msgs.msg import Transition
-        from lifecycle_msgs.srv import ChangeState
+        from lifecycle_msgs.msg import State, Transition
+        from lifecycle_msgs.srv import ChangeState, GetState
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
 
@@ -89,28 +94,52 @@ class RunningSystem:
         node = rclpy.create_node('flake_system_lifecycle_manager')
         executor = SingleThreadedExecutor()
         executor.add_node(node)
+        next_step = {State.PRIMARY_STATE_UNCONFIGURED: Transition.TRANSITION_CONFIGURE,
+                     State.PRIMARY_STATE_INACTIVE: Transition.TRANSITION_ACTIVATE}
+
+        def answer(client, request, seconds: float):
+            future = client.call_async(request)
+            until = time.monotonic() + seconds
+            while not future.done() and time.monotonic() < until:
+                executor.spin_once(timeout_sec=0.05)
+            if not future.done():
+                client.remove_pending_request(future)
+                return None
+            return future.result()
+
         try:
             for spec in lifecycle:
-                service = f'{self._prefix()}/{spec.name}/change_state'
-                client = node.create_client(ChangeState, service)
+                prefix = f'{self._prefix()}/{spec.name}'
+                change = node.create_client(ChangeState, f'{prefix}/change_state')
+                get = node.create_client(GetState, f'{prefix}/get_state')
                 deadline = time.monotonic() + timeout
-                while not client.service_is_ready():
+                state = None
+                while True:
                     if spec.name in self.dead():
-                        raise GraphStartError(f'{spec.name} exited with code {self.dead()[spec.name]}')
+                        raise GraphStartError(f'{spec.name} exited with code {self.dead()[spec.name]}; see its log')
                     if time.monotonic() > deadline:
-                        raise GraphStartError(f'{spec.name} did not offer {service} within {timeout:.0f} s')
-                    executor.spin_once(timeout_sec=0.1)
-                for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-                    future = client.call_async(ChangeState.Request(transition=Transition(id=transition)))
-                    deadline = time.monotonic() + timeout
-                    while not future.done():
-                        if time.monotonic() > deadline:
-                            raise GraphStartError(f'{spec.name}: lifecycle transition {transition} timed out')
+                        where = 'never answered' if state is None else f'stuck in state {state}'
+                        raise GraphStartError(f'{spec.name} {where} after {timeout:.0f} s; see its log')
+                    if not (change.service_is_ready() and get.service_is_ready()):
                         executor.spin_once(timeout_sec=0.1)
-                    if not future.result().success:
-                        raise GraphStartError(f'{spec.name}: lifecycle transition {transition} failed; '
-                                           f'see its log')
-                node.destroy_client(client)
+                        continue
+                    reply = answer(get, GetState.Request(), 2.0)
+                    if reply is None:
+                        continue
+                    state = reply.current_state.id
+                    if state == State.PRIMARY_STATE_ACTIVE:
+                        break
+                    transition = next_step.get(state)
+                    if transition is None:  # transitioning, or finalized/errored: look again shortly
+                        if state == State.PRIMARY_STATE_FINALIZED:
+                            raise GraphStartError(f'{spec.name} is finalized; see its log')
+                        executor.spin_once(timeout_sec=0.2)
+                        continue
+                    result = answer(change, ChangeState.Request(transition=Transition(id=transition)), 10.0)
+                    if result is not None and not result.success:
+                        raise GraphStartError(f'{spec.name}: lifecycle transition {transition} failed; see its log')
+                node.destroy_client(change)
+                node.destroy_client(get)
         finally:
             executor.shutdown()
             node.destroy_node()

@@ -99,11 +99,11 @@ class DefectAnalyzerNode(Node):
         self._worker = threading.Thread(target=self._work, name='defect-analysis', daemon=True)
         self._worker.start()
         group = ReentrantCallbackGroup()
-        self.service = self.create_service(AnalyzeDefects, '/defects/analyze', self._on_request,
+        self.service = self.create_service(AnalyzeDefects, 'defects/analyze', self._on_request,
                                            callback_group=group)
-        self.report_pub = self.create_publisher(DefectReport, '/defects/report', PIPELINE_QOS)
+        self.report_pub = self.create_publisher(DefectReport, 'defects/report', PIPELINE_QOS)
         if self.params['topic_mode']:
-            self.image_sub = self.create_subscription(Image, '/stem/image_raw', self._on_image,
+            self.image_sub = self.create_subscription(Image, 'stem/image_raw', self._on_image,
                                                       SENSOR_SUBSCRIBER_QOS, callback_group=group)
         self.diagnostics_pub = diagnostics_publisher(self)
         self.create_timer(self.params['diagnostics_period'], self._publish_diagnostics)

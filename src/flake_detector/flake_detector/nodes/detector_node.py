@@ -53,8 +53,8 @@ BACKEND_PARAMS = {
 PARAMS = [
     Param('backend', 'contrast', 'detector backend', validator=lambda v: None if v in available_detectors()
           else f'backend must be one of {available_detectors()}, got {v!r}'),
-    Param('input_topic', '/scan/tiles', 'ScanFrame topic to detect flakes in', read_only=True),
-    Param('output_topic', '/detections', 'FlakeArray topic of the detections', read_only=True),
+    Param('input_topic', 'scan/tiles', 'ScanFrame topic to detect flakes in', read_only=True),
+    Param('output_topic', 'detections', 'FlakeArray topic of the detections', read_only=True),
     Param('queue_size', 4, 'frames waiting in memory for the worker; more are spilled to disk',
           minimum=1, maximum=1000, read_only=True),
     Param('spill_dir', '', 'where frames wait when the queue is full; empty = $FLAKE_DATA_DIR/detector_spill '

@@ -27,13 +27,17 @@ LAYER_CLASS_NAMES = {0: 'unknown', 1: 'mono', 2: 'few', 3: 'thick', 4: 'bulk'}
 
 
 def load_node_parameters(params_files: list[Path], node: str) -> dict:
-    """Merge ``node``'s ros__parameters from YAML files, later files overriding earlier ones."""
+    """Merge ``node``'s ros__parameters from YAML files, later files overriding earlier ones.
+
+    Keys as ROS reads them: ``/**`` (every node), ``node``, ``/node`` and ``/**/node``
+    (the node in any namespace, the form config/*.yaml uses so namespaces work).
+    """
     merged: dict = {}
     for path in params_files:
         if not path.exists():
             continue
         content = yaml.safe_load(path.read_text()) or {}
-        for key in (node, f'/{node}', '/**'):
+        for key in ('/**', node, f'/{node}', f'/**/{node}'):
             section = content.get(key, {})
             merged.update(section.get('ros__parameters', {}) if isinstance(section, dict) else {})
     return merged
@@ -89,7 +93,7 @@ class ProgressPrinter:
 
 
 def run_scan(region, chip_id: str, corners, objective: str, detector: str, revisit: int,
-             frames_dir: Path, timeout: float, focus_strategy: str = ''):
+             frames_dir: Path, timeout: float, focus_strategy: str = '', namespace: str = ''):
     """Set the wafer frame, run the Scan action, then read every flake of the scan back."""
     from geometry_msgs.msg import Point
     import rclpy
@@ -102,6 +106,7 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
     from flake_scanner.nodes.common import PIPELINE_QOS
     from flake_scanner.ros_image import image_to_numpy
 
+    prefix = ('/' + namespace.strip('/')) if namespace.strip('/') else ''
     own_context = not rclpy.ok()
     if own_context:
         rclpy.init()
@@ -120,7 +125,7 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
         poses[frame.tile_index] = (frame.stage_position.x, frame.stage_position.y, frame.objective,
                                    frame.image.width, frame.image.height, list(frame.pixel_to_wafer))
 
-    node.create_subscription(ScanFrame, '/scan/frames', save_frame, PIPELINE_QOS)
+    node.create_subscription(ScanFrame, f'{prefix}/scan/frames', save_frame, PIPELINE_QOS)
 
     def wait(future, seconds: float, what: str):
         deadline = time.monotonic() + seconds
@@ -137,9 +142,14 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
             if time.monotonic() > deadline:
                 raise TimeoutError(f'{what} is not available; see the node logs')
             executor.spin_once(timeout_sec=0.1)
+        # The request endpoint matches before the reply endpoint does; a call sent in that
+        # gap loses its answer, so let discovery finish first.
+        settle = time.monotonic() + 0.5
+        while time.monotonic() < settle:
+            executor.spin_once(timeout_sec=0.05)
 
     try:
-        set_frame = node.create_client(SetWaferFrame, '/scan/set_wafer_frame')
+        set_frame = node.create_client(SetWaferFrame, f'{prefix}/scan/set_wafer_frame')
         ready(set_frame, 'scan coordinator')
         request = SetWaferFrame.Request(chip_id=chip_id,
                                         corners=[Point(x=float(x), y=float(y)) for x, y in corners])
@@ -148,7 +158,7 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
             raise RuntimeError(f'wafer frame refused: {response.message}')
         print(f'wafer frame: {response.message}', flush=True)
 
-        scan = ActionClient(node, Scan, '/scan')
+        scan = ActionClient(node, Scan, f'{prefix}/scan')
         ready(scan, 'Scan action')
         goal = Scan.Goal(chip_id=chip_id, region_min_x=region[0], region_min_y=region[1],
                          region_max_x=region[2], region_max_y=region[3], objective=objective,
@@ -163,7 +173,7 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
         if not result.success:
             raise RuntimeError(f'scan failed: {result.error_code} {result.message}')
 
-        query = node.create_client(QueryFlakes, '/registry/query_flakes')
+        query = node.create_client(QueryFlakes, f'{prefix}/registry/query_flakes')
         ready(query, 'registry')
         flakes = []
         offset = 0
@@ -176,7 +186,7 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
             offset += len(page.flakes)
             if not page.flakes or offset >= page.total:
                 break
-        get = node.create_client(GetFlake, '/registry/get_flake')
+        get = node.create_client(GetFlake, f'{prefix}/registry/get_flake')
         revisit_images = {}
         for flake in flakes:
             record = wait(get.call_async(GetFlake.Request(flake_id=flake.id)), 30, 'GetFlake')

@@ -63,10 +63,10 @@ class AutofocusNode(Node):
         super().__init__('autofocus_node', **kwargs)
         self.params = declare_parameters(self, PARAMS)
         self.group = ReentrantCallbackGroup()
-        self.move_client = self.create_client(MoveStage, '/stage/move', callback_group=self.group)
-        self.capture_client = self.create_client(Trigger, '/camera/capture', callback_group=self.group)
-        self.create_subscription(StageState, '/stage/state', self._on_stage_state, 10, callback_group=self.group)
-        self.create_subscription(Image, '/camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
+        self.move_client = self.create_client(MoveStage, 'stage/move', callback_group=self.group)
+        self.capture_client = self.create_client(Trigger, 'camera/capture', callback_group=self.group)
+        self.create_subscription(StageState, 'stage/state', self._on_stage_state, 10, callback_group=self.group)
+        self.create_subscription(Image, 'camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
                                  callback_group=self.group)
         self.stage_state: StageState | None = None
         self.objective = self.params['objective']
@@ -76,7 +76,7 @@ class AutofocusNode(Node):
         self._measure_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='focus-measure')
         self._busy = False
         self.action_server = ActionServer(
-            self, Autofocus, '/autofocus', execute_callback=self._execute,
+            self, Autofocus, 'autofocus', execute_callback=self._execute,
             goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
             callback_group=self.group)
         self.get_logger().info('autofocus ready: action /autofocus')

@@ -5,7 +5,9 @@ stage is), ``opencv`` (cv2.VideoCapture device index or URL), ``folder`` (images
 a directory, looping). Frames are bgr8 in frame ``camera_optical`` with a matching
 ``/camera/camera_info``; they are grabbed and published by a worker thread, free
 running at ``rate`` and on demand through ``/camera/capture`` (std_srvs/Trigger),
-which answers once a frame exposed after the request has been published.
+which answers once a frame exposed after the request has been published. The simulated
+sensor latches the stage pose at the trigger and answers when the exposure has ended, so
+its readout and transfer overlap the next stage move as a frame-transfer camera's would.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from flake_scanner.nodes.common import (
     diagnostics_publisher,
     publish_diagnostics,
     run_node,
+    sleep_future,
 )
 from flake_scanner.nodes.stage_node import level_number, wake_executor
 from flake_scanner.ros_image import numpy_to_image
@@ -77,14 +80,15 @@ class CameraNode(LifecycleNode):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._waiters: list[Future] = []
+        self._exposed: list[tuple[StagePose, object]] = []  # (pose, stamp) of triggered sim frames
         self._waiters_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.image_publisher = None
         self.info_publisher = None
         self.diagnostics = diagnostics_publisher(self)
-        self.create_subscription(StageState, '/stage/state', self._on_stage_state, 10,
+        self.create_subscription(StageState, 'stage/state', self._on_stage_state, 10,
                                  callback_group=self.group)
-        self.create_service(Trigger, '/camera/capture', self._on_capture, callback_group=self.group)
+        self.create_service(Trigger, 'camera/capture', self._on_capture, callback_group=self.group)
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state) -> TransitionCallbackReturn:
@@ -102,8 +106,8 @@ class CameraNode(LifecycleNode):
             self.get_logger().error(f'cannot configure the camera: {error}')
             return TransitionCallbackReturn.FAILURE
         # Reliable publisher (REP 2003); subscribers use sensor-data QoS.
-        self.image_publisher = self.create_lifecycle_publisher(Image, '/camera/image_raw', IMAGE_PUBLISHER_QOS)
-        self.info_publisher = self.create_lifecycle_publisher(CameraInfo, '/camera/camera_info',
+        self.image_publisher = self.create_lifecycle_publisher(Image, 'camera/image_raw', IMAGE_PUBLISHER_QOS)
+        self.info_publisher = self.create_lifecycle_publisher(CameraInfo, 'camera/camera_info',
                                                               IMAGE_PUBLISHER_QOS)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name='camera-grab', daemon=True)
@@ -185,6 +189,15 @@ class CameraNode(LifecycleNode):
         if not self.active:
             response.success, response.message = False, 'camera_node is not active'
             return response
+        if isinstance(self.source, SimulatedSource):
+            stamp = self.get_clock().now().to_msg()
+            with self._waiters_lock:
+                self._exposed.append((self.pose(), stamp))
+            self._wake.set()
+            await sleep_future(self, self.params['exposure'], self.group)
+            response.success = True
+            response.message = f'exposed, stamp {stamp.sec}.{stamp.nanosec:09d}; frame follows'
+            return response
         future = Future()
         with self._waiters_lock:
             self._waiters.append(future)
@@ -221,6 +234,10 @@ class CameraNode(LifecycleNode):
             now = time.monotonic()
             with self._waiters_lock:
                 waiters, self._waiters = self._waiters, []
+                exposed, self._exposed = self._exposed, []
+            for pose, stamp in exposed:
+                if self.active:
+                    self._grab_and_publish([], pose, stamp)
             due = rate > 0 and now >= next_frame
             if self.active and (waiters or due):
                 self._grab_and_publish(waiters)
@@ -233,9 +250,10 @@ class CameraNode(LifecycleNode):
                 self._publish_diagnostics()
                 last_diagnostics = now
 
-    def _grab_and_publish(self, waiters: list[Future]) -> None:
-        stamp = self.get_clock().now().to_msg()  # exposure starts now, at the stage pose known now
-        pose = self.pose()
+    def _grab_and_publish(self, waiters: list[Future], pose: StagePose | None = None, stamp=None) -> None:
+        if pose is None:
+            stamp = self.get_clock().now().to_msg()  # exposure starts now, at the stage pose known now
+            pose = self.pose()
         try:
             frame = self.source.grab(pose)
             msg = numpy_to_image(frame, 'bgr8')

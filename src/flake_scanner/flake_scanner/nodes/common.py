@@ -18,6 +18,7 @@ import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
+from rclpy.task import Future
 
 # Images: publishers reliable (REP 2003), subscribers best effort (sensor data).
 IMAGE_PUBLISHER_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
@@ -145,6 +146,21 @@ def publish_diagnostics(node, publisher, statuses: Sequence[DiagnosticStatus]) -
 OK = DiagnosticStatus.OK
 WARN = DiagnosticStatus.WARN
 ERROR = DiagnosticStatus.ERROR
+
+
+def sleep_future(node, seconds: float, callback_group=None) -> Future:
+    """A future that completes after ``seconds``: ``await`` it in a coroutine callback
+    instead of sleeping, so the executor keeps serving other callbacks."""
+    future = Future()
+
+    def fire():
+        timer.cancel()
+        if not future.done():
+            future.set_result(None)
+
+    timer = node.create_timer(seconds, fire, callback_group=callback_group)
+    future.add_done_callback(lambda _f: node.destroy_timer(timer))
+    return future
 
 
 def run_node(make_node: Callable[[], Any], args=None, executor=None) -> None:

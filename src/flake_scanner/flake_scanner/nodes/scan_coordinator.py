@@ -39,6 +39,7 @@ from flake_scanner.nodes.common import (
     Param,
     declare_parameters,
     run_node,
+    sleep_future,
 )
 from flake_scanner.scan.planner import EtaEstimator, Region, focus_points, plan_serpentine
 from flake_scanner.scan.session import HardwareModel, ScanProgress
@@ -109,27 +110,27 @@ class ScanCoordinator(Node):
         super().__init__('scan_coordinator')
         self.params = declare_parameters(self, PARAMS)
         self.group = ReentrantCallbackGroup()
-        self.move_client = self.create_client(MoveStage, '/stage/move', callback_group=self.group)
-        self.capture_client = self.create_client(Trigger, '/camera/capture', callback_group=self.group)
-        self.autofocus_client = ActionClient(self, Autofocus, '/autofocus', callback_group=self.group)
-        self.revisit_client = self.create_client(GetRevisitList, '/registry/get_revisit_list',
+        self.move_client = self.create_client(MoveStage, 'stage/move', callback_group=self.group)
+        self.capture_client = self.create_client(Trigger, 'camera/capture', callback_group=self.group)
+        self.autofocus_client = ActionClient(self, Autofocus, 'autofocus', callback_group=self.group)
+        self.revisit_client = self.create_client(GetRevisitList, 'registry/get_revisit_list',
                                                  callback_group=self.group)
-        self.add_image_client = self.create_client(AddFlakeImage, '/registry/add_flake_image',
+        self.add_image_client = self.create_client(AddFlakeImage, 'registry/add_flake_image',
                                                    callback_group=self.group)
         camera = self.params['camera_node']
         self.camera_params_client = self.create_client(SetParameters, f'{camera}/set_parameters',
                                                        callback_group=self.group)
-        self.frame_publisher = self.create_publisher(ScanFrame, '/scan/frames', PIPELINE_QOS)
-        self.create_subscription(StageState, '/stage/state', self._on_stage_state, 10,
+        self.frame_publisher = self.create_publisher(ScanFrame, 'scan/frames', PIPELINE_QOS)
+        self.create_subscription(StageState, 'stage/state', self._on_stage_state, 10,
                                  callback_group=self.group)
-        self.create_subscription(Image, '/camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
+        self.create_subscription(Image, 'camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
                                  callback_group=self.group)
-        self.create_subscription(FlakeArray, '/detections', self._on_detections, PIPELINE_QOS,
+        self.create_subscription(FlakeArray, 'detections', self._on_detections, PIPELINE_QOS,
                                  callback_group=self.group)
-        self.create_service(SetWaferFrame, '/scan/set_wafer_frame', self._on_set_wafer_frame,
+        self.create_service(SetWaferFrame, 'scan/set_wafer_frame', self._on_set_wafer_frame,
                             callback_group=self.group)
         self.action_server = ActionServer(
-            self, Scan, '/scan', execute_callback=self._execute,
+            self, Scan, 'scan', execute_callback=self._execute,
             goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
             callback_group=self.group)
         self.stage_state: StageState | None = None
@@ -246,16 +247,7 @@ class ScanCoordinator(Node):
         return outer
 
     def _sleep(self, seconds: float) -> Future:
-        future = Future()
-
-        def fire():
-            timer.cancel()
-            if not future.done():
-                future.set_result(None)
-
-        timer = self.create_timer(seconds, fire, callback_group=self.group)
-        future.add_done_callback(lambda _f: self.destroy_timer(timer))
-        return future
+        return sleep_future(self, seconds, self.group)
 
     async def _call(self, client, request, timeout: float, what: str):
         if not client.service_is_ready():
@@ -278,17 +270,38 @@ class ScanCoordinator(Node):
                             f'{response.error_code} {response.message}')
         return response.position
 
-    async def _capture(self) -> Image:
-        """The first frame exposed after now (the stage has settled)."""
+    async def _expose(self) -> Future:
+        """Expose one frame; returns once the stage may move again, with a future for the image.
+
+        A camera with /camera/capture answers when its exposure has ended; its image may
+        still be on the way (readout overlaps the next move). A free-running camera
+        without it is simply waited for.
+        """
         now = self.get_clock().now().nanoseconds
-        future = Future()
-        self._image_waiters.append((now, future))
+        image = Future()
+        self._image_waiters.append((now, image))
+        image = self._with_timeout(image, self.params['capture_timeout'], 'frame capture')
         if self.capture_client.service_is_ready():
-            self.capture_client.call_async(Trigger.Request())
+            try:
+                response = await self._with_timeout(self.capture_client.call_async(Trigger.Request()),
+                                                    self.params['capture_timeout'], 'camera trigger')
+            except TimeoutError as error:
+                raise ScanError(Scan.Result.ERROR_DEVICE, f'{error}: is camera_node active?') from None
+            if not response.success:
+                raise ScanError(Scan.Result.ERROR_DEVICE, f'camera refused the capture: {response.message}')
+        else:
+            await self._image(image)
+        return image
+
+    async def _image(self, image: Future) -> Image:
         try:
-            return await self._with_timeout(future, self.params['capture_timeout'], 'frame capture')
+            return await image
         except TimeoutError as error:
             raise ScanError(Scan.Result.ERROR_DEVICE, f'{error}: is camera_node active?') from None
+
+    async def _capture(self) -> Image:
+        """The first frame exposed after now, waited for (revisits)."""
+        return await self._image(await self._expose())
 
     async def _autofocus(self, z_center: float, progress: ScanProgress | None = None) -> float:
         if not self.autofocus_client.server_is_ready():
@@ -405,6 +418,7 @@ class ScanCoordinator(Node):
             await self._set_objective(objective)
             focus = await self._focus_model(goal_handle, progress, frame, region, strategy, n_points)
             position = self._stage_xyz()
+            in_flight: list[Future] = []
             for tile in tiles:
                 if goal_handle.is_cancel_requested:
                     raise ScanError(Scan.Result.ERROR_CANCELED, 'scan cancelled')
@@ -422,16 +436,22 @@ class ScanCoordinator(Node):
                     reached = await self._move(tile.stage_x, tile.stage_y, z)
                     position = (reached.x, reached.y, reached.z)
                 captured = time.monotonic()
-                image = await self._capture()
+                image = await self._expose()
                 progress.capture_time += time.monotonic() - captured
                 progress.hardware_time += hardware.frame_time()
                 progress.exposure_time += hardware.exposure
-                self._publish_frame(image, progress, tile, position, objective, pixel_size, frame, goal.chip_id)
+                pose = (tile, position)
+                image.add_done_callback(
+                    lambda done, pose=pose: self._frame_arrived(done, progress, *pose, objective, pixel_size,
+                                                                frame, goal.chip_id))
+                in_flight.append(image)
                 eta.add(time.monotonic() - tile_started)
                 goal_handle.publish_feedback(Scan.Feedback(
                     phase='scanning', tiles_done=progress.tiles_done, tiles_total=progress.tiles_total,
                     flakes_so_far=progress.flakes_found, eta=eta.eta(progress.tiles_total - progress.tiles_done),
                     stage_position=Point(x=position[0], y=position[1], z=position[2])))
+            for image in in_flight:
+                await self._image(image)
             await self._drain(goal_handle, progress)
             if goal.revisit:
                 await self._revisit(goal_handle, progress, goal, frame)
@@ -478,6 +498,11 @@ class ScanCoordinator(Node):
         result.exposure_time = progress.exposure_time
         result.detection_lag = progress.detection_lag
         return result
+
+    def _frame_arrived(self, done: Future, progress: ScanProgress, tile, position, objective: str,
+                       pixel_size: float, frame: WaferFrame, chip_id: str) -> None:
+        if done.exception() is None:
+            self._publish_frame(done.result(), progress, tile, position, objective, pixel_size, frame, chip_id)
 
     def _publish_frame(self, image: Image, progress: ScanProgress, tile, position, objective: str,
                        pixel_size: float, frame: WaferFrame, chip_id: str) -> None:

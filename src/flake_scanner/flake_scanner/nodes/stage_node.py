@@ -143,7 +143,7 @@ class StageNode(LifecycleNode):
         self.state_publisher = None
         self.tf_broadcaster = None
         self.diagnostics = diagnostics_publisher(self)
-        self.create_service(MoveStage, '/stage/move', self._on_move, callback_group=self.group)
+        self.create_service(MoveStage, 'stage/move', self._on_move, callback_group=self.group)
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state) -> TransitionCallbackReturn:
@@ -177,7 +177,7 @@ class StageNode(LifecycleNode):
             self.get_logger().error(f'cannot configure the stage: {error}')
             self._close_devices()
             return TransitionCallbackReturn.FAILURE
-        self.state_publisher = self.create_lifecycle_publisher(StageState, '/stage/state', 10)
+        self.state_publisher = self.create_lifecycle_publisher(StageState, 'stage/state', 10)
         self.tf_broadcaster = _tf_broadcaster(self)
         self._stop.clear()
         self._worker = threading.Thread(target=self._work, name='stage-io', daemon=True)

@@ -52,10 +52,10 @@ class TilerNode(Node):
     def __init__(self):
         super().__init__('tiler_node')
         self.params = declare_parameters(self, PARAMS)
-        self.tile_publisher = self.create_publisher(ScanFrame, '/scan/tiles', PIPELINE_QOS)
-        self.mosaic_publisher = self.create_publisher(Image, '/scan/mosaic', LATCHED_QOS)
+        self.tile_publisher = self.create_publisher(ScanFrame, 'scan/tiles', PIPELINE_QOS)
+        self.mosaic_publisher = self.create_publisher(Image, 'scan/mosaic', LATCHED_QOS)
         self.diagnostics = diagnostics_publisher(self)
-        self.create_subscription(ScanFrame, '/scan/frames', self._on_frame, PIPELINE_QOS)
+        self.create_subscription(ScanFrame, 'scan/frames', self._on_frame, PIPELINE_QOS)
         self.create_timer(1.0, self._publish_diagnostics)
         self.frames_in = 0
         self.tiles_out = 0
