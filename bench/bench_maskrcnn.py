@@ -92,7 +92,7 @@ def table1(runs: Path, frames: int, tile_size: int) -> str:
     gt, rendered = render_frames(EVAL_SEED, frames)
     results = {}
     for name, path in models:
-        detector = MaskRCNNDetector(path, score_threshold=0.05, tile_size=tile_size, refine_thickness=False)
+        detector = MaskRCNNDetector(path, score_threshold=0.01, tile_size=tile_size, refine_thickness=False)
         predictions, _ = predictions_of(detector, rendered[1.0])
         results[name] = evaluate(gt, predictions, MATERIALS)
     lines = [f'Seed 002 Table 1 layout: simulator seed {EVAL_SEED}, {frames} frames of 1024 x 1024, flakes of '
@@ -114,7 +114,7 @@ def robustness(frames: int, tile_size: int, model: str) -> str:
 
     gt, rendered = render_frames(EVAL_SEED + 1, frames, INTENSITIES)
     detectors = [('maskrcnn', lambda: make_detector('maskrcnn', model_path=model, tile_size=tile_size,
-                                                       score_threshold=0.05)),
+                                                       score_threshold=0.01)),
                  ('optical (contrast)', lambda: make_detector('contrast', materials='graphene')),
                  ('cascade', lambda: make_detector('cascade'))]
     lines = [f'Seed 001 Fig. 2: graphene box AP50 (1-40 layers, >= {MIN_AREA_PX} px) under a dimmer lamp; '

@@ -126,6 +126,7 @@ def test_weighted_loss_uses_seed_001_weights():
     assert train.parse_stages(train.SEED001_STAGES) == [
         train.Stage('heads', 1e-3), train.Stage('layer4', 1e-3), train.Stage('all', 1e-4),
         train.Stage('all', 1e-5)]
+    assert train.parse_stages('heads:4e-3,all:1e-3:3') == [train.Stage('heads', 4e-3), train.Stage('all', 1e-3, 3)]
     with pytest.raises(ValueError):
         train.parse_stages('backbone:1e-3')
 

@@ -171,6 +171,8 @@ class MaskRCNNDetector:
         self.model.rpn._post_nms_top_n['testing'] = round(self.config.rpn_proposals_test * max(1.0, area))
         self.model.rpn._pre_nms_top_n['testing'] = 2 * self.model.rpn._post_nms_top_n['testing']
         self.model.roi_heads.detections_per_img = round(self.config.detections_per_image * max(1.0, area))
+        # The network's own cut must not hide detections a caller asked for (AP wants low scores).
+        self.model.roi_heads.score_thresh = min(self.config.score_threshold, self.score_threshold)
         return tile
 
     # ------------------------------------------------------------------ network

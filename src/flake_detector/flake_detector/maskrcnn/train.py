@@ -45,16 +45,20 @@ SEED001_STAGES = 'heads:1e-3,layer4:1e-3,all:1e-4,all:1e-5'
 class Stage:
     trainable: str  # heads | layer4 | all
     learning_rate: float
+    epochs: int = 0  # 0 = --epochs-per-stage
 
 
 def parse_stages(text: str) -> list[Stage]:
-    """``heads:1e-3,layer4:1e-3,all:1e-4`` -> stages."""
+    """``heads:1e-3,layer4:1e-3,all:1e-4:3`` -> stages (an optional third field: epochs)."""
     stages = []
     for item in text.split(','):
-        name, _, rate = item.strip().partition(':')
-        if name not in ('heads', 'layer4', 'all') or not rate:
-            raise ValueError(f'bad stage {item!r}: expected heads|layer4|all:<learning rate>')
-        stages.append(Stage(name, float(rate)))
+        fields = item.strip().split(':')
+        if fields[0] not in ('heads', 'layer4', 'all') or len(fields) not in (2, 3):
+            raise ValueError(f'bad stage {item!r}: expected heads|layer4|all:<learning rate>[:<epochs>]')
+        epochs = int(fields[2]) if len(fields) == 3 else 0
+        if epochs < 0:
+            raise ValueError(f'bad stage {item!r}: epochs must be >= 0')
+        stages.append(Stage(fields[0], float(fields[1]), epochs))
     return stages
 
 
@@ -273,13 +277,14 @@ def run(args, argv: list[str]) -> int:
         'data': str(data_file), 'data_images': len(dataset), 'data_annotations': dataset.total_annotations,
         'dropped_annotation_fraction': args.drop_annotations, 'materials': list(materials or MATERIALS),
         'seed': args.seed, 'init': init_note, 'commit': git_commit(),
-        'stages': [f'{s.trainable}:{s.learning_rate:g}' for s in stages],
+        'stages': [f'{s.trainable}:{s.learning_rate:g}:{s.epochs or args.epochs_per_stage}' for s in stages],
         'epochs_per_stage': args.epochs_per_stage, 'iterations_per_epoch': args.iterations_per_epoch,
         'batch_size': args.batch_size, 'loss_weights': LOSS_WEIGHTS, 'augmentation': not args.no_augment,
         'input_size': config.input_size, 'pixel_scale': config.pixel_scale, 'backbone': config.backbone,
         'soft_labels': config.soft_labels, 'class_names': list(config.class_names),
     }
-    total_epochs = len(stages) * args.epochs_per_stage
+    stage_epochs = [s.epochs or args.epochs_per_stage for s in stages]
+    total_epochs = sum(stage_epochs)
     for stage_index in range(start_stage, len(stages)):
         stage = stages[stage_index]
         set_trainable(model, stage.trainable)
@@ -288,8 +293,8 @@ def run(args, argv: list[str]) -> int:
             optimizer.load_state_dict(optimizer_state)
             optimizer_state = None
         first_epoch = start_epoch if stage_index == start_stage else 0
-        for epoch in range(first_epoch, args.epochs_per_stage):
-            global_epoch = stage_index * args.epochs_per_stage + epoch + 1
+        for epoch in range(first_epoch, stage_epochs[stage_index]):
+            global_epoch = sum(stage_epochs[:stage_index]) + epoch + 1
             metrics = _run_epoch(model, optimizer, loader, args.iterations_per_epoch,
                                  f'stage {stage_index + 1}/{len(stages)} {stage.trainable} '
                                  f'epoch {global_epoch}/{total_epochs}', args.device)
@@ -299,7 +304,7 @@ def run(args, argv: list[str]) -> int:
                            epoch=global_epoch)
             history.append(metrics)
             next_stage, next_epoch = (stage_index, epoch + 1)
-            if next_epoch >= args.epochs_per_stage:
+            if next_epoch >= stage_epochs[stage_index]:
                 next_stage, next_epoch = stage_index + 1, 0
             data_seed = int(dataset.rng.integers(2 ** 63))
             dataset.rng = np.random.default_rng(data_seed)
