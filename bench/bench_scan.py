@@ -43,13 +43,17 @@ def main() -> int:
                 rows.append((strategy, result, len(flakes)))
     print(f'Scan of {REGION_MM[2] - REGION_MM[0]:.0f} x {REGION_MM[3] - REGION_MM[1]:.0f} mm at 10x '
           f'(simulated stage {5} mm/s, 0.1 m/s^2, 20 ms settle; camera 10 ms exposure + 33 ms readout)\n')
-    print('| focus | tiles | wall [s] | hardware [s] | overhead (wall/hardware) | s/cm^2 | hardware s/cm^2 | '
-          'detection lag [s] |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('| focus | tiles | wall [s] | hardware [s] | overhead (wall/hardware) | acquisition overhead '
+          '((wall - detection lag)/hardware) | s/cm^2 | hardware s/cm^2 | detection lag [s] | load average |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    load = os.getloadavg()[0]
     for strategy, result, _found in rows:
+        acquisition = (result.duration - result.detection_lag) / result.hardware_time
         print(f'| {strategy} | {result.tiles_total} | {result.duration:.1f} | {result.hardware_time:.1f} | '
-              f'{result.duration / result.hardware_time:.2f} | {result.duration / area_cm2:.0f} | '
-              f'{result.hardware_time / area_cm2:.0f} | {result.detection_lag:.2f} |')
+              f'{result.duration / result.hardware_time:.2f} | {acquisition:.2f} | {result.duration / area_cm2:.0f} | '
+              f'{result.hardware_time / area_cm2:.0f} | {result.detection_lag:.2f} | {load:.1f} |')
+    print('\nThe detection lag is the time the detector needed after the last frame; on a loaded '
+          'machine it, not the stage, sets the scan time.')
     return 0
 
 
