@@ -79,7 +79,7 @@ def populated(store):
 # -- schema -------------------------------------------------------------------
 
 def test_new_file_has_current_schema_wal_and_full_sync(store):
-    assert store.schema_version == SCHEMA_VERSION == 3
+    assert store.schema_version == SCHEMA_VERSION == 4
     tables = set(store.db.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
             'labels', 'schema_version', 'flake_boxes'} <= tables
@@ -105,14 +105,14 @@ def test_version_1_file_is_migrated_and_keeps_its_flakes(tmp_path):
         assert 'labels' not in old.db.table_names()
         flake_id = old.ingest([square(0.0, 0.0, 10 * UM)])[0].flake_id
     with FlakeStore(path) as new:
-        assert new.schema_version == 3
+        assert new.schema_version == 4
         assert new.get_flake(flake_id).flake.area == pytest.approx(1e-10)
         label_id = new.add_label('monolayer', 'alice', flake_id=flake_id)
         assert new.labels(flake_id) == [{'id': label_id, 'flake_id': flake_id, 'crop_path': None,
                                          'label': 'monolayer', 'labelled_by': 'alice',
                                          'created': pytest.approx(new.clock(), abs=5)}]
         versions = [r['version'] for r in new.db.query('SELECT version FROM schema_version ORDER BY version')]
-        assert versions == [1, 2, 3]
+        assert versions == [1, 2, 3, 4]
         indexes = {r['name'] for r in new.db.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert 'idx_flakes_material_layers_score' in indexes and 'idx_flakes_material_layers' not in indexes
 
@@ -204,6 +204,8 @@ def test_sorting_and_paging(populated):
     nearest = store.query(FlakeQuery(sort_by='distance', near=(0.0, 0.0), limit=3)).flakes
     assert [f.id for f in nearest] == [ids[0], ids[1], ids[10]] or [f.id for f in nearest] == [ids[0], ids[10],
                                                                                              ids[1]]
+    oldest_first = store.query(FlakeQuery(sort_by='created', ascending=True, limit=1000)).flakes
+    assert [f.id for f in oldest_first] == ids
     pages = [store.query(FlakeQuery(limit=7, offset=offset)) for offset in range(0, 60, 7)]
     assert all(p.total == 60 for p in pages)
     assert [f.id for p in pages for f in p.flakes] == [f.id for f in by_score]

@@ -301,6 +301,6 @@ class FlakeQuery:
             key = '(f.x - :near_x) * (f.x - :near_x) + (f.y - :near_y) * (f.y - :near_y)'
         else:
             key = {'score': 'f.score', 'area': 'f.area', 'thickness': 'f.thickness_nm',
-                   'created': 'f.created', 'layers': 'f.layers'}[self.sort_by]
+                   'created': 'f.pk', 'layers': 'f.layers'}[self.sort_by]  # pk: insertion order
         # pk breaks ties so that paging with offset is stable.
         return f'{key} {direction}, f.pk {direction}'
