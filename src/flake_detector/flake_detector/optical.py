@@ -27,6 +27,7 @@ import time
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 from flake_detector.detection import (
     Detection,
@@ -401,8 +402,6 @@ class OpticalDetector:
         """Give the blurred rim of a flake, and specks too small to be a terrace, the
         class of the nearest interior region: across an edge the smoothed contrast
         passes through the classes in between, which are not there."""
-        from scipy import ndimage
-
         interior = cv2.erode(component.astype(np.uint8), np.ones((3, 3), np.uint8),
                              iterations=max(1, round(self.edge_px * scale))) > 0
         labelled = np.where(interior, class_map, -1)
