@@ -174,13 +174,16 @@ def _least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.solve(a.T @ a + 1e-9 * np.eye(a.shape[1]), a.T @ b)
 
 
-def mahalanobis_sq(x: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
-    """Squared Mahalanobis distances (N, K) of (N, 3) points to K Gaussians.
+def mahalanobis_sq(x: np.ndarray, means: np.ndarray, covariances: np.ndarray | None = None,
+                   precisions: np.ndarray | None = None) -> np.ndarray:
+    """Squared Mahalanobis distances (N, K) of (N, 3) points to K Gaussians (give the
+    covariances, or their inverses when they are reused).
 
     Expanded as x'Px - 2 x'Pm + m'Pm so the work is two small matrix products.
     """
     x = np.asarray(x, dtype=np.float64).reshape(-1, 3)
-    precisions = np.linalg.inv(covariances)  # (K, 3, 3)
+    if precisions is None:
+        precisions = np.linalg.inv(covariances)  # (K, 3, 3)
     quad = np.stack([x[:, 0] ** 2, x[:, 1] ** 2, x[:, 2] ** 2, 2 * x[:, 0] * x[:, 1],
                      2 * x[:, 0] * x[:, 2], 2 * x[:, 1] * x[:, 2]], axis=1)
     p = precisions
@@ -376,12 +379,13 @@ class OpticalDetector:
         candidates = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area]
         detections: list[Detection] = []
         pixel_cov = np.eye(3) * noise ** 2
+        pixel_precisions = np.linalg.inv(self._covs + pixel_cov)
         for index in candidates:
             x, y, bw, bh, _ = stats[index]
             window = contrast[y:y + bh, x:x + bw]
             component = labels[y:y + bh, x:x + bw] == index
             values = window[component]
-            d2 = mahalanobis_sq(values, self._means, self._covs + pixel_cov)
+            d2 = mahalanobis_sq(values, self._means, precisions=pixel_precisions)
             best = np.argmin(d2, axis=1)
             ok = d2[np.arange(len(best)), best] <= self.gate_sigma ** 2
             class_map = np.full(component.shape, -1, dtype=np.int32)
