@@ -82,3 +82,19 @@ def test_wrong_size_and_blank_images_are_refused(tmp_path, capsys):
     assert 'no whole hexagonal cell' in capsys.readouterr().err
     assert main(['analyze', str(tmp_path / 'missing.png'), '--report', str(tmp_path / 'o4')]) == 2
     assert 'no such image file' in capsys.readouterr().err
+
+
+def test_pipeline_tiles_large_frames_at_another_magnification():
+    from flake_detector.defects.analyze import DefectAnalyzer
+    from flake_detector.defects.casting import match_accuracy
+    from flake_detector.defects.simulate import SEED_PIXEL_SIZE, StemSimConfig, simulate
+
+    # Half seed 003's magnification: 1280 px become 640 px at the detector's scale, four tiles.
+    config = StemSimConfig(height=1280, width=1280, pixel_size=2 * SEED_PIXEL_SIZE,
+                           probe_fwhm=(1.1e-10, 1.3e-10), dose=(15.0, 20.0))
+    sample = simulate(config, seed=31)
+    analysis = DefectAnalyzer().analyze(sample.image, sample.pixel_size)
+    accuracy, matches = match_accuracy(analysis.boxes, sample.unit_boxes)
+    assert accuracy >= 0.95
+    # No cell is counted twice where tiles overlap.
+    assert len(analysis.boxes) <= len(sample.unit_boxes) + 0.03 * len(sample.unit_boxes)

@@ -214,7 +214,7 @@ class DefectAnalyzer:
     """CNN-1 + casting + CNN-2 loaded from checkpoints; ``analyze`` is thread-safe."""
 
     def __init__(self, detector_path: Path | None = None, classifier_path: Path | None = None,
-                 threads: int = 2, alpha: float = ALPHA, beta: float = BETA,
+                 threads: int = 1, alpha: float = ALPHA, beta: float = BETA,
                  score_threshold: float | None = None):
         detector_path = Path(detector_path or MODELS_DIR / DETECTOR_CHECKPOINT)
         classifier_path = Path(classifier_path or MODELS_DIR / CLASSIFIER_CHECKPOINT)
