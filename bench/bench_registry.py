@@ -70,6 +70,7 @@ QUERIES = {
                             region_max_y=5 * MM),
     'within 300 um, by distance': dict(use_distance=True, max_distance=300 * UM, sort_by='distance'),
     'everything, by score': dict(),
+    'material + layer class, limit 10': dict(material='graphene', layer_classes=[LAYER_MONO], limit=10),
 }
 
 
