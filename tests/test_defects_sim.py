@@ -103,7 +103,8 @@ def test_seeded_and_drift_moves_ground_truth():
 
 
 @pytest.mark.parametrize('change', [dict(height=8), dict(dose=(0.0, 5.0)), dict(pixel_size=-1.0),
-                                    dict(defect_probabilities=(0, 0.5, 0.5, 0.5, 0, 0))])
+                                    dict(defect_probabilities=(0, 0.5, 0.5, 0.5, 0, 0)),
+                                    dict(column_gain_sigma=-0.1)])
 def test_bad_configuration_is_refused(change):
     with pytest.raises(ValueError):
         simulate(replace(StemSimConfig(), **change), seed=0)

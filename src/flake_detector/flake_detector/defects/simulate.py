@@ -58,6 +58,9 @@ class StemSimConfig:
     drift: float = 2.0e-11                        # max drift over one frame, per axis [m]
     jitter_px: float = 1.0                        # std of line-to-line scan jitter [px]
     column_radius_fraction: float = 0.214         # ground-truth box padding, in units of a
+    # Spread (log-normal sigma) of per-column brightness: contamination, residue and local tilt change
+    # the two columns of a cell differently (seed 003's reason for the 2-channel input).
+    column_gain_sigma: float = 0.0
 
     def validate(self) -> None:
         if not (16 <= self.height <= 8192 and 16 <= self.width <= 8192):
@@ -68,6 +71,8 @@ class StemSimConfig:
             raise ValueError(f'defect_probabilities needs {len(CLASS_NAMES)} entries')
         if any(p < 0 for p in self.defect_probabilities) or sum(self.defect_probabilities[1:]) > 1:
             raise ValueError('defect probabilities must be >= 0 and sum to <= 1')
+        if self.column_gain_sigma < 0:
+            raise ValueError('column_gain_sigma must be >= 0')
         if self.dose[0] <= 0 or self.dose[1] < self.dose[0]:
             raise ValueError(f'dose range must be positive and ordered, got {self.dose}')
 
@@ -133,6 +138,8 @@ def simulate(config: StemSimConfig = StemSimConfig(), seed: int | np.random.Gene
     weight_te = Z_TE ** z_n
     atoms = np.array([CLASS_ATOMS[int(k)] for k in classes])
     intensities = np.concatenate([atoms[:, 0] * weight_mo, atoms[:, 1] * weight_te]) / (2 * weight_te)
+    if config.column_gain_sigma > 0:
+        intensities = intensities * rng.lognormal(0.0, config.column_gain_sigma, size=len(intensities))
     signal = _render_columns(np.concatenate([mo, te]), intensities, sigma, H, W)
 
     signal = _scan_jitter(signal, config.jitter_px, rng)

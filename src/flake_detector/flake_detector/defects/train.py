@@ -203,9 +203,9 @@ class ClassifierTraining:
 
 
 def classifier_dataset(images: int, size: int, seed: int, channels: int, input_size: int,
-                       box_jitter: float, dose: tuple[float, float] = (5.0, 20.0)):
+                       box_jitter: float, dose: tuple[float, float] = (5.0, 20.0), **sim_changes):
     """Crops of every unit cell of ``images`` balanced simulated images: (inputs, labels)."""
-    config = balanced_config(StemSimConfig(height=size, width=size, dose=dose))
+    config = balanced_config(StemSimConfig(height=size, width=size, dose=dose, **sim_changes))
     rng = np.random.default_rng(seed + 7)
     inputs, labels = [], []
     for index in range(images):
