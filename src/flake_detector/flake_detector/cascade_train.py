@@ -8,7 +8,8 @@ Data (any mix):
 
 Every source goes through the candidate finder (crops excepted), so the nets learn
 on what they will see. A candidate is good when a flake the target accepts has its
-centroid inside the candidate's region. Training follows seed 000: balanced batches
+centroid inside the candidate's region and covers at least a fifth of it (isolated,
+not the rim of a bulk crystal). Training follows seed 000: balanced batches
 (half good, half bad), each good crop in 6 variants (rotations and mirrors), nets
 stopped while still noisy (``--stop-accuracy`` on a balanced held-out batch), three
 nets trained separately. Writes the weights (.pt) and a model card (.json).
@@ -61,15 +62,23 @@ class CropSet:
 
 
 def label_candidates(candidates: list[Candidate], truths: list[TruthObject], target: Target,
-                     slack_px: int = 3) -> np.ndarray:
-    """1 where a target flake's centroid lies in the candidate's region box (grown by ``slack_px``)."""
+                     slack_px: int = 3, min_share: float = 0.2) -> np.ndarray:
+    """1 where a flake the target accepts has its centroid in the candidate's region box
+    (grown by ``slack_px``) and covers at least ``min_share`` of the region.
+
+    The share stands for seed 000's "isolated": a thin flake on the rim of a bulk
+    crystal puts its centroid in the crystal's candidate, but that crop shows the
+    crystal, and the flake is not one a lab would pick up.
+    """
     labels = np.zeros(len(candidates), dtype=np.int64)
     goods = [t for t in truths if target.accepts(t.material, t.layers, t.thickness_nm, t.area_px)]
     for k, c in enumerate(candidates):
         x, y, w, h = c.bbox
+        region = max(1, c.area_px)
         for t in goods:
             u, v = t.centre_px
-            if x - slack_px <= u < x + w + slack_px and y - slack_px <= v < y + h + slack_px:
+            if (x - slack_px <= u < x + w + slack_px and y - slack_px <= v < y + h + slack_px
+                    and t.area_px >= min_share * region):
                 labels[k] = 1
                 break
     return labels
