@@ -143,3 +143,14 @@ def test_crops_from_a_folder(tmp_path):
     assert data.labels.tolist() == [1, 0]
     with pytest.raises(ValueError):
         crops_from_folder(tmp_path / 'missing', 40)
+
+
+def test_a_thin_flake_on_the_rim_of_a_large_region_is_not_a_good_candidate():
+    from flake_detector.candidates import Candidate
+
+    big = Candidate((50.0, 50.0), (0, 0, 100, 100), np.ones((100, 100), bool), (10, 10, 80), 1.0)
+    small = Candidate((150.0, 150.0), (140, 140, 20, 20), np.ones((20, 20), bool), (110, 110, 80), 1.0)
+    thin_on_rim = TruthObject('graphene', 2, 0.67, 150.0, (95.0, 50.0))  # 1.5 % of the big region
+    isolated = TruthObject('graphene', 2, 0.67, 300.0, (150.0, 150.0))  # 75 % of the small one
+    assert label_candidates([big, small], [thin_on_rim, isolated], TARGET).tolist() == [0, 1]
+    assert label_candidates([big], [thin_on_rim], TARGET, min_share=0.0).tolist() == [1]
