@@ -213,6 +213,14 @@ def test_reserve_release_mark_used_and_every_error_code(registry):
     assert robot.call('get_flake', flake_id=first).reserved_by == 'arm-1'
     assert first in flake_ids(registry, statuses=[Flake.STATUS_RESERVED])
 
+    def status_in_query(flake_id):
+        # The answer is built from reused messages: a change must show up all the same.
+        flakes = robot.call('query_flakes', material='hbn', limit=1000).flakes
+        return next(f.status for f in flakes if f.id == flake_id)
+
+    assert status_in_query(first) == Flake.STATUS_RESERVED
+    assert status_in_query(second) == Flake.STATUS_AVAILABLE
+
     def code(name, **fields):
         response = robot.call(name, **fields)
         assert not response.success and response.message
@@ -230,10 +238,12 @@ def test_reserve_release_mark_used_and_every_error_code(registry):
     assert code('mark_flake_used', flake_id='nope', token='x') == 'UNKNOWN_ID'
 
     assert robot.call('release_flake', flake_id=first, token=held.token).success
+    assert status_in_query(first) == Flake.STATUS_AVAILABLE
     again = robot.call('reserve_flake', flake_id=first, robot_id='arm-2')
     assert robot.call('mark_flake_used', flake_id=first, token=again.token, note='stack 3').success
     assert code('reserve_flake', flake_id=first, robot_id='arm-1') == 'ALREADY_USED'
     assert robot.call('get_flake', flake_id=first).flake.status == Flake.STATUS_USED
+    assert status_in_query(first) == Flake.STATUS_USED
 
     short = robot.call('reserve_flake', flake_id=third, robot_id='arm-1', lease=0.2)
     assert short.success
@@ -360,3 +370,27 @@ def test_unreadable_flake_is_refused_and_ingest_goes_on(registry):
     assert node.stats['detections_refused'] == refused_before + 1
     assert [e.kind for e in events if e.chip_id == 'chip-U'] == [RegistryEvent.NEW_FLAKE]
     assert robot.call('query_flakes', chip_id='chip-U').total == 1
+
+
+def test_message_cache_reuses_only_unchanged_flakes():
+    from dataclasses import replace
+
+    from flake_registry.nodes.conversions import FlakeMessageCache
+    from flake_registry.store import FlakeRecord
+
+    record = FlakeRecord(id='F0000001', chip_id='c', scan_id='s', tile_index=0, material='hbn', layer_class=1,
+                         layers=1.0, layers_std=0.0, thickness_nm=0.3, thickness_nm_std=0.0, score=0.9,
+                         detector='contrast', model_version='', x=1e-3, y=2e-3, contour=[(0.0, 0.0)] * 3,
+                         area=1e-10, bbox_px=(1, 2, 3, 4), homogeneity=0.5, isolation_distance=0.0,
+                         edge_straightness=0.0, status=1, n_observations=1, created=1.0, updated=1.0,
+                         detected_at=1.0)
+    cache = FlakeMessageCache(2)
+    first = cache.message(record)
+    assert cache.message(record) is first and len(first.contour.points) == 0
+    assert cache.message(record, contour=True) is not first
+    reserved = cache.message(replace(record, status=2, reserved_by='arm', lease_expires=5.0))
+    assert reserved.status == 2 and first.status == 1
+    assert cache.message(replace(record, updated=2.0, score=0.95)).score == pytest.approx(0.95)
+    assert (cache.hits, cache.misses) == (1, 4)
+    assert cache.message(record) is not first  # evicted: the cache holds 2
+    assert FlakeMessageCache(0).message(record) is not FlakeMessageCache(0).message(record)

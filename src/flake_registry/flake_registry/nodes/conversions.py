@@ -6,6 +6,7 @@ both sides lives here.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 import math
 
 from builtin_interfaces.msg import Time
@@ -133,3 +134,36 @@ def query_from_request(request, default_limit: int) -> FlakeQuery:
         # "unset", so ascending=False leaves the key's natural order.
         ascending=True if request.ascending else None,
         limit=int(request.limit) or default_limit, offset=int(request.offset))
+
+
+class FlakeMessageCache:
+    """Flake messages already built, reused while their flake is unchanged.
+
+    Building a Flake in Python costs most of a QueryFlakes answer; robots ask for
+    the same candidates again and again. The key holds everything a message shows
+    that can change (the store's ``updated`` time, the effective status, the
+    holder and lease), so a changed flake is simply built again; old entries age out.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._messages: OrderedDict[tuple, Flake] = OrderedDict()
+
+    def message(self, record: FlakeRecord, contour: bool = False) -> Flake:
+        if self.size <= 0:
+            return flake_to_msg(record, contour=contour)
+        key = (record.id, record.updated, record.status, record.reserved_by, record.lease_expires,
+               record.n_observations, record.revisited_at, contour)
+        msg = self._messages.get(key)
+        if msg is not None:
+            self._messages.move_to_end(key)
+            self.hits += 1
+            return msg
+        self.misses += 1
+        msg = flake_to_msg(record, contour=contour)
+        self._messages[key] = msg
+        if len(self._messages) > self.size:
+            self._messages.popitem(last=False)
+        return msg

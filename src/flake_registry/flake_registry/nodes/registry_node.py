@@ -33,6 +33,7 @@ from flake_msgs.srv import (
     ReserveFlake,
 )
 from flake_registry.nodes.conversions import (
+    FlakeMessageCache,
     detection_from_msg,
     flake_to_msg,
     from_time,
@@ -82,6 +83,8 @@ PARAMS = (
           minimum=1, maximum=MAX_LIMIT),
     Param('query_contours', False, 'Send outlines in QueryFlakes answers too (GetFlake always does); each '
           'outline point costs the service time, so long lists stay fast without them'),
+    Param('message_cache_size', 20000, 'Flake messages kept for reuse in QueryFlakes and revisit answers while '
+          'their flake is unchanged; 0 builds every message anew', minimum=0, maximum=1000000, read_only=True),
     Param('revisit_min_score', 0.8, 'Lowest detector score on the revisit list when the request says 0',
           minimum=0.0, maximum=1.0),
     Param('revisit_limit', 50, 'Flakes on the revisit list when the request says 0', minimum=1, maximum=MAX_LIMIT),
@@ -106,6 +109,7 @@ class RegistryNode(Node):
                                 default_lease_s=min(self.params['default_lease'], self.params['max_lease']),
                                 max_lease_s=self.params['max_lease'], merge_distance=self.params['merge_distance'],
                                 merge_iou=self.params['merge_iou'])
+        self.messages = FlakeMessageCache(self.params['message_cache_size'])
         self.image_dir = Path(self.params['image_dir'] or path.parent / 'images')
         self.get_logger().info(f'registry {path} (schema {self.store.schema_version}, {self.store.count()} flakes)')
 
@@ -245,7 +249,7 @@ class RegistryNode(Node):
             result = self.store.query(query_from_request(request, self.params['default_query_limit']))
             response.total = result.total
             contours = self.params['query_contours']
-            response.flakes = [flake_to_msg(f, contour=contours) for f in result.flakes]
+            response.flakes = [self.messages.message(f, contour=contours) for f in result.flakes]
             response.message = f'{len(result.flakes)} of {result.total} flakes'
         return self._answer(response, run, 'query_flakes')
 
@@ -293,7 +297,7 @@ class RegistryNode(Node):
                 min_score=request.min_score or self.params['revisit_min_score'],
                 min_homogeneity=request.min_homogeneity, include_revisited=request.include_revisited,
                 limit=int(request.limit) or self.params['revisit_limit'])
-            response.flakes = [flake_to_msg(f) for f in flakes]
+            response.flakes = [self.messages.message(f, contour=True) for f in flakes]
             response.message = f'{len(flakes)} flake(s) to revisit'
         return self._answer(response, run, 'get_revisit_list')
 
@@ -343,7 +347,8 @@ class RegistryNode(Node):
         # common.OK/WARN/ERROR are the message constants (bytes in these rclpy builds);
         # diagnostic_status wants the number.
         level = level[0] if isinstance(level, bytes) else level
-        values = dict(stats, queue_depth=self._queue.qsize(), queue_size=self._queue.maxsize,
+        values = dict(stats, message_cache_hits=self.messages.hits, message_cache_misses=self.messages.misses,
+                      queue_depth=self._queue.qsize(), queue_size=self._queue.maxsize,
                       schema_version=self.store.schema_version, last_error=self._last_error)
         publish_diagnostics(self, self._diagnostics, [
             diagnostic_status('registry_node: database', str(self.store.path), level, message, values)])
