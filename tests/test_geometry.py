@@ -70,3 +70,13 @@ def test_pixel_to_wafer_composes_and_inverts():
     assert to_wafer.inverse().apply(*wafer) == pytest.approx((u, v))
     assert to_wafer.scale == pytest.approx(0.5e-6)
     assert Affine2D.from_list(to_wafer.as_list()) == to_wafer
+
+
+def test_wafer_transform_for_tf_matches_the_frame():
+    from flake_scanner.nodes.scan_coordinator import _wafer_transform
+
+    frame = WaferFrame.from_corners([(2e-3, 1e-3), (12e-3, 1.5e-3), (1.5e-3, 11e-3)])
+    transform = _wafer_transform(frame, None).transform
+    assert (transform.translation.x, transform.translation.y) == pytest.approx((2e-3, 1e-3))
+    angle = 2 * math.atan2(transform.rotation.z, transform.rotation.w)
+    assert angle == pytest.approx(math.atan2(0.5e-3, 10e-3))

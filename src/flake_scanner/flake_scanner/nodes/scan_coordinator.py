@@ -99,6 +99,31 @@ PARAMS = [
 ]
 
 
+def _static_broadcaster(node):
+    """A static tf broadcaster where tf2_ros exists (a ROS 2 install); the pip-only install has none."""
+    try:
+        from tf2_ros import StaticTransformBroadcaster
+    except ImportError:
+        return None
+    return StaticTransformBroadcaster(node)
+
+
+def _wafer_transform(frame: WaferFrame, stamp):
+    """stage -> wafer: the chip's origin corner and its rotation on the stage (REP 103)."""
+    from geometry_msgs.msg import TransformStamped
+
+    wafer_to_stage = frame.wafer_to_stage
+    transform = TransformStamped()
+    transform.header.stamp = stamp
+    transform.header.frame_id = 'stage'
+    transform.child_frame_id = 'wafer'
+    transform.transform.translation.x = wafer_to_stage.c
+    transform.transform.translation.y = wafer_to_stage.f
+    transform.transform.rotation.z = math.sin(frame.rotation / 2.0)
+    transform.transform.rotation.w = math.cos(frame.rotation / 2.0)
+    return transform
+
+
 class ScanError(RuntimeError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -141,6 +166,7 @@ class ScanCoordinator(Node):
         self.wafer_frames: dict[str, WaferFrame] = {}
         self.wafer_corners: dict[str, list] = {}
         self._load_wafer_frames()
+        self.tf_broadcaster = _static_broadcaster(self)
         self.get_logger().info('scan coordinator ready: action /scan, service /scan/set_wafer_frame')
 
     # ------------------------------------------------------------------ wafer frame
@@ -184,6 +210,8 @@ class ScanCoordinator(Node):
             return response
         self.wafer_frames[request.chip_id] = frame
         self.wafer_corners[request.chip_id] = [list(c) for c in corners]
+        if self.tf_broadcaster is not None:
+            self.tf_broadcaster.sendTransform(_wafer_transform(frame, self.get_clock().now().to_msg()))
         try:
             self._save_wafer_frames()
         except OSError as error:
