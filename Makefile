@@ -12,13 +12,14 @@ PACKAGES := flake_scanner flake_detector flake_registry
 MSG_FILES := $(shell find src/flake_msgs -type f -not -name '*~')
 PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src/$(p)/package.xml)
 
-.PHONY: help setup browser test lint demo web bench clean
+.PHONY: help setup browser test lint demo web bench clean train-defects
 
 help:
 	@echo "make setup  - create .venv, install pinned dependencies, build flake_msgs, install the packages"
 	@echo "make demo   - scan a simulated chip with the whole graph; report in reports/demo"
 	@echo "make test   - ruff and the whole pytest suite (what CI runs)"
 	@echo "make bench  - run every bench/*.py and print their tables"
+	@echo "make train-defects - retrain the STEM defect-analyzer checkpoints (CNN-1 hex/direct, CNN-2)"
 	@echo "make clean  - remove .venv and build products"
 
 setup: $(STAMPS)/packages
@@ -72,3 +73,12 @@ demo: setup
 # The lab web app over the demo's registry (after make demo): http://127.0.0.1:8080/
 web: setup
 	$(ENV) flake-web --db reports/demo/data/registry.sqlite --data-dir reports/demo/data
+
+DEFECT_MODELS := src/flake_detector/flake_detector/defects/models
+
+# Reproduces the shipped STEM checkpoints (CPU; a few minutes each on an idle machine).
+train-defects: setup
+	$(ENV) nice flake-defects train-classifier --channels 2 --input-size 32 --steps 300 --images 30 \
+	  --out $(DEFECT_MODELS)/cnn2_2ch.pt
+	$(ENV) nice flake-defects train-cells --target hex --steps 600 --images 24 --out $(DEFECT_MODELS)/cnn1_hex.pt
+	$(ENV) nice flake-defects train-cells --target unit --steps 600 --images 24 --out $(DEFECT_MODELS)/cnn1_unit.pt
