@@ -12,13 +12,14 @@ PACKAGES := flake_scanner flake_detector flake_registry
 MSG_FILES := $(shell find src/flake_msgs -type f -not -name '*~')
 PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src/$(p)/package.xml)
 
-.PHONY: help setup browser test lint demo web bench clean train-defects
+.PHONY: help setup browser test lint demo web bench clean train-defects train-cascade
 
 help:
 	@echo "make setup  - create .venv, install pinned dependencies, build flake_msgs, install the packages"
 	@echo "make demo   - scan a simulated chip with the whole graph; report in reports/demo"
 	@echo "make test   - ruff and the whole pytest suite (what CI runs)"
 	@echo "make bench  - run every bench/*.py and print their tables"
+	@echo "make train-cascade - retrain the shipped cascade weights (graphene 1-10 layers, hBN 10-90 nm)"
 	@echo "make train-defects - retrain the STEM defect-analyzer checkpoints (CNN-1 hex/direct, CNN-2)"
 	@echo "make clean  - remove .venv and build products"
 
@@ -82,3 +83,8 @@ train-defects: setup
 	  --out $(DEFECT_MODELS)/cnn2_2ch.pt
 	$(ENV) nice flake-defects train-cells --target hex --steps 600 --images 24 --out $(DEFECT_MODELS)/cnn1_hex.pt
 	$(ENV) nice flake-defects train-cells --target unit --steps 600 --images 24 --out $(DEFECT_MODELS)/cnn1_unit.pt
+
+# Reproduces the shipped cascade weights from simulator seeds 1-3 (evaluation uses other seeds).
+train-cascade: setup
+	$(ENV) nice flake-train-cascade --target graphene-1-10L,hbn-10-90nm --sim-seeds 1,2,3 --sim-frames 100 \
+	  --max-steps 120 --threads 2 --out src/flake_detector/flake_detector/models
