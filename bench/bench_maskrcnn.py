@@ -72,9 +72,13 @@ def predictions_of(detector, frames) -> tuple[list[dict], float]:
 
 
 def evaluate(gt, predictions, materials):
+    """COCO metrics on flakes of 1-40 layers; the range is applied to the truth only, since a
+    detection without a refined layer count (or a Mask R-CNN class) has no count to filter on."""
     from flake_detector.evaluation import evaluate as coco_evaluate
 
-    return coco_evaluate(gt, predictions, materials=materials, max_layers=40, min_area=MIN_AREA_PX)
+    flakes = dict(gt, annotations=[a for a in gt['annotations'] if a.get('is_contaminant')
+                                   or (a.get('attributes') or {}).get('layers', 0) <= 40])
+    return coco_evaluate(flakes, predictions, materials=materials, min_area=MIN_AREA_PX)
 
 
 def _pct(value) -> str:

@@ -167,7 +167,9 @@ class MaskRCNNDetector:
             raise ValueError(f'tile_size must be a multiple of 32 and >= 64, got {tile}')
         self.model.transform.min_size = (tile,)
         self.model.transform.max_size = tile
-        area = (tile / self.config.input_size) ** 2
+        # More proposals and detections for larger tiles, capped: thousands of RoIs per frame cost
+        # far more than they find.
+        area = min(4.0, (tile / self.config.input_size) ** 2)
         self.model.rpn._post_nms_top_n['testing'] = round(self.config.rpn_proposals_test * max(1.0, area))
         self.model.rpn._pre_nms_top_n['testing'] = 2 * self.model.rpn._post_nms_top_n['testing']
         self.model.roi_heads.detections_per_img = round(self.config.detections_per_image * max(1.0, area))
