@@ -27,7 +27,14 @@ from flake_msgs.action import Autofocus
 from flake_msgs.msg import StageState
 from flake_msgs.srv import MoveStage
 from flake_scanner.autofocus import FOCUS_MEASURES, FocusSearch, focus_measure
-from flake_scanner.nodes.common import SENSOR_SUBSCRIBER_QOS, Param, declare_parameters, run_node
+from flake_scanner.nodes.common import (
+    SENSOR_SUBSCRIBER_QOS,
+    FrameWaiters,
+    Param,
+    declare_parameters,
+    run_node,
+    sleep_future,
+)
 from flake_scanner.nodes.stage_node import wake_executor
 from flake_scanner.ros_image import image_to_numpy
 from flake_scanner.sim.camera import OBJECTIVES, objective_by_name
@@ -72,7 +79,7 @@ class AutofocusNode(Node):
         self.objective = self.params['objective']
         self.create_subscription(ParameterEvent, '/parameter_events', self._on_parameter_event, 100,
                                  callback_group=self.group)
-        self._image_waiters: list[tuple[int, Future]] = []
+        self._frames = FrameWaiters()
         self._measure_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='focus-measure')
         self._busy = False
         self.action_server = ActionServer(
@@ -98,29 +105,10 @@ class AutofocusNode(Node):
                 self.get_logger().info(f'following the camera: objective {self.objective}')
 
     def _on_image(self, msg: Image) -> None:
-        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-        waiting = []
-        for after, future in self._image_waiters:
-            if future.done():
-                continue
-            if stamp > after:
-                future.set_result(msg)
-            else:
-                waiting.append((after, future))
-        self._image_waiters = waiting
+        self._frames.offer(msg)
 
-    # ------------------------------------------------------------------ async helpers
     def _sleep(self, seconds: float) -> Future:
-        future = Future()
-
-        def fire():
-            timer.cancel()
-            if not future.done():
-                future.set_result(None)
-
-        timer = self.create_timer(seconds, fire, callback_group=self.group)
-        future.add_done_callback(lambda _f: self.destroy_timer(timer))
-        return future
+        return sleep_future(self, seconds, self.group)
 
     async def _await(self, future: Future, seconds: float, what: str):
         """``future``'s result, or AutofocusError(DEVICE) after ``seconds``."""
@@ -167,9 +155,7 @@ class AutofocusNode(Node):
                                  f'stage refused z = {z * 1e6:.2f} um: {response.error_code} {response.message}')
 
     async def _frame_after_now(self) -> Image:
-        after = self.get_clock().now().nanoseconds
-        future = Future()
-        self._image_waiters.append((after, future))
+        future = self._frames.expect(self.get_clock().now().nanoseconds)
         if self.capture_client.service_is_ready():
             self.capture_client.call_async(Trigger.Request())
         return await self._await(future, self.params['frame_timeout'], 'camera frame (is camera_node active?)')

@@ -163,6 +163,34 @@ def sleep_future(node, seconds: float, callback_group=None) -> Future:
     return future
 
 
+class FrameWaiters:
+    """Futures for "the first image stamped after time t", resolved as images arrive.
+
+    Call ``offer`` from the image subscription (the executor thread) and ``expect``
+    from coroutines; stamps and times are nanoseconds of the same clock.
+    """
+
+    def __init__(self):
+        self._waiting: list[tuple[int, Future]] = []
+
+    def expect(self, after_ns: int) -> Future:
+        future = Future()
+        self._waiting.append((after_ns, future))
+        return future
+
+    def offer(self, msg) -> None:
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        waiting = []
+        for after, future in self._waiting:
+            if future.done():
+                continue
+            if stamp > after:
+                future.set_result(msg)
+            else:
+                waiting.append((after, future))
+        self._waiting = waiting
+
+
 def run_node(make_node: Callable[[], Any], args=None, executor=None) -> None:
     """Init rclpy, build the node, spin until Ctrl-C or SIGTERM, then shut down cleanly."""
     rclpy.init(args=args)

@@ -36,6 +36,7 @@ from flake_scanner.geometry import WaferFrame, pixel_to_wafer
 from flake_scanner.nodes.common import (
     PIPELINE_QOS,
     SENSOR_SUBSCRIBER_QOS,
+    FrameWaiters,
     Param,
     declare_parameters,
     run_node,
@@ -160,7 +161,7 @@ class ScanCoordinator(Node):
             callback_group=self.group)
         self.stage_state: StageState | None = None
         self.latest_image: Image | None = None
-        self._image_waiters: list[tuple[int, Future]] = []
+        self._frames = FrameWaiters()
         self.progress: ScanProgress | None = None
         self.current_objective = self.params['objective']
         self.wafer_frames: dict[str, WaferFrame] = {}
@@ -231,16 +232,7 @@ class ScanCoordinator(Node):
 
     def _on_image(self, msg: Image) -> None:
         self.latest_image = msg
-        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-        waiting = []
-        for after, future in self._image_waiters:
-            if future.done():
-                continue
-            if stamp > after:
-                future.set_result(msg)
-            else:
-                waiting.append((after, future))
-        self._image_waiters = waiting
+        self._frames.offer(msg)
 
     def _on_detections(self, msg: FlakeArray) -> None:
         progress = self.progress
@@ -305,9 +297,7 @@ class ScanCoordinator(Node):
         still be on the way (readout overlaps the next move). A free-running camera
         without it is simply waited for.
         """
-        now = self.get_clock().now().nanoseconds
-        image = Future()
-        self._image_waiters.append((now, image))
+        image = self._frames.expect(self.get_clock().now().nanoseconds)
         image = self._with_timeout(image, self.params['capture_timeout'], 'frame capture')
         if self.capture_client.service_is_ready():
             try:
