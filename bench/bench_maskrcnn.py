@@ -162,14 +162,14 @@ def speed(repeats: int, model: str) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def real_overlays(tile_size: int, model: str) -> str:
+def real_overlays(tile_size: int, model: str, threshold: float) -> str:
     from flake_detector.maskrcnn.infer import MaskRCNNDetector
 
     paths = sorted(REAL_DIR.glob('*.jpg'))
     if not paths:
         return f'No real micrographs in {REAL_DIR}.\n'
-    detector = MaskRCNNDetector(model, tile_size=tile_size)
-    lines = ['| image | size | flakes found | by class |', '|---|---|---|---|']
+    detector = MaskRCNNDetector(model, tile_size=tile_size, score_threshold=threshold)
+    lines = [f'Score threshold {threshold}.', '', '| image | size | flakes found | by class |', '|---|---|---|---|']
     panels = []
     for path in paths:
         image = cv2.imread(str(path))
@@ -205,6 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument('--tile-size', type=int, default=1024,
                         help='inference tile for the AP tables (1024 = whole frame; the model is convolutional)')
     parser.add_argument('--model', default='', help='checkpoint for robustness/speed/real (default: shipped)')
+    parser.add_argument('--real-threshold', type=float, default=0.15, help='score cut for the real overlays')
     parser.add_argument('--quick', action='store_true', help='2 frames each (smoke run)')
     parser.add_argument('--only', choices=('table1', 'robustness', 'speed', 'real'), default=None)
     args = parser.parse_args(argv)
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     sections = {'table1': lambda: table1(args.runs, args.frames, args.tile_size),
                 'robustness': lambda: robustness(args.robust_frames, args.tile_size, args.model),
                 'speed': lambda: speed(args.speed_frames, args.model),
-                'real': lambda: real_overlays(args.tile_size, args.model)}
+                'real': lambda: real_overlays(args.tile_size, args.model, args.real_threshold)}
     for name, section in sections.items():
         if args.only and name != args.only:
             continue
