@@ -48,6 +48,7 @@ from flake_scanner.ros_image import image_to_numpy, numpy_to_image
 BACKEND_PARAMS = {
     'contrast': ('materials', 'oxide_nm', 'calibration', 'min_area_px', 'max_layers', 'work_size'),
     'cascade': ('target', 'model_path', 'cascade_threshold', 'oxide_nm', 'calibration', 'std_threshold'),
+    'maskrcnn': ('model_path', 'oxide_nm', 'calibration', 'min_area_px'),
 }
 
 PARAMS = [
