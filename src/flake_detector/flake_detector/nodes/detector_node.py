@@ -263,8 +263,6 @@ class DetectorNode(Node):
             level, message = WARN, f'falling behind: {pending_spill} frames spilled to disk'
         else:
             level, message = OK, 'detecting'
-        # common.OK/WARN/ERROR are bytes in these rclpy builds; diagnostic_status takes a number.
-        level = level[0] if isinstance(level, bytes) else int(level)
         publish_diagnostics(self, self.diagnostics, [
             diagnostic_status('detector_node: detector', 'detector', level, message, values)])
 

@@ -344,9 +344,6 @@ class RegistryNode(Node):
             level, message = WARN, 'batches dropped or detections refused'
         if stats['batches_failed']:
             level, message = ERROR, f'batches failed to store: {self._last_error}'
-        # common.OK/WARN/ERROR are the message constants (bytes in these rclpy builds);
-        # diagnostic_status wants the number.
-        level = level[0] if isinstance(level, bytes) else level
         values = dict(stats, message_cache_hits=self.messages.hits, message_cache_misses=self.messages.misses,
                       queue_depth=self._queue.qsize(), queue_size=self._queue.maxsize,
                       schema_version=self.store.schema_version, last_error=self._last_error)

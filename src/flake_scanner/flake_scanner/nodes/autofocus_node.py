@@ -34,6 +34,7 @@ from flake_scanner.nodes.common import (
     declare_parameters,
     run_node,
     sleep_future,
+    with_timeout,
 )
 from flake_scanner.nodes.stage_node import wake_executor
 from flake_scanner.ros_image import image_to_numpy
@@ -112,24 +113,10 @@ class AutofocusNode(Node):
 
     async def _await(self, future: Future, seconds: float, what: str):
         """``future``'s result, or AutofocusError(DEVICE) after ``seconds``."""
-        first = Future()  # True when ``future`` finished, False when the time ran out
-
-        def settle(value: bool) -> None:
-            if not first.done():
-                first.set_result(value)
-
-        if not future.done():
-            timer = self.create_timer(seconds, lambda: settle(False), callback_group=self.group)
-            future.add_done_callback(lambda _f: settle(True))
-            try:
-                finished = await first
-            finally:
-                timer.cancel()
-                self.destroy_timer(timer)
-            if not finished:
-                future.cancel()
-                raise AutofocusError(Autofocus.Result.ERROR_DEVICE, f'{what}: no answer within {seconds} s')
-        return future.result()
+        try:
+            return await with_timeout(self, future, seconds, what, self.group)
+        except TimeoutError:
+            raise AutofocusError(Autofocus.Result.ERROR_DEVICE, f'{what}: no answer within {seconds} s') from None
 
     def _in_thread(self, function, *args) -> Future:
         future = Future()

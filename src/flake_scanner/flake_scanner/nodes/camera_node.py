@@ -35,7 +35,7 @@ from flake_scanner.nodes.common import (
     run_node,
     sleep_future,
 )
-from flake_scanner.nodes.stage_node import level_number, wake_executor
+from flake_scanner.nodes.stage_node import wake_executor
 from flake_scanner.ros_image import numpy_to_image
 from flake_scanner.sim.camera import OBJECTIVES, objective_by_name
 
@@ -303,7 +303,7 @@ class CameraNode(LifecycleNode):
                   'objective': p['objective'], 'pixel_size_m': f'{self.pixel_size():.4g}',
                   'rate_hz': p['rate'], 'active': self.active}
         publish_diagnostics(self, self.diagnostics, [diagnostic_status(
-            f'{self.get_name()}: camera', hardware, level_number(level), message, values)])
+            f'{self.get_name()}: camera', hardware, level, message, values)])
 
 
 def main(args=None) -> None:

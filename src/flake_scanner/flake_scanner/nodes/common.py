@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 import math
-import signal
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -163,6 +162,31 @@ def sleep_future(node, seconds: float, callback_group=None) -> Future:
     return future
 
 
+def with_timeout(node, future: Future, seconds: float, what: str, callback_group=None) -> Future:
+    """A future with ``future``'s outcome, or a TimeoutError naming ``what`` after ``seconds``."""
+    outer = Future()
+
+    def forward(inner):
+        if outer.done():
+            return
+        exception = inner.exception()
+        if exception is not None:
+            outer.set_exception(exception)
+        else:
+            outer.set_result(inner.result())
+
+    def expire():
+        timer.cancel()
+        if not outer.done():
+            future.cancel()
+            outer.set_exception(TimeoutError(f'{what} did not finish within {seconds:.1f} s'))
+
+    timer = node.create_timer(seconds, expire, callback_group=callback_group)
+    outer.add_done_callback(lambda _f: node.destroy_timer(timer))
+    future.add_done_callback(forward)
+    return outer
+
+
 class FrameWaiters:
     """Futures for "the first image stamped after time t", resolved as images arrive.
 
@@ -192,11 +216,14 @@ class FrameWaiters:
 
 
 def run_node(make_node: Callable[[], Any], args=None, executor=None) -> None:
-    """Init rclpy, build the node, spin until Ctrl-C or SIGTERM, then shut down cleanly."""
+    """Init rclpy, build the node, spin until Ctrl-C or SIGTERM, then shut down cleanly.
+
+    rclpy's own handlers catch both signals and wake the executor, which then raises
+    ExternalShutdownException; a Python-level handler would wait for the next callback.
+    """
     rclpy.init(args=args)
     node = None
     executor = executor or SingleThreadedExecutor()
-    signal.signal(signal.SIGTERM, lambda *_: rclpy.try_shutdown())
     try:
         node = make_node()
         executor.add_node(node)

@@ -41,6 +41,7 @@ from flake_scanner.nodes.common import (
     declare_parameters,
     run_node,
     sleep_future,
+    with_timeout,
 )
 from flake_scanner.scan.planner import EtaEstimator, Region, focus_points, plan_serpentine
 from flake_scanner.scan.session import HardwareModel, ScanProgress
@@ -244,27 +245,7 @@ class ScanCoordinator(Node):
 
     # ------------------------------------------------------------------ async helpers
     def _with_timeout(self, future: Future, seconds: float, what: str) -> Future:
-        """A future with ``future``'s outcome, or a TimeoutError after ``seconds``."""
-        outer = Future()
-
-        def forward(inner):
-            if outer.done():
-                return
-            exception = inner.exception()
-            if exception is not None:
-                outer.set_exception(exception)
-            else:
-                outer.set_result(inner.result())
-
-        def expire():
-            timer.cancel()
-            if not outer.done():
-                outer.set_exception(TimeoutError(f'{what} did not finish within {seconds:.1f} s'))
-
-        timer = self.create_timer(seconds, expire, callback_group=self.group)
-        outer.add_done_callback(lambda _f: self.destroy_timer(timer))
-        future.add_done_callback(forward)
-        return outer
+        return with_timeout(self, future, seconds, what, self.group)
 
     def _sleep(self, seconds: float) -> Future:
         return sleep_future(self, seconds, self.group)

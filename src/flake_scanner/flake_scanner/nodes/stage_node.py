@@ -51,11 +51,6 @@ def wake_executor(node) -> None:
         executor.wake()
 
 
-def level_number(level) -> int:
-    """DiagnosticStatus levels are bytes constants in rclpy; diagnostic_status takes an int."""
-    return level[0] if isinstance(level, bytes) else int(level)
-
-
 BAUD_RATES = (9600, 19200, 28800, 57600, 115200)
 
 
@@ -338,7 +333,7 @@ class StageNode(LifecycleNode):
         if self.emulator is not None:
             values['emulated'] = True
         publish_diagnostics(self, self.diagnostics, [
-            diagnostic_status(f'{self.get_name()}: stage controller', driver.port, level_number(level),
+            diagnostic_status(f'{self.get_name()}: stage controller', driver.port, level,
                               message, values)])
 
     # ------------------------------------------------------------------ service
