@@ -262,11 +262,11 @@ def test_flake_record_process_closes_the_bag_on_sigterm(executor, tmp_path):
 
 def test_loop_starts_again_from_the_beginning(executor, tmp_path):
     from rclpy.parameter import Parameter
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     from rclpy.serialization import serialize_message
 
     from flake_msgs.msg import ScanFrame
     from flake_scanner.bag.replay import BagReplayer
-    from flake_scanner.nodes.common import PIPELINE_QOS
 
     bag = tmp_path / 'loop'
     with BagWriter(bag) as writer:
@@ -275,10 +275,14 @@ def test_loop_starts_again_from_the_beginning(executor, tmp_path):
             writer.write(f'{T}/loop', 10**9 + index, serialize_message(_scan_frame(index)))
     sink = ros_node('bag_test_loop_sink')
     received = []
-    sink.create_subscription(ScanFrame, f'{T}/loop', lambda m: received.append(m.tile_index), PIPELINE_QOS)
+    # The loop runs on until close(): a keep-all reader keeps the first loops even when the
+    # test's executor takes samples slower than the replayer publishes them.
+    keep_all = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
+    sink.create_subscription(ScanFrame, f'{T}/loop', lambda m: received.append(m.tile_index), keep_all)
     replayer = BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag)), Parameter('rate', value=0.0),
                                                 Parameter('loop', value=True), Parameter('ack_window', value=1),
-                                                Parameter('start_paused', value=True)])
+                                                Parameter('start_paused', value=True),
+                                                Parameter('wait_for_subscribers', value=1)])
     executor.add_node(sink)
     executor.add_node(replayer)
     try:
