@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from flake_scanner.graph import HARDWARE_MODES, NodeSpec, command_line, nodes_for
+from flake_scanner.graph import HARDWARE_MODES, command_line, nodes_for
 
 
 class GraphStartError(RuntimeError):
@@ -186,10 +186,6 @@ def running_system(**kwargs):
         system.stop()
 
 
-def specs_summary(specs: list[NodeSpec]) -> str:
-    return ', '.join(s.name for s in specs)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog='flake-system',
@@ -209,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print(f'flake-system: starting {specs_summary(system.specs)} ({args.hardware} hardware, '
+    print(f'flake-system: starting {", ".join(s.name for s in system.specs)} ({args.hardware} hardware, '
           f'ROS_DOMAIN_ID={os.environ.get("ROS_DOMAIN_ID", "0")})', flush=True)
     system.start()
     code = 0

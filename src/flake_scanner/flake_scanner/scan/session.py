@@ -75,7 +75,3 @@ class ScanProgress:
         if not self.last_detection or not self.last_capture:
             return 0.0
         return max(0.0, self.last_detection - self.last_capture)
-
-    @property
-    def overhead_ratio(self) -> float:
-        return self.elapsed / self.hardware_time if self.hardware_time > 0 else float('nan')
