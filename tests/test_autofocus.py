@@ -176,3 +176,21 @@ def test_focus_map_rejects_too_few_or_collinear_points():
         FocusMap([(0, 0, 0), (0.01, 0.01, 1e-6), (0.02, 0.02, 2e-6)])
     with pytest.raises(FocusMapError):
         FocusMap([(0, 0, 0), (1, 0, float('nan')), (0, 1, 0)])
+
+
+def test_batched_search_images_the_coarse_sweep_at_once_and_finds_the_same_focus():
+    def sharpness(z):
+        return 1.0 / (1.0 + ((z - 7e-6) / 4e-6) ** 2)
+
+    sequential = run_focus_search(FocusSearch(0.0, 40e-6, max_frames=15, coarse_frames=7), sharpness)
+    search = FocusSearch(0.0, 40e-6, max_frames=15, coarse_frames=7)
+    batches = []
+    while batch := search.next_batch():
+        batches.append(batch)
+        for z in reversed(batch):  # scores may come back in any order
+            search.report(z, sharpness(z))
+    assert len(batches[0]) == 7
+    assert batches[0] == pytest.approx(list(np.linspace(-20e-6, 20e-6, 7)))
+    assert all(len(batch) == 1 for batch in batches[1:])
+    assert search.result().z == pytest.approx(sequential.z)
+    assert search.frames_used == sequential.frames_used

@@ -85,6 +85,9 @@ def test_autofocus_action_reaches_focus_within_the_frame_budget(graph):
     assert abs(result.z - focal_z) <= reference.objective.depth_of_field_m / 2
     assert [f.frames_used for f in feedback] == list(range(1, result.frames_used + 1))
     assert feedback[-1].best_z == pytest.approx(result.z)
+    # The coarse sweep (7 frames by default) steps on while each frame is read out and measured;
+    # every refinement frame is waited for.
+    assert result.frames_overlapped == 6
     # The stage is left at the best focus.
     assert spin_until(executor, lambda: abs(states[-1].position.z - result.z) < 2e-7, 10.0)
 

@@ -105,7 +105,10 @@ class FocusSearch:
     """Frame-budgeted search for the z of the sharpest image.
 
     ``next_z()`` gives the next z to image (None when done); ``report(z, score)``
-    feeds back the measure of the frame taken there.
+    feeds back the measure of the frame taken there. ``next_batch()`` gives every z
+    that can be imaged before any of their scores is known (the rest of the coarse
+    sweep, then one refinement step at a time), so a caller can move to the next z
+    while the previous frame is still being read out and measured.
     """
 
     def __init__(self, z_center: float, search_range: float, max_frames: int = 15,
@@ -132,7 +135,7 @@ class FocusSearch:
         # Refinement steps closer than this to an existing sample teach nothing new.
         self._min_spacing = max(tolerance / 4, (high - low) * 1e-4)
         self.samples: list[tuple[float, float]] = []
-        self._pending: float | None = None
+        self._pending: list[float] = []
         self._done = False
 
     @property
@@ -153,28 +156,34 @@ class FocusSearch:
         return FocusResult(z, score, self.frames_used, list(self.samples))
 
     def report(self, z: float, score: float) -> None:
-        if self._pending is None or not math.isclose(z, self._pending, rel_tol=0, abs_tol=1e-12):
-            raise RuntimeError(f'report for z={z} does not answer the requested z={self._pending}')
+        match = next((k for k, pending in enumerate(self._pending)
+                      if math.isclose(z, pending, rel_tol=0, abs_tol=1e-12)), None)
+        if match is None:
+            raise RuntimeError(f'report for z={z} does not answer a requested z ({self._pending})')
         if not math.isfinite(score):
             raise ValueError(f'focus score must be finite, got {score}')
         self.samples.append((float(z), float(score)))
-        self._pending = None
+        del self._pending[match]
 
     def next_z(self) -> float | None:
-        if self._pending is not None:
-            return self._pending
+        batch = self.next_batch()
+        return batch[0] if batch else None
+
+    def next_batch(self) -> list[float]:
+        if self._pending:
+            return list(self._pending)
         if self._done or self.frames_used >= self.max_frames:
             self._done = True
-            return None
+            return []
         if self.frames_used < len(self._coarse):
-            self._pending = float(self._coarse[self.frames_used])
-            return self._pending
+            self._pending = [float(z) for z in self._coarse[self.frames_used:]]
+            return list(self._pending)
         z = self._refine()
         if z is None:
             self._done = True
-            return None
-        self._pending = z
-        return z
+            return []
+        self._pending = [z]
+        return [z]
 
     def _refine(self) -> float | None:
         ordered = sorted(self.samples)

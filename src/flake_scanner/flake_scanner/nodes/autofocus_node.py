@@ -141,11 +141,42 @@ class AutofocusNode(Node):
             raise AutofocusError(Autofocus.Result.ERROR_DEVICE,
                                  f'stage refused z = {z * 1e6:.2f} um: {response.error_code} {response.message}')
 
-    async def _frame_after_now(self) -> Image:
-        future = self._frames.expect(self.get_clock().now().nanoseconds)
+    async def _expose(self) -> Future:
+        """The future of the first frame exposed after now, returned once its exposure has ended.
+
+        The camera answers ``/camera/capture`` when the exposure is over, so the stage may move
+        on while the frame is read out, transferred and measured. A camera that streams on its
+        own (no capture service) gives no such signal: then the frame itself is waited for.
+        """
+        frame = self._frames.expect(self.get_clock().now().nanoseconds)
         if self.capture_client.service_is_ready():
-            self.capture_client.call_async(Trigger.Request())
-        return await self._await(future, self.params['frame_timeout'], 'camera frame (is camera_node active?)')
+            response = await self._await(self.capture_client.call_async(Trigger.Request()),
+                                         self.params['frame_timeout'], 'camera capture')
+            if not response.success:
+                raise AutofocusError(Autofocus.Result.ERROR_DEVICE, f'camera capture failed: {response.message}')
+        else:
+            await self._await(frame, self.params['frame_timeout'], 'camera frame (is camera_node active?)')
+        return frame
+
+    def _score(self, frame: Future, measure: str) -> Future:
+        """The focus measure of ``frame`` once it has arrived, computed in the measuring thread."""
+        scored = Future()
+
+        def measured(done: Future) -> None:
+            if done.exception() is not None:
+                scored.set_exception(done.exception())
+            else:
+                scored.set_result(done.result())
+
+        def arrived(done: Future) -> None:
+            if done.exception() is not None:
+                scored.set_exception(done.exception())
+                wake_executor(self)
+                return
+            self._in_thread(lambda: focus_measure(image_to_numpy(done.result()), measure)).add_done_callback(measured)
+
+        frame.add_done_callback(arrived)
+        return scored
 
     # ------------------------------------------------------------------ action
     def _on_goal(self, goal: Autofocus.Goal) -> GoalResponse:
@@ -196,19 +227,28 @@ class AutofocusNode(Node):
         x, y = position.x, position.y
         search, measure, centre = self._search_for(goal_handle.request, position.z)
         feedback = Autofocus.Feedback()
-        while (z := search.next_z()) is not None:
+        overlapped = 0
+        while batch := search.next_batch():
+            # A batch's z values need no score to be chosen: step on as soon as each exposure ends.
+            scores = []
+            for z in batch:
+                if goal_handle.is_cancel_requested:
+                    break
+                await self._move_z(x, y, z)
+                scores.append((z, self._score(await self._expose(), measure)))
+            overlapped += max(0, len(scores) - 1)
+            for z, scored in scores:
+                score = await self._await(scored, self.params['frame_timeout'],
+                                          'camera frame (is camera_node active?)')
+                search.report(z, score)
+                best_z, _ = search.best()
+                feedback.frames_used, feedback.z, feedback.score, feedback.best_z = (
+                    search.frames_used, float(z), float(score), float(best_z))
+                goal_handle.publish_feedback(feedback)
             if goal_handle.is_cancel_requested:
                 break
-            await self._move_z(x, y, z)
-            frame = await self._frame_after_now()
-            score = await self._await(self._in_thread(
-                lambda msg=frame: focus_measure(image_to_numpy(msg), measure)), 30.0, 'focus measure')
-            search.report(z, score)
-            best_z, _ = search.best()
-            feedback.frames_used, feedback.z, feedback.score, feedback.best_z = (
-                search.frames_used, float(z), float(score), float(best_z))
-            goal_handle.publish_feedback(feedback)
         result.frames_used = search.frames_used
+        result.frames_overlapped = overlapped
         flat = False
         if search.frames_used:
             found = search.result()

@@ -318,9 +318,12 @@ class ScanCoordinator(Node):
         if not outcome.result.success:
             raise ScanError(Scan.Result.ERROR_DEVICE, f'autofocus failed: {outcome.result.message}')
         if progress is not None:
-            # Every focus frame is a z step, a settle and an exposure of the hardware.
+            # Every focus frame is a z step, a settle and an exposure of the hardware; the readout
+            # counts only where the search waited for it before stepping on.
             hardware = self._hardware()
-            progress.hardware_time += outcome.result.frames_used * (hardware.settle + hardware.frame_time())
+            frames, overlapped = outcome.result.frames_used, outcome.result.frames_overlapped
+            progress.hardware_time += (frames * (hardware.settle + hardware.exposure)
+                                       + (frames - overlapped) * hardware.readout)
         return outcome.result.z
 
     async def _set_objective(self, objective: str) -> None:
