@@ -138,3 +138,37 @@ def test_flake_detect_cli_writes_overlays_and_json(tmp_path):
     assert len(predictions['predictions']) == 2 and predictions['funnel'][0]['stage'] == 'foreground regions'
     with pytest.raises(SystemExit):
         detect_main(['--backend', 'nonsense', '--out', str(tmp_path / 'x'), str(tmp_path / 'frame.png')])
+
+
+def test_sampled_noise_matches_the_noise_of_the_full_contrast_map():
+    from flake_detector.optical import _pixel_noise, _sampled_noise
+
+    for seed, noise in ((30, 1.0), (31, 3.0)):
+        image, _ = make_frame(seed, 512, noise=noise)
+        background = estimate_background(image)
+        full = _pixel_noise(contrast_map(image, background, smooth=3))
+        assert _sampled_noise(image, background, smooth=3) == pytest.approx(full, rel=0.1)
+    # More camera noise, more contrast noise: the estimate follows the frame.
+    assert full > 0.004
+
+
+def test_odd_sized_frames_and_flakes_on_the_frame_edge_keep_their_full_resolution_masks():
+    detector = OpticalDetector(materials=['graphene'], calibration='model', max_layers=10, work_size=0)
+    image, truths = make_frame(40, 256, flakes=[('graphene', 1), ('graphene', 2), ('graphene', 3)],
+                               clutter=False, radius=(26, 34))
+    whole = _match(detector.detect(image).detections, truths, min_iou=0.8)
+    assert set(whole) == {0, 1, 2}
+    # Cut the frame through the first flake, to an odd size: what is left of it is still found,
+    # with a mask that reaches the last row and column of the frame.
+    u, v = (int(c) for c in truths[0].centre)
+    cropped = np.ascontiguousarray(image[:v + 1, :u + 1])
+    cut = [t for t in truths if t.mask[:v + 1, :u + 1].sum() >= 60]
+    for t in cut:
+        t.mask = t.mask[:v + 1, :u + 1]
+    result = detector.detect(cropped)
+    found = _match(result.detections, cut, min_iou=0.7)
+    assert 0 in found and found[0].layers == 1
+    assert found[0].full_mask(cropped.shape)[-1].any() and found[0].full_mask(cropped.shape)[:, -1].any()
+    for det in result.detections:
+        x, y, w, h = det.bbox
+        assert x >= 0 and y >= 0 and x + w <= cropped.shape[1] and y + h <= cropped.shape[0]

@@ -138,6 +138,14 @@ def estimate_background(image_bgr: np.ndarray, step: int = 8, tolerance: float =
     """
     image = _as_bgr(image_bgr)
     h, w = image.shape[:2]
+    return cv2.resize(background_surface(image, step, tolerance), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def background_surface(image_bgr: np.ndarray, step: int = 8, tolerance: float = 0.04) -> np.ndarray:
+    """The substrate surface of ``estimate_background`` on a copy ``step`` times smaller
+    (float32, BGR); resizing it to any size gives the background at that size."""
+    image = _as_bgr(image_bgr)
+    h, w = image.shape[:2]
     small = cv2.resize(image, (max(8, w // step), max(8, h // step)), interpolation=cv2.INTER_AREA)
     small = small.astype(np.float32)
     sh, sw = small.shape[:2]
@@ -149,7 +157,7 @@ def estimate_background(image_bgr: np.ndarray, step: int = 8, tolerance: float =
     colour = np.median(small[keep], axis=0)
     keep = np.all(np.abs(small - colour) <= np.maximum(2.0, tolerance * colour), axis=2)
     if keep.sum() < 20:
-        return np.broadcast_to(colour.astype(np.float32), image.shape).copy()
+        return np.broadcast_to(colour.astype(np.float32), small.shape).copy()
     vv, uu = np.mgrid[0:sh, 0:sw].astype(np.float32)
     uu = (uu - (sw - 1) / 2) / max(sw, sh)
     vv = (vv - (sh - 1) / 2) / max(sw, sh)
@@ -165,8 +173,7 @@ def estimate_background(image_bgr: np.ndarray, step: int = 8, tolerance: float =
         if inliers.sum() >= 20:
             coef = _least_squares(a[inliers], b[inliers])
         surface[..., c] = basis @ coef.astype(np.float32)
-    surface = np.maximum(surface, 1.0)
-    return cv2.resize(surface, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.maximum(surface, 1.0)
 
 
 def _least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -306,10 +313,68 @@ def estimate_thickness(image_bgr: np.ndarray, mask: np.ndarray, calibration: Cal
     return estimate_from_contrast(calibration, np.median(values, axis=0), len(values), noise)
 
 
-def _pixel_noise(contrast: np.ndarray) -> float:
-    sample = contrast[::4, ::4].reshape(-1, 3)
+def _pixel_noise(contrast: np.ndarray, stride: int = 4) -> float:
+    sample = contrast[::stride, ::stride].reshape(-1, 3)
     mad = np.median(np.abs(sample - np.median(sample, axis=0)), axis=0)
     return float(np.mean(1.4826 * mad))
+
+
+def _sampled_noise(work: np.ndarray, background: np.ndarray, smooth: int, stride: int = 8) -> float:
+    """Noise of the box-smoothed contrast (what ``_pixel_noise`` measures on the full map),
+    from every ``stride``-th pixel: the smoothing is summed from shifted strided views,
+    so no full-resolution pass is needed."""
+    h, w = work.shape[:2]
+    r = smooth // 2 if smooth > 1 else 0
+    rows, cols = len(range(r, h - r, stride)), len(range(r, w - r, stride))
+    if rows < 4 or cols < 4:
+        return _pixel_noise(contrast_map(work, background, smooth))
+    total = np.zeros((rows, cols, 3), np.float32)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            total += work[r + dy:h - r + dy:stride, r + dx:w - r + dx:stride][:rows, :cols]
+    total /= float((2 * r + 1) ** 2)
+    return _pixel_noise(total / background[r:h - r:stride, r:w - r:stride][:rows, :cols] - 1.0, stride=1)
+
+
+class _PixelClassifier:
+    """Nearest class (squared Mahalanobis distance) of many pixels against fixed Gaussians,
+    gated at ``gate`` sigma.
+
+    The distance is expanded as x'Px - 2 x'Pm + m'Pm so the classes cost two small
+    float32 matrix products per batch of pixels; pixels outside the box that bounds every
+    class's gate ellipsoid (bulk crystals, dust, saturated spots) are settled first.
+    """
+
+    def __init__(self, means: np.ndarray, covariances: np.ndarray, gate: float):
+        precisions = np.linalg.inv(covariances)  # (K, 3, 3)
+        self._quadratic = precisions.reshape(len(means), 9).T.astype(np.float32)  # (9, K)
+        pm = np.einsum('kij,kj->ki', precisions, means)
+        self._linear = (-2.0 * pm).T.astype(np.float32)  # (3, K)
+        self._constant = np.einsum('ki,ki->k', means, pm).astype(np.float32)
+        self._gate_sq = gate * gate
+        reach = gate * np.sqrt(np.diagonal(covariances, axis1=1, axis2=2))  # (K, 3)
+        self._low = (means - reach).min(axis=0).astype(np.float32)
+        self._high = (means + reach).max(axis=0).astype(np.float32)
+
+    def distances(self, values: np.ndarray) -> np.ndarray:
+        x = np.asarray(values, dtype=np.float32).reshape(-1, 3)
+        outer = (x[:, :, None] * x[:, None, :]).reshape(-1, 9)
+        d2 = outer @ self._quadratic
+        d2 += x @ self._linear
+        d2 += self._constant
+        return np.maximum(d2, 0.0, out=d2)
+
+    def classify(self, values: np.ndarray) -> np.ndarray:
+        """Index of the nearest class per pixel, -1 where no class lies within the gate."""
+        x = np.asarray(values, dtype=np.float32).reshape(-1, 3)
+        labels = np.full(len(x), -1, dtype=np.int32)
+        inside = np.nonzero(np.all((x >= self._low) & (x <= self._high), axis=1))[0]
+        if len(inside):
+            d2 = self.distances(x[inside])
+            best = np.argmin(d2, axis=1)
+            ok = np.take_along_axis(d2, best[:, None], axis=1)[:, 0] <= self._gate_sq
+            labels[inside[ok]] = best[ok]
+        return labels
 
 
 # --------------------------------------------------------------------------- detector
@@ -365,41 +430,112 @@ class OpticalDetector:
                                         interpolation=cv2.INTER_AREA)
         else:
             work = image
+        work = np.ascontiguousarray(work)
+        hw, ww = work.shape[:2]
+        # The foreground is searched on a half-resolution copy (see _foreground_windows).
+        factor = 2 if min(hw, ww) >= 64 else 1
+        coarse = work if factor == 1 else cv2.resize(work, (ww // factor, hw // factor),
+                                                     interpolation=cv2.INTER_AREA)
         if background is None:
-            background = estimate_background(work, step=max(1, round(self.background_step * scale)))
-        contrast = contrast_map(work, background, smooth=self.smooth)
-        t1 = time.perf_counter()
-        min_area = max(4, int(self.min_area_px * scale * scale))
-        noise = max(_pixel_noise(contrast), 1e-3)
+            surface = background_surface(work, step=max(1, round(self.background_step * scale)))
+            background = cv2.resize(surface, (ww, hw), interpolation=cv2.INTER_LINEAR)
+            coarse_background = cv2.resize(surface, (coarse.shape[1], coarse.shape[0]),
+                                           interpolation=cv2.INTER_LINEAR)
+        else:
+            background = np.asarray(background, dtype=np.float32)
+            coarse_background = cv2.resize(background, (coarse.shape[1], coarse.shape[0]),
+                                           interpolation=cv2.INTER_AREA)
+        noise = max(_sampled_noise(work, background, self.smooth), 1e-3)
         threshold = max(self.min_contrast, self.foreground_sigma * noise * math.sqrt(3.0))
-        magnitude_sq = cv2.transform(contrast * contrast, np.ones((1, 3), np.float32))
-        foreground = magnitude_sq > threshold * threshold
-        foreground = cv2.morphologyEx(foreground.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
-        candidates = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area]
+        min_area = max(4, int(self.min_area_px * scale * scale))
+        windows = self._foreground_windows(coarse, coarse_background, factor, (hw, ww), threshold, min_area)
+        t1 = time.perf_counter()
         detections: list[Detection] = []
         pixel_cov = np.eye(3) * noise ** 2
-        pixel_precisions = np.linalg.inv(self._covs + pixel_cov)
-        for index in candidates:
-            x, y, bw, bh, _ = stats[index]
-            window = contrast[y:y + bh, x:x + bw]
-            component = labels[y:y + bh, x:x + bw] == index
-            values = window[component]
-            d2 = mahalanobis_sq(values, self._means, precisions=pixel_precisions)
-            best = np.argmin(d2, axis=1)
-            ok = d2[np.arange(len(best)), best] <= self.gate_sigma ** 2
-            class_map = np.full(component.shape, -1, dtype=np.int32)
-            class_map[component] = np.where(ok, best, -1)
-            class_map = self._settle_edges(class_map, component, min_area, scale, window, pixel_cov)
-            detections.extend(self._regions(class_map, window, (x, y), noise, min_area))
+        classifier = _PixelClassifier(self._means, self._covs + pixel_cov, self.gate_sigma)
+        candidates = 0
+        for x0, y0, x1, y1, owned in windows:
+            contrast = self._window_contrast(work, background, x0, y0, x1, y1)
+            magnitude_sq = cv2.transform(contrast * contrast, np.ones((1, 3), np.float32))
+            foreground = ((magnitude_sq > threshold * threshold) & owned).astype(np.uint8)
+            foreground = cv2.morphologyEx(foreground, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+            for index in range(1, count):
+                if stats[index, cv2.CC_STAT_AREA] < min_area:
+                    continue
+                candidates += 1
+                x, y, bw, bh, _ = stats[index]
+                window = contrast[y:y + bh, x:x + bw]
+                component = labels[y:y + bh, x:x + bw] == index
+                class_map = np.full(component.shape, -1, dtype=np.int32)
+                class_map[component] = classifier.classify(window[component])
+                class_map = self._settle_edges(class_map, component, min_area, scale, window, pixel_cov)
+                detections.extend(self._regions(class_map, window, (x0 + x, y0 + y), noise, min_area))
         if scale < 1.0:
             detections = [_rescale(d, 1.0 / scale, (h, w)) for d in detections]
         t2 = time.perf_counter()
         add_isolation(detections)
-        return FrameResult(detections, candidates=len(candidates),
-                           funnel=[FunnelStage('foreground regions', len(candidates)),
+        return FrameResult(detections, candidates=candidates,
+                           funnel=[FunnelStage('foreground regions', candidates),
                                    FunnelStage('calibrated regions', len(detections))],
                            timings={'contrast': t1 - t0, 'segment': t2 - t1})
+
+    def _foreground_windows(self, coarse: np.ndarray, coarse_background: np.ndarray, factor: int,
+                            shape: tuple[int, int], threshold: float, min_area: int):
+        """Frame windows (x0, y0, x1, y1, owned mask) around everything that stands out.
+
+        The search runs on a copy ``factor`` times smaller: averaging 2 x 2 pixels keeps
+        any region of ``min_area_px`` visible while the full-resolution passes (contrast,
+        threshold, labelling) are only paid inside the windows. ``owned`` keeps each
+        window to its own region where windows overlap.
+        """
+        hw, ww = shape
+        ch, cw = coarse.shape[:2]
+        ratio = cv2.divide(coarse.astype(np.float32), coarse_background)
+        ratio = cv2.subtract(ratio, 1.0)
+        magnitude_sq = cv2.transform(ratio * ratio, np.ones((1, 3), np.float32))
+        # A little looser than the full-resolution threshold: the windows must hold every
+        # region that threshold keeps.
+        coarse_foreground = (magnitude_sq > (0.8 * threshold) ** 2).astype(np.uint8)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(coarse_foreground, connectivity=8)
+        min_coarse_area = max(2, min_area // (2 * factor * factor))
+        pad = 2  # coarse pixels around a region: its blurred rim and the opening's reach
+        kernel = np.ones((3, 3), np.uint8)
+        windows = []
+        for index in range(1, count):
+            x, y, bw, bh, area = stats[index]
+            if area < min_coarse_area:
+                continue
+            cx0, cy0 = max(0, x - pad), max(0, y - pad)
+            cx1, cy1 = min(cw, x + bw + pad), min(ch, y + bh + pad)
+            crop = labels[cy0:cy1, cx0:cx1]
+            owned = cv2.dilate((crop == index).astype(np.uint8), kernel, iterations=pad) > 0
+            owned &= (crop == 0) | (crop == index)
+            if factor > 1:
+                owned = np.repeat(np.repeat(owned, factor, axis=0), factor, axis=1)
+            x0, y0 = cx0 * factor, cy0 * factor
+            # The last row/column of an odd-sized frame has no coarse pixel: windows at the
+            # edge reach it.
+            x1 = ww if cx1 == cw else cx1 * factor
+            y1 = hw if cy1 == ch else cy1 * factor
+            if owned.shape != (y1 - y0, x1 - x0):
+                owned = np.pad(owned, ((0, y1 - y0 - owned.shape[0]), (0, x1 - x0 - owned.shape[1])), mode='edge')
+            windows.append((x0, y0, x1, y1, owned))
+        return windows
+
+    def _window_contrast(self, work: np.ndarray, background: np.ndarray,
+                         x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """Contrast (float32, R, G, B) of frame pixels [x0, x1) x [y0, y1), box-smoothed like
+        ``contrast_map`` over the whole frame (the rim the box filter needs is read too)."""
+        hw, ww = work.shape[:2]
+        r = self.smooth // 2 if self.smooth > 1 else 0
+        px0, py0, px1, py1 = max(0, x0 - r), max(0, y0 - r), min(ww, x1 + r), min(hw, y1 + r)
+        patch = work[py0:py1, px0:px1].astype(np.float32)
+        if self.smooth > 1:
+            patch = cv2.blur(patch, (self.smooth, self.smooth))
+        patch = patch[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
+        contrast = cv2.subtract(cv2.divide(patch, background[y0:y1, x0:x1]), 1.0)
+        return np.ascontiguousarray(contrast[..., ::-1])
 
     def _settle_edges(self, class_map: np.ndarray, component: np.ndarray, min_area: int,
                       scale: float, window: np.ndarray, pixel_cov: np.ndarray) -> np.ndarray:
