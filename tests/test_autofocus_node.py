@@ -88,6 +88,9 @@ def test_autofocus_action_reaches_focus_within_the_frame_budget(graph):
     # The coarse sweep (7 frames by default) steps on while each frame is read out and measured;
     # every refinement frame is waited for.
     assert result.frames_overlapped == 6
+    # One z move per frame, then the move to the best z.
+    assert len(result.z_visited) == result.frames_used + 1
+    assert result.z_visited[-1] == pytest.approx(result.z)
     # The stage is left at the best focus.
     assert spin_until(executor, lambda: abs(states[-1].position.z - result.z) < 2e-7, 10.0)
 

@@ -99,3 +99,14 @@ def test_mosaic_builder_grows_with_the_frames_it_receives():
     u1, v1 = mosaic.wafer_to_pixel(1.3e-3, 0.5e-3)
     assert mosaic.canvas[v0, u0].tolist() == [60, 60, 60]
     assert mosaic.canvas[v1, u1].tolist() == [120, 120, 120]
+
+
+def test_hardware_model_times_focus_steps_with_the_z_axis_profile():
+    from flake_scanner.scan.session import HardwareModel
+
+    hardware = HardwareModel(settle=0.02, z_speed=1e-3, z_acceleration=0.05)
+    # 8 um never reaches full speed (ramping up and down takes 20 um): 2 sqrt(d / a), then the settle.
+    assert hardware.z_move_time(8e-6) == pytest.approx(2 * math.sqrt(8e-6 / 0.05) + 0.02)
+    # 30 um: 20 ms up, 20 ms down, 10 um at 1 mm/s; the direction does not matter.
+    assert hardware.z_move_time(-30e-6) == pytest.approx(0.04 + 0.01 + 0.02)
+    assert hardware.z_move_time(0.0) == 0.0

@@ -55,6 +55,9 @@ PARAMS = [
           '0 = a quarter of the depth of field of the objective in use', minimum=0.0, maximum=1e-3),
     Param('min_peak_ratio', 1.2, 'best/lowest focus score below which the field is taken to hold nothing '
           'to focus on; the stage then returns to the search centre', minimum=1.0, maximum=100.0),
+    Param('step_during_readout', True, 'move to the next z of the coarse sweep as soon as an exposure ends '
+          '(global-shutter cameras); false waits for every frame (rolling shutters, which still expose '
+          'while the capture is answered)'),
     Param('move_timeout', 30.0, 'time allowed for one z move [s]', minimum=0.1, maximum=600.0),
     Param('frame_timeout', 10.0, 'time allowed for a frame to arrive [s]', minimum=0.1, maximum=120.0),
 ]
@@ -229,12 +232,15 @@ class AutofocusNode(Node):
         feedback = Autofocus.Feedback()
         overlapped = 0
         while batch := search.next_batch():
+            if not self.params['step_during_readout']:
+                batch = batch[:1]
             # A batch's z values need no score to be chosen: step on as soon as each exposure ends.
             scores = []
             for z in batch:
                 if goal_handle.is_cancel_requested:
                     break
                 await self._move_z(x, y, z)
+                result.z_visited.append(float(z))
                 scores.append((z, self._score(await self._expose(), measure)))
             overlapped += max(0, len(scores) - 1)
             for z, scored in scores:
@@ -256,6 +262,7 @@ class AutofocusNode(Node):
             # With no focus signal the sharpest frame is noise: the search centre is the better guess.
             best_z = centre if flat else found.z
             await self._move_z(x, y, best_z)
+            result.z_visited.append(float(best_z))
             result.z, result.score = float(best_z), float(found.score)
         if goal_handle.is_cancel_requested:
             result.error_code, result.message = Autofocus.Result.ERROR_CANCELED, 'canceled'

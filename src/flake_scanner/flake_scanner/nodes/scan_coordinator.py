@@ -95,6 +95,10 @@ PARAMS = [
           minimum=1e-4, maximum=10.0),
     Param('hardware_settle', 0.05, 'stage settle time of the hardware timing model [s]',
           minimum=0.0, maximum=5.0),
+    Param('hardware_z_speed', 1e-3, 'focus (z) speed of the hardware timing model [m/s]', minimum=1e-6,
+          maximum=1.0),
+    Param('hardware_z_acceleration', 50e-3, 'focus (z) acceleration of the hardware timing model [m/s^2]',
+          minimum=1e-5, maximum=10.0),
     Param('hardware_exposure', 0.01, 'exposure of the hardware timing model [s]', minimum=0.0, maximum=5.0),
     Param('hardware_readout', 0.033, 'sensor readout and transfer per frame of the hardware timing model [s] '
           '(a 1 MP camera at 30 frames/s)', minimum=0.0, maximum=5.0),
@@ -309,6 +313,7 @@ class ScanCoordinator(Node):
                 if time.monotonic() > deadline:
                     raise ScanError(Scan.Result.ERROR_DEVICE, 'autofocus action /autofocus not available')
                 await self._sleep(0.05)
+        z_before = self._stage_xyz()[2]
         goal = Autofocus.Goal(z_center=float(z_center), use_current=False)
         timeout = self.params['autofocus_timeout']
         handle = await self._with_timeout(self.autofocus_client.send_goal_async(goal), timeout, 'autofocus')
@@ -318,12 +323,13 @@ class ScanCoordinator(Node):
         if not outcome.result.success:
             raise ScanError(Scan.Result.ERROR_DEVICE, f'autofocus failed: {outcome.result.message}')
         if progress is not None:
-            # Every focus frame is a z step, a settle and an exposure of the hardware; the readout
-            # counts only where the search waited for it before stepping on.
+            # Every focus frame is a z step with its settle and an exposure of the hardware; the
+            # readout counts only where the search waited for it before stepping on.
             hardware = self._hardware()
             frames, overlapped = outcome.result.frames_used, outcome.result.frames_overlapped
-            progress.hardware_time += (frames * (hardware.settle + hardware.exposure)
-                                       + (frames - overlapped) * hardware.readout)
+            path = [z_before, *outcome.result.z_visited]
+            progress.hardware_time += (sum(hardware.z_move_time(b - a) for a, b in zip(path, path[1:]))
+                                       + frames * hardware.exposure + (frames - overlapped) * hardware.readout)
         return outcome.result.z
 
     async def _set_objective(self, objective: str) -> None:
@@ -348,6 +354,8 @@ class ScanCoordinator(Node):
         return HardwareModel(speed=self.params['hardware_speed'],
                              acceleration=self.params['hardware_acceleration'],
                              settle=self.params['hardware_settle'],
+                             z_speed=self.params['hardware_z_speed'],
+                             z_acceleration=self.params['hardware_z_acceleration'],
                              exposure=self.params['hardware_exposure'],
                              readout=self.params['hardware_readout'])
 

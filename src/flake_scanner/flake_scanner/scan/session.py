@@ -30,6 +30,8 @@ class HardwareModel:
     settle: float = 0.05         # [s] after every move
     exposure: float = 0.01       # [s] per frame
     readout: float = 0.0         # [s] per frame, sensor readout / transfer
+    z_speed: float = 1e-3        # [m/s]
+    z_acceleration: float = 50e-3  # [m/s^2]
 
     def move_time(self, from_xy: tuple[float, float], to_xy: tuple[float, float]) -> float:
         """XY axes move together, so the slower axis sets the time; then the stage settles."""
@@ -38,6 +40,12 @@ class HardwareModel:
             return 0.0
         return max(trapezoid_move_time(dx, self.speed, self.acceleration),
                    trapezoid_move_time(dy, self.speed, self.acceleration)) + self.settle
+
+    def z_move_time(self, dz: float) -> float:
+        """A focus step: the z axis alone, then the stage settles."""
+        if dz == 0.0:
+            return 0.0
+        return trapezoid_move_time(dz, self.z_speed, self.z_acceleration) + self.settle
 
     def frame_time(self) -> float:
         return self.exposure + self.readout
