@@ -1,6 +1,7 @@
 """FlakeStore on real SQLite files: schema and migrations, merge, queries, leases, exports."""
 
 import csv
+from dataclasses import replace
 import io
 import json
 import random
@@ -210,6 +211,20 @@ def test_sorting_and_paging(populated):
     assert all(p.total == 60 for p in pages)
     assert [f.id for p in pages for f in p.flakes] == [f.id for f in by_score]
 
+
+
+def test_query_without_outlines_gives_the_same_records_less_the_outline(populated, clock):
+    store, batch, ids = populated
+    store.reserve(ids[3], 'arm-1', 30)
+    query = FlakeQuery(min_score=0.2, sort_by='area', limit=25)
+    full, lean = store.query(query), store.query(query, contours=False)
+    assert lean.total == full.total and len(lean.flakes) == 25
+    assert all(f.contour for f in full.flakes) and not any(f.contour for f in lean.flakes)
+    assert [replace(f, contour=[]) for f in full.flakes] == lean.flakes
+    exported = {f.id: f for f in store.iter_flakes(chip_id='chip-1', page=7)}
+    assert len(exported) == 40
+    assert all(exported[f.id].contour == f.contour for f in full.flakes if f.chip_id == 'chip-1')
+    assert exported[ids[3]].reserved_by == 'arm-1' and exported[ids[3]].status == STATUS_RESERVED
 
 @pytest.mark.parametrize('filters, code', [
     ({'layers_min': 5, 'layers_max': 2}, 'INVALID_RANGE'),

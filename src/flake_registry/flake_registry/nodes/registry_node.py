@@ -246,9 +246,10 @@ class RegistryNode(Node):
 
     def _query_flakes(self, request, response):
         def run():
-            result = self.store.query(query_from_request(request, self.params['default_query_limit']))
-            response.total = result.total
             contours = self.params['query_contours']
+            result = self.store.query(query_from_request(request, self.params['default_query_limit']),
+                                      contours=contours)
+            response.total = result.total
             response.flakes = [self.messages.message(f, contour=contours) for f in result.flakes]
             response.message = f'{len(result.flakes)} of {result.total} flakes'
         return self._answer(response, run, 'query_flakes')
