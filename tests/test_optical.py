@@ -172,3 +172,74 @@ def test_odd_sized_frames_and_flakes_on_the_frame_edge_keep_their_full_resolutio
     for det in result.detections:
         x, y, w, h = det.bbox
         assert x >= 0 and y >= 0 and x + w <= cropped.shape[1] and y + h <= cropped.shape[0]
+
+
+def _simulated_chip_frame(objects, size=384, seed=5):
+    """A frame of the simulated microscope (10x, 90 nm SiO2) holding only ``objects``:
+    (kind, material, layers, thickness_nm, (x, y) offset from the frame centre [um], radius [um])."""
+    from flake_scanner.sim.camera import CameraModel, CameraSettings
+    from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
+
+    wafer = VirtualWafer.generate(WaferConfig(
+        seed=seed, chip_width_m=2e-3, chip_height_m=2e-3, flake_density_per_mm2=0.0,
+        residue_line_density_per_mm2=0.0, residue_network_density_per_mm2=0.0, dust_density_per_mm2=0.0,
+        bulk_density_per_mm2=0.0))
+    centre = np.array([1e-3, 1e-3])
+    rng = np.random.default_rng(seed)
+    for kind, material, layers, thickness_nm, offset, radius in objects:
+        at = centre + np.array(offset) * 1e-6
+        if kind == 'residue':
+            path = at + np.stack([np.linspace(-radius, radius, 12), 6 * np.sin(np.linspace(0, 3, 12))], axis=1) * 1e-6
+            wafer.add_object('residue', 'residue', path, thickness_nm=thickness_nm, shape='line', line_width_m=2e-6)
+        else:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, 7))
+            radii = radius * rng.uniform(0.75, 1.0, 7) * 1e-6
+            polygon = at + np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+            wafer.add_object(kind, material, polygon, layers=layers)
+    camera = CameraModel(wafer, CameraSettings(width=size, height=size, seed=seed))
+    x, y = wafer.wafer_to_stage.apply(*centre)
+    truth = camera.ground_truth(x, y)
+    # In the order given (each material and layer count is placed once).
+    by_kind = {(o.material, o.layers): o for o in truth.objects if o.kind == 'flake'}
+    flakes = [by_kind[(m, n)] for kind, m, n, *_ in objects if kind == 'flake' and (m, n) in by_kind]
+    return camera.render(x, y), flakes, truth
+
+
+def test_few_layer_mos2_and_wte2_are_found_with_their_material_among_all_four():
+    # MoS2 5 layers saturates the blue channel at the simulator's exposure; the tape residue
+    # line has the colour of 10-20 nm hBN.
+    flakes = [('flake', 'mos2', 2, None, (-90, -80), 14), ('flake', 'mos2', 5, None, (0, -80), 14),
+              ('flake', 'wte2', 3, None, (80, -70), 14), ('flake', 'wte2', 1, None, (-80, 50), 13),
+              ('flake', 'graphene', 2, None, (0, 30), 14), ('residue', '', 0, 15.0, (70, 60), 40)]
+    image, truths, _ = _simulated_chip_frame(flakes)
+    assert len(truths) == 5
+    blue_of_mos2_5l = image[truths[1].mask, 0]
+    assert (blue_of_mos2_5l == 255).mean() > 0.5
+    detector = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=10, work_size=0)
+    result = detector.detect(image)
+    found = _match(result.detections, truths, min_iou=0.5)
+    assert set(found) == {0, 1, 2, 3, 4}
+    for k, truth in enumerate(truths):
+        assert (found[k].material, found[k].layers) == (truth.material, truth.layers)
+        assert found[k].extra['material_probability'] > 0.5
+    assert found[1].extra['saturated_channels'] == 1
+    # Nothing else: the residue line is not taken for hBN.
+    assert len(result.detections) == 5
+
+
+def test_residue_lines_are_rejected_by_shape_and_thick_flakes_do_not_pass_for_thin_ones():
+    # 60 nm hBN saturates green and blue: one channel left, which every material reaches at
+    # some thickness, so it is not reported as anything (MoS2 8 layers has its red contrast).
+    flakes = [('residue', '', 0, 10.0, (-60, -60), 60), ('residue', '', 0, 20.0, (40, 60), 50),
+              ('flake', 'hbn', 180, None, (60, -60), 16), ('flake', 'hbn', 30, None, (-70, 60), 16)]
+    image, truths, _ = _simulated_chip_frame(flakes, seed=6)
+    detector = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0)
+    result = detector.detect(image)
+    found = _match(result.detections, truths, min_iou=0.5)
+    assert set(found) == {1}  # the 10 nm hBN flake, with its material
+    assert found[1].material == 'hbn' and abs(found[1].layers - 30) <= 3
+    assert len(result.detections) == 1
+    # Without the shape test, the lines come back as hBN.
+    loose = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0,
+                          max_elongation=1e9)
+    assert sum(d.material == 'hbn' for d in loose.detect(image).detections) >= 2
