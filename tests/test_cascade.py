@@ -14,6 +14,8 @@ from flake_detector.cascade import Cascade, CascadeDetector, Target, build_net, 
 from flake_detector.cascade_train import (
     CropSet,
     TruthObject,
+    choose_threshold,
+    choose_thresholds,
     crops_from_folder,
     crops_from_frames,
     label_candidates,
@@ -154,3 +156,37 @@ def test_a_thin_flake_on_the_rim_of_a_large_region_is_not_a_good_candidate():
     isolated = TruthObject('graphene', 2, 0.67, 300.0, (150.0, 150.0))  # 75 % of the small one
     assert label_candidates([big, small], [thin_on_rim, isolated], TARGET).tolist() == [0, 1]
     assert label_candidates([big], [thin_on_rim], TARGET, min_share=0.0).tolist() == [1]
+
+
+def test_threshold_is_the_strictest_that_keeps_the_recall():
+    scores = np.array([0.9, 0.1, 0.8, 0.6, 0.7])
+    # Midway between the lowest score kept and the next one down.
+    assert choose_threshold(scores, 0.8) == pytest.approx(0.35)  # 4 of 5 kept
+    assert choose_threshold(scores, 0.6) == pytest.approx(0.65)  # 3 of 5 kept
+    assert choose_threshold(scores, 0.7) == pytest.approx(0.35)  # 3.5 of 5: 4 kept
+    assert choose_threshold(scores, 1.0) == pytest.approx(0.05)
+    assert choose_threshold(np.array([1.0, 1.0]), 0.5) == pytest.approx(1 - 1e-4)  # foldable: inside (0, 1)
+    with pytest.raises(ValueError):
+        choose_threshold(scores, 0.0)
+    with pytest.raises(ValueError):
+        choose_threshold(np.array([]), 0.9)
+
+
+def test_thresholds_chosen_on_validation_fold_into_the_nets(tiny_data):
+    _, train, fresh = tiny_data
+    cascade = train_cascade(train, TARGET, nets=3, seed=3, width=0.125, crop_size=40, net_input=20,
+                            batch=32, max_steps=15, eval_every=5)
+    thresholds, report = choose_thresholds(cascade, fresh, recall=0.9)
+    assert len(thresholds) == 3 and all(0 < t < 1 for t in thresholds)
+    # The validation crops themselves keep at least the recall asked for.
+    assert report['good_kept'] >= 0.9 and report['funnel'][0] == [len(fresh), fresh.good]
+    before = np.stack([cascade.probabilities(fresh.crops, k) for k in range(3)], axis=1)
+    cascade.fold_thresholds(thresholds)
+    after = np.stack([cascade.probabilities(fresh.crops, k) for k in range(3)], axis=1)
+    assert np.array_equal(after >= 0.5, before >= np.array(thresholds))
+    accepted, _, left = cascade.run(fresh.crops)
+    assert left[-1] == report['funnel'][-1][0] and accepted[fresh.labels == 1].sum() == report['funnel'][-1][1]
+    with pytest.raises(ValueError):
+        cascade.fold_thresholds([0.5, 0.5])
+    with pytest.raises(ValueError):
+        cascade.fold_thresholds([0.5, 1.0, 0.5])

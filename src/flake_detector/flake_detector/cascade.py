@@ -9,9 +9,11 @@ The 80 x 80 crops are area-averaged to 40 x 40 before the first convolution
 (``net_input``): four times less arithmetic, which is what lets the cascade keep up
 with the scan on a CPU, at no cost for objects that span tens of pixels.
 
-Each net is stopped while still noisy (~88 % on a balanced evaluation batch); a
-candidate is good only if every net of the cascade accepts it, which removes the
-bad candidates that any single net lets through (seed 000 Fig. 2).
+Three nets are trained separately on the same crops; a candidate is good only if
+every net of the cascade accepts it, which removes the bad candidates that any single
+net lets through (seed 000 Fig. 2). Each net's decision threshold is chosen on a
+validation seed for a recall target and folded into its output bias
+(``fold_thresholds``), so the cascade always decides at P(good) = 0.5.
 
 Crops are normalised by their own median colour (crop / median - 1): the input is
 then a contrast image, independent of lamp brightness and white balance, like the
@@ -164,6 +166,26 @@ class Cascade:
         accepted = np.zeros(len(crops), dtype=bool)
         accepted[alive] = True
         return accepted, score, left
+
+    def fold_thresholds(self, thresholds) -> None:
+        """Make P(good) = 0.5 of net k fall where it was ``thresholds[k]``.
+
+        A threshold chosen for each net on a validation seed is moved into the net's
+        output bias (a shift of the good-minus-bad logit by logit(t)), so the cascade
+        decides at 0.5 whatever its nets: a single ``threshold`` (the node's
+        cascade_threshold) then moves every net the same way from its chosen point.
+        """
+        import torch
+
+        thresholds = [float(t) for t in thresholds]
+        if len(thresholds) != len(self.nets):
+            raise ValueError(f'need one threshold per net ({len(self.nets)}), got {len(thresholds)}')
+        for net, t in zip(self.nets, thresholds, strict=True):
+            if not 0.0 < t < 1.0:
+                raise ValueError(f'thresholds must lie strictly between 0 and 1, got {t}')
+            output = net[-1]
+            with torch.no_grad():
+                output.bias[1] -= math.log(t / (1.0 - t))
 
     # -- files ------------------------------------------------------------------------------
     def save(self, path: Path | str, card: dict | None = None) -> Path:
