@@ -676,6 +676,7 @@ class OpticalDetector:
             in_material = (class_map >= 0) & (self._owner[np.maximum(class_map, 0)] == material_index)
             if in_material.sum() < min_area:
                 continue
+            in_material = self._without_lines(in_material)
             layer_map = np.where(in_material, class_map, -1)
             for cls in np.unique(layer_map[layer_map >= 0]):
                 region = (layer_map == cls).astype(np.uint8)
@@ -719,6 +720,20 @@ class OpticalDetector:
                                'material_probability': material_probability,
                                'saturated_channels': int(0 if flags is None else flags.sum())}))
         return out
+
+    def _without_lines(self, in_material: np.ndarray) -> np.ndarray:
+        """Drop the connected parts of one material's pixels that are lines: the network
+        of tape residue falls into pieces of several thickness classes, each too short
+        to look like a line on its own, but together they are one."""
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(in_material.astype(np.uint8), connectivity=8)
+        if count <= 1:
+            return in_material
+        depth = cv2.distanceTransform(np.pad(in_material, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+        deepest = ndimage.maximum(depth, labels, index=np.arange(1, count))
+        lines = np.nonzero(stats[1:, cv2.CC_STAT_AREA] > self.max_elongation * (2.0 * deepest) ** 2)[0] + 1
+        if not len(lines):
+            return in_material
+        return in_material & ~np.isin(labels, lines)
 
     def _weigh_alternatives(self, contrast: np.ndarray, pixel_count: int, noise: float,
                             censored: np.ndarray | None, material_index: int) -> tuple[float, bool]:
