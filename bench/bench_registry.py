@@ -86,8 +86,9 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def service_latencies(path: Path, calls: int, seed: int,
-                      cache_size: int) -> dict[str, tuple[float, float, float, int, int]]:
-    """Per query kind: p50 and p99 round trip [ms], registry CPU per call [ms], matches, flakes returned.
+                      cache_size: int) -> dict[str, tuple[float, float, float, int, int, float]]:
+    """Per query kind: p50 and p99 round trip [ms], registry CPU per call [ms], matches, flakes returned,
+    CPU of this client process per call [ms].
 
     registry_node runs in its own process, as on a real system; its CPU time per call
     does not depend on how busy the machine is, the round trip does.
@@ -126,7 +127,7 @@ def service_latencies(path: Path, calls: int, seed: int,
                 break
         for name, fields in QUERIES.items():
             latencies, total, returned = [], 0, 0
-            cpu_before = _cpu_seconds(server.pid)
+            cpu_before, client_cpu_before = _cpu_seconds(server.pid), time.process_time()
             for _ in range(calls):
                 request = QueryFlakes.Request(**fields)
                 if fields.get('use_distance'):
@@ -137,7 +138,9 @@ def service_latencies(path: Path, calls: int, seed: int,
                 assert response is not None and response.success, (name, response)
                 total, returned = response.total, len(response.flakes)
             cpu_ms = (_cpu_seconds(server.pid) - cpu_before) / calls * 1e3
-            results[name] = (statistics.median(latencies), percentile(latencies, 0.99), cpu_ms, total, returned)
+            client_cpu_ms = (time.process_time() - client_cpu_before) / calls * 1e3
+            results[name] = (statistics.median(latencies), percentile(latencies, 0.99), cpu_ms, total, returned,
+                             client_cpu_ms)
     finally:
         executor.shutdown()
         client_node.destroy_node()
@@ -151,13 +154,55 @@ def service_latencies(path: Path, calls: int, seed: int,
     return results
 
 
+def cost_split(path: Path, calls: int) -> list[tuple[str, float]]:
+    """CPU time [ms] of each step of a 100-flake 'material + layer class' answer, measured in this process.
+
+    The same code runs in registry_node (query, messages, serialisation) and in the
+    robot's rclpy client (deserialisation); CPU time, unlike the round trip, does not
+    depend on what else the shared machine is running.
+    """
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    from flake_msgs.srv import QueryFlakes
+    from flake_registry.nodes.conversions import FlakeMessageCache, flake_to_msg, query_from_request
+
+    request = QueryFlakes.Request(**QUERIES['material + layer class, by score'])
+    cache = FlakeMessageCache(20000)
+
+    def cpu_ms(step) -> float:
+        step()  # first call outside the clock: imports and the SQLite page cache
+        start = time.process_time()
+        for _ in range(calls):
+            step()
+        return (time.process_time() - start) / calls * 1e3
+
+    with FlakeStore(path) as store:
+        def query():
+            return store.query(query_from_request(request, 100), contours=False)
+        flakes = query().flakes
+        response = QueryFlakes.Response(success=True, total=len(flakes),
+                                        flakes=[cache.message(f) for f in flakes])
+        wire = serialize_message(response)
+        return [
+            ('FlakeStore.query: SQL and 100 records (server)', cpu_ms(query)),
+            ('100 Flake messages built (server, cold)', cpu_ms(lambda: [flake_to_msg(f, contour=False)
+                                                                        for f in flakes])),
+            ('100 Flake messages from the message cache (server, cached)',
+             cpu_ms(lambda: [cache.message(f) for f in flakes])),
+            (f'response serialised by rclpy (server; {len(wire) / 1e3:.0f} kB)',
+             cpu_ms(lambda: serialize_message(response))),
+            ('response deserialised by rclpy (client)',
+             cpu_ms(lambda: deserialize_message(wire, QueryFlakes.Response))),
+        ]
+
+
 def core_latency(path: Path, calls: int) -> float:
     """p99 of the same 'material + layer class' query on FlakeStore directly (no ROS) [ms]."""
     with FlakeStore(path) as store:
         latencies = []
         for _ in range(calls):
             start = time.perf_counter()
-            store.query(FlakeQuery(materials=('graphene',), layer_classes=(LAYER_MONO,)))
+            store.query(FlakeQuery(materials=('graphene',), layer_classes=(LAYER_MONO,)), contours=False)
             latencies.append((time.perf_counter() - start) * 1e3)
     return percentile(latencies, 0.99)
 
@@ -167,48 +212,71 @@ def main() -> int:
     parser.add_argument('--flakes', type=int, default=100_000)
     parser.add_argument('--calls', type=int, default=150, help='service calls per query kind')
     parser.add_argument('--seed', type=int, default=5)
+    parser.add_argument('--database', type=Path,
+                        help='registry file to query; built with --flakes and --seed when missing, kept afterwards '
+                             '(compare two versions of the code on the same file; the ingest table is left out '
+                             'when the file already exists)')
     args = parser.parse_args()
-    detections = make_detections(args.flakes, args.seed)
-    subset = detections[:min(10_000, args.flakes)]
     with tempfile.TemporaryDirectory(prefix='bench_registry_') as folder:
         folder = Path(folder)
-        print(f'ingesting {args.flakes} flakes ...', file=sys.stderr, flush=True)
-        rate, rate_cpu, stored = ingest_rate(folder / 'all.sqlite', detections, 100, 'NORMAL')
-        # FULL fsyncs every commit: its cost depends on how many flakes share one commit.
-        compare = {(batch, mode): ingest_rate(folder / f'{mode}_{batch}.sqlite', subset, batch, mode)[:2]
-                   for batch in (100, 10) for mode in ('FULL', 'NORMAL')}
+        path = args.database or folder / 'all.sqlite'
+        ingest = None
+        if not path.exists():
+            ingest = ingest_tables(folder, path, args.flakes, args.seed)
+        with FlakeStore(path) as store:
+            stored = store.count()
         print('querying through /registry/query_flakes ...', file=sys.stderr, flush=True)
+        load_before = os.getloadavg()[0]
         # Every message built anew (cold), then with the node's message cache (its default).
-        cold = service_latencies(folder / 'all.sqlite', args.calls, args.seed, cache_size=0)
-        warm = service_latencies(folder / 'all.sqlite', args.calls, args.seed, cache_size=20000)
-        core_p99 = core_latency(folder / 'all.sqlite', args.calls)
-        size_mb = (folder / 'all.sqlite').stat().st_size / 1e6
+        cold = service_latencies(path, args.calls, args.seed, cache_size=0)
+        warm = service_latencies(path, args.calls, args.seed, cache_size=20000)
+        load_after = os.getloadavg()[0]
+        split = cost_split(path, args.calls)
+        core_p99 = core_latency(path, args.calls)
+        size_mb = path.stat().st_size / 1e6
 
-    print(f'\n### Flake registry ({args.flakes} detections -> {stored} flakes after merging overlaps, '
-          f'{size_mb:.0f} MB file, WAL)\n')
-    print('| ingest | detections | batch | ingest synchronous | flakes/s (wall) | flakes/s (CPU) | target |')
-    print('|---|---:|---:|---|---:|---:|---|')
-    verdict = 'ok' if rate >= 2000 else 'MISSED'
-    print(f'| FlakeStore.ingest | {args.flakes} | 100 | NORMAL | {rate:.0f} | {rate_cpu:.0f} | >= 2000 {verdict} |')
-    for (batch, mode), (wall, cpu) in compare.items():
-        note = ''
-        if mode == 'NORMAL':
-            note = f'FULL/NORMAL wall {compare[(batch, "FULL")][0] / wall:.2f}'
-        print(f'| FlakeStore.ingest | {len(subset)} | {batch} | {mode} | {wall:.0f} | {cpu:.0f} | {note} |')
+    print(f'\n### Flake registry ({stored} flakes, {size_mb:.0f} MB file, WAL)\n')
+    if ingest is not None:
+        print(ingest)
     print(f'\n| QueryFlakes via ROS service, registry_node in its own process ({args.calls} calls) | matches | '
           'returned | p50 ms | p99 ms | registry CPU ms/call | p50 ms cached | p99 ms cached | '
           'CPU ms/call cached | target p99 < 20 (cached) |')
     print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---|')
-    for name, (p50, p99, cpu_ms, total, returned) in cold.items():
-        wp50, wp99, wcpu, _, _ = warm[name]
+    for name, (p50, p99, cpu_ms, total, returned, _) in cold.items():
+        wp50, wp99, wcpu, _, _, _ = warm[name]
         verdict = 'ok' if wp99 < 20 else 'MISSED'
         print(f'| {name} | {total} | {returned} | {p50:.2f} | {p99:.2f} | {cpu_ms:.2f} | {wp50:.2f} | {wp99:.2f} | '
               f'{wcpu:.2f} | {verdict} |')
-    load = os.getloadavg()[0]
-    print(f'\nLoad average during the run: {load:.1f} on {os.cpu_count()} CPUs.')
+    print(f'\nLoad average (1 min) {load_before:.1f} before and {load_after:.1f} after the service calls, '
+          f'on {os.cpu_count()} CPUs.')
     print(f'\nSame material + layer class query on FlakeStore without ROS: p99 {core_p99:.2f} ms.')
+    print(f'\n| where a 100-flake answer goes (material + layer class, {args.calls} runs) | CPU ms |')
+    print('|---|---:|')
+    for step, cpu_ms in split:
+        print(f'| {step} | {cpu_ms:.2f} |')
+    name = 'material + layer class, by score'
+    print(f'| registry_node process per call, cached (measured above) | {warm[name][2]:.2f} |')
+    print(f'| client process per call: rclpy executor and deserialisation (cached run) | {warm[name][5]:.2f} |')
     return 0
 
+
+def ingest_tables(folder: Path, path: Path, flakes: int, seed: int) -> str:
+    """Build the registry at ``path`` and measure ingest rates; the Markdown table of the rates."""
+    detections = make_detections(flakes, seed)
+    subset = detections[:min(10_000, flakes)]
+    print(f'ingesting {flakes} flakes ...', file=sys.stderr, flush=True)
+    rate, rate_cpu, _ = ingest_rate(path, detections, 100, 'NORMAL')
+    # FULL fsyncs every commit: its cost depends on how many flakes share one commit.
+    compare = {(batch, mode): ingest_rate(folder / f'{mode}_{batch}.sqlite', subset, batch, mode)[:2]
+               for batch in (100, 10) for mode in ('FULL', 'NORMAL')}
+    lines = ['| ingest | detections | batch | ingest synchronous | flakes/s (wall) | flakes/s (CPU) | target |',
+             '|---|---:|---:|---|---:|---:|---|']
+    verdict = 'ok' if rate >= 2000 else 'MISSED'
+    lines.append(f'| FlakeStore.ingest | {flakes} | 100 | NORMAL | {rate:.0f} | {rate_cpu:.0f} | >= 2000 {verdict} |')
+    for (batch, mode), (wall, cpu) in compare.items():
+        note = f'FULL/NORMAL wall {compare[(batch, "FULL")][0] / wall:.2f}' if mode == 'NORMAL' else ''
+        lines.append(f'| FlakeStore.ingest | {len(subset)} | {batch} | {mode} | {wall:.0f} | {cpu:.0f} | {note} |')
+    return '\n'.join(lines)
 
 if __name__ == '__main__':
     sys.exit(main())
