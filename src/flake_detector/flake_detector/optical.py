@@ -665,8 +665,18 @@ class OpticalDetector:
             return np.where(component, best, -1).astype(class_map.dtype)
         _, (iy, ix) = ndimage.distance_transform_edt(labelled < 0, return_indices=True)
         settled = labelled[iy, ix]
-        # Pixels that fit no class stay out (residue, or a bulk crystal touching a flake).
-        settled[~component | (class_map < 0)] = -1
+        # Pixels that fit no class stay out (residue, or a bulk crystal touching a flake),
+        # except on the rim of a flake that clips a channel itself: there the blend of the
+        # clipped channel and the substrate fits nothing, though it is the flake's edge.
+        out = ~component | (class_map < 0)
+        if censored is not None:
+            rim = out & component & ~interior & (settled >= 0) & (censored.sum(axis=2) == 1)
+            if rim.any():
+                clipped = censored[rim]
+                reading = window[rim][clipped]
+                expected = self._means[settled[rim]][clipped]
+                out[np.nonzero(rim)[0][expected >= reading], np.nonzero(rim)[1][expected >= reading]] = False
+        settled[out] = -1
         return settled
 
     def _regions(self, class_map: np.ndarray, window: np.ndarray, censored: np.ndarray | None, origin,
