@@ -243,3 +243,16 @@ def test_residue_lines_are_rejected_by_shape_and_thick_flakes_do_not_pass_for_th
     loose = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0,
                           max_elongation=1e9)
     assert sum(d.material == 'hbn' for d in loose.detect(image).detections) >= 2
+
+
+def test_small_flakes_that_clip_blue_keep_their_rim():
+    # MoS2 of 5-6 layers and about 90 px: blue clips, and the blurred rim (clipped blue, red
+    # and green halfway to the substrate) fits no class; it must stay part of the flake.
+    flakes = [('flake', 'mos2', 6, None, (-60, 0), 4.0), ('flake', 'mos2', 5, None, (60, 0), 4.0)]
+    image, truths, _ = _simulated_chip_frame(flakes, size=256, seed=9)
+    assert all(80 <= t.area_px <= 100 for t in truths)
+    detector = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=10, min_area_px=40,
+                             work_size=0)
+    # A pixel of rim is a large share of so small a flake: IoU 0.45.
+    found = _match(detector.detect(image).detections, truths, min_iou=0.45)
+    assert {k: (d.material, d.layers) for k, d in found.items()} == {0: ('mos2', 6), 1: ('mos2', 5)}
