@@ -171,7 +171,28 @@ def test_query_filters_sort_and_page_through_the_service(registry):
                        ascending=True).flakes[0]
     # Query answers leave outlines out (query_contours: false); GetFlake has them.
     assert len(first.contour.points) == 0 and first.chip_id == 'chip-N' and first.area > 0
-    assert len(robot.call('get_flake', flake_id=first.id).flake.contour.points) == 4
+    outline = robot.call('get_flake', flake_id=first.id).flake.contour.points
+    assert len(outline) == 4
+
+
+def test_query_contours_switched_on_at_run_time_sends_outlines(registry):
+    node, robot, _, _ = registry
+    fields = dict(material='graphene', layer_classes=[Flake.LAYER_MONO], sort_by='score', ascending=True)
+    lean = robot.call('query_flakes', **fields).flakes
+    node.set_parameters([Parameter('query_contours', value=True)])
+    try:
+        full = robot.call('query_flakes', **fields).flakes
+    finally:
+        node.set_parameters([Parameter('query_contours', value=False)])
+    assert [f.id for f in full] == [f.id for f in lean] and len(full) == 2
+    for with_outline, without in zip(full, lean, strict=True):
+        assert len(without.contour.points) == 0
+        detail = robot.call('get_flake', flake_id=with_outline.id).flake
+        assert [(p.x, p.y) for p in with_outline.contour.points] == [(p.x, p.y) for p in detail.contour.points]
+        assert len(with_outline.contour.points) == 4
+        without.contour = with_outline.contour
+        assert without == with_outline  # every other field as in the lean answer
+    assert len(robot.call('query_flakes', **fields).flakes[0].contour.points) == 0
 
 
 @pytest.mark.parametrize('fields, code', [
