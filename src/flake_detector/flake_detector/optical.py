@@ -6,10 +6,17 @@ material, layer count and oxide thickness (thin-film interference) and not on th
 lamp brightness or white balance, since both scale I_flake and I_background alike.
 
 Pipeline for one frame: robust background (dominant substrate colour with a smooth
-vignetting surface), per-pixel contrast, foreground where the contrast stands out
-of the background noise, pixels labelled with the nearest layer class of a
-calibration, regions per class, and per region the layer count and thickness with
-an uncertainty from the posterior over the classes.
+vignetting surface), a search for what stands out on a half-resolution copy, then
+inside those windows only: per-pixel contrast, foreground where it stands out of the
+background noise, pixels labelled with the nearest layer class of the calibrations,
+regions per class, and per region the layer count and thickness with an uncertainty
+from the posterior over the classes.
+
+Several materials at once need three more things: channels clipped at the camera's
+full scale count as lower bounds (censored likelihood), each region is weighed
+against thicker flakes of every material (a thick flake of one is not a thin flake of
+another), and line-shaped regions (tape residue, which has the colour of hBN) are
+dropped by their shape.
 
 A calibration is a Gaussian per layer count in (R, G, B) contrast space: measured
 (``calibration/*_measured.json``, 2DMatGMM) or computed from the thin-film model
