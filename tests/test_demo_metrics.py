@@ -81,3 +81,33 @@ def test_report_page_mosaic_gallery_and_metrics(tmp_path, wafer):
     assert overall['found'] == 2 and overall['precision'] == pytest.approx(1.0)
     summary = text_summary(flakes, score, {'scan': '12.0 s'})
     assert '| graphene | 1 | 0 | 0 | 0 | 1 |' in summary
+
+
+def test_targets_leave_out_bulk_and_ignore_detections_on_flakes_too_small_to_count():
+    from flake_scanner.demo.metrics import TruthFlake
+
+    def truth(object_id, layers, half, cx=1e-3, material='graphene'):
+        from flake_scanner.sim.wafer import layer_class
+        return TruthFlake(object_id, 'flake', material, layers, layer_class(layers), (cx, 1e-3), (2 * half) ** 2,
+                          square(cx, 1e-3, half), 0)
+
+    thin, thick, tiny = truth(1, 2, 5e-6), truth(2, 30, 5e-6, cx=1.2e-3), truth(3, 3, 1e-6, cx=1.4e-3)
+    found = [FoundFlake('a', 'graphene', 'few', (1e-3, 1e-3), 1e-10),
+             FoundFlake('b', 'graphene', 'thick', (1.2e-3, 1e-3), 1e-10),
+             FoundFlake('c', 'graphene', 'few', (1.4e-3, 1e-3), 4e-12),     # on the too-small flake: left out
+             FoundFlake('d', 'graphene', 'few', (1.6e-3, 1e-3), 1e-10)]     # on nothing (or bulk): wrong
+    score = score_scan(found, [thin, thick], ignored=[tiny]).per_material['graphene']
+    assert (score.found, score.matched_found, score.true, score.matched_true) == (3, 2, 2, 2)
+    assert (score.thin_true, score.thin_matched) == (1, 1)
+
+
+def test_targets_in_region_splits_by_thickness_and_size(wafer):
+    from flake_scanner.demo.metrics import TARGET_MAX_LAYERS, targets_in_region
+
+    targets, too_small = targets_in_region(wafer, 0.5e-3, 0.5e-3, 3e-3, 3e-3)
+    every = truth_in_region(wafer, 0.5e-3, 0.5e-3, 3e-3, 3e-3, min_area=0.0)
+    assert all(t.layers <= TARGET_MAX_LAYERS and t.area >= 20e-12 for t in targets)
+    assert all(t.layers <= TARGET_MAX_LAYERS and t.area < 20e-12 for t in too_small)
+    assert {t.object_id for t in targets} | {t.object_id for t in too_small} == {
+        t.object_id for t in every if t.layers <= TARGET_MAX_LAYERS}
+    assert any(t.layer_class == 'bulk' for t in every)  # the fixture's bulk flake is no target

@@ -11,7 +11,7 @@ from rclpy.action import get_action_client_names_and_types_by_node, get_action_s
 from rclpy.executors import SingleThreadedExecutor
 import yaml
 
-from flake_scanner.demo.metrics import FoundFlake, score_scan, truth_in_region
+from flake_scanner.demo.metrics import FoundFlake, score_scan, targets_in_region
 from flake_scanner.demo.run import load_node_parameters, run_scan, sim_wafer
 from flake_scanner.graph import GRAPH, config_dir
 from flake_scanner.system import RunningSystem
@@ -155,9 +155,9 @@ def test_scan_finds_flakes_and_fills_the_registry(system):
     assert result.success and result.tiles_done == result.tiles_total == 4
     assert result.hardware_time > 0 and result.duration > 0
     assert len(flakes) >= 3, 'the registry should hold the flakes of the scanned region'
-    truth = truth_in_region(wafer, *REGION)
+    truth, too_small = targets_in_region(wafer, *REGION)
     score = score_scan([FoundFlake(f.flake_id, f.material, f.layer_class, f.centre, f.area) for f in flakes],
-                       truth, region=REGION).total()
+                       truth, region=REGION, ignored=too_small).total()
     assert score.matched_found >= 3
     assert score.precision >= 0.5, f'precision {score.precision:.2f}'
     # Positions are in the wafer frame: every flake lies in (or at the margin of) the scanned region.

@@ -1,8 +1,11 @@
 """Wafer-level scoring of a scan against the simulator's ground truth (pure core).
 
 A registry flake matches a true flake when its wafer-frame centre lies inside the
-true outline. Precision counts registry flakes that match something; recall
-counts true flakes (large enough to be found) that some registry flake matched.
+true outline. The targets are the flakes a lab hunts: 1-40 layers (seed 001's mono,
+few and thick classes; bulk crystals are not reported) and large enough to be
+useful. Precision counts registry flakes that match a target; recall counts targets
+that some registry flake matched. A registry flake on a true flake of target
+thickness that is merely too small is neither right nor wrong, and is left out.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import numpy as np
 from flake_scanner.sim.wafer import VirtualWafer, layer_class
 
 TRUTH_KINDS = ('flake', 'terrace', 'fold')
+TARGET_MAX_LAYERS = 40
+THIN_MAX_LAYERS = 10  # the flakes labs stack: mono and few-layer
+MIN_TARGET_AREA = 20e-12  # [m^2]
 LAYER_CLASSES = ('mono', 'few', 'thick', 'bulk')
 
 
@@ -54,6 +60,8 @@ class MaterialScore:
     matched_true: int = 0
     layer_class_correct: int = 0
     material_correct: int = 0
+    thin_true: int = 0
+    thin_matched: int = 0
 
     @property
     def precision(self) -> float:
@@ -80,11 +88,12 @@ class ScanScore:
 
 
 def truth_in_region(wafer: VirtualWafer, min_x: float, min_y: float, max_x: float, max_y: float,
-                    min_area: float = 20e-12) -> list[TruthFlake]:
-    """True flakes (and terraces/folds) lying wholly inside the region, at least ``min_area``."""
+                    min_area: float = MIN_TARGET_AREA, max_layers: float = float('inf')) -> list[TruthFlake]:
+    """True flakes (and terraces/folds) lying wholly inside the region, at least ``min_area``
+    and at most ``max_layers`` thick."""
     truth = []
     for obj in wafer.objects_in_rect(min_x, min_y, max_x, max_y):
-        if obj.kind not in TRUTH_KINDS or obj.area_m2 < min_area:
+        if obj.kind not in TRUTH_KINDS or obj.area_m2 < min_area or obj.layers > max_layers:
             continue
         x0, y0, x1, y1 = obj.bbox
         if x0 < min_x or y0 < min_y or x1 > max_x or y1 > max_y:
@@ -94,12 +103,21 @@ def truth_in_region(wafer: VirtualWafer, min_x: float, min_y: float, max_x: floa
     return truth
 
 
+def targets_in_region(wafer: VirtualWafer, min_x: float, min_y: float, max_x: float, max_y: float
+                      ) -> tuple[list[TruthFlake], list[TruthFlake]]:
+    """(targets, ignored): the flakes a scan should find, and those of target thickness too small to count."""
+    every = truth_in_region(wafer, min_x, min_y, max_x, max_y, min_area=0.0, max_layers=TARGET_MAX_LAYERS)
+    return ([t for t in every if t.area >= MIN_TARGET_AREA], [t for t in every if t.area < MIN_TARGET_AREA])
+
+
 def score_scan(found: list[FoundFlake], truth: list[TruthFlake],
-               region: tuple[float, float, float, float] | None = None) -> ScanScore:
+               region: tuple[float, float, float, float] | None = None,
+               ignored: list[TruthFlake] = ()) -> ScanScore:
     """Match registry flakes to true flakes; the topmost true outline holding the centre wins.
 
-    Registry flakes whose centre lies outside ``region`` are ignored (a scan sees a
-    margin beyond the region it was asked for).
+    Registry flakes whose centre lies outside ``region`` are left out (a scan sees a
+    margin beyond the region it was asked for), and so are those whose topmost true
+    outline is one of ``ignored``.
     """
     score = ScanScore()
     if region is not None:
@@ -107,11 +125,16 @@ def score_scan(found: list[FoundFlake], truth: list[TruthFlake],
         found = [f for f in found if x0 <= f.centre[0] <= x1 and y0 <= f.centre[1] <= y1]
     for t in truth:
         score.per_material[t.material].true += 1
+        score.per_material[t.material].thin_true += int(t.layers <= THIN_MAX_LAYERS)
         score.true_by_class[(t.material, t.layer_class)] += 1
     matched_truth: set[int] = set()
     by_id = {t.object_id: t for t in truth}
+    ignored_ids = {t.object_id for t in ignored}
     for flake in found:
-        candidates = [t for t in truth if t.contains(*flake.centre)]
+        candidates = [t for t in (*truth, *ignored) if t.contains(*flake.centre)]
+        if candidates and max(candidates, key=lambda t: (t.z_order, -t.area)).object_id in ignored_ids:
+            continue
+        candidates = [t for t in candidates if t.object_id not in ignored_ids]
         material = flake.material
         score.found_by_class[(material, flake.layer_class)] += 1
         if not candidates:
@@ -127,5 +150,7 @@ def score_scan(found: list[FoundFlake], truth: list[TruthFlake],
         score.matches[flake.flake_id] = best.object_id
         matched_truth.add(best.object_id)
     for object_id in matched_truth:
-        score.per_material[by_id[object_id].material].matched_true += 1
+        entry = score.per_material[by_id[object_id].material]
+        entry.matched_true += 1
+        entry.thin_matched += int(by_id[object_id].layers <= THIN_MAX_LAYERS)
     return score

@@ -15,6 +15,8 @@ from flake_scanner.demo.metrics import LAYER_CLASSES, ScanScore
 from flake_scanner.geometry import Affine2D
 
 # BGR marker colours per material; the page legend shows the same colours.
+TRUTH_CAPTION = ('Against the simulator\'s ground truth: true flakes of 1-40 layers and at least 20 um^2 lying '
+                 'wholly inside the region (bulk crystals are not hunted, so not counted).')
 MATERIAL_COLOURS = {'graphene': (60, 60, 230), 'hbn': (230, 160, 40), 'mos2': (60, 200, 60),
                     'wte2': (200, 60, 200), 'unknown': (128, 128, 128)}
 
@@ -91,12 +93,12 @@ def metrics_table(score: ScanScore) -> list[dict]:
     for material in sorted(score.per_material):
         s = score.per_material[material]
         rows.append({'material': material, 'found': s.found, 'true': s.true, 'precision': s.precision,
-                     'recall': s.recall,
+                     'recall': s.recall, 'thin found': f'{s.thin_matched}/{s.thin_true}',
                      'layer_class_accuracy': s.layer_class_correct / s.matched_found if s.matched_found else
                      float('nan')})
     total = score.total()
     rows.append({'material': 'all', 'found': total.found, 'true': total.true, 'precision': total.precision,
-                 'recall': total.recall,
+                 'recall': total.recall, 'thin found': f'{total.thin_matched}/{total.thin_true}',
                  'layer_class_accuracy': total.layer_class_correct / total.matched_found if total.matched_found
                  else float('nan')})
     return rows
@@ -111,11 +113,12 @@ def text_summary(flakes: list[ReportFlake], score: ScanScore | None, timings: di
         lines.append(f'| {material} | ' + ' | '.join(str(counts[c]) for c in LAYER_CLASSES)
                      + f' | {sum(counts.values())} |')
     if score is not None:
-        lines += ['', 'Against the simulator\'s ground truth (flakes wholly inside the region):', '',
-                  '| material | found | true | precision | recall | layer class acc. |', '|---|---|---|---|---|---|']
+        lines += ['', TRUTH_CAPTION, '',
+                  '| material | found | true | precision | recall | thin (1-10 layers) found | layer class acc. |',
+                  '|---|---|---|---|---|---|---|']
         for row in metrics_table(score):
             lines.append(f'| {row["material"]} | {row["found"]} | {row["true"]} | {_fmt(row["precision"])} | '
-                         f'{_fmt(row["recall"])} | {_fmt(row["layer_class_accuracy"])} |')
+                         f'{_fmt(row["recall"])} | {row["thin found"]} | {_fmt(row["layer_class_accuracy"])} |')
     lines += ['', '| timing | value |', '|---|---|']
     for key, value in timings.items():
         lines.append(f'| {key} | {value} |')
@@ -171,10 +174,11 @@ def write_report(folder: Path, flakes: list[ReportFlake], frames_dir: Path | Non
     metrics_html = ''
     if score is not None:
         rows = ''.join(f'<tr><td>{r["material"]}</td><td>{r["found"]}</td><td>{r["true"]}</td>'
-                       f'<td>{_fmt(r["precision"])}</td><td>{_fmt(r["recall"])}</td>'
+                       f'<td>{_fmt(r["precision"])}</td><td>{_fmt(r["recall"])}</td><td>{r["thin found"]}</td>'
                        f'<td>{_fmt(r["layer_class_accuracy"])}</td></tr>' for r in metrics_table(score))
-        metrics_html = ('<h2>Against ground truth</h2><table><tr><th>material</th><th>found</th><th>true</th>'
-                        f'<th>precision</th><th>recall</th><th>layer class acc.</th></tr>{rows}</table>')
+        metrics_html = (f'<h2>Against ground truth</h2><p>{html.escape(TRUTH_CAPTION)}</p>'
+                        '<table><tr><th>material</th><th>found</th><th>true</th><th>precision</th><th>recall</th>'
+                        f'<th>thin (1-10 layers) found</th><th>layer class acc.</th></tr>{rows}</table>')
     counts = ''.join(f'<tr><td>{m}</td>' + ''.join(f'<td>{c[k]}</td>' for k in LAYER_CLASSES)
                      + f'<td>{sum(c.values())}</td></tr>' for m, c in summary_rows(flakes))
     timing_rows = ''.join(f'<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>'

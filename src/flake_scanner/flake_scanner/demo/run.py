@@ -19,7 +19,7 @@ import time
 import cv2
 import yaml
 
-from flake_scanner.demo.metrics import FoundFlake, score_scan, truth_in_region
+from flake_scanner.demo.metrics import FoundFlake, score_scan, targets_in_region
 from flake_scanner.demo.report import ReportFlake, text_summary, write_report
 from flake_scanner.graph import config_dir
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--report', default='reports/demo', help='report folder (recreated)')
     parser.add_argument('--params-file', default=None,
                         help='parameter overrides for the graph (default: config/demo.yaml)')
-    parser.add_argument('--region-mm', default='1.0,1.0,3.0,3.0',
+    parser.add_argument('--region-mm', default='1.0,2.0,4.0,5.0',
                         help='scan region in the wafer frame: min_x,min_y,max_x,max_y [mm]')
     parser.add_argument('--objective', default='10x')
     parser.add_argument('--detector', default='', help='contrast | cascade | maskrcnn (default: configured)')
@@ -271,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         if dead:
             print(f'flake-demo: warning: node(s) exited during the scan: {dead}', file=sys.stderr)
 
-    truth = truth_in_region(wafer, *region)
+    truth, too_small = targets_in_region(wafer, *region)
     found = [FoundFlake(f.flake_id, f.material, f.layer_class, f.centre, f.area, f.score) for f in flakes]
-    score = score_scan(found, truth, region=region)
+    score = score_scan(found, truth, region=region, ignored=too_small)
     area_cm2 = (region[2] - region[0]) * (region[3] - region[1]) * 1e4
     timings = {
         'tiles': result.tiles_total,
