@@ -46,7 +46,7 @@ from flake_scanner.ros_image import image_to_numpy, numpy_to_image
 
 # Parameters handed to the backend factory, by backend.
 BACKEND_PARAMS = {
-    'contrast': ('materials', 'oxide_nm', 'calibration', 'min_area_px', 'max_layers', 'work_size'),
+    'contrast': ('materials', 'oxide_nm', 'calibration', 'min_area_px', 'max_layers', 'work_size', 'max_elongation'),
     'cascade': ('target', 'model_path', 'cascade_threshold', 'oxide_nm', 'calibration', 'std_threshold'),
     'maskrcnn': ('model_path', 'oxide_nm', 'calibration', 'min_area_px'),
 }
@@ -65,6 +65,8 @@ PARAMS = [
     Param('calibration', 'auto', 'contrast calibration source', choices=('auto', 'measured', 'model')),
     Param('min_area_px', 60, 'smallest flake reported [px]', minimum=1, maximum=10_000_000),
     Param('max_layers', 40.0, 'contrast backend: thickest flake reported [layers]', minimum=1.0, maximum=10000.0),
+    Param('max_elongation', 5.0, 'contrast backend: a region whose area exceeds this times the square of its '
+          'widest width is a line (tape residue) and is dropped', minimum=1.0, maximum=1000.0),
     Param('work_size', 0, 'contrast backend: segment at this long side [px]; 0 = full resolution',
           minimum=0, maximum=16384),
     Param('target', 'graphene-1-10L', 'cascade backend: shipped target (models/cascade_<target>.pt)'),
