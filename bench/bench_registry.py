@@ -1,7 +1,8 @@
 """Flake registry bench: ingest rate of 100 000 flakes, QueryFlakes latency through the ROS service.
 
-Prints a Markdown table. Targets (issue 5): ingest >= 2000 flakes/s, QueryFlakes p99 < 20 ms
-for indexed filters. Usage: python bench/bench_registry.py [--flakes N] [--calls N]
+Prints Markdown tables. Targets (issue 5): ingest >= 2000 flakes/s, QueryFlakes p99 < 20 ms
+for indexed filters; then the CPU time of each step of a 100-flake answer.
+Usage: python bench/bench_registry.py [--flakes N] [--calls N] [--database PATH]
 """
 
 from __future__ import annotations
