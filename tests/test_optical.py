@@ -174,7 +174,7 @@ def test_odd_sized_frames_and_flakes_on_the_frame_edge_keep_their_full_resolutio
         assert x >= 0 and y >= 0 and x + w <= cropped.shape[1] and y + h <= cropped.shape[0]
 
 
-def _simulated_chip_frame(objects, size=384, seed=5):
+def _simulated_chip_frame(objects, size=384, seed=5, exposure_s=0.01):
     """A frame of the simulated microscope (10x, 90 nm SiO2) holding only ``objects``:
     (kind, material, layers, thickness_nm, (x, y) offset from the frame centre [um], radius [um])."""
     from flake_scanner.sim.camera import CameraModel, CameraSettings
@@ -196,7 +196,7 @@ def _simulated_chip_frame(objects, size=384, seed=5):
             radii = radius * rng.uniform(0.75, 1.0, 7) * 1e-6
             polygon = at + np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
             wafer.add_object(kind, material, polygon, layers=layers)
-    camera = CameraModel(wafer, CameraSettings(width=size, height=size, seed=seed))
+    camera = CameraModel(wafer, CameraSettings(width=size, height=size, seed=seed, exposure_s=exposure_s))
     x, y = wafer.wafer_to_stage.apply(*centre)
     truth = camera.ground_truth(x, y)
     # In the order given (each material and layer count is placed once).
@@ -256,3 +256,44 @@ def test_small_flakes_that_clip_blue_keep_their_rim():
     # A pixel of rim is a large share of so small a flake: IoU 0.45.
     found = _match(detector.detect(image).detections, truths, min_iou=0.45)
     assert {k: (d.material, d.layers) for k, d in found.items()} == {0: ('mos2', 6), 1: ('mos2', 5)}
+
+
+def test_mos2_of_twenty_layers_that_clips_two_channels_is_measured_by_its_rim():
+    # MoS2 20 layers is 4-6x brighter than the substrate. At 5 ms blue and green clip, red
+    # does not: the clipped core alone fits any bright flake; the unclipped rim gives the
+    # direction of its colour, red its magnitude. A 100 nm hBN flake (clipped as well,
+    # thicker than reported) stays out.
+    flakes = [('flake', 'mos2', 20, None, (-60, 0), 12), ('flake', 'hbn', 300, None, (60, 0), 12)]
+    image, truths, _ = _simulated_chip_frame(flakes, size=256, seed=12, exposure_s=0.005)
+    assert len(truths) == 2
+    core = image[truths[0].mask]
+    assert (core[:, 0] == 255).mean() > 0.5 and (core[:, 1] == 255).mean() > 0.5 and (core[:, 2] < 255).all()
+    detector = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0)
+    result = detector.detect(image)
+    found = _match(result.detections, truths, min_iou=0.5)
+    assert set(found) == {0}
+    assert found[0].material == 'mos2' and abs(found[0].layers - 20) <= 2
+    assert found[0].extra['saturated_channels'] == 2
+    assert found[0].extra['material_probability'] > 0.9
+    assert len(result.detections) == 1
+    # From the clipped core alone it is nothing.
+    blind = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0,
+                          rim_direction=False)
+    assert not _match(blind.detect(image).detections, truths, min_iou=0.5)
+
+
+def test_mos2_that_clips_every_channel_is_not_told_from_graphite_and_thick_wte2():
+    # At 10 ms all three channels of MoS2 20 layers clip: only the direction of its colour
+    # is left, which 37 nm graphite and 25 nm WTe2 share. The right layer count is the
+    # likeliest, but the material is less likely than the others together, so it is not
+    # reported unless asked to be.
+    flakes = [('flake', 'mos2', 20, None, (0, 0), 12)]
+    image, truths, _ = _simulated_chip_frame(flakes, size=256, seed=12)
+    assert (image[truths[0].mask] == 255).all(axis=1).mean() > 0.5
+    default = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0)
+    assert not _match(default.detect(image).detections, truths, min_iou=0.5)
+    eager = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0,
+                          min_clipped_probability=0.0)
+    found = _match(eager.detect(image).detections, truths, min_iou=0.5)
+    assert found[0].material == 'mos2' and abs(found[0].layers - 20) <= 2
+    assert 0.2 < found[0].extra['material_probability'] < 0.5

@@ -60,6 +60,9 @@ ALTERNATIVE_LAYERS = {'graphene': range(1, 301), 'hbn': range(3, 901, 3), 'mos2'
 # Spread of real flakes around the model contrast (per channel, contrast units):
 # the measured graphene calibration sits within ~0.02 of the model.
 MODEL_SIGMA = 0.02
+# What the rim of a clipped flake tells of its colour's direction at best (radians):
+# the blend with a neighbour the substrate test lets through.
+DIRECTION_FLOOR = 0.01
 
 
 def thin_film_contrast(material: str, layers: int, oxide_nm: float) -> tuple[float, float, float]:
@@ -473,7 +476,8 @@ class OpticalDetector:
                  min_area_px: int = 60, max_layers: float = 40.0, gate_sigma: float = 4.0,
                  foreground_sigma: float = 4.0, min_contrast: float = 0.03, smooth: int = 3,
                  background_step: int = 8, edge_px: int = 2, work_size: int = 512,
-                 max_elongation: float = 5.0, **_ignored):
+                 max_elongation: float = 5.0, rim_direction: bool = True, min_clipped_probability: float = 0.5,
+                 **_ignored):
         if isinstance(materials, str):
             materials = [m.strip() for m in materials.split(',') if m.strip()]
         if not materials:
@@ -489,6 +493,10 @@ class OpticalDetector:
         self.edge_px = int(edge_px)
         self.work_size = int(work_size)
         self.max_elongation = float(max_elongation)
+        self.rim_direction = bool(rim_direction)
+        if not 0.0 <= float(min_clipped_probability) <= 1.0:
+            raise ValueError(f'min_clipped_probability must be in [0, 1], got {min_clipped_probability}')
+        self.min_clipped_probability = float(min_clipped_probability)
         self.model_version = '+'.join(c.version for c in self.calibrations)
         # One stacked class table across materials: (material index, layers) per class.
         self._owner = np.concatenate([np.full(len(c.layers), i) for i, c in enumerate(self.calibrations)])
@@ -505,6 +513,23 @@ class OpticalDetector:
         all_covs = np.concatenate([self._covs] + [c.covariances for c in thicker])
         self._all_precisions = np.linalg.inv(all_covs)
         self._all_logdet = np.linalg.slogdet(all_covs)[1]
+        # A region that clips two or three channels is weighed by its colour's direction
+        # (see _clipped_regions), which bulk crystals (0.3-3 um) can share: transparent hBN
+        # keeps changing colour that thick, the opaque materials have settled by 200 nm.
+        # Classes come in families (a material's reported range, each material's thicker
+        # flakes, bulk hBN) with a prior uniform in log thickness: a family that meets any
+        # colour somewhere over its thousand thicknesses gains nothing by the count.
+        bulk_hbn = Calibration.model('hbn', oxide_nm, layers=range(903, 9001, 9))
+        families = [np.full(len(c.layers), i) for i, c in enumerate(self.calibrations)]
+        families += [np.full(len(c.layers), len(self.calibrations) + j) for j, c in enumerate(thicker)]
+        families.append(np.full(len(bulk_hbn.layers), len(self.calibrations) + len(thicker)))
+        self._clip_family = np.concatenate(families)
+        tables = [c.layers for c in self.calibrations] + [c.layers for c in thicker] + [bulk_hbn.layers]
+        self._clip_prior = np.concatenate([np.gradient(t) / t if len(t) > 1 else np.ones(1) for t in tables])
+        self._clip_means = np.concatenate([self._all_means, bulk_hbn.means])
+        self._clip_precisions = np.concatenate([self._all_precisions, np.linalg.inv(bulk_hbn.covariances)])
+        self._clip_layers = np.concatenate([c.layers for c in self.calibrations]
+                                           + [np.full(len(self._clip_family) - len(self._owner), np.nan)])
 
     def detect(self, image_bgr: np.ndarray, background: np.ndarray | None = None) -> FrameResult:
         t0 = time.perf_counter()
@@ -566,6 +591,9 @@ class OpticalDetector:
                                                classifier)
                 detections.extend(self._regions(class_map, window, censored, (x0 + x, y0 + y), noise,
                                                 min_area))
+                if censored is not None and self.rim_direction:
+                    detections.extend(self._clipped_regions(component, window, censored, (x0 + x, y0 + y),
+                                                            noise, threshold, min_area))
         if scale < 1.0:
             detections = [_rescale(d, 1.0 / scale, (h, w)) for d in detections]
         t2 = time.perf_counter()
@@ -738,6 +766,87 @@ class OpticalDetector:
                                'saturated_channels': int(0 if flags is None else flags.sum())}))
         return out
 
+    def _clipped_regions(self, component: np.ndarray, window: np.ndarray, censored: np.ndarray, origin,
+                         noise: float, threshold: float, min_area: int) -> list[Detection]:
+        """Regions that clip two or three channels: measured by the direction of their colour.
+
+        The optics blur an edge linearly, so across the rim of a flake the contrast is
+        a * C with a running from 0 (substrate) to 1 (flake): the rim pixels that clip no
+        channel lie on a line from the origin towards the flake's contrast C. Their
+        direction, with the lower bounds of the clipped channels inside, names material
+        and thickness where one clipped core alone (two or three channels at full
+        scale) would fit any bright flake. MoS2 from about 8 layers clips blue and green
+        on 90 nm oxide at the usual exposure, and no exposure that keeps thin graphene
+        visible avoids it.
+        """
+        bright = (component & (censored.sum(axis=2) >= 2)).astype(np.uint8)
+        if int(bright.sum()) < min_area:
+            return []
+        clean = component & ~censored.any(axis=2)
+        # Only the rim facing the substrate blends the flake with the substrate; where a
+        # thinner terrace of the same flake lies alongside, the blend is with the terrace.
+        to_substrate = cv2.distanceTransform(np.pad(component, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+        clean &= to_substrate <= self.edge_px + 2
+        magnitude = np.sqrt(np.einsum('ijk,ijk->ij', window, window))
+        reach = np.ones((3, 3), np.uint8)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(bright, connectivity=8)
+        out = []
+        for i in range(1, count):
+            if stats[i, cv2.CC_STAT_AREA] < min_area:
+                continue
+            core = labels == i
+            # Rim: unclipped pixels just outside the core, bright enough to carry a direction.
+            near = cv2.dilate(core.astype(np.uint8), reach, iterations=self.edge_px + 2) > 0
+            rim = near & clean & (magnitude > max(threshold, 6.0 * noise))
+            direction, direction_var = _rim_direction(window[rim])
+            if direction is None:
+                continue
+            deep, depth = _deep_pixels(core)
+            if core.sum() > self.max_elongation * (2.0 * depth) ** 2:
+                continue  # the ring of clipped pixels round a thicker crystal
+            flags = censored[deep].mean(axis=0) > 0.5
+            reading = np.median(window[deep], axis=0)
+            d2 = censored_mahalanobis_sq(reading, self._clip_means, self._clip_precisions, flags)[0]
+            norms = np.linalg.norm(self._clip_means, axis=1)
+            angle_sq = np.sum((self._clip_means / np.maximum(norms, 1e-6)[:, None] - direction) ** 2, axis=1)
+            d2 = d2 + angle_sq / ((MODEL_SIGMA / np.maximum(norms, 1e-6)) ** 2 + direction_var)
+            likelihood = np.exp(-0.5 * (d2 - d2.min()))
+            family_likelihood = np.bincount(self._clip_family, likelihood * self._clip_prior)
+            owner = int(np.argmax(family_likelihood))
+            mine = self._clip_family == owner
+            best = int(np.nonzero(mine)[0][np.argmin(d2[mine])])
+            if owner >= len(self.calibrations) or math.sqrt(float(d2[best])) > self.gate_sigma:
+                continue  # a thicker flake or a bulk crystal explains it best, or nothing does
+            material_probability = float(family_likelihood[owner] / family_likelihood.sum())
+            if material_probability < self.min_clipped_probability:
+                continue  # thick flakes of other materials share the colour's direction about as well
+            layers, weights = self._clip_layers[mine], likelihood[mine] / likelihood[mine].sum()
+            mean = float(weights @ layers)
+            std = float(math.sqrt(max(0.0, weights @ (layers - mean) ** 2)))
+            calibration = self.calibrations[owner]
+            best_layers = float(self._clip_layers[best])
+            probability = float(weights.max())
+            ys, xs = np.nonzero(core)
+            ry, rx = int(ys.min()), int(xs.min())
+            mask = core[ry:int(ys.max()) + 1, rx:int(xs.max()) + 1]
+            rh, rw = mask.shape
+            region_window = window[ry:ry + rh, rx:rx + rw]
+            quality = region_quality(mask, region_window)
+            area = int(mask.sum())
+            size = 1.0 - math.exp(-area / (4.0 * min_area))
+            out.append(Detection(
+                bbox=(origin[0] + rx, origin[1] + ry, rw, rh), mask=mask,
+                material=calibration.material, layers=best_layers, layers_std=std,
+                thickness_nm=best_layers * calibration.layer_nm, thickness_nm_std=std * calibration.layer_nm,
+                score=float(np.clip(probability * size * material_probability, 0.0, 1.0)),
+                detector=self.name, model_version=calibration.version,
+                contrast=tuple(float(v) for v in reading), homogeneity=quality['homogeneity'],
+                edge_straightness=quality['edge_straightness'],
+                extra={'mahalanobis': math.sqrt(float(d2[best])), 'probability': probability,
+                       'material_probability': material_probability,
+                       'saturated_channels': int(flags.sum()), 'rim_pixels': int(rim.sum())}))
+        return out
+
     def _without_lines(self, in_material: np.ndarray) -> np.ndarray:
         """Drop the connected parts of one material's pixels that are lines: the network
         of tape residue falls into pieces of several thickness classes, each too short
@@ -766,6 +875,29 @@ class OpticalDetector:
         posterior = np.exp(loglik - loglik.max())
         material_probability = float(posterior[self._all_owner == material_index].sum() / posterior.sum())
         return material_probability, bool(self._all_owner[int(np.argmax(loglik))] < 0)
+
+
+def _rim_direction(values: np.ndarray, min_pixels: int = 12) -> tuple[np.ndarray | None, float]:
+    """Unit direction of rim contrasts (N, 3) that lie along a line through the origin, and
+    the variance of that direction per perpendicular axis; (None, inf) when too few
+    pixels. Pixels far off the line (a neighbouring flake blended in) are left out."""
+    if len(values) < min_pixels:
+        return None, math.inf
+    x = np.asarray(values, dtype=np.float64)
+    keep = np.ones(len(x), dtype=bool)
+    for _ in range(2):
+        _, vectors = np.linalg.eigh(x[keep].T @ x[keep])
+        direction = vectors[:, -1]
+        direction = direction if direction @ x[keep].sum(axis=0) >= 0 else -direction
+        along = x @ direction
+        perpendicular = np.linalg.norm(x - along[:, None] * direction, axis=1)
+        spread = 1.4826 * float(np.median(perpendicular[keep])) + 1e-6
+        keep = (perpendicular <= 3.0 * spread) & (along > 0)
+        if keep.sum() < min_pixels:
+            return None, math.inf
+    # Least squares through the origin: each perpendicular axis carries half the residual.
+    residual_var = float(np.mean(perpendicular[keep] ** 2)) / 2.0
+    return direction, residual_var / float(np.sum(along[keep] ** 2)) + DIRECTION_FLOOR ** 2
 
 
 def _deep_pixels(mask: np.ndarray, depth_px: float = 2.0) -> tuple[np.ndarray, float]:
