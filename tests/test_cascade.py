@@ -190,3 +190,34 @@ def test_thresholds_chosen_on_validation_fold_into_the_nets(tiny_data):
         cascade.fold_thresholds([0.5, 0.5])
     with pytest.raises(ValueError):
         cascade.fold_thresholds([0.5, 1.0, 0.5])
+
+
+def test_a_new_operating_point_on_folded_nets_is_a_further_bias_shift(tiny_data):
+    import copy
+
+    from flake_detector.cascade_train import refold_thresholds
+
+    _, train, fresh = tiny_data
+    trained = train_cascade(train, TARGET, nets=3, seed=4, width=0.125, crop_size=40, net_input=20,
+                            batch=32, max_steps=15, eval_every=5)
+    shipped = copy.deepcopy(trained)
+    first, _ = choose_thresholds(shipped, fresh, recall=0.8)
+    shipped.fold_thresholds(first)
+    # A stricter recall chosen on the folded nets, as on a shipped cascade.
+    combined, shifts, report = refold_thresholds(shipped, fresh, recall=1.0, folded=first)
+    assert len(combined) == len(shifts) == 3
+    assert report['good_kept'] == 1.0 and report['recall_target'] == 1.0
+    # Logits add: the combined threshold on the trained nets is where the folded nets now decide.
+    for t, f, s in zip(combined, first, shifts, strict=True):
+        assert math.log(t / (1 - t)) == pytest.approx(math.log(f / (1 - f)) + math.log(s / (1 - s)))
+    raw = np.stack([trained.probabilities(fresh.crops, k) for k in range(3)], axis=1)
+    now = np.stack([shipped.probabilities(fresh.crops, k) for k in range(3)], axis=1)
+    assert np.array_equal(now >= 0.5, raw >= np.array(combined))
+    accepted, _, left = shipped.run(fresh.crops)
+    assert accepted[fresh.labels == 1].all() and left[-1] == report['funnel'][-1][0]
+    # The same choice made on the trained nets at once gives the same decisions.
+    direct, _ = choose_thresholds(trained, fresh, recall=1.0)
+    trained.fold_thresholds(direct)
+    assert np.array_equal(trained.run(fresh.crops)[0], accepted)
+    with pytest.raises(ValueError):
+        refold_thresholds(shipped, fresh, recall=0.9, folded=[0.5, 0.5])

@@ -23,10 +23,18 @@ the early stop). Each net's threshold is then chosen on a validation seed that n
 training or evaluation uses (``--val-seed``) so that the cascade keeps ``--recall`` of
 its good candidates, and folded into the net (``Cascade.fold_thresholds``). Writes the
 weights (.pt) and a model card (.json) with the thresholds and the validation funnel.
+With a few dozen good validation candidates a 95 % choice is a coin toss on a fresh
+seed, so validation takes several seeds (``--val-seeds``), each with thin-rich and
+natural-statistics frames (``--val-natural-frames``), for hundreds of good candidates.
+
+``--rethreshold`` trains nothing: it loads the cascades already at ``--out`` and
+re-chooses their operating point on the validation data. On nets that carry folded
+thresholds a new choice is one more shift of each net's output bias, so the card
+records the shift and the threshold it adds up to on the trained nets.
 
 Shipped weights: ``flake-train-cascade --target graphene-1-10L,hbn-10-90nm --sim-seeds 1,2,3
---sim-frames 100 --natural-frames 60 --max-steps 300 --val-seed 4 --val-frames 100 --recall 0.95
---out src/flake_detector/flake_detector/models``.
+--sim-frames 100 --natural-frames 60 --max-steps 300 --val-seeds 4,5,6 --val-frames 100
+--val-natural-frames 60 --recall 0.95 --out src/flake_detector/flake_detector/models``.
 """
 
 from __future__ import annotations
@@ -331,6 +339,50 @@ def choose_thresholds(cascade: Cascade, validation: CropSet, recall: float) -> t
     return thresholds, report
 
 
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def refold_thresholds(cascade: Cascade, validation: CropSet, recall: float,
+                      folded: list[float] | None = None) -> tuple[list[float], list[float], dict]:
+    """Re-choose the operating point of a cascade whose nets already carry ``folded``
+    thresholds (None: none folded, 0.5 each) and fold the change into the nets.
+
+    The new choice, made on the folded nets, is a further shift of each output bias:
+    thresholds compose by adding logits. Returns the thresholds on the trained nets
+    that the nets now carry, the shifts folded now, and the validation report.
+    """
+    folded = [0.5] * len(cascade.nets) if folded is None else [float(t) for t in folded]
+    if len(folded) != len(cascade.nets):
+        raise ValueError(f'need one folded threshold per net ({len(cascade.nets)}), got {len(folded)}')
+    shifts, report = choose_thresholds(cascade, validation, recall)
+    cascade.fold_thresholds(shifts)
+    combined = [1.0 / (1.0 + math.exp(-(_logit(t) + _logit(s)))) for t, s in zip(folded, shifts, strict=True)]
+    return combined, shifts, report
+
+
+def validation_crops(seeds: list[int], frames: int, natural_frames: int, finder: CandidateFinder,
+                     targets: list[Target], size: int = 1024, thin_fraction: float = 0.5, oxide_nm: float = 90.0,
+                     objective: str = '10x', log=None) -> list[CropSet]:
+    """Candidates of every validation seed (thin-rich frames, then natural-statistics
+    ones), one CropSet per target."""
+    parts = []
+    for seed in seeds:
+        for label, thin, count in (('', thin_fraction, frames), (' natural', 0.0, natural_frames)):
+            if count <= 0:
+                continue
+            sets = crops_from_frames(simulated_frames(seed, count, size, thin, oxide_nm, objective), finder,
+                                     targets, progress=f'validation seed {seed}{label}')
+            parts.append(sets)
+            if log:
+                log(f'validation seed {seed}{label}: {len(sets[0])} candidates, good per target '
+                    f'{[v.good for v in sets]}')
+    if not parts:
+        raise ValueError('validation needs at least one seed with frames')
+    crops = np.concatenate([p[0].crops for p in parts])
+    return [CropSet(crops, np.concatenate([p[k].labels for p in parts])) for k in range(len(targets))]
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
@@ -351,9 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--thin-fraction', type=float, default=0.5, help='simulator: share of thin flakes')
     parser.add_argument('--natural-frames', type=int, default=0,
                         help='extra frames per simulator seed of a chip with natural statistics (near misses)')
-    parser.add_argument('--val-seed', type=int, default=None,
-                        help='simulator seed on which each net\'s threshold is chosen (none: 0.5 for every net)')
-    parser.add_argument('--val-frames', type=int, default=100, help='frames of the validation seed')
+    parser.add_argument('--val-seeds', '--val-seed', dest='val_seeds', default='',
+                        help='comma-separated simulator seeds on which each net\'s threshold is chosen '
+                             '(none: 0.5 for every net)')
+    parser.add_argument('--val-frames', type=int, default=100, help='thin-rich frames per validation seed')
+    parser.add_argument('--val-natural-frames', type=int, default=0,
+                        help='natural-statistics frames per validation seed (what a scan meets)')
+    parser.add_argument('--rethreshold', action='store_true',
+                        help='train nothing: re-choose the thresholds of the cascades at --out on the validation '
+                             'seeds and write them back')
     parser.add_argument('--recall', type=float, default=0.95,
                         help='share of the good validation candidates the whole cascade must keep')
     parser.add_argument('--oxide', type=float, default=90.0, help='simulator: SiO2 thickness [nm]')
@@ -391,19 +449,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if len(targets) > 1 and args.crops:
         parser.error('--crops folders hold one target\'s labels; train one target at a time with them')
-    seeds = [int(s) for s in args.sim_seeds.split(',') if s.strip()]
-    if not (seeds or args.coco or args.crops):
+    try:
+        seeds = [int(s) for s in args.sim_seeds.split(',') if s.strip()]
+        val_seeds = [int(s) for s in args.val_seeds.split(',') if s.strip()]
+    except ValueError as exc:
+        parser.error(f'seeds are comma-separated integers: {exc}')
+    if not (seeds or args.coco or args.crops or args.rethreshold):
         parser.error('give training data: --sim-seeds, --coco or --crops')
-    if args.val_seed is not None and args.val_seed in seeds:
-        parser.error(f'--val-seed {args.val_seed} is also a training seed; choose thresholds on a fresh one')
+    if set(val_seeds) & set(seeds):
+        parser.error(f'validation seeds {sorted(set(val_seeds) & set(seeds))} are also training seeds; '
+                     'choose thresholds on fresh ones')
+    if args.rethreshold and not val_seeds:
+        parser.error('--rethreshold needs --val-seeds')
+    if val_seeds and args.val_frames + args.val_natural_frames <= 0:
+        parser.error('--val-frames and --val-natural-frames give no validation frames')
     if not 0.0 < args.recall <= 1.0:
         parser.error(f'--recall must lie in (0, 1], got {args.recall}')
 
     def log(text):
         print(f'[flake-train-cascade] {text}', file=sys.stderr, flush=True)
 
-    started = time.perf_counter()
+    def out_path(target: Target) -> Path:
+        return args.out / f'cascade_{target.name}.pt' if len(targets) > 1 or args.out.suffix != '.pt' else args.out
+
+    def validation_record(thresholds, report) -> dict:
+        return {'val_seeds': val_seeds, 'val_frames': args.val_frames,
+                'val_natural_frames': args.val_natural_frames, 'thresholds': [round(t, 6) for t in thresholds],
+                'folded_into_output_bias': True, 'validation': report}
+
     finder = CandidateFinder(crop_size=args.crop_size)
+    if args.rethreshold:
+        return _rethreshold(args, targets, val_seeds, finder, out_path, validation_record, log,
+                            argv if argv is not None else sys.argv[1:])
+    started = time.perf_counter()
     parts: list[list[CropSet]] = []  # per source, one CropSet per target
     for seed in seeds:
         frames = simulated_frames(seed, args.sim_frames, args.sim_size, args.thin_fraction, args.oxide,
@@ -423,12 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f'{folder}: {len(parts[-1][0])} crops, {parts[-1][0].good} good')
     crops = np.concatenate([p[0].crops for p in parts])
     validation = None
-    if args.val_seed is not None:
-        frames = simulated_frames(args.val_seed, args.val_frames, args.sim_size, args.thin_fraction, args.oxide,
-                                  args.objective)
-        validation = crops_from_frames(frames, finder, targets, progress=f'validation seed {args.val_seed}')
-        log(f'validation seed {args.val_seed}: {len(validation[0])} candidates, good per target '
-            f'{[v.good for v in validation]}')
+    if val_seeds:
+        validation = validation_crops(val_seeds, args.val_frames, args.val_natural_frames, finder, targets,
+                                      args.sim_size, args.thin_fraction, args.oxide, args.objective, log)
     for k, target in enumerate(targets):
         data = CropSet(crops, np.concatenate([p[k].labels for p in parts]))
         if data.good < 5 or len(data) - data.good < 5:
@@ -438,13 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         cascade = train_cascade(data, target, nets=args.nets, seed=args.seed, width=args.width,
                                 crop_size=args.crop_size, log=log, batch=args.batch, max_steps=args.max_steps,
                                 stop_accuracy=args.stop_accuracy)
-        threshold_choice = {'val_seed': None, 'thresholds': [cascade.threshold] * len(cascade.nets)}
+        threshold_choice = {'val_seeds': [], 'thresholds': [cascade.threshold] * len(cascade.nets)}
         if validation is not None:
             thresholds, report = choose_thresholds(cascade, validation[k], args.recall)
             cascade.fold_thresholds(thresholds)
-            threshold_choice = {'val_seed': args.val_seed, 'val_frames': args.val_frames,
-                                'thresholds': [round(t, 6) for t in thresholds],
-                                'folded_into_output_bias': True, 'validation': report}
+            threshold_choice = validation_record(thresholds, report)
             log(f'{target.name}: thresholds {[round(t, 3) for t in thresholds]} keep {report["good_kept"]:.1%} '
                 f'of good and remove {report["bad_removed"]:.1%} of bad validation candidates')
         cascade.version = f'cascade-{target.name}-{dt.date.today().isoformat()}'
@@ -462,9 +535,42 @@ def main(argv: list[str] | None = None) -> int:
                          'train_seconds': round(time.perf_counter() - trained, 1)},
             'torch': torch.__version__,
         }
-        out = args.out / f'cascade_{target.name}.pt' if len(targets) > 1 or args.out.suffix != '.pt' else args.out
-        path = cascade.save(out, card)
+        path = cascade.save(out_path(target), card)
         log(f'wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {path.with_suffix(".json")}')
+    return 0
+
+
+def _rethreshold(args, targets, val_seeds, finder, out_path, validation_record, log, argv) -> int:
+    """``--rethreshold``: a new operating point for trained cascades, their nets unchanged."""
+    cascades = []
+    for target in targets:
+        path = out_path(target)
+        try:
+            cascade = Cascade.load(path)
+        except FileNotFoundError as exc:
+            raise SystemExit(f'flake-train-cascade: error: {exc}; --rethreshold works on trained cascades') from exc
+        if cascade.target.name != target.name:
+            raise SystemExit(f'flake-train-cascade: error: {path} holds target {cascade.target.name}, '
+                             f'not {target.name}')
+        cascades.append((path, cascade))
+    validation = validation_crops(val_seeds, args.val_frames, args.val_natural_frames, finder, targets,
+                                  args.sim_size, args.thin_fraction, args.oxide, args.objective, log)
+    for k, (path, cascade) in enumerate(cascades):
+        previous = cascade.card.get('threshold_choice') or {}
+        folded = previous.get('thresholds') if previous.get('folded_into_output_bias') else None
+        combined, shifts, report = refold_thresholds(cascade, validation[k], args.recall, folded)
+        choice = validation_record(combined, report)
+        choice['shifts_folded_last'] = [round(t, 6) for t in shifts]
+        choice['previous'] = previous
+        choice['command'] = 'flake-train-cascade ' + ' '.join(argv)
+        choice['commit'] = _git_commit()
+        choice['created'] = dt.datetime.now(dt.UTC).isoformat(timespec='seconds')
+        log(f'{cascade.target.name}: thresholds {[round(t, 3) for t in combined]} keep {report["good_kept"]:.1%} '
+            f'of good and remove {report["bad_removed"]:.1%} of bad validation candidates')
+        # The same nets at another operating point detect differently: the version says so.
+        cascade.version = f'{cascade.version.split("-recall")[0]}-recall{round(args.recall * 100)}'
+        cascade.save(path, {'threshold_choice': choice})
+        log(f'wrote {path} and {path.with_suffix(".json")}')
     return 0
 
 
