@@ -282,18 +282,17 @@ def test_mos2_of_twenty_layers_that_clips_two_channels_is_measured_by_its_rim():
     assert not _match(blind.detect(image).detections, truths, min_iou=0.5)
 
 
-def test_mos2_that_clips_every_channel_is_not_told_from_graphite_and_thick_wte2():
-    # At 10 ms all three channels of MoS2 20 layers clip: only the direction of its colour
-    # is left, which 37 nm graphite and 25 nm WTe2 share. The right layer count is the
-    # likeliest, but the material is less likely than the others together, so it is not
-    # reported unless asked to be.
+def test_mos2_that_clips_every_channel_is_not_reported():
+    # At 10 ms all three channels of MoS2 20 layers clip: the direction of its colour and
+    # low bounds are left, which 37 nm graphite and 25 nm WTe2 meet as well. The layer
+    # count is the likeliest, the material far from certain: not reported by default.
     flakes = [('flake', 'mos2', 20, None, (0, 0), 12)]
     image, truths, _ = _simulated_chip_frame(flakes, size=256, seed=12)
     assert (image[truths[0].mask] == 255).all(axis=1).mean() > 0.5
-    default = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0)
-    assert not _match(default.detect(image).detections, truths, min_iou=0.5)
+    detector = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0)
+    assert not detector.detect(image).detections
     eager = make_detector('contrast', materials='graphene,hbn,mos2,wte2', max_layers=40, work_size=0,
                           min_clipped_probability=0.0)
     found = _match(eager.detect(image).detections, truths, min_iou=0.5)
     assert found[0].material == 'mos2' and abs(found[0].layers - 20) <= 2
-    assert 0.2 < found[0].extra['material_probability'] < 0.5
+    assert 0.2 < found[0].extra['material_probability'] < 0.6

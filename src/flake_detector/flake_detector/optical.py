@@ -16,7 +16,9 @@ Several materials at once need three more things: channels clipped at the camera
 full scale count as lower bounds (censored likelihood), each region is weighed
 against thicker flakes of every material (a thick flake of one is not a thin flake of
 another), and line-shaped regions (tape residue, which has the colour of hBN) are
-dropped by their shape.
+dropped by their shape. A region that clips two or three channels is measured by the
+direction of its colour along its unclipped rim (the blur mixes flake and substrate
+linearly) together with what its core still measures.
 
 A calibration is a Gaussian per layer count in (R, G, B) contrast space: measured
 (``calibration/*_measured.json``, 2DMatGMM) or computed from the thin-film model
@@ -476,7 +478,7 @@ class OpticalDetector:
                  min_area_px: int = 60, max_layers: float = 40.0, gate_sigma: float = 4.0,
                  foreground_sigma: float = 4.0, min_contrast: float = 0.03, smooth: int = 3,
                  background_step: int = 8, edge_px: int = 2, work_size: int = 512,
-                 max_elongation: float = 5.0, rim_direction: bool = True, min_clipped_probability: float = 0.5,
+                 max_elongation: float = 5.0, rim_direction: bool = True, min_clipped_probability: float = 0.9,
                  **_ignored):
         if isinstance(materials, str):
             materials = [m.strip() for m in materials.split(',') if m.strip()]
@@ -773,11 +775,13 @@ class OpticalDetector:
         The optics blur an edge linearly, so across the rim of a flake the contrast is
         a * C with a running from 0 (substrate) to 1 (flake): the rim pixels that clip no
         channel lie on a line from the origin towards the flake's contrast C. Their
-        direction, with the lower bounds of the clipped channels inside, names material
-        and thickness where one clipped core alone (two or three channels at full
-        scale) would fit any bright flake. MoS2 from about 8 layers clips blue and green
-        on 90 nm oxide at the usual exposure, and no exposure that keeps thin graphene
-        visible avoids it.
+        direction, with the channel the core may still measure and the lower bounds of
+        the clipped ones, names material and thickness where the clipped core alone
+        would fit any bright flake. MoS2 from 8 layers clips blue and green on 90 nm
+        oxide at 10 ms, and from 13 layers all three. Direction and low bounds leave
+        13-40 layer MoS2, 25-40 nm hBN, 35-50 nm graphite and 25-40 layer WTe2 within a
+        few degrees of each other, so a region is reported only when its material is
+        nearly certain (``min_clipped_probability``).
         """
         bright = (component & (censored.sum(axis=2) >= 2)).astype(np.uint8)
         if int(bright.sum()) < min_area:
@@ -819,7 +823,7 @@ class OpticalDetector:
                 continue  # a thicker flake or a bulk crystal explains it best, or nothing does
             material_probability = float(family_likelihood[owner] / family_likelihood.sum())
             if material_probability < self.min_clipped_probability:
-                continue  # thick flakes of other materials share the colour's direction about as well
+                continue  # thick flakes of other materials share the colour's direction
             layers, weights = self._clip_layers[mine], likelihood[mine] / likelihood[mine].sum()
             mean = float(weights @ layers)
             std = float(math.sqrt(max(0.0, weights @ (layers - mean) ** 2)))
