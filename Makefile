@@ -85,11 +85,11 @@ train-defects: setup
 	$(ENV) nice flake-defects train-cells --target hex --steps 600 --images 24 --out $(DEFECT_MODELS)/cnn1_hex.pt
 	$(ENV) nice flake-defects train-cells --target unit --steps 600 --images 24 --out $(DEFECT_MODELS)/cnn1_unit.pt
 
-# Reproduces the shipped cascade weights from simulator seeds 1-3 (evaluation uses other seeds).
+# Reproduces the shipped cascade weights from simulator seeds 1-3, thresholds on seeds 4-6 (evaluation uses other seeds).
 train-cascade: setup
 	$(ENV) nice flake-train-cascade --target graphene-1-10L,hbn-10-90nm --sim-seeds 1,2,3 --sim-frames 100 \
-	  --natural-frames 60 --max-steps 300 --val-seed 4 --val-frames 100 --recall 0.95 --threads 1 \
-	  --out src/flake_detector/flake_detector/models
+	  --natural-frames 60 --max-steps 300 --val-seeds 4,5,6 --val-frames 100 --val-natural-frames 60 \
+	  --recall 0.95 --threads 1 --out src/flake_detector/flake_detector/models
 
 MASKRCNN_SCHEDULE := --input-size 256 --pixel-scale 1 --batch-size 2 --seed 0 --threads 1 \
   --stages heads:4e-3,layer4:4e-3,all:1e-3,all:1e-3:3,all:1e-3:3,all:1e-4 --epochs-per-stage 1
