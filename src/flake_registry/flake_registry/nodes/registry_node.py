@@ -54,6 +54,7 @@ from flake_scanner.nodes.common import (
     declare_parameters,
     diagnostic_status,
     diagnostics_publisher,
+    freeze_long_lived_objects,
     publish_diagnostics,
     run_node,
 )
@@ -90,6 +91,9 @@ PARAMS = (
     Param('revisit_limit', 50, 'Flakes on the revisit list when the request says 0', minimum=1, maximum=MAX_LIMIT),
     Param('publish_observation_events', True, 'Also publish an event when a detection merges into a known flake'),
     Param('diagnostics_period', 1.0, 'Seconds between /diagnostics messages', minimum=0.1, maximum=60.0),
+    Param('gc_freeze_period', 1.0, 'Seconds between moving long-lived objects (cached messages, modules) out of '
+          'the garbage collector\'s full passes, which would otherwise pause a service call; 0 = only at start',
+          minimum=0.0, maximum=3600.0, read_only=True),
 )
 
 # The default service QoS keeps 10 replies: with many robots calling at once on a busy
@@ -136,6 +140,7 @@ class RegistryNode(Node):
 
         self._worker = threading.Thread(target=self._ingest_loop, name='registry_ingest', daemon=True)
         self._worker.start()
+        self._gc_timer = freeze_long_lived_objects(self, self.params['gc_freeze_period'])
 
     def _on_params(self, changes: dict) -> None:
         if 'max_lease' in changes:
