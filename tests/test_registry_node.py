@@ -1,5 +1,6 @@
 """registry_node over real rclpy: detections in, every service and error code, concurrent robots."""
 
+import gc
 import json
 import math
 import random
@@ -129,6 +130,11 @@ def registry(ros, tmp_path_factory):
     node.close()
     node.destroy_node()
     spinner.join(timeout=10)
+
+
+def test_long_lived_objects_are_kept_out_of_full_collections(registry):
+    # Frozen at start and every gc_freeze_period: a full collection no longer walks them during a call.
+    assert gc.get_freeze_count() > 0
 
 
 def flake_ids(registry, **filters):

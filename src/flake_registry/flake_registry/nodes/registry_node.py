@@ -10,6 +10,7 @@ flake_registry.store; this module converts messages and wires callbacks.
 from __future__ import annotations
 
 from collections.abc import Callable
+import gc
 import json
 import os
 from pathlib import Path
@@ -361,6 +362,9 @@ class RegistryNode(Node):
         self._queue.put(None)
         self._worker.join(timeout=30.0)
         self.store.close()
+        if self._gc_timer is not None:
+            self.destroy_timer(self._gc_timer)
+        gc.unfreeze()  # an embedding process (tests, one executor for many nodes) gets its collector back
 
 
 def main(args=None) -> None:
