@@ -162,7 +162,11 @@ class AutofocusNode(Node):
         return frame
 
     def _score(self, frame: Future, measure: str) -> Future:
-        """The focus measure of ``frame`` once it has arrived, computed in the measuring thread."""
+        """The focus measure of ``frame`` once it has arrived, computed in the measuring thread.
+
+        Chained by callbacks rather than run as an executor task: a task with its own timeouts
+        took two timers and extra executor rounds per frame, 0.6 s more per 3-point focus map.
+        """
         scored = Future()
 
         def measured(done: Future) -> None:
