@@ -119,6 +119,11 @@ def build_net(width: float = 1.0):
     return net
 
 
+def logit(p: float) -> float:
+    """log(p / (1 - p)): thresholds on P(good) shift the good-minus-bad output by this much."""
+    return math.log(p / (1.0 - p))
+
+
 class Cascade:
     """Several independently trained nets; a crop passes if every net calls it good."""
 
@@ -185,7 +190,7 @@ class Cascade:
                 raise ValueError(f'thresholds must lie strictly between 0 and 1, got {t}')
             output = net[-1]
             with torch.no_grad():
-                output.bias[1] -= math.log(t / (1.0 - t))
+                output.bias[1] -= logit(t)
 
     # -- files ------------------------------------------------------------------------------
     def save(self, path: Path | str, card: dict | None = None) -> Path:

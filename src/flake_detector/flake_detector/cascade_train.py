@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 
 from flake_detector.candidates import Candidate, CandidateFinder
-from flake_detector.cascade import TARGETS, Cascade, Target, build_net, target_by_name
+from flake_detector.cascade import TARGETS, Cascade, Target, build_net, logit, target_by_name
 
 
 @dataclass
@@ -339,10 +339,6 @@ def choose_thresholds(cascade: Cascade, validation: CropSet, recall: float) -> t
     return thresholds, report
 
 
-def _logit(p: float) -> float:
-    return math.log(p / (1.0 - p))
-
-
 def refold_thresholds(cascade: Cascade, validation: CropSet, recall: float,
                       folded: list[float] | None = None) -> tuple[list[float], list[float], dict]:
     """Re-choose the operating point of a cascade whose nets already carry ``folded``
@@ -357,7 +353,7 @@ def refold_thresholds(cascade: Cascade, validation: CropSet, recall: float,
         raise ValueError(f'need one folded threshold per net ({len(cascade.nets)}), got {len(folded)}')
     shifts, report = choose_thresholds(cascade, validation, recall)
     cascade.fold_thresholds(shifts)
-    combined = [1.0 / (1.0 + math.exp(-(_logit(t) + _logit(s)))) for t, s in zip(folded, shifts, strict=True)]
+    combined = [1.0 / (1.0 + math.exp(-(logit(t) + logit(s)))) for t, s in zip(folded, shifts, strict=True)]
     return combined, shifts, report
 
 
@@ -515,8 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                                 stop_accuracy=args.stop_accuracy)
         threshold_choice = {'val_seeds': [], 'thresholds': [cascade.threshold] * len(cascade.nets)}
         if validation is not None:
-            thresholds, report = choose_thresholds(cascade, validation[k], args.recall)
-            cascade.fold_thresholds(thresholds)
+            thresholds, _, report = refold_thresholds(cascade, validation[k], args.recall)
             threshold_choice = validation_record(thresholds, report)
             log(f'{target.name}: thresholds {[round(t, 3) for t in thresholds]} keep {report["good_kept"]:.1%} '
                 f'of good and remove {report["bad_removed"]:.1%} of bad validation candidates')
