@@ -32,18 +32,6 @@ def serial_latency(commands: int, drop: float, garbage: float) -> dict:
             'resyncs': counters.resyncs, 'lost': counters.lost_replies}
 
 
-def _flake_edge(wafer: VirtualWafer, camera: CameraModel, rng: np.random.Generator) -> tuple[float, float]:
-    for _ in range(100):
-        wx, wy = rng.uniform(1e-3, 9e-3, 2)
-        flakes = [o for o in wafer.objects_in_rect(wx - 3e-4, wy - 3e-4, wx + 3e-4, wy + 3e-4)
-                  if o.kind == 'flake']
-        if flakes:
-            x, y = wafer.wafer_to_stage.apply(*flakes[0].polygon[0])
-            if camera.ground_truth(x, y).flakes:
-                return float(x), float(y)
-    raise RuntimeError('no flake found')
-
-
 def autofocus_accuracy(planes: int, objective: str, search_range: float, centre_error: float | None):
     rng = np.random.default_rng(11)
     rows = {name: {'frames': [], 'error': []} for name in FOCUS_MEASURES}
@@ -52,7 +40,7 @@ def autofocus_accuracy(planes: int, objective: str, search_range: float, centre_
         wafer = VirtualWafer.generate(seed=100 + seed)  # each wafer has its own tilted, curved focal plane
         camera = CameraModel(wafer, CameraSettings(width=256, height=256, objective=objective, seed=seed))
         dof = camera.objective.depth_of_field_m
-        x, y = _flake_edge(wafer, camera, rng)
+        x, y = camera.flake_corner_in_view(rng, tries=100)
         focal_z = camera.focal_plane_z(x, y)
         centre = 0.0 if centre_error is None else focal_z + rng.uniform(-centre_error, centre_error)
         for name in FOCUS_MEASURES:

@@ -105,18 +105,8 @@ def _camera_at_a_flake(seed: int, objective: str, rng: np.random.Generator):
     stage position showing a flake's edge."""
     wafer = VirtualWafer.generate(seed=seed)
     camera = CameraModel(wafer, CameraSettings(width=192, height=192, objective=objective, seed=seed))
-    for _ in range(50):
-        wx, wy = rng.uniform(1e-3, 9e-3, 2)
-        flakes = [o for o in wafer.objects_in_rect(wx - 3e-4, wy - 3e-4, wx + 3e-4, wy + 3e-4)
-                  if o.kind == 'flake']
-        if not flakes:
-            continue
-        # Centre the view on a corner of the flake: its edges are what focus is judged on.
-        x, y = wafer.wafer_to_stage.apply(*flakes[0].polygon[0])
-        if camera.ground_truth(x, y).flakes:
-            break
-    else:
-        raise AssertionError(f'no flake found on wafer {seed}')
+    # Centre the view on a corner of a flake: its edges are what focus is judged on.
+    x, y = camera.flake_corner_in_view(rng)
     return camera, float(x), float(y)
 
 

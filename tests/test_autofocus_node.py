@@ -4,6 +4,7 @@ import threading
 
 from action_msgs.msg import GoalStatus
 from geometry_msgs.msg import Point
+import numpy as np
 import pytest
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
@@ -11,7 +12,6 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from ros_helpers import spin_future, spin_until
-from test_camera_node import _flake_edge_position
 
 from flake_msgs.action import Autofocus
 from flake_msgs.msg import StageState
@@ -48,7 +48,7 @@ def graph(ros):
     executor = SingleThreadedExecutor()
     executor.add_node(client)
     reference = CameraModel(VirtualWafer.generate(seed=SEED), CameraSettings(width=SIZE, height=SIZE, seed=SEED))
-    x, y = _flake_edge_position(reference.wafer, reference)
+    x, y = reference.flake_corner_in_view(np.random.default_rng(0), 2e-3, 8e-3)
     states: list[StageState] = []
     client.create_subscription(StageState, '/stage/state', states.append, 10)
     move = client.create_client(MoveStage, '/stage/move')

@@ -25,19 +25,6 @@ SIZE = 256
 SEED = 4
 
 
-def _flake_edge_position(wafer: VirtualWafer, camera: CameraModel) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        wx, wy = rng.uniform(2e-3, 8e-3, 2)
-        flakes = [o for o in wafer.objects_in_rect(wx - 3e-4, wy - 3e-4, wx + 3e-4, wy + 3e-4)
-                  if o.kind == 'flake']
-        if flakes:
-            x, y = wafer.wafer_to_stage.apply(*flakes[0].polygon[0])
-            if camera.ground_truth(x, y).flakes:
-                return float(x), float(y)
-    raise AssertionError('no flake found')
-
-
 @pytest.fixture
 def graph(ros):
     stage = StageNode(parameter_overrides=[Parameter('emulator_time_scale', value=50.0),
@@ -73,7 +60,7 @@ def test_captured_frame_shows_the_flake_at_the_stage_position(graph):
 
     reference = CameraModel(VirtualWafer.generate(seed=SEED),
                             CameraSettings(width=SIZE, height=SIZE, objective='10x', seed=SEED))
-    x, y = _flake_edge_position(reference.wafer, reference)
+    x, y = reference.flake_corner_in_view(np.random.default_rng(0), 2e-3, 8e-3)
     z = reference.focal_plane_z(x, y)
     assert spin_until(executor, move.service_is_ready, 10.0)
     response = spin_future(executor, move.call_async(

@@ -147,3 +147,16 @@ def test_off_chip_is_dark_and_has_no_truth():
         assert not (obj.mask & off_chip).any()
     # The origin corner sits at the image centre: part of the frame is off the chip and dark.
     assert image[:100, -100:].mean() > 40 and image[-100:, :100].mean() < 15
+
+
+def test_flake_corner_in_view_centres_a_flake_corner():
+    import numpy as np
+
+    wafer = VirtualWafer.generate(seed=3)
+    camera = CameraModel(wafer, CameraSettings(width=128, height=128, seed=3))
+    x, y = camera.flake_corner_in_view(np.random.default_rng(5))
+    assert camera.ground_truth(x, y).flakes
+    corners = [wafer.wafer_to_stage.apply(*o.polygon[0]) for o in wafer.objects_in_rect(0, 0, 1, 1)
+               if o.kind == 'flake']
+    assert min(np.hypot(cx - x, cy - y) for cx, cy in corners) < 1e-12
+    assert camera.flake_corner_in_view(np.random.default_rng(5)) == (x, y)

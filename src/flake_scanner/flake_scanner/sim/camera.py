@@ -246,6 +246,20 @@ class CameraModel:
         return pixel_to_stage(stage_x, stage_y, self.pixel_size, s.width, s.height).then(
             self.wafer.stage_to_wafer)
 
+    def flake_corner_in_view(self, rng: np.random.Generator, low: float = 1e-3, high: float = 9e-3,
+                             tries: int = 50) -> tuple[float, float]:
+        """A stage (x, y) centring the view on a corner of some flake: its edges give focus,
+        contrast and motion blur something to show. Wafer points are drawn in [low, high]^2 [m]."""
+        for _ in range(tries):
+            wx, wy = rng.uniform(low, high, 2)
+            flakes = [o for o in self.wafer.objects_in_rect(wx - 3e-4, wy - 3e-4, wx + 3e-4, wy + 3e-4)
+                      if o.kind == 'flake']
+            if flakes:
+                x, y = self.wafer.wafer_to_stage.apply(*flakes[0].polygon[0])
+                if self.ground_truth(x, y).flakes:
+                    return float(x), float(y)
+        raise LookupError(f'no flake corner found in {tries} tries')
+
     def _visible_objects(self, to_wafer: Affine2D) -> list[WaferObject]:
         s = self._settings
         frame = np.array([[-1, -1], [s.width, -1], [-1, s.height], [s.width, s.height]])
