@@ -8,7 +8,7 @@ VENV := .venv
 STAMPS := $(VENV)/.stamps
 PYTHON ?= python3
 ENV := source env.sh &&
-PACKAGES := flake_scanner flake_detector flake_registry
+PACKAGES := flake_core flake_scanner flake_detector flake_registry
 MSG_FILES := $(shell find src/flake_msgs -type f -not -name '*~')
 PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src/$(p)/package.xml)
 

@@ -19,8 +19,8 @@ os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
 
 import numpy as np  # noqa: E402
 
+from flake_core.ros_image import numpy_to_image  # noqa: E402
 from flake_scanner.bag.io import SCAN_FRAME_TYPE, BagReader, BagWriter  # noqa: E402
-from flake_scanner.ros_image import numpy_to_image  # noqa: E402
 
 SIDE = 1024
 
@@ -63,9 +63,9 @@ def replay_throughput(path: Path, frames: int, separate_process: bool) -> tuple[
     from rclpy.node import Node
     from rclpy.parameter import Parameter
 
+    from flake_core.node_tools import PIPELINE_QOS
     from flake_msgs.msg import ScanFrame
     from flake_scanner.bag.replay import BagReplayer
-    from flake_scanner.nodes.common import PIPELINE_QOS
 
     rclpy.init()
     executor = SingleThreadedExecutor()
@@ -137,8 +137,8 @@ def write_simulated_scan(path: Path, frames: int, seed: int = 7) -> None:
 
 def evaluation_rows(bag: Path) -> list[str]:
     """One row per backend: seconds per 100 frames and the headline metrics, or why it did not run."""
+    from flake_detector.bag_evaluate import evaluate_bag
     from flake_detector.detection import available_detectors
-    from flake_scanner.bag.evaluate import evaluate_bag
 
     rows = []
     for name in available_detectors():

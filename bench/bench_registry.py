@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 
-from flake_registry.query import LAYER_FEW, LAYER_MONO, LAYER_THICK, FlakeQuery
+from flake_core.materials import LAYER_FEW, LAYER_MONO, LAYER_THICK
+from flake_registry.query import FlakeQuery
 from flake_registry.store import Detection, FlakeStore
 
 UM, MM = 1e-6, 1e-3

@@ -14,7 +14,8 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 import cv2  # noqa: E402
 
-from flake_scanner.sim.camera import OBJECTIVES, CameraModel, CameraSettings  # noqa: E402
+from flake_core.objectives import OBJECTIVES  # noqa: E402
+from flake_scanner.sim.camera import CameraModel, CameraSettings  # noqa: E402
 from flake_scanner.sim.wafer import VirtualWafer, WaferConfig  # noqa: E402
 
 FRAMES = 12

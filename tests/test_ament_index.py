@@ -1,4 +1,4 @@
-"""All four packages are found through the ament index, as `ros2 launch` would find them."""
+"""All five packages are found through the ament index, as `ros2 launch` would find them."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ from ament_index_python.packages import get_package_share_directory
 import pytest
 
 
-@pytest.mark.parametrize('package', ['flake_msgs', 'flake_scanner', 'flake_detector', 'flake_registry'])
+@pytest.mark.parametrize('package', ['flake_msgs', 'flake_core', 'flake_scanner', 'flake_detector', 'flake_registry'])
 def test_share_directory_holds_the_package_manifest(package):
     share = Path(get_package_share_directory(package))
     manifest = (share / 'package.xml').read_text()

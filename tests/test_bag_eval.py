@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from flake_scanner.bag.evaluate import GroundTruthError, evaluate_bag, main
+from flake_detector.bag_evaluate import GroundTruthError, evaluate_bag, main
 from flake_scanner.bag.io import (
     GROUND_TRUTH_FILE,
     GROUND_TRUTH_TOPIC,
@@ -82,8 +82,8 @@ def _make_scan(tmp_path, truth_in_bag: bool = False):
     """
     from rclpy.serialization import serialize_message
 
+    from flake_core.ros_image import numpy_to_image
     from flake_msgs.msg import ScanFrame
-    from flake_scanner.ros_image import numpy_to_image
 
     frames = {1: np.full((TILE, 2 * TILE, 3), BACKGROUND, np.uint8), 2: np.full((TILE, 2 * TILE, 3), BACKGROUND,
                                                                                   np.uint8)}

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from flake_core.ros_image import image_to_numpy, numpy_to_image
 from flake_scanner.bag.io import (
     FLAKE_ARRAY_TYPE,
     SCAN_FRAME_TYPE,
@@ -22,7 +23,6 @@ from flake_scanner.bag.io import (
     scan_frames,
 )
 from flake_scanner.bag.types import interface_definitions, typestore
-from flake_scanner.ros_image import image_to_numpy, numpy_to_image
 
 FRAMES = 12
 

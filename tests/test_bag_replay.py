@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from ros_helpers import spin_until
 
+from flake_core.ros_image import image_to_numpy, numpy_to_image
 from flake_scanner.bag.io import SCAN_FRAME_TYPE, BagError, BagReader, BagWriter
 from flake_scanner.bag.playback import PlaybackClock, parse_remaps, parse_topics
-from flake_scanner.ros_image import image_to_numpy, numpy_to_image
 
 # Topics unique to this test process: other runs of this suite may share the DDS domain.
 T = f'/bagtest_{os.getpid()}'
@@ -78,9 +78,9 @@ def _record(executor, tmp_path, count: int):
     """Publish ``count`` ScanFrames and a FlakeArray from a node and record them."""
     from rclpy.parameter import Parameter
 
+    from flake_core.node_tools import PIPELINE_QOS
     from flake_msgs.msg import FlakeArray, ScanFrame
     from flake_scanner.bag.record import BagRecorder
-    from flake_scanner.nodes.common import PIPELINE_QOS
 
     source = ros_node('bag_test_source')
     frames_pub = source.create_publisher(ScanFrame, f'{T}/tiles', PIPELINE_QOS)
@@ -118,9 +118,9 @@ def _replay_and_collect(executor, bag, expected: int, extra=()):
     from rclpy.parameter import Parameter
     from rosgraph_msgs.msg import Clock
 
+    from flake_core.node_tools import PIPELINE_QOS
     from flake_msgs.msg import FlakeArray, ScanFrame
     from flake_scanner.bag.replay import BagReplayer
-    from flake_scanner.nodes.common import PIPELINE_QOS
 
     sink = ros_node('bag_test_sink')
     frames, flakes, clocks = [], [], []
@@ -224,8 +224,8 @@ def test_flake_record_process_closes_the_bag_on_sigterm(executor, tmp_path):
 
     from rclpy.duration import Duration
 
+    from flake_core.node_tools import PIPELINE_QOS
     from flake_msgs.msg import ScanFrame
-    from flake_scanner.nodes.common import PIPELINE_QOS
 
     bag = tmp_path / 'sigterm'
     truth = tmp_path / 'truth.json'

@@ -25,8 +25,8 @@ SCAN = 'scan-bag-0001'
 
 
 def _simulated_frames():
+    from flake_core.ros_image import numpy_to_image
     from flake_msgs.msg import ScanFrame
-    from flake_scanner.ros_image import numpy_to_image
     from flake_scanner.sim.camera import CameraModel, CameraSettings
     from flake_scanner.sim.cli import dataset_positions
     from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
@@ -82,10 +82,10 @@ def test_replayed_scan_fills_a_fresh_registry_with_the_same_flakes(ros, tmp_path
     from rclpy.node import Node
     from rclpy.parameter import Parameter
 
+    from flake_core.node_tools import PIPELINE_QOS
     from flake_msgs.msg import ScanFrame
     from flake_scanner.bag.record import BagRecorder
     from flake_scanner.bag.replay import BagReplayer
-    from flake_scanner.nodes.common import PIPELINE_QOS
 
     frames = _simulated_frames()
     executor = SingleThreadedExecutor()

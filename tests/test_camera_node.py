@@ -11,13 +11,13 @@ from ros_helpers import spin_future, spin_until
 from sensor_msgs.msg import CameraInfo, Image
 from std_srvs.srv import Trigger
 
+from flake_core.node_tools import SENSOR_SUBSCRIBER_QOS
+from flake_core.ros_image import image_to_numpy
 from flake_msgs.msg import StageState
 from flake_msgs.srv import MoveStage
 from flake_scanner.camera_sources import CameraError, FolderSource, StagePose, motion_blur
 from flake_scanner.nodes.camera_node import CameraNode
-from flake_scanner.nodes.common import SENSOR_SUBSCRIBER_QOS
 from flake_scanner.nodes.stage_node import StageNode
-from flake_scanner.ros_image import image_to_numpy
 from flake_scanner.sim.camera import CameraModel, CameraSettings
 from flake_scanner.sim.wafer import VirtualWafer
 

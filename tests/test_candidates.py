@@ -4,8 +4,8 @@ from detector_synth import make_frame, sim_frames
 import numpy as np
 import pytest
 
+from flake_core.geometry import Affine2D
 from flake_detector.candidates import Candidate, CandidateFinder
-from flake_scanner.geometry import Affine2D
 
 
 def _covered(candidates, centre):

@@ -6,13 +6,13 @@ from rclpy.executors import SingleThreadedExecutor
 from ros_helpers import spin_future, spin_until
 from sensor_msgs.msg import Image
 
+from flake_core.node_tools import IMAGE_PUBLISHER_QOS
+from flake_core.ros_image import numpy_to_image
 from flake_detector.defects.casting import match_accuracy
 from flake_detector.defects.simulate import PRIMITIVE_CELL_AREA, StemSimConfig, simulate, to_uint16
 from flake_detector.nodes.defect_analyzer_node import DefectAnalyzerNode
 from flake_msgs.msg import DefectReport
 from flake_msgs.srv import AnalyzeDefects
-from flake_scanner.nodes.common import IMAGE_PUBLISHER_QOS
-from flake_scanner.ros_image import numpy_to_image
 
 pytestmark = pytest.mark.ros
 

@@ -87,8 +87,8 @@ def test_targets_leave_out_bulk_and_ignore_detections_on_flakes_too_small_to_cou
     from flake_scanner.demo.metrics import TruthFlake
 
     def truth(object_id, layers, half, cx=1e-3, material='graphene'):
-        from flake_scanner.sim.wafer import layer_class
-        return TruthFlake(object_id, 'flake', material, layers, layer_class(layers), (cx, 1e-3), (2 * half) ** 2,
+        from flake_core.materials import layer_class_name
+        return TruthFlake(object_id, 'flake', material, layers, layer_class_name(layers), (cx, 1e-3), (2 * half) ** 2,
                           square(cx, 1e-3, half), 0)
 
     thin, thick, tiny = truth(1, 2, 5e-6), truth(2, 30, 5e-6, cx=1.2e-3), truth(3, 3, 1e-6, cx=1.4e-3)

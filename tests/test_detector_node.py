@@ -7,10 +7,10 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from ros_helpers import spin_until
 
+from flake_core.geometry import Affine2D
+from flake_core.node_tools import PIPELINE_QOS
+from flake_core.ros_image import image_to_numpy, numpy_to_image
 from flake_detector.nodes.detector_node import DetectorNode
-from flake_scanner.geometry import Affine2D
-from flake_scanner.nodes.common import PIPELINE_QOS
-from flake_scanner.ros_image import image_to_numpy, numpy_to_image
 
 pytestmark = pytest.mark.ros
 

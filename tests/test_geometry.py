@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from flake_scanner.geometry import (
+from flake_core.geometry import (
     Affine2D,
     DegenerateCornersError,
     WaferFrame,

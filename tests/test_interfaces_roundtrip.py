@@ -9,10 +9,10 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import serialize_message
 from ros_helpers import spin_future, spin_until, start_helper, stop_helper
 
+from flake_core.ros_image import image_to_numpy
 from flake_msgs.action import Scan
 from flake_msgs.msg import Flake
 from flake_msgs.srv import QueryFlakes
-from flake_scanner.ros_image import image_to_numpy
 
 pytestmark = pytest.mark.ros
 

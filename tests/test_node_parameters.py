@@ -3,7 +3,7 @@
 import pytest
 from rclpy.parameter import Parameter
 
-from flake_scanner.nodes.common import Param, declare_parameters
+from flake_core.node_tools import Param, declare_parameters
 
 pytestmark = pytest.mark.ros
 
@@ -47,7 +47,7 @@ def test_invalid_start_up_value_fails_loudly(ros):
 def test_diagnostic_status_accepts_the_message_levels_and_plain_integers():
     from diagnostic_msgs.msg import DiagnosticStatus
 
-    from flake_scanner.nodes.common import ERROR, OK, diagnostic_status
+    from flake_core.node_tools import ERROR, OK, diagnostic_status
 
     assert diagnostic_status('a', 'hw', OK, 'fine').level == DiagnosticStatus.OK
     status = diagnostic_status('a', 'hw', 2, 'broken', {'retries': 3})

@@ -4,7 +4,8 @@ from detector_synth import make_frame
 import numpy as np
 import pytest
 
-from flake_detector.detection import LAYER_FEW, LAYER_MONO, make_detector
+from flake_core.materials import LAYER_FEW, LAYER_MONO
+from flake_detector.detection import make_detector
 from flake_detector.optical import (
     Calibration,
     OpticalDetector,

@@ -15,6 +15,8 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from ros_helpers import spin_future, spin_until
 
+from flake_core.node_tools import PIPELINE_QOS
+from flake_core.ros_image import image_to_numpy, numpy_to_image
 from flake_msgs.msg import Flake, FlakeArray, FlakeImage, RegistryEvent
 from flake_msgs.srv import (
     AddFlakeImage,
@@ -26,8 +28,6 @@ from flake_msgs.srv import (
     ReserveFlake,
 )
 from flake_registry.nodes.registry_node import SERVICE_QOS, RegistryNode
-from flake_scanner.nodes.common import PIPELINE_QOS
-from flake_scanner.ros_image import image_to_numpy, numpy_to_image
 
 pytestmark = pytest.mark.ros
 

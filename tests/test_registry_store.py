@@ -13,11 +13,9 @@ from pycocotools.coco import COCO
 import pytest
 from ros_helpers import HELPERS
 
+from flake_core.materials import LAYER_FEW, LAYER_MONO, LAYER_THICK
 from flake_registry.export import build_coco, export_csv, export_json
 from flake_registry.query import (
-    LAYER_FEW,
-    LAYER_MONO,
-    LAYER_THICK,
     STATUS_AVAILABLE,
     STATUS_RESERVED,
     STATUS_USED,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import Image
 
-from flake_scanner.ros_image import ImageConversionError, image_to_numpy, numpy_to_image
+from flake_core.ros_image import ImageConversionError, image_to_numpy, numpy_to_image
 
 
 @pytest.mark.parametrize('encoding,dtype,channels', [

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from flake_scanner.geometry import Affine2D, pixel_to_wafer
+from flake_core.geometry import Affine2D, pixel_to_wafer
 from flake_scanner.scan.planner import EtaEstimator, Region, focus_points, plan_serpentine
 from flake_scanner.scan.tiler import Mosaic, split_frame
 

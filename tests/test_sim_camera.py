@@ -4,8 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from flake_scanner.geometry import pixel_to_wafer
-from flake_scanner.sim.camera import OBJECTIVES, CameraModel, CameraSettings
+from flake_core.geometry import pixel_to_wafer
+from flake_core.objectives import OBJECTIVES
+from flake_scanner.sim.camera import CameraModel, CameraSettings
 from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
 
 CLEAN = dict(flake_density_per_mm2=0, residue_line_density_per_mm2=0, residue_network_density_per_mm2=0,
@@ -128,7 +129,7 @@ def test_settings_change_pixel_size_exposure_and_reject_bad_values():
     dim = cam.render(x, y).mean()
     cam.with_settings(exposure_s=0.02)
     assert cam.render(x, y).mean() > 1.5 * dim
-    assert set(OBJECTIVES) == {'5x', '10x', '20x', '50x', '100x'}
+    assert set(OBJECTIVES) == {'5x', '10x', '20x', '50x', '100x', '150x'}
     with pytest.raises(ValueError, match='unknown objective'):
         cam.with_settings(objective='7x')
     with pytest.raises(ValueError, match='exposure_s'):

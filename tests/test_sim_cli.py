@@ -7,9 +7,10 @@ import numpy as np
 from pycocotools.coco import COCO
 import pytest
 
+from flake_core import materials
 from flake_scanner.sim import cli
 from flake_scanner.sim.camera import CameraModel, CameraSettings
-from flake_scanner.sim.coco import CONTAMINANT_CATEGORIES, FLAKE_CATEGORIES, FrameRecord, frames_to_coco
+from flake_scanner.sim.coco import FrameRecord, frames_to_coco
 from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
 
 
@@ -32,9 +33,9 @@ def test_coco_masks_decode_to_the_truth_areas(tmp_path):
         assert np.array_equal(decoded, obj.mask)
         assert ann['area'] == obj.area_px
         if ann['is_contaminant']:
-            assert ann['category_id'] == CONTAMINANT_CATEGORIES[obj.kind]
+            assert ann['category_id'] == materials.CONTAMINANT_CATEGORIES[obj.kind]
         else:
-            assert ann['category_id'] == FLAKE_CATEGORIES[obj.material]
+            assert ann['category_id'] == materials.material(obj.material).coco_id
             assert ann['attributes']['layers'] == obj.layers
             assert ann['attributes']['layer_class'] in ('mono', 'few', 'thick', 'bulk')
     flakes_only = frames_to_coco([FrameRecord('0.png', truths[0])], include_contaminants=False)

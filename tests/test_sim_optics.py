@@ -7,16 +7,21 @@ import cv2
 import numpy as np
 import pytest
 
-from flake_scanner.sim import optics
+from flake_core import optics
 from flake_scanner.sim.camera import CameraModel, CameraSettings
 from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
 
-GMM_PATH = Path(__file__).resolve().parents[1] / 'config' / 'contrast_graphene_sio2_90nm.json'
-
 
 def measured_graphene(layers: int) -> np.ndarray:
-    entry = json.loads(GMM_PATH.read_text())[str(layers)]['contrast']
-    return np.array([entry['b'], entry['g'], entry['r']])
+    """Measured contrast (B, G, R) of the shipped graphene calibration (2DMatGMM, 90 nm SiO2)."""
+    data = json.loads((optics.CALIBRATION_DIR / 'graphene_measured.json').read_text())
+    entry = next(c for c in data['classes'] if c['layers'] == layers)
+    return np.array(entry['contrast_rgb'][::-1])
+
+
+def write_calibration(path: Path, material: str, classes: list) -> Path:
+    path.write_text(json.dumps({'material': material, 'classes': classes}))
+    return path
 
 
 @pytest.mark.parametrize('layers', [1, 2, 3])
@@ -39,10 +44,9 @@ def test_hbn_monolayer_nearly_invisible_but_10nm_strongly_coloured():
 
 
 def test_calibration_overrides_model_only_for_its_layer_counts(tmp_path):
-    path = tmp_path / 'mos2.json'
-    path.write_text(json.dumps({'1': {'contrast': {'b': -0.6, 'g': -0.5, 'r': -0.4},
-                                      'covariance_matrix': np.eye(3).tolist()}}))
-    model = optics.OpticsModel([optics.ContrastCalibration.from_json(path, 'mos2', 90.0)])
+    path = write_calibration(tmp_path / 'mos2.json', 'mos2', [
+        {'layers': 1, 'contrast_rgb': [-0.4, -0.5, -0.6], 'covariance_rgb': np.eye(3).tolist()}])
+    model = optics.OpticsModel([optics.ContrastCalibration.from_json(path, 90.0)])
     np.testing.assert_allclose(model.flake_contrast('mos2', 1, 90.0), [-0.6, -0.5, -0.4])
     np.testing.assert_allclose(model.flake_contrast('mos2', 2, 90.0),
                                optics.model_contrast('mos2', 1.3, 90.0))
@@ -55,10 +59,9 @@ def test_bad_inputs_are_rejected_clearly(tmp_path):
         optics.flake_contrast('unobtainium', 1, 90.0)
     with pytest.raises(ValueError, match='layer count'):
         optics.flake_contrast('graphene', 0, 90.0)
-    bad = tmp_path / 'bad.json'
-    bad.write_text('{"1": {"contrast": {"b": 1}}}')
-    with pytest.raises(ValueError, match='bad entry'):
-        optics.ContrastCalibration.from_json(bad, 'graphene', 90.0)
+    bad = write_calibration(tmp_path / 'bad.json', 'graphene', [{'layers': 1, 'contrast_rgb': [1]}])
+    with pytest.raises(ValueError, match='cannot read contrast calibration'):
+        optics.ContrastCalibration.from_json(bad, 90.0)
 
 
 def _contrast_on_rendered_frame(layers: int) -> np.ndarray:

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from flake_scanner.geometry import WaferFrame
-from flake_scanner.sim.wafer import VirtualWafer, WaferConfig, layer_class
+from flake_core.geometry import WaferFrame
+from flake_core.materials import layer_class_name
+from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
 
 
 def small_chip(seed=1, **changes):
@@ -72,8 +73,8 @@ def test_regions_contaminants_and_crystal_edges():
             assert o.layers < parent.layers if o.kind == 'terrace' else o.layers == 2 * parent.layers
     bulk = [o for o in objs if o.kind == 'bulk']
     assert min(o.thickness_nm for o in bulk) >= 300
-    assert layer_class(1) == 'mono' and layer_class(10) == 'few' and layer_class(40) == 'thick'
-    assert layer_class(41) == 'bulk'
+    assert layer_class_name(1) == 'mono' and layer_class_name(10) == 'few' and layer_class_name(40) == 'thick'
+    assert layer_class_name(41) == 'bulk'
 
 
 def test_bad_config_is_rejected():

@@ -10,8 +10,8 @@ import random
 import cv2
 import numpy as np
 
+from flake_core.geometry import Affine2D
 from flake_registry.store import Detection, FlakeStore
-from flake_scanner.geometry import Affine2D
 
 MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2')
 SCAN_ID = 'scan-web-1'

@@ -6,7 +6,7 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_packages(exclude=['test']),
-    package_data={package_name: ['models/*.pt', 'models/*.json', 'calibration/*.json',
+    package_data={package_name: ['models/*.pt', 'models/*.json',
                                 'defects/models/*.pt', 'defects/models/*.json']},
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
@@ -26,6 +26,7 @@ setup(
             'flake-train-cascade = flake_detector.cascade_train:main',
             'flake-train-maskrcnn = flake_detector.maskrcnn.train:main',
             'flake-defects = flake_detector.defects.cli:main',
+            'flake-bag-eval = flake_detector.bag_evaluate:main',
             'detector_node = flake_detector.nodes.detector_node:main',
             'defect_analyzer_node = flake_detector.nodes.defect_analyzer_node:main',
         ],

@@ -27,7 +27,6 @@ setup(
             'flake-demo = flake_scanner.demo.run:main',
             'flake-record = flake_scanner.bag.record:main',
             'flake-replay = flake_scanner.bag.replay:main',
-            'flake-bag-eval = flake_scanner.bag.evaluate:main',
             'stage_node = flake_scanner.nodes.stage_node:main',
             'camera_node = flake_scanner.nodes.camera_node:main',
             'autofocus_node = flake_scanner.nodes.autofocus_node:main',

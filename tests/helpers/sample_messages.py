@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from flake_scanner.ros_image import numpy_to_image
+from flake_core.ros_image import numpy_to_image
 
 
 def sample_flake(index: int = 0):

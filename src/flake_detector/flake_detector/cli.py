@@ -20,7 +20,8 @@ import time
 import cv2
 import numpy as np
 
-from flake_detector.detection import LAYER_CLASS_NAMES, available_detectors, make_detector
+from flake_core.materials import LAYER_CLASS_NAMES
+from flake_detector.detection import available_detectors, make_detector
 from flake_detector.evaluation import detections_to_predictions
 
 # Overlay colour (BGR) per layer class.

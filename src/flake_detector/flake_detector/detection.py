@@ -24,30 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# Same values as flake_msgs/Flake LAYER_* (the core must not import messages).
-LAYER_UNKNOWN = 0
-LAYER_MONO = 1
-LAYER_FEW = 2
-LAYER_THICK = 3
-LAYER_BULK = 4
-LAYER_CLASS_NAMES = {LAYER_UNKNOWN: 'unknown', LAYER_MONO: 'mono', LAYER_FEW: 'few',
-                     LAYER_THICK: 'thick', LAYER_BULK: 'bulk'}
-
-MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2', 'unknown')
-
-
-def layer_class_of(layers: float) -> int:
-    """Seed 001's classes: mono = 1 layer, few = 2-10, thick = 10-40, bulk above."""
-    if not np.isfinite(layers) or layers <= 0:
-        return LAYER_UNKNOWN
-    n = round(float(layers))
-    if n <= 1:
-        return LAYER_MONO
-    if n <= 10:
-        return LAYER_FEW
-    if n <= 40:
-        return LAYER_THICK
-    return LAYER_BULK
+from flake_core.materials import LAYER_CLASS_NAMES, LAYER_UNKNOWN, layer_class_of
 
 
 @dataclass
@@ -246,7 +223,7 @@ def wafer_geometry(detection: Detection, pixel_to_wafer, frame_shape: tuple[int,
                    max_points: int = 64) -> WaferGeometry:
     """Centre, outline, area and isolation of ``detection`` in the wafer frame.
 
-    ``pixel_to_wafer`` is a flake_scanner.geometry.Affine2D (pixel centres at
+    ``pixel_to_wafer`` is a flake_core.geometry.Affine2D (pixel centres at
     integers). The isolation is bounded by the distance to the frame edge when no
     other detection lies in the frame, since nothing beyond it was seen.
     """

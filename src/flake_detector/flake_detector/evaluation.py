@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from flake_detector.detection import LAYER_CLASS_NAMES, layer_class_of
+from flake_core.materials import CONTAMINANT_CATEGORY_MIN, LAYER_CLASS_NAMES, layer_class_name
 
-LAYER_CLASSES = ('mono', 'few', 'thick', 'bulk')
-CONTAMINANT_CATEGORY_MIN = 100  # category ids >= 100 are contaminants (flake_scanner.sim.coco)
+LAYER_CLASSES = tuple(name for name in LAYER_CLASS_NAMES.values() if name != 'unknown')
 
 
 def is_flake(annotation: dict) -> bool:
@@ -46,10 +45,6 @@ def annotation_layers(annotation: dict) -> float:
     attributes = annotation.get('attributes') or {}
     value = attributes.get('layers', annotation.get('layers'))
     return float(value) if value is not None else float('nan')
-
-
-def layer_class_name(layers: float) -> str:
-    return LAYER_CLASS_NAMES.get(layer_class_of(layers), 'unknown')
 
 
 def select_truth(gt: dict, material: str | None = None, min_layers: float | None = None,

@@ -22,7 +22,7 @@ linearly) together with what its core still measures.
 
 A calibration is a Gaussian per layer count in (R, G, B) contrast space: measured
 (``calibration/*_measured.json``, 2DMatGMM) or computed from the thin-film model
-(flake_scanner.sim.optics: transfer matrix, refractive indices of notes/optics-and-stem.md).
+(flake_core.optics: transfer matrix, refractive indices of notes/optics-and-stem.md).
 ``estimate_thickness`` is what other backends call to refine a mask's thickness.
 """
 
@@ -38,27 +38,22 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from flake_core import materials, optics
+from flake_core.materials import layer_class_of
+from flake_core.optics import CALIBRATION_DIR
 from flake_detector.detection import (
     Detection,
     FrameResult,
     FunnelStage,
     add_isolation,
-    layer_class_of,
     region_quality,
     register_detector,
 )
-from flake_scanner.sim import optics
 
-CALIBRATION_DIR = Path(__file__).resolve().parent / 'calibration'
-
-# Layer counts each material's model table spans (hBN is used 10-90 nm thick).
-MODEL_LAYERS = {'graphene': range(1, 41), 'hbn': range(3, 901, 3), 'mos2': range(1, 61),
-                'wte2': range(1, 61)}
-# What the detector weighs a region against besides the layer counts it reports: flakes
-# of every material up to about 100-300 nm, so that a thick flake of one material is not
-# taken for a thin flake of another whose colour it happens to come close to.
-ALTERNATIVE_LAYERS = {'graphene': range(1, 301), 'hbn': range(3, 901, 3), 'mos2': range(1, 301),
-                      'wte2': range(1, 301)}
+# Layer counts each material's model table spans, and what the detector weighs a region against
+# besides them (flake_core.materials).
+MODEL_LAYERS = {m.name: m.optical_layers for m in materials.MATERIALS.values()}
+ALTERNATIVE_LAYERS = {m.name: m.alternative_layers for m in materials.MATERIALS.values()}
 # Spread of real flakes around the model contrast (per channel, contrast units):
 # the measured graphene calibration sits within ~0.02 of the model.
 MODEL_SIGMA = 0.02
@@ -71,7 +66,7 @@ def thin_film_contrast(material: str, layers: int, oxide_nm: float) -> tuple[flo
     """Model contrast (R, G, B) of ``layers`` layers of ``material`` on SiO2(oxide_nm)/Si.
 
     The band-averaged transfer-matrix model of the simulated microscope
-    (flake_scanner.sim.optics, B, G, R order there), so simulated frames and this
+    (flake_core.optics, B, G, R order there), so simulated frames and this
     detector share one physics.
     """
     if material not in optics.LAYER_THICKNESS_NM:
@@ -121,7 +116,7 @@ class Calibration:
                 k = int(np.nonzero(model.layers == n)[0][0])
                 means.append(model.means[k])
                 covs.append(model.covariances[k])
-        layer_nm = optics.LAYER_THICKNESS_NM.get(material, 0.65)
+        layer_nm = optics.layer_thickness_nm(material)
         return cls(material, layer_nm, np.array(layers, float), np.array(means), np.array(covs),
                    data.get('version', Path(path).stem))
 

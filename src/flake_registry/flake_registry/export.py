@@ -16,9 +16,10 @@ import json
 import time
 from typing import IO, Any
 
-from flake_registry.query import LAYER_NAMES, MATERIALS, STATUS_NAMES, RegistryError
+from flake_core.geometry import Affine2D
+from flake_core.materials import MATERIAL_NAMES
+from flake_registry.query import LAYER_NAMES, STATUS_NAMES, RegistryError
 from flake_registry.store import SCHEMA_VERSION, FlakeRecord, FlakeStore
-from flake_scanner.geometry import Affine2D
 
 FORMATS = ('json', 'csv', 'coco')
 CSV_COLUMNS = ('id', 'chip_id', 'scan_id', 'tile_index', 'material', 'layer_class', 'layers', 'layers_std',
@@ -76,7 +77,7 @@ def export_csv(store: FlakeStore, out: IO[str], chip_id: str = '', scan_id: str 
 
 def coco_categories() -> list[dict[str, Any]]:
     """One category per material and layer class, as in seed 001 (e.g. graphene_mono)."""
-    names = [(m, layer) for m in MATERIALS for layer in LAYER_NAMES]
+    names = [(m, layer) for m in MATERIAL_NAMES for layer in LAYER_NAMES]
     return [{'id': i + 1, 'name': f'{m}_{layer}', 'supercategory': m} for i, (m, layer) in enumerate(names)]
 
 

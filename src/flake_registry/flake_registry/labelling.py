@@ -23,9 +23,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, MATERIALS, RegistryError, parse_layer_class
+from flake_core.geometry import Affine2D
+from flake_core.materials import MATERIAL_NAMES
+from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, RegistryError, parse_layer_class
 from flake_registry.store import FlakeStore
-from flake_scanner.geometry import Affine2D
 
 VERDICTS = ('accept', 'reject', 'relabel')
 WHO_PATTERN = re.compile(r'^[A-Za-z0-9_.@ \-]{1,64}$')
@@ -53,15 +54,15 @@ def make_label(verdict: str, material: str, layer_class: int | str) -> Label:
     if verdict not in VERDICTS:
         raise RegistryError(INVALID_ARGUMENT, f'verdict must be one of {list(VERDICTS)}, got {verdict!r}')
     material = str(material).strip().lower()
-    if material not in MATERIALS:
-        raise RegistryError(INVALID_ARGUMENT, f'unknown material {material!r}; one of {list(MATERIALS)}')
+    if material not in MATERIAL_NAMES:
+        raise RegistryError(INVALID_ARGUMENT, f'unknown material {material!r}; one of {list(MATERIAL_NAMES)}')
     return Label(verdict, material, parse_layer_class(layer_class))
 
 
 def decode_label(text: str) -> Label | None:
     """The label stored as ``text``, or None for a text this module did not write."""
     parts = (text or '').split(':')
-    if len(parts) != 3 or parts[0] not in VERDICTS or parts[1] not in MATERIALS or parts[2] not in LAYER_NAMES:
+    if len(parts) != 3 or parts[0] not in VERDICTS or parts[1] not in MATERIAL_NAMES or parts[2] not in LAYER_NAMES:
         return None
     return Label(parts[0], parts[1], LAYER_NAMES.index(parts[2]))
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 import math
 from typing import Any
 
+from flake_core.materials import LAYER_CLASS_NAMES, MATERIAL_NAMES
+
 # Codes shared with the service definitions in flake_msgs/srv (same strings).
 UNKNOWN_ID = 'UNKNOWN_ID'
 INVALID_RANGE = 'INVALID_RANGE'
@@ -25,13 +27,10 @@ WRONG_TOKEN = 'WRONG_TOKEN'
 LEASE_EXPIRED = 'LEASE_EXPIRED'
 INTERNAL_ERROR = 'INTERNAL_ERROR'
 
-# Same numbering as flake_msgs/msg/Flake (the core does not import messages).
-LAYER_UNKNOWN, LAYER_MONO, LAYER_FEW, LAYER_THICK, LAYER_BULK = range(5)
-LAYER_NAMES = ('unknown', 'mono', 'few', 'thick', 'bulk')
+LAYER_NAMES = tuple(LAYER_CLASS_NAMES[value] for value in sorted(LAYER_CLASS_NAMES))
 STATUS_CANDIDATE, STATUS_AVAILABLE, STATUS_RESERVED, STATUS_USED, STATUS_REJECTED = range(5)
 STATUS_NAMES = ('candidate', 'available', 'reserved', 'used', 'rejected')
 
-MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2', 'unknown')
 SORT_KEYS = ('score', 'area', 'distance', 'thickness', 'created', 'layers')
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -175,8 +174,8 @@ class FlakeQuery:
         """This query with normalised names; raises RegistryError for impossible or malformed filters."""
         materials = tuple(m.strip().lower() for m in self.materials)
         for material in materials:
-            if material not in MATERIALS:
-                raise RegistryError(INVALID_ARGUMENT, f'unknown material {material!r}; one of {list(MATERIALS)}')
+            if material not in MATERIAL_NAMES:
+                raise RegistryError(INVALID_ARGUMENT, f'unknown material {material!r}; one of {list(MATERIAL_NAMES)}')
         for layer_class in self.layer_classes:
             parse_layer_class(layer_class)
         for status in self.statuses:

@@ -44,15 +44,14 @@ import zlib
 
 import sqlite_utils
 
+from flake_core.materials import LAYER_UNKNOWN, MATERIAL_NAMES
 from flake_registry.query import (
     ALREADY_RESERVED,
     ALREADY_USED,
     EFFECTIVE_STATUS_SQL,
     INVALID_ARGUMENT,
-    LAYER_UNKNOWN,
     LEASE_EXPIRED,
     LIVE_RESERVATION_JOIN,
-    MATERIALS,
     NOT_RESERVED,
     STATUS_AVAILABLE,
     STATUS_REJECTED,
@@ -113,7 +112,7 @@ class Detection:
                 return f'{name} is not finite'
         if any(not (math.isfinite(px) and math.isfinite(py)) for px, py in self.contour):
             return 'contour has a non-finite point'
-        if self.material not in MATERIALS:
+        if self.material not in MATERIAL_NAMES:
             return f'unknown material {self.material!r}'
         if self.mask and len(self.mask) != self.mask_width * self.mask_height:
             return f'mask has {len(self.mask)} bytes for {self.mask_width}x{self.mask_height}'

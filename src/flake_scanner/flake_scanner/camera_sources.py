@@ -38,7 +38,7 @@ class StagePose:
 def motion_blur(image: np.ndarray, vx: float, vy: float, exposure: float, pixel_size: float) -> np.ndarray:
     """Smear ``image`` along the stage motion during the exposure.
 
-    Stage +x is image +u and stage +y is image -v (flake_scanner.geometry); the scene
+    Stage +x is image +u and stage +y is image -v (flake_core.geometry); the scene
     moves opposite to the stage, but a symmetric line kernel makes the sign irrelevant.
     """
     length = math.hypot(vx, vy) * exposure / pixel_size

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import json
-import math
 from pathlib import Path
 import re
 
@@ -30,6 +29,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 import torch
 
+from flake_core.materials import layer_class_name
 from flake_detector.maskrcnn.model import LAYER_CLASSES, MATERIALS, class_index
 
 _MATERIAL_ALIASES = {'graphene': 'graphene', 'graphite': 'graphene', 'hbn': 'hbn', 'h-bn': 'hbn', 'bn': 'hbn',
@@ -39,15 +39,9 @@ _LAYER_ALIASES = {'mono': 'mono', 'monolayer': 'mono', '1l': 'mono', 'single': '
 
 
 def layer_class_from_layers(layers: float) -> str | None:
-    """Seed 001: mono = 1, few = 2-10, thick = 11-40 layers; thicker is bulk (no class)."""
-    if not math.isfinite(layers) or layers < 1:
-        return None
-    n = round(layers)
-    if n == 1:
-        return 'mono'
-    if n <= 10:
-        return 'few'
-    return 'thick' if n <= 40 else None
+    """The target class of a flake of ``layers`` layers; bulk and unknown thickness are no target."""
+    name = layer_class_name(layers)
+    return name if name in LAYER_CLASSES else None
 
 
 def _tokens(name: str) -> list[str]:

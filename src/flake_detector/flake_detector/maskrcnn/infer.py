@@ -18,14 +18,11 @@ import cv2
 import numpy as np
 import torch
 
+from flake_core.materials import LAYER_FEW, LAYER_MONO, LAYER_THICK, layer_class_of
 from flake_detector.detection import (
-    LAYER_FEW,
-    LAYER_MONO,
-    LAYER_THICK,
     Detection,
     FrameResult,
     FunnelStage,
-    layer_class_of,
     region_quality,
     register_detector,
 )

@@ -19,12 +19,7 @@ from rclpy.node import Node
 from rclpy.task import Future
 from sensor_msgs.msg import Image, RegionOfInterest
 
-from flake_detector.defects import CLASS_NAMES
-from flake_detector.defects.analyze import DefectAnalysis, DefectAnalyzer, InvalidImageError
-from flake_detector.defects.simulate import SEED_PIXEL_SIZE
-from flake_msgs.msg import DefectCell, DefectReport
-from flake_msgs.srv import AnalyzeDefects
-from flake_scanner.nodes.common import (
+from flake_core.node_tools import (
     ERROR,
     OK,
     PIPELINE_QOS,
@@ -37,7 +32,12 @@ from flake_scanner.nodes.common import (
     publish_diagnostics,
     run_node,
 )
-from flake_scanner.ros_image import ImageConversionError, image_to_numpy
+from flake_core.ros_image import ImageConversionError, image_to_numpy
+from flake_detector.defects import CLASS_NAMES
+from flake_detector.defects.analyze import DefectAnalysis, DefectAnalyzer, InvalidImageError
+from flake_detector.defects.simulate import SEED_PIXEL_SIZE
+from flake_msgs.msg import DefectCell, DefectReport
+from flake_msgs.srv import AnalyzeDefects
 
 BUSY = 'BUSY'
 

@@ -27,10 +27,8 @@ from rclpy.node import Node
 from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import RegionOfInterest
 
-from flake_detector.detection import available_detectors, make_detector, wafer_geometry
-from flake_msgs.msg import Flake, FlakeArray, ScanFrame
-from flake_scanner.geometry import Affine2D
-from flake_scanner.nodes.common import (
+from flake_core.geometry import Affine2D
+from flake_core.node_tools import (
     ERROR,
     OK,
     PIPELINE_QOS,
@@ -42,7 +40,9 @@ from flake_scanner.nodes.common import (
     publish_diagnostics,
     run_node,
 )
-from flake_scanner.ros_image import image_to_numpy, numpy_to_image
+from flake_core.ros_image import image_to_numpy, numpy_to_image
+from flake_detector.detection import available_detectors, make_detector, wafer_geometry
+from flake_msgs.msg import Flake, FlakeArray, ScanFrame
 
 # Parameters handed to the backend factory, by backend.
 BACKEND_PARAMS = {

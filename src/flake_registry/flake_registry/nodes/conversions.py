@@ -14,10 +14,10 @@ from geometry_msgs.msg import Point, Point32
 import numpy as np
 from sensor_msgs.msg import RegionOfInterest
 
+from flake_core.ros_image import image_to_numpy, numpy_to_image
 from flake_msgs.msg import Flake, FlakeArray, FlakeImage, FlakeObservation
 from flake_registry.query import FlakeQuery
 from flake_registry.store import Detection, FlakeImageRecord, FlakeRecord, Observation
-from flake_scanner.ros_image import image_to_numpy, numpy_to_image
 
 
 def to_time(seconds: float | None) -> Time:

@@ -23,6 +23,20 @@ import cv2
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from flake_core.node_tools import (
+    ERROR,
+    OK,
+    PIPELINE_QOS,
+    WARN,
+    Param,
+    declare_parameters,
+    diagnostic_status,
+    diagnostics_publisher,
+    freeze_long_lived_objects,
+    publish_diagnostics,
+    run_node,
+)
+from flake_core.ros_image import image_to_numpy
 from flake_msgs.msg import FlakeArray, RegistryEvent
 from flake_msgs.srv import (
     AddFlakeImage,
@@ -46,20 +60,6 @@ from flake_registry.nodes.conversions import (
 from flake_registry.nodes.stack_recipe_service import add_stack_recipe_service
 from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, MAX_LIMIT, RegistryError
 from flake_registry.store import IMAGE_ROLES, SYNCHRONOUS_MODES, FlakeStore, default_database_path
-from flake_scanner.nodes.common import (
-    ERROR,
-    OK,
-    PIPELINE_QOS,
-    WARN,
-    Param,
-    declare_parameters,
-    diagnostic_status,
-    diagnostics_publisher,
-    freeze_long_lived_objects,
-    publish_diagnostics,
-    run_node,
-)
-from flake_scanner.ros_image import image_to_numpy
 
 PARAMS = (
     Param('database_path', '', 'SQLite file of the registry; empty: $FLAKE_DATA_DIR/registry.sqlite '

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from rclpy.node import Node
 
+from flake_core.node_tools import Param, declare_parameters, run_node
 from flake_msgs.msg import StackLayer
 from flake_msgs.srv import GetStackRecipe
 from flake_registry import stacks
 from flake_registry.query import INTERNAL_ERROR, RegistryError
 from flake_registry.store import FlakeStore, default_database_path
-from flake_scanner.nodes.common import Param, declare_parameters, run_node
 
 SERVICE_NAME = 'registry/get_stack_recipe'
 

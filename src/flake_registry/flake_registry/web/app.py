@@ -39,13 +39,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flake_core import materials
+from flake_core.geometry import Affine2D
+from flake_core.materials import MATERIAL_NAMES
 from flake_registry import labelling, stacks
 from flake_registry.query import (
     DEFAULT_LIMIT,
     INVALID_ARGUMENT,
     INVALID_RANGE,
     LAYER_NAMES,
-    MATERIALS,
     MAX_LIMIT,
     SORT_KEYS,
     STATUS_NAMES,
@@ -53,15 +55,13 @@ from flake_registry.query import (
     RegistryError,
 )
 from flake_registry.store import FlakeStore
-from flake_scanner.geometry import Affine2D
 
 log = logging.getLogger('flake_web')
 
 HERE = Path(__file__).resolve().parent
 TOKEN_COOKIE = 'flake_token'
 TOKEN_HEADER = 'x-flake-token'
-MATERIAL_COLOURS = {'graphene': '#4fc3f7', 'hbn': '#ffb74d', 'mos2': '#ba68c8', 'wte2': '#81c784',
-                    'unknown': '#b0bec5'}
+MATERIAL_COLOURS = {name: materials.colour(name) for name in MATERIAL_NAMES}
 # Marker fill and outline width by layer class: the thinner the flake, the bolder its marker.
 LAYER_STYLES = {'unknown': {'fill': 0.15, 'stroke': 1}, 'mono': {'fill': 0.9, 'stroke': 3},
                 'few': {'fill': 0.6, 'stroke': 2}, 'thick': {'fill': 0.3, 'stroke': 1.5},
@@ -234,7 +234,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
     app.mount('/static', StaticFiles(directory=HERE / 'static'), name='static')
     templates = Jinja2Templates(directory=HERE / 'templates')
     templates.env.globals.update(
-        colour=lambda m: MATERIAL_COLOURS.get(m, MATERIAL_COLOURS['unknown']),
+        colour=lambda m: materials.colour(m),
         layer_name=lambda c: LAYER_NAMES[c] if 0 <= int(c) < len(LAYER_NAMES) else str(c),
         status_name=lambda s: STATUS_NAMES[s] if 0 <= int(s) < len(STATUS_NAMES) else str(s))
 
@@ -387,7 +387,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
             markers.append({'id': f.id, 'u': round(u, 2), 'v': round(v, 2), 'material': f.material,
                             'layer_class': f.layer_class, 'layer_name': name, 'score': f.score,
                             'r': round(max(math.sqrt(max(f.area, 0) / math.pi) * to_view.scale, minimum_radius), 2),
-                            'colour': MATERIAL_COLOURS.get(f.material, MATERIAL_COLOURS['unknown']),
+                            'colour': materials.colour(f.material),
                             'fill': LAYER_STYLES[name]['fill'], 'stroke': LAYER_STYLES[name]['stroke']})
         mosaic = None
         if meta is not None:
@@ -464,7 +464,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
         return page(request, 'flakes.html', {
             'page': 'flakes', 'form': form, 'flakes': result.flakes, 'total': result.total,
             'first': first, 'last': query.offset + len(result.flakes), 'page_number': page_number,
-            'page_count': page_count, 'materials': MATERIALS, 'layer_names': LAYER_NAMES,
+            'page_count': page_count, 'materials': MATERIAL_NAMES, 'layer_names': LAYER_NAMES,
             'status_names': STATUS_NAMES, 'sort_keys': SORT_KEYS, 'max_limit': MAX_LIMIT,
             'prev_url': page_url(page_number - 1) if page_number > 1 else '',
             'next_url': page_url(page_number + 1) if query.offset + len(result.flakes) < result.total else ''})
@@ -520,7 +520,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
         return page(request, 'flake.html', {
             'page': 'flakes', 'flake': flake, 'effective_status': flake.status, 'reserved_by': flake.reserved_by,
             'outline': outline, 'labels': labels, 'history': history, 'observations': observations,
-            'images': images, 'materials': MATERIALS, 'layer_names': LAYER_NAMES, 'who': who})
+            'images': images, 'materials': MATERIAL_NAMES, 'layer_names': LAYER_NAMES, 'who': who})
 
     @app.get('/api/flakes/{flake_id}')
     def flake_api(flake_id: str):
@@ -576,7 +576,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
         pixels = mosaic_cutout(detail.flake, 1.6, True, THUMB_PIXELS)
         if pixels is None:
             pixels = render_outline(detail.flake.contour, THUMB_PIXELS,
-                                    MATERIAL_COLOURS.get(detail.flake.material, '#b0bec5'))
+                                    materials.colour(detail.flake.material))
         return encode_png(pixels)
 
     @app.get('/flakes/{flake_id}/context.png')
@@ -584,7 +584,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
         flake = store.get_flake(check_flake_id(flake_id)).flake
         pixels = mosaic_cutout(flake, 3.0, True, 320)
         if pixels is None:
-            pixels = render_outline(flake.contour, 320, MATERIAL_COLOURS.get(flake.material, '#b0bec5'))
+            pixels = render_outline(flake.contour, 320, materials.colour(flake.material))
         return encode_png(pixels)
 
     def resolve_image_path(path: str) -> Path | None:
@@ -651,7 +651,7 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
         recent = [{'when_text': utc_text(r['created']), 'who': r['labelled_by'] or '',
                    'target': r['flake_id'] or r['crop_path'], 'label': r['label']} for r in latest[-20:][::-1]]
         return page(request, 'labels.html', {'page': 'labels', 'queue': queue, 'crops': crops, 'counts': counts,
-                                             'recent': recent, 'materials': MATERIALS, 'layer_names': LAYER_NAMES,
+                                             'recent': recent, 'materials': MATERIAL_NAMES, 'layer_names': LAYER_NAMES,
                                              'who': who})
 
     # -- stack planner ---------------------------------------------------------------
@@ -659,7 +659,8 @@ def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: s
     @app.get('/planner', response_class=HTMLResponse)
     def planner_page(request: Request):
         recipes = stacks.list_recipes(store, limit=20)
-        return page(request, 'planner.html', {'page': 'planner', 'materials': MATERIALS, 'layer_names': LAYER_NAMES,
+        return page(request, 'planner.html', {'page': 'planner', 'materials': MATERIAL_NAMES,
+                                              'layer_names': LAYER_NAMES,
                                               'recipes': recipes, 'utc_text': utc_text,
                                               'material_colours': MATERIAL_COLOURS})
 
@@ -790,10 +791,10 @@ def main(argv: list[str] | None = None) -> int:
                              '(default: $FLAKE_WEB_TOKEN)')
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == 'retrain':
-        from flake_registry.web.retrain import main as retrain_main
+        from flake_registry.retrain import main as retrain_main
         return retrain_main(argv[1:])
     if argv and argv[0] == 'candidates':
-        from flake_registry.web.candidates import main as candidates_main
+        from flake_detector.cut_candidates import main as candidates_main
         return candidates_main(argv[1:])
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:

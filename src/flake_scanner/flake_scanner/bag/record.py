@@ -26,6 +26,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
+from flake_core.node_tools import Param, declare_parameters
 from flake_scanner.bag.io import (
     BAG_VERSIONS,
     GROUND_TRUTH_FILE,
@@ -38,7 +39,6 @@ from flake_scanner.bag.io import (
 )
 from flake_scanner.bag.playback import parse_topics
 from flake_scanner.bag.types import python_message_class, typestore
-from flake_scanner.nodes.common import Param, declare_parameters
 
 PARAMS = [
     Param('output', '', 'bag directory to create; empty: recording_<UTC date_time> in the working directory'),

@@ -29,6 +29,7 @@ from rclpy.utilities import remove_ros_args
 from rosgraph_msgs.msg import Clock
 from std_srvs.srv import Trigger
 
+from flake_core.node_tools import Param, declare_parameters
 from flake_scanner.bag.io import BagError, BagReader, UnknownTypeError
 from flake_scanner.bag.playback import (
     NS_PER_S,
@@ -39,7 +40,6 @@ from flake_scanner.bag.playback import (
 )
 from flake_scanner.bag.record import install_stop_handlers
 from flake_scanner.bag.types import python_message_class
-from flake_scanner.nodes.common import Param, declare_parameters
 
 PARAMS = [
     Param('bag', '', 'bag to replay: a rosbag2 directory or a .mcap/.db3 file'),

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from flake_scanner.sim.wafer import VirtualWafer, layer_class
+from flake_core.materials import layer_class_name
+from flake_scanner.sim.wafer import VirtualWafer
 
 TRUTH_KINDS = ('flake', 'terrace', 'fold')
 TARGET_MAX_LAYERS = 40
@@ -98,7 +99,7 @@ def truth_in_region(wafer: VirtualWafer, min_x: float, min_y: float, max_x: floa
         x0, y0, x1, y1 = obj.bbox
         if x0 < min_x or y0 < min_y or x1 > max_x or y1 > max_y:
             continue
-        truth.append(TruthFlake(obj.object_id, obj.kind, obj.material, obj.layers, layer_class(obj.layers),
+        truth.append(TruthFlake(obj.object_id, obj.kind, obj.material, obj.layers, layer_class_name(obj.layers),
                                 obj.centre, obj.area_m2, obj.polygon, obj.z_order))
     return truth
 

@@ -11,14 +11,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from flake_core import materials
+from flake_core.geometry import Affine2D
 from flake_scanner.demo.metrics import LAYER_CLASSES, ScanScore
-from flake_scanner.geometry import Affine2D
 
-# BGR marker colours per material; the page legend shows the same colours.
 TRUTH_CAPTION = ('Against the simulator\'s ground truth: true flakes of 1-40 layers and at least 20 um^2 lying '
                  'wholly inside the region (bulk crystals are not hunted, so not counted).')
-MATERIAL_COLOURS = {'graphene': (60, 60, 230), 'hbn': (230, 160, 40), 'mos2': (60, 200, 60),
-                    'wte2': (200, 60, 200), 'unknown': (128, 128, 128)}
 
 
 @dataclass(frozen=True)
@@ -37,16 +35,12 @@ class ReportFlake:
     revisit_image: str = ''
 
 
-def _hex(bgr: tuple[int, int, int]) -> str:
-    return f'#{bgr[2]:02x}{bgr[1]:02x}{bgr[0]:02x}'
-
-
 def annotate_mosaic(mosaic: np.ndarray, wafer_to_mosaic: Affine2D, flakes: list[ReportFlake]) -> np.ndarray:
     out = mosaic.copy()
     for flake in flakes:
         u, v = wafer_to_mosaic.apply(*flake.centre)
         radius = max(4, int(math.sqrt(flake.area / math.pi) * abs(wafer_to_mosaic.scale)) + 3)
-        colour = MATERIAL_COLOURS.get(flake.material, MATERIAL_COLOURS['unknown'])
+        colour = materials.colour_bgr(flake.material)
         thickness = 2 if flake.layer_class in ('mono', 'few') else 1
         cv2.circle(out, (int(round(u)), int(round(v))), radius, colour, thickness, cv2.LINE_AA)
     return out
@@ -161,7 +155,7 @@ def write_report(folder: Path, flakes: list[ReportFlake], frames_dir: Path | Non
                 cv2.imwrite(str(folder / name), cv2.resize(image, None, fx=scale, fy=scale,
                                                             interpolation=cv2.INTER_AREA))
                 revisit = f'<img src="{name}" alt="revisit" title="high-magnification revisit">'
-        colour = _hex(MATERIAL_COLOURS.get(flake.material, MATERIAL_COLOURS['unknown']))
+        colour = materials.colour(flake.material)
         picture = f'<img src="{image_name}" alt="{html.escape(flake.flake_id)}">' if image_name else ''
         cards.append(
             f'<div class="card"><div class="pics">{picture}{revisit}</div>'
@@ -170,7 +164,8 @@ def write_report(folder: Path, flakes: list[ReportFlake], frames_dir: Path | Non
             f'{flake.area * 1e12:.0f} &micro;m&sup2;, score {flake.score:.2f}<br>'
             f'<small>{html.escape(flake.flake_id)} at ({flake.centre[0] * 1e3:.3f}, {flake.centre[1] * 1e3:.3f}) mm'
             f'</small></div>')
-    legend = ' '.join(f'<span style="color:{_hex(c)}">&#9679; {m}</span>' for m, c in MATERIAL_COLOURS.items())
+    legend = ' '.join(f'<span style="color:{materials.colour(m)}">&#9679; {materials.label(m)}</span>'
+                      for m in materials.MATERIAL_NAMES)
     metrics_html = ''
     if score is not None:
         rows = ''.join(f'<tr><td>{r["material"]}</td><td>{r["found"]}</td><td>{r["true"]}</td>'

@@ -100,11 +100,11 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
     from rclpy.action import ActionClient
     from rclpy.executors import SingleThreadedExecutor
 
+    from flake_core.node_tools import PIPELINE_QOS
+    from flake_core.ros_image import image_to_numpy
     from flake_msgs.action import Scan
     from flake_msgs.msg import ScanFrame
     from flake_msgs.srv import GetFlake, QueryFlakes, SetWaferFrame
-    from flake_scanner.nodes.common import PIPELINE_QOS
-    from flake_scanner.ros_image import image_to_numpy
 
     prefix = ('/' + namespace.strip('/')) if namespace.strip('/') else ''
     own_context = not rclpy.ok()

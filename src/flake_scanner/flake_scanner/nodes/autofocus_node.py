@@ -23,22 +23,22 @@ from rclpy.task import Future
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
 
-from flake_msgs.action import Autofocus
-from flake_msgs.msg import StageState
-from flake_msgs.srv import MoveStage
-from flake_scanner.autofocus import FOCUS_MEASURES, FocusSearch, focus_measure
-from flake_scanner.nodes.common import (
+from flake_core.node_tools import (
     SENSOR_SUBSCRIBER_QOS,
     FrameWaiters,
     Param,
     declare_parameters,
     run_node,
     sleep_future,
+    wake_executor,
     with_timeout,
 )
-from flake_scanner.nodes.stage_node import wake_executor
-from flake_scanner.ros_image import image_to_numpy
-from flake_scanner.sim.camera import OBJECTIVES, objective_by_name
+from flake_core.objectives import OBJECTIVES, objective_by_name
+from flake_core.ros_image import image_to_numpy
+from flake_msgs.action import Autofocus
+from flake_msgs.msg import StageState
+from flake_msgs.srv import MoveStage
+from flake_scanner.autofocus import FOCUS_MEASURES, FocusSearch, focus_measure
 
 PARAMS = [
     Param('search_range', 0.0, 'full z range searched when the goal gives 0 [m]; 0 = search_range_dof '

@@ -21,9 +21,7 @@ from rclpy.task import Future
 from sensor_msgs.msg import CameraInfo, Image
 from std_srvs.srv import Trigger
 
-from flake_msgs.msg import StageState
-from flake_scanner.camera_sources import CameraError, FolderSource, OpenCVSource, SimulatedSource, StagePose
-from flake_scanner.nodes.common import (
+from flake_core.node_tools import (
     ERROR,
     IMAGE_PUBLISHER_QOS,
     OK,
@@ -34,10 +32,12 @@ from flake_scanner.nodes.common import (
     publish_diagnostics,
     run_node,
     sleep_future,
+    wake_executor,
 )
-from flake_scanner.nodes.stage_node import wake_executor
-from flake_scanner.ros_image import numpy_to_image
-from flake_scanner.sim.camera import OBJECTIVES, objective_by_name
+from flake_core.objectives import OBJECTIVES, objective_by_name
+from flake_core.ros_image import numpy_to_image
+from flake_msgs.msg import StageState
+from flake_scanner.camera_sources import CameraError, FolderSource, OpenCVSource, SimulatedSource, StagePose
 
 FRAME_ID = 'camera_optical'
 

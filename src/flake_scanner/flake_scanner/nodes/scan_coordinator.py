@@ -29,11 +29,8 @@ from rclpy.task import Future
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
 
-from flake_msgs.action import Autofocus, Scan
-from flake_msgs.msg import FlakeArray, FlakeImage, ScanFrame, StageState
-from flake_msgs.srv import AddFlakeImage, GetRevisitList, MoveStage, SetWaferFrame
-from flake_scanner.geometry import WaferFrame, pixel_to_wafer
-from flake_scanner.nodes.common import (
+from flake_core.geometry import WaferFrame, pixel_to_wafer
+from flake_core.node_tools import (
     PIPELINE_QOS,
     SENSOR_SUBSCRIBER_QOS,
     FrameWaiters,
@@ -43,6 +40,9 @@ from flake_scanner.nodes.common import (
     sleep_future,
     with_timeout,
 )
+from flake_msgs.action import Autofocus, Scan
+from flake_msgs.msg import FlakeArray, FlakeImage, ScanFrame, StageState
+from flake_msgs.srv import AddFlakeImage, GetRevisitList, MoveStage, SetWaferFrame
 from flake_scanner.scan.planner import EtaEstimator, Region, focus_points, plan_serpentine
 from flake_scanner.scan.session import HardwareModel, ScanProgress
 

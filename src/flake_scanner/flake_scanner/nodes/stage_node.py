@@ -23,9 +23,7 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.task import Future
 
-from flake_msgs.msg import StageState
-from flake_msgs.srv import MoveStage
-from flake_scanner.nodes.common import (
+from flake_core.node_tools import (
     ERROR,
     OK,
     WARN,
@@ -35,21 +33,12 @@ from flake_scanner.nodes.common import (
     diagnostics_publisher,
     publish_diagnostics,
     run_node,
+    wake_executor,
 )
+from flake_msgs.msg import StageState
+from flake_msgs.srv import MoveStage
 from flake_scanner.stage.driver import StageDriver, StageError, StageLimitError, StageNotHomedError, TravelLimits
 from flake_scanner.stage.emulator import EmulatorConfig, StageEmulator
-
-
-def wake_executor(node) -> None:
-    """Make the node's executor resume coroutines awaiting a future completed in another thread.
-
-    rclpy resumes a waiting coroutine only when its executor wakes up; a future set from
-    a worker thread does not wake it by itself, so a spinning executor would sleep on.
-    """
-    executor = node.executor
-    if executor is not None:
-        executor.wake()
-
 
 BAUD_RATES = (9600, 19200, 28800, 57600, 115200)
 

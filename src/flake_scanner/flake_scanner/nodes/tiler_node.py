@@ -19,9 +19,8 @@ import cv2
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 
-from flake_msgs.msg import ScanFrame
-from flake_scanner.geometry import Affine2D
-from flake_scanner.nodes.common import (
+from flake_core.geometry import Affine2D
+from flake_core.node_tools import (
     LATCHED_QOS,
     OK,
     PIPELINE_QOS,
@@ -33,7 +32,8 @@ from flake_scanner.nodes.common import (
     publish_diagnostics,
     run_node,
 )
-from flake_scanner.ros_image import image_to_numpy, numpy_to_image
+from flake_core.ros_image import image_to_numpy, numpy_to_image
+from flake_msgs.msg import ScanFrame
 from flake_scanner.scan.tiler import MosaicBuilder, split_frame
 
 PARAMS = [

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 import math
 
-from flake_scanner.geometry import Affine2D
+from flake_core.geometry import Affine2D
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import math
 import cv2
 import numpy as np
 
-from flake_scanner.geometry import Affine2D
+from flake_core.geometry import Affine2D
 
 
 @dataclass(frozen=True)

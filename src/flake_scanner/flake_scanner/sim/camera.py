@@ -1,6 +1,6 @@
 """A camera on a microscope looking at a VirtualWafer: renders bgr8 frames and their ground truth.
 
-Pixel convention: exactly flake_scanner.geometry.pixel_to_stage (image centre at the
+Pixel convention: exactly flake_core.geometry.pixel_to_stage (image centre at the
 stage position, +u along stage +x, +v along stage -y), then the chip mount
 (``wafer.stage_to_wafer``) into the chip's frame.
 
@@ -28,45 +28,11 @@ import math
 import cv2
 import numpy as np
 
-from flake_scanner.geometry import Affine2D, pixel_to_stage
-from flake_scanner.sim import optics
-from flake_scanner.sim.wafer import VirtualWafer, WaferObject, layer_class
-
-_WAVELENGTH_M = 550e-9
-
-
-@dataclass(frozen=True)
-class Objective:
-    name: str
-    magnification: float
-    numerical_aperture: float
-    working_distance_m: float
-
-    @property
-    def depth_of_field_m(self) -> float:
-        """Wave-optical depth of field lambda / NA^2 (green light, in air)."""
-        return _WAVELENGTH_M / self.numerical_aperture ** 2
-
-    @property
-    def defocus_blur_per_m(self) -> float:
-        """Radius of the geometric blur disc per metre of defocus."""
-        return math.tan(math.asin(self.numerical_aperture))
-
-
-OBJECTIVES: dict[str, Objective] = {
-    '5x': Objective('5x', 5.0, 0.15, 23.5e-3),
-    '10x': Objective('10x', 10.0, 0.30, 17.5e-3),
-    '20x': Objective('20x', 20.0, 0.45, 4.5e-3),
-    '50x': Objective('50x', 50.0, 0.80, 1.0e-3),
-    '100x': Objective('100x', 100.0, 0.90, 1.0e-3),
-}
-
-
-def objective_by_name(name: str) -> Objective:
-    key = str(name).lower()
-    if key not in OBJECTIVES:
-        raise ValueError(f'unknown objective {name!r}; choose one of {", ".join(OBJECTIVES)}')
-    return OBJECTIVES[key]
+from flake_core import optics
+from flake_core.geometry import Affine2D, pixel_to_stage
+from flake_core.materials import layer_class_name
+from flake_core.objectives import Objective, objective_by_name
+from flake_scanner.sim.wafer import VirtualWafer, WaferObject
 
 
 def _planck_band_weights(temperature_k: float) -> np.ndarray:
@@ -146,7 +112,7 @@ class ObjectTruth:
 
     @property
     def layer_class(self) -> str:
-        return layer_class(self.layers)
+        return layer_class_name(self.layers)
 
 
 @dataclass
@@ -236,7 +202,7 @@ class CameraModel:
     def blur_sigma_px(self, stage_x: float, stage_y: float, z: float) -> float:
         """Gaussian sigma [px] of the point spread at this pose: diffraction plus defocus."""
         obj = self.objective
-        diffraction = 0.21 * _WAVELENGTH_M / obj.numerical_aperture
+        diffraction = obj.diffraction_sigma_m
         defocus = abs(z - self.focal_plane_z(stage_x, stage_y)) * obj.defocus_blur_per_m / 2
         return math.hypot(diffraction, defocus) / self.pixel_size
 

@@ -17,7 +17,8 @@ import sys
 import cv2
 import numpy as np
 
-from flake_scanner.sim.camera import OBJECTIVES, CameraModel, CameraSettings
+from flake_core.objectives import OBJECTIVES
+from flake_scanner.sim.camera import CameraModel, CameraSettings
 from flake_scanner.sim.coco import FrameRecord, frames_to_coco
 from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
 

@@ -1,18 +1,8 @@
 """COCO export of simulated frames' ground truth.
 
-Categories (ids are stable; evaluators may hard-code them):
-
-====  ============  ===============
-id    name          supercategory
-====  ============  ===============
-1     graphene      flake
-2     hbn           flake
-3     mos2          flake
-4     wte2          flake
-101   tape_residue  contaminant
-102   dust          contaminant
-103   bulk_crystal  contaminant
-====  ============  ===============
+Categories are those of ``flake_core.materials.coco_categories()``: one per material
+(graphene 1, hbn 2, mos2 3, wte2 4, ...) and contaminants from id 101 (tape_residue 101,
+dust 102, bulk_crystal 103); ids are stable, evaluators may hard-code them.
 
 Every annotation carries ``is_contaminant`` and ``attributes``: material, layers,
 layer_class (mono 1 / few 2-10 / thick 11-40 / bulk > 40), thickness_nm, region kind
@@ -29,24 +19,18 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from flake_core import materials
 from flake_scanner.sim.camera import FrameTruth, ObjectTruth
-
-FLAKE_CATEGORIES = {'graphene': 1, 'hbn': 2, 'mos2': 3, 'wte2': 4}
-CONTAMINANT_CATEGORIES = {'residue': 101, 'dust': 102, 'bulk': 103}
-_CONTAMINANT_NAMES = {'residue': 'tape_residue', 'dust': 'dust', 'bulk': 'bulk_crystal'}
 
 
 def categories() -> list[dict]:
-    cats = [{'id': cid, 'name': name, 'supercategory': 'flake'} for name, cid in FLAKE_CATEGORIES.items()]
-    cats += [{'id': cid, 'name': _CONTAMINANT_NAMES[kind], 'supercategory': 'contaminant'}
-             for kind, cid in CONTAMINANT_CATEGORIES.items()]
-    return cats
+    return materials.coco_categories()
 
 
 def category_id(obj: ObjectTruth) -> int:
     if obj.is_contaminant:
-        return CONTAMINANT_CATEGORIES[obj.kind]
-    return FLAKE_CATEGORIES[obj.material]
+        return materials.CONTAMINANT_CATEGORIES[obj.kind]
+    return materials.material(obj.material).coco_id
 
 
 @dataclass

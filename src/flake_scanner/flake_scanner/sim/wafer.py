@@ -1,6 +1,6 @@
 """A seeded virtual chip of exfoliated flakes on SiO2/Si.
 
-The chip's own frame is the ``wafer`` frame of flake_scanner.geometry: origin at one
+The chip's own frame is the ``wafer`` frame of flake_core.geometry: origin at one
 chip corner, +x along one edge, +y along the other, metres. Objects are generated
 lazily per square cell of the chip, each cell from its own seeded generator, so a
 10 x 10 mm chip costs nothing until a field of view looks at it and the same seed
@@ -20,8 +20,8 @@ import math
 import cv2
 import numpy as np
 
-from flake_scanner.geometry import Affine2D
-from flake_scanner.sim.optics import LAYER_THICKNESS_NM, MATERIALS
+from flake_core.geometry import Affine2D
+from flake_core.optics import LAYER_THICKNESS_NM, MATERIALS
 
 # Drawing order: later kinds cover earlier ones where they overlap.
 Z_ORDER = {'residue': 0, 'terrace': 1, 'flake': 2, 'fold': 3, 'crack': 4, 'bulk': 5, 'dust': 6}
@@ -492,15 +492,3 @@ class _CellGenerator:
         radii = radius * rng.uniform(0.7, 1.2, angles.size)
         poly = self._point() + np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
         self._add(kind='dust', material='dust', layers=0, thickness_nm=0.0, polygon=poly)
-
-
-def layer_class(layers: int) -> str:
-    """mono 1, few 2-10, thick 11-40, bulk > 40 (seed 001's classes)."""
-    if layers <= 1:
-        return 'mono'
-    if layers <= 10:
-        return 'few'
-    if layers <= 40:
-        return 'thick'
-    return 'bulk'
-

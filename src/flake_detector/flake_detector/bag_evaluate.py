@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from flake_core.ros_image import image_to_numpy
 from flake_scanner.bag.io import (
     GROUND_TRUTH_FILE,
     GROUND_TRUTH_TOPIC,
@@ -38,7 +39,6 @@ from flake_scanner.bag.io import (
     NoFramesError,
     scan_frames,
 )
-from flake_scanner.ros_image import image_to_numpy
 
 # Offsets of a tile inside its source frame are whole pixels; allow for float rounding.
 _PIXEL_TOLERANCE = 0.05

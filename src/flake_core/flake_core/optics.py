@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import tmm
 
+from flake_core import materials
+
 CHANNELS = ('b', 'g', 'r')
 # Centre and 1-sigma width of each camera channel's band [nm], B, G, R order.
 CHANNEL_CENTRES_NM = (460.0, 535.0, 610.0)
@@ -30,25 +32,21 @@ CHANNEL_WIDTHS_NM = (20.0, 22.0, 22.0)
 BAND_SAMPLES = 5
 OXIDE_THICKNESSES_NM = (90.0, 285.0)
 
-# n + ik at 450 / 550 / 650 nm (see docs/simulator.md for sources); interpolated
-# linearly in wavelength between the three anchor points and held flat outside.
+# n + ik at 450 / 550 / 650 nm, interpolated linearly in wavelength between the three anchor
+# points and held flat outside. Flake materials come from flake_core.materials; the substrate
+# and the tape residue are media of the stack, not flakes.
 _ANCHOR_NM = np.array([450.0, 550.0, 650.0])
-REFRACTIVE_INDEX = {
-    'si': (4.69 + 0.086j, 4.08 + 0.028j, 3.84 + 0.014j),
-    'sio2': (1.466 + 0j, 1.460 + 0j, 1.457 + 0j),
-    'graphene': (2.69 + 1.15j, 2.68 + 1.25j, 2.74 + 1.38j),
-    'hbn': (2.18 + 0j, 2.14 + 0j, 2.12 + 0j),
-    'mos2': (5.93 + 2.09j, 4.97 + 0.91j, 5.17 + 1.31j),
-    'wte2': (3.27 + 1.64j, 3.40 + 1.45j, 3.42 + 1.34j),
+MEDIA = {
+    'si': (4.69 + 0.086j, 4.08 + 0.028j, 3.84 + 0.014j),  # Green 2008
+    'sio2': (1.466 + 0j, 1.460 + 0j, 1.457 + 0j),  # Malitson 1965
     # Adhesive left by exfoliation tape: a weakly dispersive polymer film.
     'residue': (1.50 + 0.002j, 1.49 + 0.001j, 1.48 + 0.001j),
 }
+REFRACTIVE_INDEX = {**MEDIA, **{m.name: m.refractive_index for m in materials.MATERIALS.values()}}
 # Interlayer spacing [nm] of the layered materials.
-LAYER_THICKNESS_NM = {'graphene': 0.335, 'hbn': 0.333, 'mos2': 0.65, 'wte2': 0.70}
-MATERIALS = tuple(LAYER_THICKNESS_NM)
-
-# config/ of the source tree; an installed package finds it in its share directory.
-CONFIG_DIR = Path(__file__).resolve().parents[4] / 'config'
+LAYER_THICKNESS_NM = {m.name: m.layer_nm for m in materials.MATERIALS.values()}
+MATERIALS = materials.FLAKE_MATERIALS
+CALIBRATION_DIR = Path(__file__).resolve().parent / 'calibration'
 
 
 def _check_material(material: str) -> str:
@@ -181,27 +179,23 @@ class ContrastCalibration:
     covariance: dict[int, np.ndarray]
 
     @classmethod
-    def from_json(cls, path, material: str, oxide_nm: float) -> ContrastCalibration:
-        """Read a Gaussian-per-layer file: {"1": {"contrast": {"b","g","r"}, "covariance_matrix"}}.
-
-        The covariance in these files is in the file's channel order (b, g, r).
-        """
+    def from_json(cls, path, oxide_nm: float = 90.0) -> ContrastCalibration:
+        """Read a calibration file of ``flake_core/calibration`` (one Gaussian per layer count:
+        ``{"material": ..., "classes": [{"layers", "contrast_rgb", "covariance_rgb"}]}``);
+        R, G, B in the file, B, G, R here."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            material = data['material']
+            mean, cov = {}, {}
+            for entry in data['classes']:
+                layers = int(entry['layers'])
+                mean[layers] = np.array(entry['contrast_rgb'], dtype=float)[::-1].copy()
+                cov[layers] = np.array(entry['covariance_rgb'], dtype=float)[::-1, ::-1].copy()
+                if cov[layers].shape != (3, 3):
+                    raise ValueError(f'covariance of layer count {layers} is not 3x3')
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f'cannot read contrast calibration {path}: {exc}') from exc
-        mean, cov = {}, {}
-        for key, entry in data.items():
-            try:
-                layers = int(key)
-                contrast = entry['contrast']
-                mean[layers] = np.array([float(contrast[c]) for c in CHANNELS])
-                cov[layers] = np.array(entry.get('covariance_matrix', np.zeros((3, 3))), dtype=float)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f'{path}: bad entry for layer count {key!r}: {exc}') from exc
-            if cov[layers].shape != (3, 3):
-                raise ValueError(f'{path}: covariance of layer count {key} is not 3x3')
         return cls(_check_material(material), _check_oxide(oxide_nm), mean, cov)
 
 
@@ -257,17 +251,11 @@ class OpticsModel:
 
 
 def default_calibrations() -> list[ContrastCalibration]:
-    """The calibrations shipped in config/ (graphene on 90 nm SiO2, 2DMatGMM, MIT)."""
-    path = CONFIG_DIR / 'contrast_graphene_sio2_90nm.json'
-    if not path.exists():
-        try:
-            from ament_index_python.packages import get_package_share_directory
-            path = Path(get_package_share_directory('flake_scanner')) / 'config' / path.name
-        except (ImportError, LookupError, ValueError):
-            return []
-        if not path.exists():
-            return []
-    return [ContrastCalibration.from_json(path, 'graphene', 90.0)]
+    """The measured calibrations shipped in ``flake_core/calibration`` that belong to 90 nm SiO2
+    (graphene and WSe2 from the 2DMatGMM project, MIT licence)."""
+    return [ContrastCalibration.from_json(path, 90.0)
+            for path in sorted(CALIBRATION_DIR.glob('*_measured.json'))
+            if json.loads(path.read_text())['material'] in materials.MATERIALS]
 
 
 @functools.lru_cache(maxsize=1)

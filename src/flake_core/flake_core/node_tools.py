@@ -228,6 +228,17 @@ class FrameWaiters:
         self._waiting = waiting
 
 
+def wake_executor(node) -> None:
+    """Make the node's executor resume coroutines awaiting a future completed in another thread.
+
+    rclpy resumes a waiting coroutine only when its executor wakes up; a future set from
+    a worker thread does not wake it by itself, so a spinning executor would sleep on.
+    """
+    executor = node.executor
+    if executor is not None:
+        executor.wake()
+
+
 def run_node(make_node: Callable[[], Any], args=None, executor=None) -> None:
     """Init rclpy, build the node, spin until Ctrl-C or SIGTERM, then shut down cleanly.
 

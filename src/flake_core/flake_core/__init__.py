@@ -1,0 +1,1 @@
+"""The foundation the scanner, detector and registry packages stand on (no rclpy at import)."""
