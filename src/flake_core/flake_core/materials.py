@@ -10,10 +10,15 @@ Optical constants are the in-plane (ordinary) complex refractive index n + ik at
 - graphene: Weber et al., Appl. Phys. Lett. 97, 091904 (2010);
 - hBN: Lee et al., Phys. Status Solidi B (2018);
 - MoS2: Hsu et al., Adv. Opt. Mater. (2019), monolayer;
-- WTe2, WSe2, NbSe2: Munkhbat, Wrobel, Antosiewicz and Shegai, ACS Photonics 9, 2398 (2022),
-  multilayer flakes by spectroscopic ellipsometry (NbSe2 and WSe2 ordinary ray, WTe2 alpha axis).
+- WTe2, WSe2, NbSe2, MoTe2, MoSe2, WS2: Munkhbat, Wrobel, Antosiewicz and Shegai, ACS Photonics
+  9, 2398 (2022), multilayer flakes by spectroscopic ellipsometry (ordinary ray; WTe2 alpha axis).
 Interlayer spacings are half the c lattice constant of the 2H polytypes (one layer for graphene
 and hBN).
+
+The 2H transition-metal dichalcogenides also carry a ``StemLattice``: what an annular dark-field
+STEM image of a monolayer shows (lattice constant, metal and chalcogen columns, the point-defect
+classes named for that material). In-plane lattice constants of the bulk 2H crystals from Wilson
+and Yoffe (1969).
 """
 
 from __future__ import annotations
@@ -52,6 +57,35 @@ def layer_class_name(layers: float) -> str:
 
 
 @dataclass(frozen=True)
+class StemLattice:
+    """A 2H monolayer seen along c in STEM: a honeycomb of metal columns (one atom) and chalcogen
+    columns (``chalcogens_per_column`` atoms stacked), lattice constant ``lattice_a`` [m].
+
+    ``defect_classes`` names the unit-cell classes of Yang et al. (2024) for this material, in the
+    order of flake_msgs/DefectCell's constants: perfect, one or both chalcogens of the column
+    missing, the metal missing, and the metal with one or both chalcogens missing.
+    """
+
+    lattice_a: float
+    metal: str
+    metal_z: int
+    chalcogen: str
+    chalcogen_z: int
+    chalcogens_per_column: int = 2
+    lattice_source: str = 'Wilson and Yoffe 1969'
+
+    @property
+    def defect_classes(self) -> tuple[str, ...]:
+        m, x = self.metal, self.chalcogen
+        return ('Perfect', f'V_{x}', f'V_{x}2', f'V_{m}', f'V_{m}+V_{x}', f'V_{m}+V_{x}2')
+
+    @property
+    def primitive_cell_area(self) -> float:
+        """[m^2] of one unit cell (one metal and one chalcogen column): sqrt(3)/2 a^2."""
+        return math.sqrt(3.0) / 2.0 * self.lattice_a ** 2
+
+
+@dataclass(frozen=True)
 class Material:
     """A layered material the system hunts.
 
@@ -72,6 +106,8 @@ class Material:
     # against so that a thick flake of one material is not taken for a thin one of another.
     optical_layers: range = range(1, 61)
     alternative_layers: range = range(1, 301)
+    # Set for the 2H transition-metal dichalcogenides whose monolayers the STEM analyzer reads.
+    stem: StemLattice | None = None
 
     @property
     def colour_bgr(self) -> tuple[int, int, int]:
@@ -86,16 +122,24 @@ _MATERIALS = (
              # hBN is used 10-90 nm thick: every third layer count up to 300 nm.
              optical_layers=range(3, 901, 3), alternative_layers=range(3, 901, 3)),
     Material('mos2', 'MoS2', 0.65, (5.93 + 2.09j, 4.97 + 0.91j, 5.17 + 1.31j),
-             'Hsu et al. 2019', '#ba68c8', 3),
+             'Hsu et al. 2019', '#ba68c8', 3, stem=StemLattice(3.160e-10, 'Mo', 42, 'S', 16)),
     Material('wte2', 'WTe2', 0.70, (3.27 + 1.64j, 3.40 + 1.45j, 3.42 + 1.34j),
              'Munkhbat et al. 2022', '#81c784', 4),
     Material('wse2', 'WSe2', 0.649, (4.50 + 2.03j, 4.66 + 1.44j, 4.79 + 0.53j),
-             'Munkhbat et al. 2022', '#9575cd', 6),
+             'Munkhbat et al. 2022', '#9575cd', 6, stem=StemLattice(3.282e-10, 'W', 74, 'Se', 34)),
     Material('nbse2', 'NbSe2', 0.627, (2.45 + 1.63j, 3.35 + 1.39j, 3.19 + 0.69j),
-             'Munkhbat et al. 2022', '#f06292', 5),
+             'Munkhbat et al. 2022', '#f06292', 5, stem=StemLattice(3.445e-10, 'Nb', 41, 'Se', 34)),
+    Material('mote2', 'MoTe2', 0.698, (3.92 + 2.67j, 4.52 + 1.85j, 4.52 + 2.02j),
+             'Munkhbat et al. 2022', '#4db6ac', 7, stem=StemLattice(3.519e-10, 'Mo', 42, 'Te', 52)),
+    Material('mose2', 'MoSe2', 0.646, (4.54 + 2.64j, 5.13 + 1.71j, 4.96 + 1.03j),
+             'Munkhbat et al. 2022', '#ff8a65', 8, stem=StemLattice(3.288e-10, 'Mo', 42, 'Se', 34)),
+    Material('ws2', 'WS2', 0.616, (4.63 + 2.33j, 4.82 + 0.51j, 4.99 + 0.21j),
+             'Munkhbat et al. 2022', '#dce775', 9, stem=StemLattice(3.153e-10, 'W', 74, 'S', 16)),
 )
 
 MATERIALS: dict[str, Material] = {m.name: m for m in _MATERIALS}
+# The materials whose monolayer point defects the STEM analyzer names and counts.
+STEM_MATERIALS: tuple[str, ...] = tuple(m.name for m in _MATERIALS if m.stem is not None)
 # The names a flake can carry: every material, then 'unknown' (a colour no calibration explains).
 FLAKE_MATERIALS: tuple[str, ...] = tuple(MATERIALS)
 MATERIAL_NAMES: tuple[str, ...] = FLAKE_MATERIALS + (UNKNOWN,)
@@ -165,3 +209,12 @@ def material_of_coco_id(category_id: int) -> str | None:
         if entry.coco_id == int(category_id):
             return entry.name
     return None
+
+
+def stem_lattice(name: str) -> StemLattice:
+    """The STEM lattice of material ``name``; ValueError naming the materials that have one."""
+    entry = material(name)
+    if entry.stem is None:
+        raise ValueError(f'{entry.label} has no 2H monolayer lattice for STEM defect analysis; '
+                         f'known: {", ".join(STEM_MATERIALS)}')
+    return entry.stem
