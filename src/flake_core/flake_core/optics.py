@@ -1,8 +1,11 @@
 """Thin-film interference colours of flakes on SiO2/Si (transfer-matrix method).
 
 The stack is air / film / SiO2 / Si at normal incidence. Each camera channel is a
-band of wavelengths (Gaussian weights) around 460 nm (B), 535 nm (G) and 610 nm (R);
-the channel reflectance is the weighted mean of the ``tmm`` reflectance over the band.
+band of wavelengths (Gaussian weights) given by a ``SpectralResponse``; the default,
+``DEFAULT_RESPONSE``, has bands around 460 nm (B), 535 nm (G) and 610 nm (R). The
+channel reflectance is the weighted mean of the ``tmm`` reflectance over the band.
+Every band function takes the response as ``response=`` (``flake_core.camera_response``
+describes a whole camera around it).
 
 Every array of three channel values in this module is in **B, G, R order**, the
 order of the bgr8 images the camera renders.
@@ -76,17 +79,43 @@ def refractive_index(material: str, wavelength_nm: float) -> complex:
     return complex(n, k)
 
 
-def _band(channel: int) -> tuple[np.ndarray, np.ndarray]:
-    centre, width = CHANNEL_CENTRES_NM[channel], CHANNEL_WIDTHS_NM[channel]
-    offsets = np.linspace(-1.5, 1.5, BAND_SAMPLES)
-    weights = np.exp(-0.5 * offsets ** 2)
-    return centre + width * offsets, weights / weights.sum()
+@dataclass(frozen=True)
+class SpectralResponse:
+    """The camera's three channels as Gaussian bands: centre and 1-sigma width [nm], B, G, R
+    order. Each band is sampled at ``samples`` wavelengths over +-1.5 sigma; wide bands
+    (sigma above about 30 nm) want 7-9 samples so that thin-film fringes are resolved."""
+
+    centres_nm: tuple[float, float, float] = CHANNEL_CENTRES_NM
+    widths_nm: tuple[float, float, float] = CHANNEL_WIDTHS_NM
+    samples: int = BAND_SAMPLES
+
+    def __post_init__(self):
+        centres = tuple(float(v) for v in self.centres_nm)
+        widths = tuple(float(v) for v in self.widths_nm)
+        if len(centres) != 3 or len(widths) != 3:
+            raise ValueError('a spectral response has three channels (B, G, R)')
+        if not all(math.isfinite(c) and 300.0 <= c <= 1000.0 for c in centres):
+            raise ValueError(f'channel centres must lie within 300..1000 nm, got {centres}')
+        if not all(math.isfinite(w) and 1.0 <= w <= 150.0 for w in widths):
+            raise ValueError(f'channel widths must lie within 1..150 nm, got {widths}')
+        if not (isinstance(self.samples, int | np.integer) and 1 <= self.samples <= 101):
+            raise ValueError(f'samples per band must be an integer within 1..101, got {self.samples}')
+        # Plain floats: responses are cache keys and go to JSON.
+        object.__setattr__(self, 'centres_nm', centres)
+        object.__setattr__(self, 'widths_nm', widths)
+        object.__setattr__(self, 'samples', int(self.samples))
+
+    def bands(self) -> tuple[np.ndarray, np.ndarray]:
+        """Wavelengths (3, samples) [nm] and normalised weights (3, samples) of the B, G, R bands."""
+        offsets = np.linspace(-1.5, 1.5, self.samples)
+        weights = np.exp(-0.5 * offsets ** 2)
+        weights = weights / weights.sum()
+        wavelengths = np.stack([centre + width * offsets
+                                for centre, width in zip(self.centres_nm, self.widths_nm, strict=True)])
+        return wavelengths, np.stack([weights] * 3)
 
 
-def _bands() -> tuple[np.ndarray, np.ndarray]:
-    """Wavelengths (3, BAND_SAMPLES) and weights (3, BAND_SAMPLES) of the B, G, R bands."""
-    bands = [_band(c) for c in range(3)]
-    return np.stack([b[0] for b in bands]), np.stack([b[1] for b in bands])
+DEFAULT_RESPONSE = SpectralResponse()
 
 
 def _indices(material: str, wavelengths_nm: np.ndarray) -> np.ndarray:
@@ -130,16 +159,19 @@ def stack_reflectance(film: str | None, film_nm, oxide_nm: float, wavelength_nm)
     return np.abs((big_b - big_c) / (big_b + big_c)) ** 2
 
 
-def band_reflectance(film: str | None, film_nm, oxide_nm: float) -> np.ndarray:
-    """Band reflectance (..., 3) in B, G, R order for film thicknesses ``film_nm`` (any shape)."""
-    wavelengths, weights = _bands()
+def band_reflectance(film: str | None, film_nm, oxide_nm: float,
+                     response: SpectralResponse = DEFAULT_RESPONSE) -> np.ndarray:
+    """Band reflectance (..., 3) in B, G, R order for film thicknesses ``film_nm`` (any shape),
+    seen through the channels of ``response``."""
+    wavelengths, weights = response.bands()
     thickness = np.asarray(film_nm, dtype=np.float64)[..., None, None]
     return (stack_reflectance(film, thickness, oxide_nm, wavelengths) * weights).sum(axis=-1)
 
 
 @functools.lru_cache(maxsize=8192)
-def _reflectance_cached(film: str | None, film_nm: float, oxide_nm: float) -> tuple[float, float, float]:
-    return tuple(float(v) for v in band_reflectance(film, film_nm if film else 0.0, oxide_nm))
+def _reflectance_cached(film: str | None, film_nm: float, oxide_nm: float,
+                        response: SpectralResponse) -> tuple[float, float, float]:
+    return tuple(float(v) for v in band_reflectance(film, film_nm if film else 0.0, oxide_nm, response))
 
 
 def _check_oxide(oxide_nm: float) -> float:
@@ -149,24 +181,26 @@ def _check_oxide(oxide_nm: float) -> float:
     return round(oxide_nm, 1)
 
 
-def substrate_reflectance(oxide_nm: float) -> np.ndarray:
+def substrate_reflectance(oxide_nm: float, response: SpectralResponse = DEFAULT_RESPONSE) -> np.ndarray:
     """Band reflectance (B, G, R) of bare SiO2/Si."""
-    return np.array(_reflectance_cached(None, 0.0, _check_oxide(oxide_nm)))
+    return np.array(_reflectance_cached(None, 0.0, _check_oxide(oxide_nm), response))
 
 
-def film_reflectance(material: str, thickness_nm: float, oxide_nm: float) -> np.ndarray:
+def film_reflectance(material: str, thickness_nm: float, oxide_nm: float,
+                     response: SpectralResponse = DEFAULT_RESPONSE) -> np.ndarray:
     """Band reflectance (B, G, R) of a film of ``thickness_nm`` on SiO2/Si (model only)."""
     key = _check_material(material)
     if not (math.isfinite(thickness_nm) and thickness_nm >= 0):
         raise ValueError(f'film thickness must be a non-negative number, got {thickness_nm}')
     # 0.01 nm steps keep the cache small without visibly changing any colour.
-    return np.array(_reflectance_cached(key, round(float(thickness_nm), 2), _check_oxide(oxide_nm)))
+    return np.array(_reflectance_cached(key, round(float(thickness_nm), 2), _check_oxide(oxide_nm), response))
 
 
-def model_contrast(material: str, thickness_nm: float, oxide_nm: float) -> np.ndarray:
+def model_contrast(material: str, thickness_nm: float, oxide_nm: float,
+                   response: SpectralResponse = DEFAULT_RESPONSE) -> np.ndarray:
     """Model contrast (B, G, R) of a film ``thickness_nm`` thick."""
-    sub = substrate_reflectance(oxide_nm)
-    return film_reflectance(material, thickness_nm, oxide_nm) / sub - 1.0
+    sub = substrate_reflectance(oxide_nm, response)
+    return film_reflectance(material, thickness_nm, oxide_nm, response) / sub - 1.0
 
 
 @dataclass(frozen=True)
