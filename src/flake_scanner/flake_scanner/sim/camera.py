@@ -10,12 +10,21 @@ Image formation, per frame:
 2. blur with the diffraction limit plus the geometric defocus blur
    ``|z - focal_plane_z(x, y)| * tan(asin(NA))`` (separable Gaussian; large blurs on a
    downsampled copy);
-3. scale to digital numbers: illumination spectrum (lamp colour temperature), white
-   balance, intensity, exposure, gain and vignetting;
-4. shot noise (from the electron count) and read noise, then 8-bit saturation.
+3. scale to the linear signal: the camera response's channel gain (lamp colour, white
+   balance, intensity, exposure, gain; ``flake_core.camera_response``) times the field's
+   shading: vignetting, a residual flat-field error, uneven illumination and
+   out-of-focus dirt on the optics; a fine texture of the sample's surface;
+4. shot noise (from the electron count) and read noise, then the encoding (black level,
+   gamma, 8-bit saturation) and the camera's JPEG compression.
+
+Band reflectances are taken through the camera's spectral bands (``CameraSettings``
+``channel_centres_nm``/``channel_widths_nm``); with the default bands the shipped
+measured contrasts apply, with others the thin-film model alone (a measurement belongs
+to the camera that made it). ``CameraModel.response`` is the ``CameraResponse`` a frame
+is rendered with, what a calibration of this simulated microscope should recover.
 
 Noise is seeded by the camera seed and the pose, so a pose renders the same image
-every time.
+every time; the shading maps are seeded by the camera seed.
 """
 
 from __future__ import annotations
@@ -29,17 +38,11 @@ import cv2
 import numpy as np
 
 from flake_core import optics
+from flake_core.camera_response import CameraResponse, white_balance_for
 from flake_core.geometry import Affine2D, pixel_to_stage
 from flake_core.materials import layer_class_name
 from flake_core.objectives import Objective, objective_by_name
 from flake_scanner.sim.wafer import VirtualWafer, WaferObject
-
-
-def _planck_band_weights(temperature_k: float) -> np.ndarray:
-    """Relative lamp power in the B, G, R camera bands for a black body at ``temperature_k``."""
-    lam = np.array(optics.CHANNEL_CENTRES_NM) * 1e-9
-    radiance = lam ** -5 / np.expm1(1.4388e-2 / (lam * temperature_k))
-    return radiance / radiance[1]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,21 @@ class CameraSettings:
     # calibrations assume); 2.2 mimics a gamma-encoded colour camera.
     gamma: float = 1.0
     seed: int = 0
+    # Spectral bands of the B, G, R channels (centre, 1-sigma width [nm]; samples per band).
+    channel_centres_nm: tuple[float, float, float] = optics.CHANNEL_CENTRES_NM
+    channel_widths_nm: tuple[float, float, float] = optics.CHANNEL_WIDTHS_NM
+    band_samples: int = optics.BAND_SAMPLES
+    # Explicit white-balance gains (B, G, R); None: set for white_balance_k.
+    white_balance_gains: tuple[float, float, float] | None = None
+    black_level_dn: float = 0.0
+    jpeg_quality: int = 0  # 0: no JPEG compression
+    # Shading left in the frame: peak deviation of a smooth per-channel flat-field error,
+    # brightness change across the frame from uneven illumination, specks of dirt on the
+    # optics (out of focus, fixed in the frame) and the sample's fine surface texture (std).
+    flat_field_error: float = 0.0
+    illumination_gradient: float = 0.0
+    optics_dirt: int = 0
+    substrate_texture: float = 0.0
 
     def validate(self) -> None:
         objective_by_name(self.objective)
@@ -83,11 +101,34 @@ class CameraSettings:
             'full_well_e': 100 <= self.full_well_e <= 1e7,
             'substrate_level': 0 < self.substrate_level <= 1,
             'gamma': 0.2 <= self.gamma <= 5,
+            'black_level_dn': 0 <= self.black_level_dn < 128,
+            'jpeg_quality': int(self.jpeg_quality) == self.jpeg_quality and 0 <= self.jpeg_quality <= 100,
+            'flat_field_error': 0 <= self.flat_field_error <= 0.5,
+            'illumination_gradient': 0 <= self.illumination_gradient <= 0.9,
+            'optics_dirt': int(self.optics_dirt) == self.optics_dirt and 0 <= self.optics_dirt <= 100,
+            'substrate_texture': 0 <= self.substrate_texture <= 0.2,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             listed = ', '.join(f'{n}={getattr(self, n)}' for n in bad)
             raise ValueError(f'camera settings out of range: {listed}')
+        self.response(1.0)  # validates the bands and the white balance
+
+    @property
+    def spectral(self) -> optics.SpectralResponse:
+        return optics.SpectralResponse(self.channel_centres_nm, self.channel_widths_nm, self.band_samples)
+
+    def response(self, exposure: float) -> CameraResponse:
+        """The camera response of these settings with ``exposure`` (which the camera model
+        derives from ``substrate_level`` and the wafer's substrate)."""
+        spectral = self.spectral
+        gains = self.white_balance_gains
+        if gains is None and self.white_balance_k != self.lamp_temperature_k:
+            gains = white_balance_for(self.white_balance_k, spectral)
+        return CameraResponse(channel_centres_nm=spectral.centres_nm, channel_widths_nm=spectral.widths_nm,
+                              band_samples=spectral.samples, lamp_temperature_k=self.lamp_temperature_k,
+                              white_balance=gains, exposure=exposure, black_level_dn=self.black_level_dn,
+                              gamma=self.gamma, jpeg_quality=self.jpeg_quality)
 
 
 @dataclass
@@ -150,6 +191,7 @@ class CameraModel:
         self._template_key = None
         self._template: np.ndarray | None = None
         self._gain: np.ndarray | None = None
+        self._response: CameraResponse | None = None
         self.settings = settings or CameraSettings()
         rng = np.random.default_rng([wafer.config.seed, 0xF0C5])
         corners = wafer.corner_positions_stage()
@@ -168,6 +210,10 @@ class CameraModel:
         value.validate()
         old = getattr(self, '_settings', None)
         self._settings = value
+        self._response = None
+        if old is None or old.spectral != value.spectral:
+            self._colour_cache.clear()
+            self._raster_cache.clear()
         if old is None or (old.width, old.height, old.objective, old.pixel_pitch_um) != (
                 value.width, value.height, value.objective, value.pixel_pitch_um):
             self._raster_cache.clear()
@@ -255,21 +301,35 @@ class CameraModel:
             cv2.fillPoly(canvas, [pts], value, lineType=cv2.LINE_8, shift=4)
 
     # -- colours ------------------------------------------------------------------------------
+    @property
+    def response(self) -> CameraResponse:
+        """The camera response frames are rendered with: the settings' bands, lamp, white
+        balance, gamma, black level and JPEG, and the exposure that puts this wafer's bare
+        substrate at ``substrate_level`` (scaled by intensity, exposure time and gain)."""
+        if self._response is None:
+            s = self._settings
+            balance = s.response(1.0).balance()
+            brightest = float((self._reflectance(None) * balance).max())
+            exposure = s.substrate_level / brightest * s.intensity * (s.exposure_s / 0.01) * s.gain
+            self._response = s.response(exposure)
+        return self._response
+
     def _reflectance(self, obj: WaferObject | None) -> np.ndarray:
         oxide = self.wafer.config.oxide_nm
         key = None if obj is None else (obj.kind, obj.material, obj.layers, obj.thickness_nm)
         cached = self._colour_cache.get(key)
         if cached is not None:
             return cached
-        sub = optics.substrate_reflectance(oxide)
+        spectral = self._settings.spectral
+        sub = optics.substrate_reflectance(oxide, spectral)
         if obj is None or obj.kind == 'crack':
             value = sub
         elif obj.kind == 'dust':
             value = np.array(self._DUST_REFLECTANCE)
-        elif obj.kind in ('flake', 'terrace', 'fold'):
+        elif obj.kind in ('flake', 'terrace', 'fold') and spectral == optics.DEFAULT_RESPONSE:
             value = sub * (1.0 + self.optics.flake_contrast(obj.material, obj.layers, oxide))
         else:
-            value = sub * (1.0 + optics.model_contrast(obj.material, obj.thickness_nm, oxide))
+            value = sub * (1.0 + optics.model_contrast(obj.material, obj.thickness_nm, oxide, spectral))
         self._colour_cache[key] = value
         return value
 
@@ -316,14 +376,8 @@ class CameraModel:
         return self._template.copy()
 
     def _channel_scale(self) -> np.ndarray:
-        """Digital numbers per unit reflectance, per channel (B, G, R)."""
-        s = self._settings
-        lamp = _planck_band_weights(s.lamp_temperature_k)
-        white_balance = 1.0 / _planck_band_weights(s.white_balance_k)
-        response = lamp * white_balance
-        sub = optics.substrate_reflectance(self.wafer.config.oxide_nm)
-        reference = 255.0 * s.substrate_level / float((sub * response).max())
-        return (reference * response * s.intensity * (s.exposure_s / 0.01) * s.gain).astype(np.float32)
+        """Linear digital numbers per unit reflectance, per channel (B, G, R)."""
+        return (255.0 * self.response.channel_gain()).astype(np.float32)
 
     def _vignette_map(self) -> np.ndarray:
         s = self._settings
@@ -335,6 +389,41 @@ class CameraModel:
             self._vignette = (1.0 - s.vignetting * r2).astype(np.float32)[:, :, None]
             self._vignette_key = key
         return self._vignette
+
+    def shading_map(self) -> np.ndarray:
+        """(H, W, 3) float32 multiplicative shading of the field: vignetting, flat-field error,
+        uneven illumination and dirt on the optics (1 where the field is perfectly even)."""
+        s = self._settings
+        shading = self._vignette_map()
+        if not (s.flat_field_error or s.illumination_gradient or s.optics_dirt):
+            return shading
+        rng = np.random.default_rng([s.seed, 0xF1A7])
+        u = ((np.arange(s.width, dtype=np.float64) - (s.width - 1) / 2) / (s.width / 2))[None, :]
+        v = ((np.arange(s.height, dtype=np.float64) - (s.height - 1) / 2) / (s.height / 2))[:, None]
+        field = np.ones((s.height, s.width, 3))
+        # Low-order terms per channel: what a flat-field taken with another objective, focus or
+        # lamp setting leaves behind, often coloured.
+        terms = [u + 0 * v, v + 0 * u, u * v, u * u - v * v, u * u + v * v - 2 / 3]
+        for c in range(3):
+            error = sum(float(rng.normal()) * t for t in terms)
+            field[:, :, c] *= 1.0 + s.flat_field_error * error / max(float(np.abs(error).max()), 1e-12)
+        theta = float(rng.uniform(0, 2 * np.pi))
+        field *= (1.0 + 0.5 * s.illumination_gradient * (math.cos(theta) * u + math.sin(theta) * v)
+                  / math.sqrt(2))[:, :, None]
+        for _ in range(s.optics_dirt):
+            cu, cv = rng.uniform(-1, 1, 2)
+            sigma = float(rng.uniform(0.02, 0.08))
+            depth = float(rng.uniform(0.02, 0.12))
+            field *= (1.0 - depth * np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / (2 * sigma ** 2)))[:, :, None]
+        return (shading * field).astype(np.float32)
+
+    def _texture(self, pose: list[int]) -> np.ndarray:
+        """(H, W, 1) float32 factor 1 + texture: a fine, smooth roughness of the sample's surface."""
+        s = self._settings
+        rng = np.random.default_rng([*pose, 0x7E47])
+        coarse = rng.standard_normal((s.height // 6 + 2, s.width // 6 + 2)).astype(np.float32)
+        fine = cv2.resize(coarse, (s.width, s.height), interpolation=cv2.INTER_CUBIC)
+        return (1.0 + s.substrate_texture * fine)[:, :, None]
 
     def _noise_buffer(self) -> np.ndarray:
         if self._noise is None:
@@ -374,6 +463,10 @@ class CameraModel:
             z = self.focal_plane_z(stage_x, stage_y)
         s = self._settings
         image = self._blur(self._raster(stage_x, stage_y), self.blur_sigma_px(stage_x, stage_y, z))
+        pose = [s.seed, int(noise_seed) & 0xFFFFFFFF,
+                *(int(round(v * 1e9)) & 0xFFFFFFFF for v in (stage_x, stage_y, z))]
+        if s.substrate_texture > 0:
+            cv2.multiply(image, np.repeat(self._texture(pose[:1] + pose[2:4]), 3, axis=2), dst=image)
         cv2.multiply(image, self._gain_map(), dst=image)
         if s.shot_noise or s.read_noise_dn > 0:
             # Shot noise variance grows with the signal (electrons = DN / dn_per_electron).
@@ -382,35 +475,37 @@ class CameraModel:
             np.maximum(std, 0.0, out=std)
             cv2.sqrt(std, dst=std)
             noise = self._noise_buffer()
-            pose = [s.seed, int(noise_seed) & 0xFFFFFFFF,
-                    *(int(round(v * 1e9)) & 0xFFFFFFFF for v in (stage_x, stage_y, z))]
             start = int(np.random.default_rng(pose).integers(0, noise.size - image.size))
             cv2.multiply(std, noise[start:start + image.size].reshape(image.shape), dst=std)
             cv2.add(image, std, dst=image)
         np.maximum(image, 0.0, out=image)
-        if s.gamma != 1.0:
+        if s.gamma != 1.0 or s.black_level_dn:
             # A 12-bit lookup: keeps the dark levels and is far cheaper than a float power.
             image *= 16.0
             np.minimum(image, 4095.0, out=image)
-            return self._gamma_table(s.gamma)[image.astype(np.uint16)]
-        # Rounds and saturates to 0..255 (the input is already non-negative).
-        return cv2.convertScaleAbs(image)
+            encoded = self._encoding_table(s.gamma, s.black_level_dn)[image.astype(np.uint16)]
+        else:
+            # Rounds and saturates to 0..255 (the input is already non-negative).
+            encoded = cv2.convertScaleAbs(image)
+        return self.response.compress(encoded)
 
     def _gain_map(self) -> np.ndarray:
-        """Per-pixel, per-channel DN per unit reflectance: channel response times vignetting."""
+        """Per-pixel, per-channel linear DN per unit reflectance: channel gain times shading."""
         s = self._settings
-        key = (s.width, s.height, s.vignetting, s.lamp_temperature_k, s.white_balance_k, s.intensity,
-               s.exposure_s, s.gain, s.substrate_level, self.wafer.config.oxide_nm)
+        key = (s.width, s.height, s.vignetting, s.flat_field_error, s.illumination_gradient, s.optics_dirt,
+               s.seed, self.response)
         if self._gain_key != key:
-            self._gain = np.ascontiguousarray(self._vignette_map() * self._channel_scale()[None, None, :])
+            self._gain = np.ascontiguousarray(self.shading_map() * self._channel_scale()[None, None, :])
             self._gain_key = key
         return self._gain
 
     @staticmethod
-    @functools.lru_cache(maxsize=4)
-    def _gamma_table(gamma: float) -> np.ndarray:
+    @functools.lru_cache(maxsize=8)
+    def _encoding_table(gamma: float, black_level_dn: float) -> np.ndarray:
+        """12-bit linear level (16 per DN) -> 8-bit digital number: black level and gamma of the
+        camera response (``CameraResponse.encode``)."""
         levels = np.minimum((np.arange(4096, dtype=np.float64) + 0.5) / 4080.0, 1.0)
-        return np.round(255.0 * levels ** (1.0 / gamma)).astype(np.uint8)
+        return np.round(black_level_dn + (255.0 - black_level_dn) * levels ** (1.0 / gamma)).astype(np.uint8)
 
     def ground_truth(self, stage_x: float, stage_y: float) -> FrameTruth:
         """Visible objects of the frame at (x, y) with exclusive instance masks."""

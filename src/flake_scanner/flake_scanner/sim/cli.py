@@ -2,6 +2,8 @@
 
     flake-sim render --seed 3 --x 6.2 --y 4.1 --objective 20x --out frame.png --truth truth.json
     flake-sim dataset --seed 3 --frames 200 --objective 10x --out data/sim_train --thin-fraction 0.5
+    flake-sim dataset --seed 3 --frames 200 --randomise-camera --out data/sim_random
+    flake-sim render --seed 3 --x 6.2 --y 4.1 --look all155 --out frame.png
     flake-sim compare --real real_285nm.jpg real_90nm.jpg --out docs/img/sim_vs_real.png
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 from flake_core.objectives import OBJECTIVES
 from flake_scanner.sim.camera import CameraModel, CameraSettings
 from flake_scanner.sim.coco import FrameRecord, frames_to_coco
+from flake_scanner.sim.randomise import SimLook, held_out_looks, look_by_name, look_groups
 from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
 
 
@@ -45,20 +48,31 @@ def _objective(text: str) -> str:
 
 def _oxide(text: str) -> float:
     value = float(text)
-    if value not in (90.0, 285.0):
-        raise argparse.ArgumentTypeError(f'oxide must be 90 or 285 nm, got {text}')
+    if not (math.isfinite(value) and 10.0 <= value <= 2000.0):
+        raise argparse.ArgumentTypeError(f'oxide must lie within 10..2000 nm, got {text}')
     return value
+
+
+def _look(text: str) -> SimLook:
+    try:
+        return look_by_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seed', type=int, default=0, help='wafer and camera seed (default 0)')
     parser.add_argument('--objective', type=_objective, default='10x', help=f'one of {", ".join(OBJECTIVES)}')
-    parser.add_argument('--oxide', type=_oxide, default=90.0, help='SiO2 thickness: 90 or 285 nm')
+    parser.add_argument('--oxide', type=_oxide, default=90.0, help='SiO2 thickness [nm] (default 90)')
     parser.add_argument('--width', type=_positive_int, default=1024, help='image width [px]')
     parser.add_argument('--height', type=_positive_int, default=1024, help='image height [px]')
     parser.add_argument('--density', type=float, default=20.0, help='flakes per mm^2 (default 20)')
     parser.add_argument('--thin-fraction', type=_fraction, default=0.0,
                         help='share of flakes forced to 1-10 layers (enriches thin flakes for training)')
+    names = ', '.join(look.name for look in held_out_looks())
+    parser.add_argument('--look', type=_look, default=None,
+                        help=f'camera and chip look: default, a held-out camera ({names}) or random:SEED; '
+                             'its oxide, when it sets one, replaces --oxide')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help='share of frames at random places (often empty or contaminants only)')
     dataset.add_argument('--defocus-spread', type=float, default=0.0,
                          help='random defocus, standard deviation in depths of field (augmentation)')
+    dataset.add_argument('--randomise-camera', action='store_true',
+                         help='a new random look (camera, oxide 80-300 nm, shading, dirt, noise) every '
+                              '--frames-per-look frames, seeded by --seed; held-out cameras are never drawn')
+    dataset.add_argument('--frames-per-look', type=_positive_int, default=8,
+                         help='frames per random look (default 8)')
+    dataset.add_argument('--include-held-out', action='store_true',
+                         help='with --randomise-camera: draw from the held-out intervals too')
 
     compare = sub.add_parser('compare', help='a rendered frame next to a real micrograph (look check)')
     compare.add_argument('--seed', type=int, default=4, help='wafer seed (default 4)')
@@ -139,12 +160,23 @@ def _compare(args) -> int:
     return 0
 
 
-def _make_camera(args) -> CameraModel:
-    wafer = VirtualWafer.generate(WaferConfig(seed=args.seed, oxide_nm=args.oxide,
-                                              flake_density_per_mm2=args.density,
-                                              thin_fraction=args.thin_fraction))
-    return CameraModel(wafer, CameraSettings(width=args.width, height=args.height, objective=args.objective,
-                                             seed=args.seed))
+def _make_camera(args, look: SimLook | None = None, wafer_seed: int | None = None) -> CameraModel:
+    look = look or args.look or SimLook('default')
+    wafer = VirtualWafer.generate(look.wafer_config(seed=args.seed if wafer_seed is None else wafer_seed,
+                                                    oxide_nm=args.oxide, flake_density_per_mm2=args.density,
+                                                    thin_fraction=args.thin_fraction))
+    return CameraModel(wafer, look.camera_settings(CameraSettings(
+        width=args.width, height=args.height, objective=args.objective,
+        seed=args.seed if wafer_seed is None else wafer_seed)))
+
+
+def frame_extra(camera: CameraModel, look: SimLook | None) -> dict:
+    """What a COCO image entry records of how the frame was rendered: the oxide, the camera
+    response (what a calibration should recover) and the look."""
+    extra = {'oxide_nm': camera.wafer.config.oxide_nm, 'camera_response': camera.response.as_dict()}
+    if look is not None:
+        extra['look'] = look.as_dict()
+    return extra
 
 
 def _render(args) -> int:
@@ -172,7 +204,7 @@ def _render(args) -> int:
     if args.truth is not None:
         truth = camera.ground_truth(x, y)
         coco = frames_to_coco([FrameRecord(args.out.name, truth, args.objective,
-                                           z - camera.focal_plane_z(x, y))])
+                                           z - camera.focal_plane_z(x, y), frame_extra(camera, args.look))])
         args.truth.parent.mkdir(parents=True, exist_ok=True)
         args.truth.write_text(json.dumps(coco))
         flakes = sum(not o.is_contaminant for o in truth.objects)
@@ -212,21 +244,37 @@ def _write_coco(path: Path, records: list[FrameRecord], args) -> dict:
     return coco
 
 
+def dataset_looks(args) -> list[tuple[SimLook | None, int, int]]:
+    """(look, wafer seed, frames) per group of frames: one group with the chosen look, or a new
+    random look every --frames-per-look frames."""
+    if not args.randomise_camera:
+        return [(args.look, args.seed, args.frames)]
+    try:
+        return look_groups(args.seed, args.frames, args.frames_per_look, held_out=not args.include_held_out)
+    except ValueError as exc:
+        raise SystemExit(f'flake-sim: error: {exc}') from exc
+
+
 def _dataset(args) -> int:
-    camera = _make_camera(args)
     out = args.out
     image_dir = out / 'images'
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([args.seed, 0xDEF0])
     records = []
     step = max(1, args.frames // 20)
-    for index, x, y in dataset_positions(camera, args.frames, args.empty_fraction, args.seed):
+    frames = []
+    for look, wafer_seed, count in dataset_looks(args):
+        camera = _make_camera(args, look, wafer_seed)
+        extra = frame_extra(camera, look)
+        frames += [(camera, extra, x, y) for _, x, y in dataset_positions(camera, count, args.empty_fraction,
+                                                                            wafer_seed)]
+    for index, (camera, extra, x, y) in enumerate(frames):
         offset = float(rng.normal(0.0, args.defocus_spread)) * camera.objective.depth_of_field_m
         z = camera.focal_plane_z(x, y) + offset
         name = f'images/{args.seed:04d}_{index:06d}.png'
         if not cv2.imwrite(str(out / name), camera.render(x, y, z)):
             raise SystemExit(f'flake-sim: error: cannot write {out / name}')
-        records.append(FrameRecord(name, camera.ground_truth(x, y), args.objective, offset))
+        records.append(FrameRecord(name, camera.ground_truth(x, y), args.objective, offset, extra))
         if (index + 1) % step == 0 or index + 1 == args.frames:
             # Checkpoint: a run killed half-way still leaves valid annotations for its images.
             coco = _write_coco(out / 'annotations.json', records, args)

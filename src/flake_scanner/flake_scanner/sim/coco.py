@@ -41,6 +41,8 @@ class FrameRecord:
     truth: FrameTruth
     objective: str = ''
     z_offset_m: float = 0.0
+    # Further fields of the COCO image entry (a randomised frame's look and camera response).
+    extra: dict | None = None
 
 
 def encode_mask(mask: np.ndarray) -> dict:
@@ -61,7 +63,7 @@ def frames_to_coco(frames: Iterable[FrameRecord], include_contaminants: bool = T
             'id': image_id, 'file_name': frame.file_name, 'width': truth.width, 'height': truth.height,
             'stage_x_m': truth.stage_x, 'stage_y_m': truth.stage_y, 'pixel_size_m': truth.pixel_size,
             'pixel_to_wafer': truth.pixel_to_wafer.as_list(), 'objective': frame.objective,
-            'z_offset_m': frame.z_offset_m,
+            'z_offset_m': frame.z_offset_m, **(frame.extra or {}),
         })
         for obj in truth.objects:
             if obj.is_contaminant and not include_contaminants:
