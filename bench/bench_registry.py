@@ -22,7 +22,7 @@ import time
 
 from flake_core.materials import LAYER_FEW, LAYER_MONO, LAYER_THICK
 from flake_registry.query import FlakeQuery
-from flake_registry.store import Detection, FlakeStore
+from flake_registry.store import FlakeStore, Sighting
 
 UM, MM = 1e-6, 1e-3
 CHIPS = 20  # 5000 flakes per 1 cm^2 chip: dense, yet few random flakes overlap
@@ -30,7 +30,7 @@ CHIP_SIZE = 10 * MM
 MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2')
 
 
-def make_detections(count: int, seed: int) -> list[Detection]:
+def make_detections(count: int, seed: int) -> list[Sighting]:
     """Flakes spread over 10 mm chips with 8-point outlines and thin flakes rare."""
     rng = random.Random(seed)
     detections = []
@@ -41,7 +41,7 @@ def make_detections(count: int, seed: int) -> list[Detection]:
         layer_class = LAYER_MONO if layers == 1 else LAYER_FEW if layers <= 10 else LAYER_THICK
         contour = [(x + radius * math.cos(a) * rng.uniform(0.7, 1.0), y + radius * math.sin(a) * rng.uniform(0.7, 1.0))
                    for a in (k * math.pi / 4 for k in range(8))]
-        detections.append(Detection(
+        detections.append(Sighting(
             chip_id=f'chip-{i % CHIPS}', scan_id=f'scan-{i % CHIPS}', tile_index=i // 100, x=x, y=y,
             material=MATERIALS[rng.randrange(4)], layer_class=layer_class, layers=layers, layers_std=0.3,
             thickness_nm=0.34 * layers, score=rng.random(), detector='contrast', model_version='bench',
@@ -50,7 +50,7 @@ def make_detections(count: int, seed: int) -> list[Detection]:
     return detections
 
 
-def ingest_rate(path: Path, detections: list[Detection], batch: int, synchronous: str) -> tuple[float, float, int]:
+def ingest_rate(path: Path, detections: list[Sighting], batch: int, synchronous: str) -> tuple[float, float, int]:
     """(flakes/s by the wall clock, flakes/s by this process's CPU time, distinct flakes stored).
 
     Both rates are given because the bench machine is shared: the wall-clock rate

@@ -22,14 +22,14 @@ import time
 
 from fastapi.testclient import TestClient
 
-from flake_registry.store import Detection, FlakeStore
+from flake_registry.store import FlakeStore, Sighting
 from flake_registry.web.app import create_app
 
 MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2')
 TARGET_MS = 300.0
 
 
-def detections(count: int, seed: int = 1) -> list[Detection]:
+def detections(count: int, seed: int = 1) -> list[Sighting]:
     rng = random.Random(seed)
     per_row = int(math.ceil(math.sqrt(count)))
     out = []
@@ -39,7 +39,7 @@ def detections(count: int, seed: int = 1) -> list[Detection]:
         contour = [(x + radius * math.cos(k * math.pi / 3), y + radius * math.sin(k * math.pi / 3)) for k in range(6)]
         layer_class = rng.choice((1, 2, 2, 3, 3, 3, 4))
         layers = {1: 1.0, 2: rng.uniform(2, 10), 3: rng.uniform(10, 40), 4: rng.uniform(40, 200)}[layer_class]
-        out.append(Detection(chip_id='chip-bench', scan_id='scan-bench', x=x, y=y, material=MATERIALS[i % 4],
+        out.append(Sighting(chip_id='chip-bench', scan_id='scan-bench', x=x, y=y, material=MATERIALS[i % 4],
                              tile_index=i // 50, layer_class=layer_class, layers=layers, layers_std=0.1 * layers,
                              thickness_nm=0.34 * layers, thickness_nm_std=0.03 * layers, score=rng.random(),
                              detector='contrast', model_version='bench', contour=contour,

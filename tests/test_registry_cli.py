@@ -6,7 +6,7 @@ import json
 import pytest
 
 from flake_registry.cli import build_parser, main, run
-from flake_registry.store import Detection, FlakeStore
+from flake_registry.store import FlakeStore, Sighting
 
 UM = 1e-6
 
@@ -15,7 +15,7 @@ UM = 1e-6
 def registry_file(tmp_path):
     path = tmp_path / 'registry.sqlite'
     with FlakeStore(path) as store:
-        store.ingest([Detection('chip-C', 'scan-C', x=i * 1e-3, y=0.0, material=('graphene', 'hbn')[i % 2],
+        store.ingest([Sighting('chip-C', 'scan-C', x=i * 1e-3, y=0.0, material=('graphene', 'hbn')[i % 2],
                                 score=0.1 * (i + 1), area=(i + 1) * 100 * UM * UM, layers=1.0, layer_class=1)
                       for i in range(6)])
     return path

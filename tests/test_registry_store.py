@@ -4,6 +4,7 @@ import csv
 from dataclasses import replace
 import io
 import json
+import math
 import random
 import sqlite3
 import subprocess
@@ -13,7 +14,9 @@ from pycocotools.coco import COCO
 import pytest
 from ros_helpers import HELPERS
 
+from flake_core.geometry import WaferFrame
 from flake_core.materials import LAYER_FEW, LAYER_MONO, LAYER_THICK
+from flake_registry import stacks
 from flake_registry.export import build_coco, export_csv, export_json
 from flake_registry.query import (
     STATUS_AVAILABLE,
@@ -22,7 +25,8 @@ from flake_registry.query import (
     FlakeQuery,
     RegistryError,
 )
-from flake_registry.store import SCHEMA_VERSION, Detection, FlakeStore, SchemaError
+from flake_registry.reservations import reserve_in
+from flake_registry.store import SCHEMA_VERSION, FlakeStore, SchemaError, Sighting
 
 UM = 1e-6
 
@@ -42,7 +46,7 @@ def square(x, y, side, **fields):
     fields.setdefault('scan_id', 'scan-1')
     fields.setdefault('material', 'graphene')
     fields.setdefault('score', 0.5)
-    return Detection(x=x, y=y, area=side * side,
+    return Sighting(x=x, y=y, area=side * side,
                      contour=[(x - h, y - h), (x + h, y - h), (x + h, y + h), (x - h, y + h)], **fields)
 
 
@@ -78,10 +82,10 @@ def populated(store):
 # -- schema -------------------------------------------------------------------
 
 def test_new_file_has_current_schema_wal_and_full_sync(store):
-    assert store.schema_version == SCHEMA_VERSION == 4
-    tables = set(store.db.table_names())
+    assert store.schema_version == SCHEMA_VERSION == 6
+    tables = set(store.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
-            'labels', 'schema_version', 'flake_boxes'} <= tables
+            'labels', 'schema_version', 'flake_boxes', 'stack_recipes', 'wafer_frames'} <= tables
     assert store.db.conn.execute('PRAGMA journal_mode').fetchone()[0] == 'wal'
     assert store.db.conn.execute('PRAGMA synchronous').fetchone()[0] == 2  # FULL
     assert store.integrity_check() == 'ok'
@@ -104,14 +108,14 @@ def test_version_1_file_is_migrated_and_keeps_its_flakes(tmp_path):
         assert 'labels' not in old.db.table_names()
         flake_id = old.ingest([square(0.0, 0.0, 10 * UM)])[0].flake_id
     with FlakeStore(path) as new:
-        assert new.schema_version == 4
+        assert new.schema_version == SCHEMA_VERSION
         assert new.get_flake(flake_id).flake.area == pytest.approx(1e-10)
         label_id = new.add_label('monolayer', 'alice', flake_id=flake_id)
         assert new.labels(flake_id) == [{'id': label_id, 'flake_id': flake_id, 'crop_path': None,
                                          'label': 'monolayer', 'labelled_by': 'alice',
                                          'created': pytest.approx(new.clock(), abs=5)}]
         versions = [r['version'] for r in new.db.query('SELECT version FROM schema_version ORDER BY version')]
-        assert versions == [1, 2, 3, 4]
+        assert versions == list(range(1, SCHEMA_VERSION + 1))
         indexes = {r['name'] for r in new.db.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert 'idx_flakes_material_layers_score' in indexes and 'idx_flakes_material_layers' not in indexes
 
@@ -125,6 +129,82 @@ def test_file_from_newer_software_is_refused(tmp_path):
     conn.close()
     with pytest.raises(SchemaError, match='newer'):
         FlakeStore(path)
+
+
+def test_version_4_file_keeps_its_stack_recipes_and_chip_frame(tmp_path):
+    """Migration 5 adopts the stack_recipes table older code made itself; 6 moves chip frames out of `chips`."""
+    path = tmp_path / 'v4.sqlite'
+    with FlakeStore(path, schema_target=4) as old:
+        flake_id = old.ingest([square(0.0, 0.0, 10 * UM)])[0].flake_id
+        with old.transaction() as tx:
+            tx.execute('CREATE TABLE stack_recipes (id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL, '
+                       'created_by TEXT, robot_id TEXT, reserved_at REAL, lease_expires REAL, layers TEXT NOT NULL)')
+            tx.execute("INSERT INTO stack_recipes (id, name, created, layers) VALUES ('S0123456789ab', 'old', 1, ?)",
+                       (json.dumps([{'flake_id': flake_id}]),))
+            quarter_turn = [0.0, 1.0, -2e-3, -1.0, 0.0, 1e-3]  # stage_to_wafer of a chip turned by +90 degrees
+            tx.execute('UPDATE chips SET corners = ?, stage_to_wafer = ? WHERE id = ?',
+                       ('[[0.001, 0.002], [0.001, 0.007], [-0.004, 0.002]]', json.dumps(quarter_turn), 'chip-1'))
+    with FlakeStore(path) as new:
+        assert new.schema_version == SCHEMA_VERSION
+        assert stacks.get_recipe(new, 'S0123456789ab').layers[0].flake_id == flake_id
+        frame = new.wafer_frame('chip-1')
+        assert frame.stage_to_wafer == quarter_turn
+        assert frame.rotation == pytest.approx(math.pi / 2)
+        assert frame.corners == [(0.001, 0.002), (0.001, 0.007), (-0.004, 0.002)]
+        assert set(new.chips()[0]) == {'id', 'note', 'created', 'updated', 'flakes'}
+
+
+def test_every_table_is_made_by_a_numbered_migration(store, populated):
+    store, _, flake_ids = populated
+    tables = set(store.table_names())
+    recipe = stacks.save_recipe(store, 'pair', [stacks.StackLayer(flake_ids[0]), stacks.StackLayer(flake_ids[1])])
+    stacks.reserve_recipe(store, recipe.id, 'arm-1', 30.0)
+    store.save_wafer_frame('chip-1', [(0.0, 0.0), (0.01, 0.0), (0.0, 0.01)])
+    assert set(store.table_names()) == tables
+
+
+def test_wafer_frame_is_measured_kept_and_seen_by_another_store(store, tmp_path, clock):
+    corners = [(1e-3, 2e-3), (1e-3 + 5e-3 * math.cos(0.01), 2e-3 + 5e-3 * math.sin(0.01)), (0.5e-3, 6e-3)]
+    saved = store.save_wafer_frame('chip-9', corners, measured_by='/scope1/scan_coordinator')
+    expected = WaferFrame.from_corners(corners)
+    assert saved.stage_to_wafer == pytest.approx(expected.stage_to_wafer.as_list())
+    assert saved.rotation == pytest.approx(0.01) and saved.residual == pytest.approx(expected.residual)
+    with FlakeStore(store.path) as other:  # a second coordinator, or the same one after a restart
+        assert other.wafer_frame('chip-9') == saved
+        assert other.wafer_frame('chip-unknown') is None
+    clock.now += 60
+    remeasured = store.save_wafer_frame('chip-9', [(0.0, 0.0), (0.01, 0.0), (0.0, 0.01)])
+    assert store.wafer_frames() == {'chip-9': remeasured}
+    assert store.wafer_frames(['chip-9', 'chip-unknown']) == {'chip-9': remeasured}
+    assert [f.measured_at for f in store.wafer_frame_history('chip-9')] == [clock.now - 60, clock.now]
+    assert [c['id'] for c in store.chips()] == ['chip-9']
+
+
+@pytest.mark.parametrize('chip_id, corners, code', [
+    ('', [(0, 0), (1e-2, 0), (0, 1e-2)], 'INVALID_ARGUMENT'),
+    ('c', [(0, 0), (1e-2, 0)], 'INVALID_ARGUMENT'),
+    ('c', [(0, 0), (1e-2, 0), (float('nan'), 1e-2)], 'INVALID_ARGUMENT'),
+    ('c', [(0, 0), (1e-2, 0), (2e-2, 0)], 'DEGENERATE'),
+    ('c', [(0, 0), (1e-2, 0), (0, -1e-2)], 'DEGENERATE'),
+])
+def test_bad_wafer_frames_are_refused_with_a_code(store, chip_id, corners, code):
+    with pytest.raises(RegistryError) as refused:
+        store.save_wafer_frame(chip_id, corners)
+    assert refused.value.code == code
+    assert store.wafer_frames() == {}
+
+
+def test_transaction_commits_together_or_not_at_all(populated):
+    store, _, flake_ids = populated
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        reserve_in(tx, flake_ids[:2], 'arm-1', 30.0, store.clock())
+        assert tx.scalar('SELECT COUNT(*) FROM reservations') == 2  # seen inside the transaction
+        raise RuntimeError('the robot changed its mind')
+    assert store.reservations() == []
+    with store.transaction() as tx:
+        reserve_in(tx, flake_ids[:2], 'arm-1', 30.0, store.clock())
+    with store.snapshot() as tx:
+        assert [r['robot_id'] for r in tx.all('SELECT robot_id FROM reservations')] == ['arm-1', 'arm-1']
 
 
 # -- merge --------------------------------------------------------------------

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from flake_core.geometry import Affine2D
-from flake_registry.store import Detection, FlakeStore
+from flake_registry.store import FlakeStore, Sighting
 
 MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2')
 SCAN_ID = 'scan-web-1'
@@ -28,7 +28,7 @@ def outline(x: float, y: float, radius: float, sides: int, rng: random.Random) -
 
 
 def detections(count: int, seed: int = 7, scan_id: str = SCAN_ID, chip_id: str = CHIP_ID,
-               spacing: float = 40e-6) -> list[Detection]:
+               spacing: float = 40e-6) -> list[Sighting]:
     """Flakes on a grid (never merged), materials and layer classes cycling, seeded sizes and scores."""
     rng = random.Random(seed)
     per_row = max(1, int(math.ceil(math.sqrt(count))))
@@ -40,7 +40,7 @@ def detections(count: int, seed: int = 7, scan_id: str = SCAN_ID, chip_id: str =
         contour = outline(x, y, radius, rng.randint(5, 8), rng)
         layer_class = 1 + i % 4
         layers = {1: 1.0, 2: 4.0, 3: 20.0, 4: 60.0}[layer_class]
-        out.append(Detection(chip_id=chip_id, scan_id=scan_id, x=x, y=y, material=MATERIALS[i % 4],
+        out.append(Sighting(chip_id=chip_id, scan_id=scan_id, x=x, y=y, material=MATERIALS[i % 4],
                              tile_index=i % 10, layer_class=layer_class, layers=layers, layers_std=0.1 * layers,
                              thickness_nm=layers * 0.34, thickness_nm_std=0.05 * layers, score=rng.uniform(0.3, 1.0),
                              detector='contrast', model_version='test', contour=contour,

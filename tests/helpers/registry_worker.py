@@ -12,7 +12,7 @@ import random
 import sys
 
 from flake_registry.query import RegistryError
-from flake_registry.store import Detection, FlakeStore
+from flake_registry.store import FlakeStore, Sighting
 
 
 def reserve(path: str, robot: str, flake_ids: list[str]) -> None:
@@ -38,7 +38,7 @@ def ingest(path: str, seed: int) -> None:
         for _ in range(50):
             x, y = rng.uniform(0, 0.01), rng.uniform(0, 0.01)
             size = rng.uniform(2e-6, 20e-6)
-            batch.append(Detection(chip_id='crash-chip', scan_id=f'scan-{seed}', tile_index=batch_index,
+            batch.append(Sighting(chip_id='crash-chip', scan_id=f'scan-{seed}', tile_index=batch_index,
                                    x=x, y=y, material='graphene', score=rng.random(), area=size * size,
                                    contour=[(x - size / 2, y - size / 2), (x + size / 2, y - size / 2),
                                             (x, y + size / 2)]))

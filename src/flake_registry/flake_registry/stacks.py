@@ -4,11 +4,10 @@ A recipe is an ordered list of layers (bottom first), each a flake with the rota
 to apply when it is picked up and an optional offset of its centre in the stack. The
 lab plans it in the web app; the robot fetches it over ROS 2 (GetStackRecipe).
 
-Recipes live in the registry's own SQLite file, in a ``stack_recipes`` table this
-module adds (idempotently) through the store's connection. Reserving a recipe takes
-the store's reservation path for every layer inside one write transaction that
-also records the tokens in the recipe: all layers are reserved and the recipe says
-so, or nothing changed.
+Recipes live in the registry, in the ``stack_recipes`` table (schema migration 5).
+Reserving a recipe takes the registry's reservation path for every layer inside one
+write transaction (``FlakeStore.transaction``) that also records the tokens in the
+recipe: all layers are reserved and the recipe says so, or nothing changed.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import secrets
 from typing import Any
 
 from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, UNKNOWN_ID, RegistryError
+from flake_registry.reservations import reserve_in
 from flake_registry.stack_geometry import place_outline, stack_overlap
 from flake_registry.store import FlakeStore
 
@@ -30,10 +30,6 @@ MAX_OFFSET = 1e-3                               # [m]; a stack is a few hundred 
 NAME_PATTERN = re.compile(r'^[A-Za-z0-9_.:/ +\-]{1,80}$')
 ROBOT_PATTERN = re.compile(r'^[A-Za-z0-9_.\-]{1,64}$')
 RECIPE_ID_PATTERN = re.compile(r'^S[0-9a-f]{12}$')
-
-_SCHEMA = ('CREATE TABLE IF NOT EXISTS stack_recipes (id TEXT PRIMARY KEY, name TEXT NOT NULL, '
-           'created REAL NOT NULL, created_by TEXT, robot_id TEXT, reserved_at REAL, lease_expires REAL, '
-           'layers TEXT NOT NULL)')
 
 
 @dataclass
@@ -77,14 +73,6 @@ class StackRecipe:
         return {'id': self.id, 'name': self.name, 'created': self.created, 'created_by': self.created_by,
                 'robot_id': self.robot_id, 'reserved_at': self.reserved_at, 'lease_expires': self.lease_expires,
                 'order': 'bottom_first', 'layers': layers}
-
-
-def _ensure_schema(store: FlakeStore) -> None:
-    conn = store.db.conn
-    # Checked first so that readers never take the write lock for a table that exists.
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stack_recipes'").fetchone():
-        return
-    conn.execute(_SCHEMA)
 
 
 def check_layers(layers: Sequence[StackLayer]) -> None:
@@ -139,10 +127,9 @@ def save_recipe(store: FlakeStore, name: str, layers: Sequence[StackLayer], crea
                                  layer_class=int(flake.layer_class), x=flake.x, y=flake.y))
     recipe = StackRecipe(id='S' + secrets.token_hex(6), name=name, created=store.clock(),
                          created_by=created_by, layers=filled)
-    _ensure_schema(store)
-    with store._write() as conn:
-        conn.execute('INSERT INTO stack_recipes (id, name, created, created_by, layers) VALUES (?, ?, ?, ?, ?)',
-                     (recipe.id, recipe.name, recipe.created, created_by, _layers_json(filled)))
+    with store.transaction() as tx:
+        tx.execute('INSERT INTO stack_recipes (id, name, created, created_by, layers) VALUES (?, ?, ?, ?, ?)',
+                   (recipe.id, recipe.name, recipe.created, created_by, _layers_json(filled)))
     return recipe
 
 
@@ -165,17 +152,17 @@ def check_recipe_id(recipe_id: str) -> str:
 
 def get_recipe(store: FlakeStore, recipe_id: str) -> StackRecipe:
     check_recipe_id(recipe_id)
-    _ensure_schema(store)
-    row = store.db.conn.execute('SELECT * FROM stack_recipes WHERE id = ?', (recipe_id,)).fetchone()
+    with store.snapshot() as tx:
+        row = tx.one('SELECT * FROM stack_recipes WHERE id = ?', (recipe_id,))
     if row is None:
         raise RegistryError(UNKNOWN_ID, f'no stack recipe {recipe_id!r}')
     return _from_row(row)
 
 
 def list_recipes(store: FlakeStore, limit: int = 100) -> list[StackRecipe]:
-    _ensure_schema(store)
-    rows = store.db.conn.execute('SELECT * FROM stack_recipes ORDER BY created DESC LIMIT ?', (int(limit),))
-    return [_from_row(r) for r in rows.fetchall()]
+    with store.snapshot() as tx:
+        rows = tx.all('SELECT * FROM stack_recipes ORDER BY created DESC LIMIT ?', (int(limit),))
+    return [_from_row(r) for r in rows]
 
 
 def reserve_recipe(store: FlakeStore, recipe_id: str, robot_id: str, lease_s: float = 0.0) -> StackRecipe:
@@ -187,13 +174,13 @@ def reserve_recipe(store: FlakeStore, recipe_id: str, robot_id: str, lease_s: fl
     if not ROBOT_PATTERN.match(robot_id or ''):
         raise RegistryError(INVALID_ARGUMENT, 'robot_id must be 1-64 letters, digits or _.-')
     recipe = get_recipe(store, recipe_id)
-    lease_s = store._lease(lease_s)
+    lease_s = store.lease_seconds(lease_s)
     now = store.clock()
-    with store._write() as conn:
-        reservations = [store._reserve_in(conn, layer.flake_id, robot_id, lease_s, now) for layer in recipe.layers]
-        for layer, reservation in zip(recipe.layers, reservations):
+    with store.transaction() as tx:
+        reservations = reserve_in(tx, [layer.flake_id for layer in recipe.layers], robot_id, lease_s, now)
+        for layer, reservation in zip(recipe.layers, reservations, strict=True):
             layer.token = reservation.token
         recipe.robot_id, recipe.reserved_at, recipe.lease_expires = robot_id, now, now + lease_s
-        conn.execute('UPDATE stack_recipes SET robot_id = ?, reserved_at = ?, lease_expires = ?, layers = ? '
-                     'WHERE id = ?', (robot_id, now, now + lease_s, _layers_json(recipe.layers), recipe.id))
+        tx.execute('UPDATE stack_recipes SET robot_id = ?, reserved_at = ?, lease_expires = ?, layers = ? '
+                   'WHERE id = ?', (robot_id, now, now + lease_s, _layers_json(recipe.layers), recipe.id))
     return recipe

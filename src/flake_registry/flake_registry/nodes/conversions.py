@@ -17,7 +17,7 @@ from sensor_msgs.msg import RegionOfInterest
 from flake_core.ros_image import image_to_numpy, numpy_to_image
 from flake_msgs.msg import Flake, FlakeArray, FlakeImage, FlakeObservation
 from flake_registry.query import FlakeQuery
-from flake_registry.store import Detection, FlakeImageRecord, FlakeRecord, Observation
+from flake_registry.store import FlakeImageRecord, FlakeRecord, Observation, Sighting
 
 
 def to_time(seconds: float | None) -> Time:
@@ -36,8 +36,8 @@ def _roi(bbox: tuple[int, int, int, int]) -> RegionOfInterest:
     return RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h)
 
 
-def detection_from_msg(flake: Flake, array: FlakeArray) -> Detection:
-    """One Flake of a FlakeArray as a Detection; the array fills in scan, tile and time left empty."""
+def detection_from_msg(flake: Flake, array: FlakeArray) -> Sighting:
+    """One Flake of a FlakeArray as a registry Sighting; the array fills in scan, tile and time left empty."""
     scan_id = flake.scan_id or array.scan_id
     tile_index = flake.tile_index if flake.scan_id else array.tile_index
     stamp = from_time(flake.header.stamp) or from_time(array.header.stamp)
@@ -48,7 +48,7 @@ def detection_from_msg(flake: Flake, array: FlakeArray) -> Detection:
             pixels = pixels[..., 0]
         mask = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
         mask_height, mask_width = pixels.shape[:2]
-    return Detection(
+    return Sighting(
         chip_id=flake.chip_id, scan_id=scan_id, tile_index=int(tile_index), x=flake.centre.x, y=flake.centre.y,
         material=(flake.material or 'unknown').lower(), layer_class=int(flake.layer_class),
         layers=flake.layers, layers_std=flake.layers_std, thickness_nm=flake.thickness_nm,

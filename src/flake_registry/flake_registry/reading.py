@@ -1,0 +1,115 @@
+"""Reading flakes: query pages, full records with observations and images, iteration for exports.
+
+Every filter of a ``FlakeQuery`` runs on an index or the spatial index (see
+``query.py``); a page is chosen on keys alone and only its rows are read in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import json
+from typing import Any
+import zlib
+
+from flake_registry.database import Transaction
+from flake_registry.query import EFFECTIVE_STATUS_SQL, LIVE_RESERVATION_JOIN, FlakeQuery
+from flake_registry.records import (
+    FlakeDetail,
+    FlakeImageRecord,
+    FlakeRecord,
+    Observation,
+    QueryResult,
+    decode_contour,
+)
+from flake_registry.reservations import flake_row
+
+FLAKE_COLUMNS = ('f.id, f.chip_id, f.scan_id, f.tile_index, f.material, f.layer_class, f.layers, '
+                 'f.layers_std, f.thickness_nm, f.thickness_nm_std, f.score, f.detector, f.model_version, '
+                 'f.x, f.y, f.contour, f.area, f.bbox_px, f.homogeneity, f.isolation_distance, '
+                 f'f.edge_straightness, {EFFECTIVE_STATUS_SQL} AS status, f.n_observations, f.created, '
+                 'f.updated, f.detected_at, f.revisited_at, live.robot_id AS reserved_by, '
+                 'live.expires AS lease_expires, f.used_by, f.used_at, f.used_note')
+FLAKE_COLUMNS_WITH_MASK = FLAKE_COLUMNS + ', f.mask, f.mask_width, f.mask_height'
+# Long query answers leave the outline out: its blob is neither read nor decoded.
+FLAKE_COLUMNS_NO_CONTOUR = FLAKE_COLUMNS.replace('f.contour,', 'NULL AS contour,')
+
+
+def record(values: dict[str, Any]) -> FlakeRecord:
+    """A FlakeRecord from one row of the columns above (read by name)."""
+    values['contour'] = decode_contour(values['contour'])
+    bbox = values['bbox_px']
+    values['bbox_px'] = tuple(json.loads(bbox)) if bbox else (0, 0, 0, 0)
+    for name in ('reserved_by', 'used_by', 'used_note', 'detector', 'model_version', 'scan_id'):
+        if values[name] is None:
+            values[name] = ''
+    if 'mask' in values:
+        values['mask'] = zlib.decompress(values['mask']) if values['mask'] else b''
+        values['mask_width'] = values['mask_width'] or 0
+        values['mask_height'] = values['mask_height'] or 0
+    return FlakeRecord(**values)
+
+
+def query(tx: Transaction, flake_query: FlakeQuery, now: float, contours: bool = True) -> QueryResult:
+    """Flakes matching ``flake_query`` (validated here), one page, and the total number of matches."""
+    flake_query = flake_query.validated()
+    where, params = flake_query.where_sql(now)
+    order = flake_query.order_sql()
+    count_join = LIVE_RESERVATION_JOIN if flake_query.statuses else ''
+    params.update(limit=flake_query.limit, offset=flake_query.offset)
+    total = tx.scalar(f'SELECT COUNT(*) FROM flakes AS f {count_join} WHERE {where}', params)
+    # The page is chosen on keys alone and only its rows are read in full: sorting
+    # thousands of matches with every column costs ten times more.
+    columns = FLAKE_COLUMNS if contours else FLAKE_COLUMNS_NO_CONTOUR
+    names, rows = tx.tuples(
+        f'SELECT {columns} FROM (SELECT f.pk AS pk FROM flakes AS f {count_join} WHERE {where} '
+        f'ORDER BY {order} LIMIT :limit OFFSET :offset) AS page JOIN flakes AS f ON f.pk = page.pk '
+        f'{LIVE_RESERVATION_JOIN} ORDER BY {order}', params)
+    return QueryResult(total=int(total), flakes=[record(dict(zip(names, row))) for row in rows])
+
+
+def flake_page(tx: Transaction, now: float, after_pk: int, page: int, chip_id: str = '',
+               scan_id: str = '') -> tuple[int, list[FlakeRecord]]:
+    """Up to ``page`` flakes of a chip and/or scan after ``after_pk`` in creation order, and the last pk."""
+    clauses, params = ['f.pk > :last_pk'], {'now': now, 'last_pk': after_pk, 'page': page}
+    if chip_id:
+        clauses.append('f.chip_id = :chip_id')
+        params['chip_id'] = chip_id
+    if scan_id:
+        clauses.append('f.pk IN (SELECT flake_pk FROM observations WHERE scan_id = :scan_id)')
+        params['scan_id'] = scan_id
+    names, rows = tx.tuples(
+        f'SELECT f.pk AS pk, {FLAKE_COLUMNS_WITH_MASK} FROM flakes AS f {LIVE_RESERVATION_JOIN} '
+        f'WHERE {" AND ".join(clauses)} ORDER BY f.pk LIMIT :page', params)
+    records = []
+    for row in rows:
+        values = dict(zip(names, row))
+        after_pk = values.pop('pk')
+        records.append(record(values))
+    return after_pk, records
+
+
+def iter_flakes(store, chip_id: str = '', scan_id: str = '', page: int = 1000) -> Iterator[FlakeRecord]:
+    """Every flake of a chip and/or scan in creation order, one short read per page (exports)."""
+    last_pk = 0
+    while True:
+        with store.snapshot() as tx:
+            last_pk, records = flake_page(tx, store.clock(), last_pk, page, chip_id, scan_id)
+        if not records:
+            return
+        yield from records
+
+
+def get_flake(tx: Transaction, flake_id: str, now: float) -> FlakeDetail:
+    """The full record: outline, mask, every observation and image. Raises UNKNOWN_ID."""
+    pk = flake_row(tx, flake_id)['pk']
+    row = tx.one(f'SELECT {FLAKE_COLUMNS_WITH_MASK} FROM flakes AS f {LIVE_RESERVATION_JOIN} WHERE f.pk = :pk',
+                 {'pk': pk, 'now': now})
+    observations = [
+        Observation(scan_id=r['scan_id'] or '', tile_index=r['tile_index'], stamp=r['stamp'], x=r['x'],
+                    y=r['y'], bbox_px=tuple(json.loads(r['bbox_px'])), score=r['score'],
+                    detector=r['detector'] or '', iou=r['iou'])
+        for r in tx.all('SELECT * FROM observations WHERE flake_pk = ? ORDER BY id', (pk,))]
+    images = [FlakeImageRecord(role=r['role'], path=r['path'], objective=r['objective'] or '',
+                               pixel_size=r['pixel_size'] or 0.0, stamp=r['stamp'] or 0.0)
+              for r in tx.all('SELECT * FROM images WHERE flake_pk = ? ORDER BY id', (pk,))]
+    return FlakeDetail(flake=record(dict(row)), observations=observations, images=images)
