@@ -23,6 +23,7 @@ setup(
             'flake-registry = flake_registry.cli:main',
             'registry_node = flake_registry.nodes.registry_node:main',
             'flake-web = flake_registry.web.app:main',
+            'flake-import = flake_registry.image_import:main',
         ],
     },
 )
