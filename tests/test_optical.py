@@ -7,7 +7,6 @@ import pytest
 from flake_core.materials import LAYER_FEW, LAYER_MONO
 from flake_detector.detection import make_detector
 from flake_detector.optical import (
-    Calibration,
     OpticalDetector,
     contrast_map,
     estimate_background,
@@ -29,7 +28,7 @@ def test_thin_film_model_matches_the_notes_table():
 
 def test_measured_calibration_keeps_measured_classes_and_extends_with_the_model():
     calibration = load_calibration('graphene', 90.0, 'measured')
-    assert calibration.version == 'graphene-2dmatgmm-1'
+    assert calibration.version == '2dmatgmm-sio2-90nm-graphene-measured'
     one = int(np.nonzero(calibration.layers == 1)[0][0])
     assert calibration.means[one].tolist() == pytest.approx([-0.137, -0.140, -0.071])
     assert 10 in calibration.layers  # beyond the measured 1-4 layers: thin-film model
@@ -46,7 +45,7 @@ def test_background_recovers_vignetted_substrate():
 
 @pytest.mark.parametrize('seed', [11, 12])
 def test_thickness_of_a_known_mask_matches_ground_truth(seed):
-    calibration = Calibration.model('graphene', 90.0).restrict(10)
+    calibration = load_calibration('graphene', 90.0, 'model').restrict(10)
     image, truths = make_frame(seed, 256, flakes=[('graphene', n) for n in (1, 2, 3, 4, 5)], noise=2.0)
     for truth in truths:
         estimate = estimate_thickness(image, truth.mask, calibration)
@@ -57,7 +56,7 @@ def test_thickness_of_a_known_mask_matches_ground_truth(seed):
 
 
 def test_thickness_uncertainty_grows_between_classes():
-    calibration = Calibration.model('graphene', 90.0).restrict(10)
+    calibration = load_calibration('graphene', 90.0, 'model').restrict(10)
     c1 = np.array(thin_film_contrast('graphene', 1, 90.0))
     c2 = np.array(thin_film_contrast('graphene', 2, 90.0))
     from flake_detector.optical import estimate_from_contrast
@@ -69,7 +68,7 @@ def test_thickness_uncertainty_grows_between_classes():
 
 
 def test_hbn_thickness_from_the_model():
-    calibration = Calibration.model('hbn', 285.0)
+    calibration = load_calibration('hbn', 285.0, 'model')
     # hBN 10-90 nm is up to 5x brighter than the substrate in green: a camera exposed
     # for it shows a dim substrate.
     image, truths = make_frame(4, 256, flakes=[('hbn', 60), ('hbn', 150)], oxide_nm=285.0, noise=1.0,
@@ -103,7 +102,7 @@ def test_optical_detector_finds_graphene_with_exact_layers_and_ignores_clutter()
         exact += sum(found[k].layers == truths[k].layers for k in found)
         false_positives += len(result.detections) - len(found)
         for det in result.detections:
-            assert det.detector == 'contrast' and det.model_version.startswith('graphene-thinfilm')
+            assert det.detector == 'contrast' and det.model_version == 'model-sio2-90nm-graphene'
     assert exact / total >= 0.9
     assert false_positives <= 3
 

@@ -7,20 +7,21 @@ import cv2
 import numpy as np
 import pytest
 
-from flake_core import optics
+from flake_core import calibration, optics
 from flake_scanner.sim.camera import CameraModel, CameraSettings
 from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
 
 
 def measured_graphene(layers: int) -> np.ndarray:
     """Measured contrast (B, G, R) of the shipped graphene calibration (2DMatGMM, 90 nm SiO2)."""
-    data = json.loads((optics.CALIBRATION_DIR / 'graphene_measured.json').read_text())
-    entry = next(c for c in data['classes'] if c['layers'] == layers)
+    data = json.loads(calibration.MEASURED_FILE.read_text())
+    entry = next(c for c in data['materials']['graphene']['classes'] if c['layers'] == layers)
     return np.array(entry['contrast_rgb'][::-1])
 
 
 def write_calibration(path: Path, material: str, classes: list) -> Path:
-    path.write_text(json.dumps({'material': material, 'classes': classes}))
+    path.write_text(json.dumps({'format': calibration.FORMAT, 'oxide_nm': 90.0,
+                                'materials': {material: {'classes': classes}}}))
     return path
 
 
@@ -32,13 +33,13 @@ def test_transfer_matrix_model_alone_matches_measured_graphene(layers):
 
 
 def test_contrast_grows_with_layer_count_and_thick_graphite_is_bright():
-    green = [optics.flake_contrast('graphene', n, 90.0)[1] for n in (1, 2, 3, 4)]
+    green = [calibration.flake_contrast('graphene', n, 90.0)[1] for n in (1, 2, 3, 4)]
     assert green == sorted(green, reverse=True)
     assert optics.model_contrast('graphene', 300.0, 90.0).min() > 0.5
 
 
 def test_hbn_monolayer_nearly_invisible_but_10nm_strongly_coloured():
-    assert np.abs(optics.flake_contrast('hbn', 1, 90.0)).max() < 0.04
+    assert np.abs(calibration.flake_contrast('hbn', 1, 90.0)).max() < 0.04
     ten_nm = optics.model_contrast('hbn', 10.0, 90.0)
     assert ten_nm[0] > 0.8 and ten_nm[2] < 0.0  # blue up, red down: the blue look of thin hBN
 
@@ -46,7 +47,7 @@ def test_hbn_monolayer_nearly_invisible_but_10nm_strongly_coloured():
 def test_calibration_overrides_model_only_for_its_layer_counts(tmp_path):
     path = write_calibration(tmp_path / 'mos2.json', 'mos2', [
         {'layers': 1, 'contrast_rgb': [-0.4, -0.5, -0.6], 'covariance_rgb': np.eye(3).tolist()}])
-    model = optics.OpticsModel([optics.ContrastCalibration.from_json(path, 90.0)])
+    model = calibration.OpticsModel([calibration.Calibration.load(path)])
     np.testing.assert_allclose(model.flake_contrast('mos2', 1, 90.0), [-0.6, -0.5, -0.4])
     np.testing.assert_allclose(model.flake_contrast('mos2', 2, 90.0),
                                optics.model_contrast('mos2', 1.3, 90.0))
@@ -56,12 +57,12 @@ def test_calibration_overrides_model_only_for_its_layer_counts(tmp_path):
 
 def test_bad_inputs_are_rejected_clearly(tmp_path):
     with pytest.raises(ValueError, match='unknown material'):
-        optics.flake_contrast('unobtainium', 1, 90.0)
+        calibration.flake_contrast('unobtainium', 1, 90.0)
     with pytest.raises(ValueError, match='layer count'):
-        optics.flake_contrast('graphene', 0, 90.0)
+        calibration.flake_contrast('graphene', 0, 90.0)
     bad = write_calibration(tmp_path / 'bad.json', 'graphene', [{'layers': 1, 'contrast_rgb': [1]}])
-    with pytest.raises(ValueError, match='cannot read contrast calibration'):
-        optics.ContrastCalibration.from_json(bad, 90.0)
+    with pytest.raises(ValueError, match='cannot read calibration'):
+        calibration.Calibration.load(bad)
 
 
 def _contrast_on_rendered_frame(layers: int) -> np.ndarray:
@@ -102,7 +103,7 @@ def test_vectorised_transfer_matrix_equals_the_tmm_package(material):
 
 
 def test_contrast_table_is_consistent_with_single_lookups():
-    model = optics.default_model()
+    model = calibration.default_model()
     table = model.contrast_table('mos2', 285.0)
     assert table.shape == (300, 3)
     np.testing.assert_allclose(table[6], optics.model_contrast('mos2', 7 * 0.65, 285.0))

@@ -11,17 +11,15 @@ Every array of three channel values in this module is in **B, G, R order**, the
 order of the bgr8 images the camera renders.
 
 Contrast is ``C = (R_film - R_substrate) / R_substrate`` (negative = darker). A
-measured calibration (a Gaussian per layer count, as in ``config/contrast_*.json``) can
-replace the model's contrast for the layer counts it covers.
+measured calibration (``flake_core.calibration``) replaces the model's contrast for the
+layer counts it covers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 import functools
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import tmm
@@ -49,7 +47,6 @@ REFRACTIVE_INDEX = {**MEDIA, **{m.name: m.refractive_index for m in materials.MA
 # Interlayer spacing [nm] of the layered materials.
 LAYER_THICKNESS_NM = {m.name: m.layer_nm for m in materials.MATERIALS.values()}
 MATERIALS = materials.FLAKE_MATERIALS
-CALIBRATION_DIR = Path(__file__).resolve().parent / 'calibration'
 
 
 def _check_material(material: str) -> str:
@@ -203,100 +200,11 @@ def model_contrast(material: str, thickness_nm: float, oxide_nm: float,
     return film_reflectance(material, thickness_nm, oxide_nm, response) / sub - 1.0
 
 
-@dataclass(frozen=True)
-class ContrastCalibration:
-    """Measured contrast of one material on one oxide, per layer count (B, G, R)."""
+def __getattr__(name: str):
+    # Calibrations (measured classes, the simulator's OpticsModel) moved to flake_core.calibration,
+    # the one calibration format; these names forward there for the simulator until it imports it.
+    if name in ('OpticsModel', 'default_model', 'flake_contrast'):
+        from flake_core import calibration
 
-    material: str
-    oxide_nm: float
-    mean: dict[int, np.ndarray]
-    covariance: dict[int, np.ndarray]
-
-    @classmethod
-    def from_json(cls, path, oxide_nm: float = 90.0) -> ContrastCalibration:
-        """Read a calibration file of ``flake_core/calibration`` (one Gaussian per layer count:
-        ``{"material": ..., "classes": [{"layers", "contrast_rgb", "covariance_rgb"}]}``);
-        R, G, B in the file, B, G, R here."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-            material = data['material']
-            mean, cov = {}, {}
-            for entry in data['classes']:
-                layers = int(entry['layers'])
-                mean[layers] = np.array(entry['contrast_rgb'], dtype=float)[::-1].copy()
-                cov[layers] = np.array(entry['covariance_rgb'], dtype=float)[::-1, ::-1].copy()
-                if cov[layers].shape != (3, 3):
-                    raise ValueError(f'covariance of layer count {layers} is not 3x3')
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f'cannot read contrast calibration {path}: {exc}') from exc
-        return cls(_check_material(material), _check_oxide(oxide_nm), mean, cov)
-
-
-class OpticsModel:
-    """Contrast of layered flakes, from the transfer-matrix model plus optional calibrations."""
-
-    def __init__(self, calibrations: list[ContrastCalibration] | None = None):
-        self._calibrations: dict[tuple[str, float], ContrastCalibration] = {}
-        self._tables: dict[tuple, np.ndarray] = {}
-        for cal in calibrations or []:
-            self.add_calibration(cal)
-
-    def add_calibration(self, calibration: ContrastCalibration) -> None:
-        self._calibrations[(calibration.material, calibration.oxide_nm)] = calibration
-        self._tables.clear()
-
-    def calibration(self, material: str, oxide_nm: float) -> ContrastCalibration | None:
-        return self._calibrations.get((_check_material(material), _check_oxide(oxide_nm)))
-
-    def flake_contrast(self, material: str, layers: int, oxide_nm: float) -> np.ndarray:
-        """Contrast (B, G, R) of a ``layers``-layer flake; calibrated values win."""
-        layers = int(layers)
-        if layers < 1:
-            raise ValueError(f'layer count must be >= 1, got {layers}')
-        if layers <= 300:
-            return self.contrast_table(material, oxide_nm)[layers - 1].copy()
-        return model_contrast(material, layers * layer_thickness_nm(material), oxide_nm)
-
-    def film_contrast(self, material: str, thickness_nm: float, oxide_nm: float) -> np.ndarray:
-        """Contrast (B, G, R) of a film given by thickness; layered films use the calibration."""
-        key = _check_material(material)
-        if key in LAYER_THICKNESS_NM:
-            layers = thickness_nm / LAYER_THICKNESS_NM[key]
-            if abs(layers - round(layers)) < 1e-6 and round(layers) >= 1:
-                return self.flake_contrast(key, round(layers), oxide_nm)
-        return model_contrast(key, thickness_nm, oxide_nm)
-
-    def contrast_table(self, material: str, oxide_nm: float, max_layers: int = 300) -> np.ndarray:
-        """(max_layers, 3) contrast for 1..max_layers layers; row i is i + 1 layers."""
-        key = (_check_material(material), _check_oxide(oxide_nm), int(max_layers))
-        table = self._tables.get(key)
-        if table is None:
-            layers = np.arange(1, max_layers + 1)
-            sub = substrate_reflectance(oxide_nm)
-            table = band_reflectance(key[0], layers * layer_thickness_nm(material), key[1]) / sub - 1.0
-            cal = self.calibration(material, oxide_nm)
-            for n, mean in (cal.mean.items() if cal else []):
-                if 1 <= n <= max_layers:
-                    table[n - 1] = mean
-            table.setflags(write=False)
-            self._tables[key] = table
-        return table
-
-
-def default_calibrations() -> list[ContrastCalibration]:
-    """The measured calibrations shipped in ``flake_core/calibration`` that belong to 90 nm SiO2
-    (graphene and WSe2 from the 2DMatGMM project, MIT licence)."""
-    return [ContrastCalibration.from_json(path, 90.0)
-            for path in sorted(CALIBRATION_DIR.glob('*_measured.json'))
-            if json.loads(path.read_text())['material'] in materials.MATERIALS]
-
-
-@functools.lru_cache(maxsize=1)
-def default_model() -> OpticsModel:
-    return OpticsModel(default_calibrations())
-
-
-def flake_contrast(material: str, layers: int, oxide_nm: float) -> np.ndarray:
-    """Contrast (B, G, R) of a flake with the default model (shipped calibrations applied)."""
-    return default_model().flake_contrast(material, layers, oxide_nm)
+        return getattr(calibration, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -20,18 +20,25 @@ dropped by their shape. A region that clips two or three channels is measured by
 direction of its colour along its unclipped rim (the blur mixes flake and substrate
 linearly) together with what its core still measures.
 
-A calibration is a Gaussian per layer count in (R, G, B) contrast space: measured
-(``calibration/*_measured.json``, 2DMatGMM) or computed from the thin-film model
-(flake_core.optics: transfer matrix, refractive indices of notes/optics-and-stem.md).
+What a region whose colour fits no class of any listed material is, the detector cannot
+say; it is reported as material ``unknown`` with its contrast (``report_unknown``), unless
+it is a line, the rim of a thicker crystal or the area beside the chip. The rim of a bright
+or dark crystal passes through the colours of thin flakes on its way to the substrate; a
+narrow region that runs along a stronger neighbour, or one with no plateau inside, is
+that rim and not a flake.
+
+Classes come from the one calibration of the microscope (``flake_core.calibration``: the
+thin-film model through the camera's bands, measured classes where there are any), and the
+image is decoded with the calibration's camera (black level, gamma) before any contrast is
+taken, so contrasts are physical on any camera. A channel in which the substrate itself
+saturates carries no contrast and is left out of the frame (``flake_detector.substrate``).
 ``estimate_thickness`` is what other backends call to refine a mask's thickness.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-import json
 import math
-from pathlib import Path
 import time
 
 import cv2
@@ -39,8 +46,10 @@ import numpy as np
 from scipy import ndimage
 
 from flake_core import materials, optics
-from flake_core.materials import layer_class_of
-from flake_core.optics import CALIBRATION_DIR
+from flake_core.calibration import Calibration, LayerClasses
+from flake_core.calibration import load_calibration as load_microscope
+from flake_core.camera_response import CameraResponse
+from flake_core.materials import layer_class_of, parse_materials
 from flake_detector.detection import (
     Detection,
     FrameResult,
@@ -49,17 +58,19 @@ from flake_detector.detection import (
     region_quality,
     register_detector,
 )
+from flake_detector.substrate import Substrate, estimate_substrate
 
-# Layer counts each material's model table spans, and what the detector weighs a region against
-# besides them (flake_core.materials).
-MODEL_LAYERS = {m.name: m.optical_layers for m in materials.MATERIALS.values()}
+# What the detector weighs a region against besides the reported classes (flake_core.materials).
 ALTERNATIVE_LAYERS = {m.name: m.alternative_layers for m in materials.MATERIALS.values()}
-# Spread of real flakes around the model contrast (per channel, contrast units):
-# the measured graphene calibration sits within ~0.02 of the model.
+# Spread of real flakes around the model contrast (per channel, contrast units), as in
+# flake_core.calibration.
 MODEL_SIGMA = 0.02
 # What the rim of a clipped flake tells of its colour's direction at best (radians):
 # the blend with a neighbour the substrate test lets through.
 DIRECTION_FLOOR = 0.01
+# Variance added to a channel the substrate saturates: the Gaussian classes become their
+# marginals over the other channels.
+BLIND_VARIANCE = 1e4
 
 
 def thin_film_contrast(material: str, layers: int, oxide_nm: float) -> tuple[float, float, float]:
@@ -69,129 +80,51 @@ def thin_film_contrast(material: str, layers: int, oxide_nm: float) -> tuple[flo
     (flake_core.optics, B, G, R order there), so simulated frames and this
     detector share one physics.
     """
-    if material not in optics.LAYER_THICKNESS_NM:
-        raise ValueError(f'no optical constants for {material!r}; known: {sorted(optics.LAYER_THICKNESS_NM)}')
-    bgr = optics.model_contrast(material, layers * optics.layer_thickness_nm(material), oxide_nm)
+    key = materials.material(material).name
+    bgr = optics.model_contrast(key, layers * optics.layer_thickness_nm(key), oxide_nm)
     return tuple(float(v) for v in bgr[::-1])
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """Gaussian per layer count in (R, G, B) contrast space for one material and substrate."""
-
-    material: str
-    layer_nm: float
-    layers: np.ndarray  # (K,)
-    means: np.ndarray  # (K, 3) contrast R, G, B
-    covariances: np.ndarray  # (K, 3, 3)
-    version: str
-
-    @classmethod
-    def model(cls, material: str, oxide_nm: float = 90.0, sigma: float = MODEL_SIGMA,
-              layers=None) -> Calibration:
-        layers = np.array(list(MODEL_LAYERS[material] if layers is None else layers), dtype=np.float64)
-        means = np.array([thin_film_contrast(material, int(n), float(oxide_nm)) for n in layers])
-        covs = np.repeat((np.eye(3) * sigma ** 2)[None], len(layers), axis=0)
-        return cls(material, optics.layer_thickness_nm(material), layers, means, covs,
-                   f'{material}-thinfilm-sio2-{oxide_nm:g}nm-1')
-
-    @classmethod
-    def from_json(cls, path: Path | str, oxide_nm: float = 90.0) -> Calibration:
-        """A measured calibration; layer counts it lacks come from the thin-film model."""
-        data = json.loads(Path(path).read_text())
-        material = data['material']
-        measured = {int(c['layers']): (np.array(c['contrast_rgb'], float),
-                                       np.array(c['covariance_rgb'], float)) for c in data['classes']}
-        if material in optics.LAYER_THICKNESS_NM:
-            model = cls.model(material, oxide_nm)
-            layers = sorted(set(measured) | {int(n) for n in model.layers})
-        else:
-            model, layers = None, sorted(measured)
-        means, covs = [], []
-        for n in layers:
-            if n in measured:
-                means.append(measured[n][0])
-                covs.append(measured[n][1])
-            else:
-                k = int(np.nonzero(model.layers == n)[0][0])
-                means.append(model.means[k])
-                covs.append(model.covariances[k])
-        layer_nm = optics.layer_thickness_nm(material)
-        return cls(material, layer_nm, np.array(layers, float), np.array(means), np.array(covs),
-                   data.get('version', Path(path).stem))
-
-    def restrict(self, max_layers: float) -> Calibration:
-        keep = self.layers <= max_layers
-        return Calibration(self.material, self.layer_nm, self.layers[keep], self.means[keep],
-                           self.covariances[keep], self.version)
+def load_calibration(material: str, oxide_nm: float = 90.0, source: str = 'auto') -> LayerClasses:
+    """The layer classes of one material from the microscope calibration ``source`` (a shipped
+    name, 'auto', 'measured', 'model', or a calibration file; see flake_core.calibration)."""
+    return load_microscope(source, oxide_nm).layer_classes(material)
 
 
-def load_calibration(material: str, oxide_nm: float = 90.0, source: str = 'auto') -> Calibration:
-    """``source``: 'measured' (calibration/<material>_measured.json), 'model', or 'auto'
-    (measured when it exists and the oxide is the one it was measured on, 90 nm)."""
-    path = CALIBRATION_DIR / f'{material}_measured.json'
-    if source == 'measured' or (source == 'auto' and path.exists() and abs(oxide_nm - 90.0) < 1.0):
-        if not path.exists():
-            raise ValueError(f'no measured calibration for {material!r} in {CALIBRATION_DIR}')
-        return Calibration.from_json(path, oxide_nm)
-    if source not in ('model', 'auto', 'measured'):
-        raise ValueError(f"calibration source must be 'auto', 'measured' or 'model', got {source!r}")
-    return Calibration.model(material, oxide_nm)
+class Linearizer:
+    """Digital numbers -> linear light, scaled to 0..255, with the calibration's camera (black
+    level and gamma): contrast is a ratio of linear intensities. The identity for a linear
+    camera, where frames are used as they are."""
+
+    def __init__(self, camera: CameraResponse | None = None):
+        camera = camera or CameraResponse()
+        self.identity = camera.gamma == 1.0 and camera.black_level_dn == 0.0
+        self._table = (255.0 * camera.decode(np.arange(256.0))).astype(np.float32)
+        self._camera = camera
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.identity:
+            return image
+        if image.dtype == np.uint8:
+            return cv2.LUT(image, self._table)
+        return (255.0 * self._camera.decode(np.asarray(image, dtype=np.float64))).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- background
 
 
 def estimate_background(image_bgr: np.ndarray, step: int = 8, tolerance: float = 0.04) -> np.ndarray:
-    """Substrate intensity per pixel (float32 HxWx3, BGR) without the flakes.
-
-    The substrate is the dominant colour of a frame: take the mode of a coarse copy,
-    keep the pixels within ``tolerance`` (relative) of it in every channel, and fit a
-    smooth surface (quadratic plus r^4, enough for vignetting) through them.
-    """
+    """Substrate intensity per pixel (float32 HxWx3, BGR) without the flakes: the smooth
+    surface of ``flake_detector.substrate.estimate_substrate`` (off-chip areas, bulk crystals
+    and vignetting survive it)."""
     image = _as_bgr(image_bgr)
-    h, w = image.shape[:2]
-    return cv2.resize(background_surface(image, step, tolerance), (w, h), interpolation=cv2.INTER_LINEAR)
+    return estimate_substrate(image, step, tolerance).background(image.shape[:2])
 
 
 def background_surface(image_bgr: np.ndarray, step: int = 8, tolerance: float = 0.04) -> np.ndarray:
     """The substrate surface of ``estimate_background`` on a copy ``step`` times smaller
     (float32, BGR); resizing it to any size gives the background at that size."""
-    image = _as_bgr(image_bgr)
-    h, w = image.shape[:2]
-    small = cv2.resize(image, (max(8, w // step), max(8, h // step)), interpolation=cv2.INTER_AREA)
-    small = small.astype(np.float32)
-    sh, sw = small.shape[:2]
-    gray = small.mean(axis=2)
-    hist, edges = np.histogram(gray, bins=128, range=(0.0, float(gray.max()) + 1.0))
-    hist = np.convolve(hist, np.ones(3), mode='same')
-    mode = 0.5 * (edges[np.argmax(hist)] + edges[np.argmax(hist) + 1])
-    keep = np.abs(gray - mode) <= max(2.0, tolerance * mode)
-    colour = np.median(small[keep], axis=0)
-    keep = np.all(np.abs(small - colour) <= np.maximum(2.0, tolerance * colour), axis=2)
-    if keep.sum() < 20:
-        return np.broadcast_to(colour.astype(np.float32), small.shape).copy()
-    vv, uu = np.mgrid[0:sh, 0:sw].astype(np.float32)
-    uu = (uu - (sw - 1) / 2) / max(sw, sh)
-    vv = (vv - (sh - 1) / 2) / max(sw, sh)
-    r2 = uu ** 2 + vv ** 2
-    basis = np.stack([np.ones_like(uu), uu, vv, uu * uu, uu * vv, vv * vv, r2 * r2], axis=-1)
-    a = basis[keep].astype(np.float64)
-    surface = np.empty_like(small)
-    for c in range(3):
-        b = small[..., c][keep].astype(np.float64)
-        coef = _least_squares(a, b)
-        residual = np.abs(a @ coef - b)
-        inliers = residual <= max(1.0, 3.0 * 1.4826 * float(np.median(residual)))
-        if inliers.sum() >= 20:
-            coef = _least_squares(a[inliers], b[inliers])
-        surface[..., c] = basis @ coef.astype(np.float32)
-    return np.maximum(surface, 1.0)
-
-
-def _least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    # Normal equations: a has 7 well-scaled columns, and this is far cheaper than an SVD.
-    return np.linalg.solve(a.T @ a + 1e-9 * np.eye(a.shape[1]), a.T @ b)
+    return estimate_substrate(_as_bgr(image_bgr), step, tolerance).surface
 
 
 def mahalanobis_sq(x: np.ndarray, means: np.ndarray, covariances: np.ndarray | None = None,
@@ -258,7 +191,7 @@ class ThicknessEstimate:
         return layer_class_of(self.best_layers)
 
 
-def _log_likelihoods(calibration: Calibration, contrast: np.ndarray, extra_cov: np.ndarray | None = None,
+def _log_likelihoods(calibration: LayerClasses, contrast: np.ndarray, extra_cov: np.ndarray | None = None,
                      censored: np.ndarray | None = None):
     """Gaussian log-likelihood of (N, 3) contrasts under each class: (N, K), plus d^2 (N, K).
 
@@ -297,13 +230,17 @@ def censored_mahalanobis_sq(x: np.ndarray, means: np.ndarray, precisions: np.nda
     return np.einsum('nki,kij,nkj->nk', residual, precisions, residual)
 
 
-def estimate_from_contrast(calibration: Calibration, contrast: np.ndarray,
+def estimate_from_contrast(calibration: LayerClasses, contrast: np.ndarray,
                            pixel_count: int = 1, pixel_noise: float = 0.0,
-                           censored: np.ndarray | None = None) -> ThicknessEstimate:
+                           censored: np.ndarray | None = None,
+                           blind: np.ndarray | None = None) -> ThicknessEstimate:
     """Layer count and thickness from a region's mean (R, G, B) contrast; ``censored``
-    (3 bools) marks channels saturated in the camera (their contrast is a lower bound)."""
+    (3 bools) marks channels saturated in the camera (their contrast is a lower bound),
+    ``blind`` (3 bools) channels that carry nothing (the substrate saturates them)."""
     contrast = np.asarray(contrast, dtype=np.float64).reshape(1, 3)
     extra = np.eye(3) * (pixel_noise ** 2 / max(1, pixel_count))
+    if blind is not None:
+        extra = extra + np.diag(np.where(np.asarray(blind, dtype=bool), BLIND_VARIANCE, 0.0))
     loglik, d2 = _log_likelihoods(calibration, contrast, extra, censored)
     loglik = loglik[0] - loglik[0].max()
     posterior = np.exp(loglik)
@@ -324,15 +261,18 @@ def estimate_from_contrast(calibration: Calibration, contrast: np.ndarray,
         version=calibration.version)
 
 
-def estimate_thickness(image_bgr: np.ndarray, mask: np.ndarray, calibration: Calibration,
+def estimate_thickness(image_bgr: np.ndarray, mask: np.ndarray, calibration: LayerClasses,
                        background: np.ndarray | None = None, bbox: tuple[int, int, int, int] | None = None,
                        erode: int = 2) -> ThicknessEstimate:
     """Refine the thickness of one flake given its mask: what every backend calls.
 
     ``mask`` is a bool mask over the whole frame, or over ``bbox`` (x, y, w, h) when
-    given. The edge pixels are eroded away first (blurred in the optics).
+    given. The edge pixels are eroded away first (blurred in the optics). ``background``
+    (the substrate in the frame's digital numbers, as ``estimate_background`` gives it) and
+    the frame are decoded with the calibration's camera before the contrast is taken.
     """
     image = _as_bgr(image_bgr)
+    linear = Linearizer(calibration.camera)
     if background is None:
         background = estimate_background(image)
     if bbox is not None:
@@ -341,12 +281,15 @@ def estimate_thickness(image_bgr: np.ndarray, mask: np.ndarray, calibration: Cal
         x0, y0 = max(0, x), max(0, y)
         x1, y1 = min(image.shape[1], x + w), min(image.shape[0], y + h)
         crop = image[y0:y1, x0:x1]
-        contrast = contrast_map(crop, background[y0:y1, x0:x1], smooth=1)
+        background = background[y0:y1, x0:x1]
         full = np.asarray(mask, dtype=bool)[y0 - y:y1 - y, x0 - x:x1 - x]
     else:
         crop = image
-        contrast = contrast_map(image, background, smooth=1)
         full = np.asarray(mask, dtype=bool)
+    if linear.identity:
+        contrast = contrast_map(crop, background, smooth=1)
+    else:
+        contrast = contrast_map(linear(crop), linear(np.asarray(background, dtype=np.float32)), smooth=1)
     inner = full
     if erode > 0:
         eroded = cv2.erode(full.astype(np.uint8), np.ones((2 * erode + 1, 2 * erode + 1), np.uint8)) > 0
@@ -372,27 +315,41 @@ def _saturated(raw: np.ndarray, smooth: int) -> np.ndarray | None:
     return raw >= np.iinfo(raw.dtype).max
 
 
-def _pixel_noise(contrast: np.ndarray, stride: int = 4) -> float:
-    sample = contrast[::stride, ::stride].reshape(-1, 3)
+def _pixel_noise(contrast: np.ndarray, stride: int = 4, channels: np.ndarray | None = None,
+                 where: np.ndarray | None = None) -> float:
+    """Robust noise (mean MAD-sigma over ``channels``, B, G, R flags of the map's order) of a
+    contrast map, from every ``stride``-th pixel of ``where`` (default: all)."""
+    sample = contrast[::stride, ::stride]
+    sample = sample[where] if where is not None and where.sum() >= 20 else sample.reshape(-1, 3)
     mad = np.median(np.abs(sample - np.median(sample, axis=0)), axis=0)
-    return float(np.mean(1.4826 * mad))
+    sigma = 1.4826 * mad
+    if channels is not None and np.any(channels):
+        sigma = sigma[np.asarray(channels, dtype=bool)]
+    return float(np.mean(sigma))
 
 
-def _sampled_noise(work: np.ndarray, background: np.ndarray, smooth: int, stride: int = 8) -> float:
+def _sampled_noise(work: np.ndarray, background: np.ndarray, smooth: int, stride: int = 8,
+                   channels: np.ndarray | None = None, substrate: np.ndarray | None = None) -> float:
     """Noise of the box-smoothed contrast (what ``_pixel_noise`` measures on the full map),
     from every ``stride``-th pixel: the smoothing is summed from shifted strided views,
-    so no full-resolution pass is needed."""
+    so no full-resolution pass is needed. ``substrate`` (a bool map at any resolution)
+    restricts the sample to the bare substrate: crystals or an off-chip half of the frame
+    would widen it."""
     h, w = work.shape[:2]
     r = smooth // 2 if smooth > 1 else 0
     rows, cols = len(range(r, h - r, stride)), len(range(r, w - r, stride))
     if rows < 4 or cols < 4:
-        return _pixel_noise(contrast_map(work, background, smooth))
+        return _pixel_noise(contrast_map(work, background, smooth), channels=channels)
     total = np.zeros((rows, cols, 3), np.float32)
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             total += work[r + dy:h - r + dy:stride, r + dx:w - r + dx:stride][:rows, :cols]
     total /= float((2 * r + 1) ** 2)
-    return _pixel_noise(total / background[r:h - r:stride, r:w - r:stride][:rows, :cols] - 1.0, stride=1)
+    where = None
+    if substrate is not None:
+        where = cv2.resize(substrate.astype(np.uint8), (cols, rows), interpolation=cv2.INTER_NEAREST) > 0
+    return _pixel_noise(total / background[r:h - r:stride, r:w - r:stride][:rows, :cols] - 1.0, stride=1,
+                        channels=channels, where=where)
 
 
 class _PixelClassifier:
@@ -458,29 +415,49 @@ class _PixelClassifier:
 # --------------------------------------------------------------------------- detector
 
 
+@dataclass
+class _FrameTables:
+    """The class tables of one frame: the detector's tables with the channels the substrate
+    saturates marginalised out."""
+
+    covariances: np.ndarray  # reported classes
+    all_precisions: np.ndarray  # reported and thicker classes
+    all_logdet: np.ndarray
+    clip_precisions: np.ndarray  # and bulk hBN (the clipped-region families)
+    blind_rgb: np.ndarray  # (3,) bool, R, G, B
+
+
 class OpticalDetector:
     """The ``contrast`` backend: segmentation by calibrated contrast, no training.
 
-    ``materials`` lists the calibrations to match against (each region goes to the
-    best-fitting class of any of them); ``max_layers`` drops regions thicker than
-    the range one wants reported; regions whose contrast fits no class within
-    ``gate_sigma`` (residue, dust, bulk crystals) are dropped.
+    ``materials`` lists the materials to match against (each region goes to the
+    best-fitting class of any of them), ``calibration`` the microscope calibration
+    (flake_core.calibration: 'auto', 'measured', 'model' or a file); ``max_layers``
+    drops regions thicker than the range one wants reported; regions whose contrast fits
+    no class within ``gate_sigma`` are reported as material ``unknown`` with their contrast
+    (``report_unknown``) unless they are lines, rims of crystals or the area beside the chip.
     """
 
     name = 'contrast'
 
-    def __init__(self, materials=('graphene',), oxide_nm: float = 90.0, calibration: str = 'auto',
+    def __init__(self, materials='graphene', oxide_nm: float = 90.0, calibration: str = 'auto',
                  min_area_px: int = 60, max_layers: float = 40.0, gate_sigma: float = 4.0,
                  foreground_sigma: float = 4.0, min_contrast: float = 0.03, smooth: int = 3,
                  background_step: int = 8, edge_px: int = 2, work_size: int = 512,
                  max_elongation: float = 5.0, rim_direction: bool = True, min_clipped_probability: float = 0.9,
-                 **_ignored):
-        if isinstance(materials, str):
-            materials = [m.strip() for m in materials.split(',') if m.strip()]
-        if not materials:
-            raise ValueError('need at least one material')
-        self.calibrations = [load_calibration(m, oxide_nm, calibration).restrict(max_layers)
-                             for m in materials]
+                 report_unknown: bool = True, rim_width_px: float = 6.0):
+        names = parse_materials(materials)
+        self.microscope: Calibration = load_microscope(calibration, oxide_nm)
+        oxide_nm = self.microscope.oxide_nm
+        self.linearize = Linearizer(self.microscope.camera)
+        self.calibrations = [self.microscope.layer_classes(m).restrict(max_layers) for m in names]
+        if not 0.0 <= float(min_clipped_probability) <= 1.0:
+            raise ValueError(f'min_clipped_probability must be in [0, 1], got {min_clipped_probability}')
+        for key, value in (('min_area_px', min_area_px), ('max_layers', max_layers), ('gate_sigma', gate_sigma),
+                           ('foreground_sigma', foreground_sigma), ('smooth', smooth),
+                           ('background_step', background_step), ('max_elongation', max_elongation)):
+            if not float(value) > 0:
+                raise ValueError(f'{key} must be positive, got {value}')
         self.min_area_px = int(min_area_px)
         self.gate_sigma = float(gate_sigma)
         self.foreground_sigma = float(foreground_sigma)
@@ -491,9 +468,9 @@ class OpticalDetector:
         self.work_size = int(work_size)
         self.max_elongation = float(max_elongation)
         self.rim_direction = bool(rim_direction)
-        if not 0.0 <= float(min_clipped_probability) <= 1.0:
-            raise ValueError(f'min_clipped_probability must be in [0, 1], got {min_clipped_probability}')
         self.min_clipped_probability = float(min_clipped_probability)
+        self.report_unknown = bool(report_unknown)
+        self.rim_width_px = float(rim_width_px)
         self.model_version = '+'.join(c.version for c in self.calibrations)
         # One stacked class table across materials: (material index, layers) per class.
         self._owner = np.concatenate([np.full(len(c.layers), i) for i, c in enumerate(self.calibrations)])
@@ -501,22 +478,20 @@ class OpticalDetector:
         self._covs = np.concatenate([c.covariances for c in self.calibrations])
         # Every class a region is weighed against: the reported ones, then thicker flakes of
         # each material (thin-film model), which are never reported.
-        thicker = [Calibration.model(c.material, oxide_nm, layers=[n for n in ALTERNATIVE_LAYERS[c.material]
-                                                                   if n > c.layers.max()])
-                   for c in self.calibrations if c.material in ALTERNATIVE_LAYERS]
+        thicker = [self.microscope.layer_classes(c.material, [n for n in ALTERNATIVE_LAYERS[c.material]
+                                                              if n > c.layers.max()])
+                   for c in self.calibrations]
         thicker = [c for c in thicker if len(c.layers)]
         self._all_owner = np.concatenate([self._owner] + [np.full(len(c.layers), -1) for c in thicker])
         self._all_means = np.concatenate([self._means] + [c.means for c in thicker])
-        all_covs = np.concatenate([self._covs] + [c.covariances for c in thicker])
-        self._all_precisions = np.linalg.inv(all_covs)
-        self._all_logdet = np.linalg.slogdet(all_covs)[1]
+        self._all_covs = np.concatenate([self._covs] + [c.covariances for c in thicker])
         # A region that clips two or three channels is weighed by its colour's direction
         # (see _clipped_regions), which bulk crystals (0.3-3 um) can share: transparent hBN
         # keeps changing colour that thick, the opaque materials have settled by 200 nm.
         # Classes come in families (a material's reported range, each material's thicker
         # flakes, bulk hBN) with a prior uniform in log thickness: a family that meets any
         # colour somewhere over its thousand thicknesses gains nothing by the count.
-        bulk_hbn = Calibration.model('hbn', oxide_nm, layers=range(903, 9001, 9))
+        bulk_hbn = self.microscope.layer_classes('hbn', range(903, 9001, 9))
         families = [np.full(len(c.layers), i) for i, c in enumerate(self.calibrations)]
         families += [np.full(len(c.layers), len(self.calibrations) + j) for j, c in enumerate(thicker)]
         families.append(np.full(len(bulk_hbn.layers), len(self.calibrations) + len(thicker)))
@@ -524,25 +499,40 @@ class OpticalDetector:
         tables = [c.layers for c in self.calibrations] + [c.layers for c in thicker] + [bulk_hbn.layers]
         self._clip_prior = np.concatenate([np.gradient(t) / t if len(t) > 1 else np.ones(1) for t in tables])
         self._clip_means = np.concatenate([self._all_means, bulk_hbn.means])
-        self._clip_precisions = np.concatenate([self._all_precisions, np.linalg.inv(bulk_hbn.covariances)])
+        self._clip_covs = np.concatenate([self._all_covs, bulk_hbn.covariances])
         self._clip_layers = np.concatenate([c.layers for c in self.calibrations]
                                            + [np.full(len(self._clip_family) - len(self._owner), np.nan)])
+        self._frame_tables: dict[tuple[bool, ...], _FrameTables] = {}
+
+    def tables(self, blind_bgr=(False, False, False)) -> _FrameTables:
+        """Class tables with the channels ``blind_bgr`` (B, G, R) marginalised out."""
+        key = tuple(bool(v) for v in blind_bgr)
+        found = self._frame_tables.get(key)
+        if found is None:
+            blind_rgb = np.array(key[::-1])
+            extra = np.diag(np.where(blind_rgb, BLIND_VARIANCE, 0.0))
+            all_covs = self._all_covs + extra
+            found = _FrameTables(self._covs + extra, np.linalg.inv(all_covs), np.linalg.slogdet(all_covs)[1],
+                                 np.linalg.inv(self._clip_covs + extra), blind_rgb)
+            self._frame_tables[key] = found
+        return found
 
     def detect(self, image_bgr: np.ndarray, background: np.ndarray | None = None) -> FrameResult:
+        """Flakes in one frame. ``background``: the substrate in the frame's digital numbers
+        (HxWx3), when known; estimated from the frame otherwise."""
         t0 = time.perf_counter()
-        image = _as_bgr(image_bgr)
-        h, w = image.shape[:2]
+        raw = _as_bgr(image_bgr)
+        h, w = raw.shape[:2]
+        linear = self.linearize(raw)
         # Large frames are segmented at reduced resolution (the blur of the optics is
         # wider than a pixel anyway); masks come back at full resolution.
         scale = min(1.0, self.work_size / max(h, w)) if self.work_size > 0 else 1.0
         if scale < 1.0:
-            work = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
-                              interpolation=cv2.INTER_AREA)
-            if background is not None:
-                background = cv2.resize(background, (work.shape[1], work.shape[0]),
-                                        interpolation=cv2.INTER_AREA)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            work = cv2.resize(linear, size, interpolation=cv2.INTER_AREA)
+            raw_work = work if self.linearize.identity else cv2.resize(raw, size, interpolation=cv2.INTER_AREA)
         else:
-            work = image
+            work, raw_work = linear, raw
         work = np.ascontiguousarray(work)
         hw, ww = work.shape[:2]
         # The foreground is searched on a half-resolution copy (see _foreground_windows).
@@ -550,27 +540,48 @@ class OpticalDetector:
         coarse = work if factor == 1 else cv2.resize(work, (ww // factor, hw // factor),
                                                      interpolation=cv2.INTER_AREA)
         if background is None:
-            surface = background_surface(work, step=max(1, round(self.background_step * scale)))
+            substrate = estimate_substrate(work, step=max(1, round(self.background_step * scale)), raw=raw_work)
+            if not substrate.found:
+                return FrameResult([], funnel=[FunnelStage('no substrate in view', 0)],
+                                   timings={'contrast': time.perf_counter() - t0})
+            surface = substrate.surface
             background = cv2.resize(surface, (ww, hw), interpolation=cv2.INTER_LINEAR)
             coarse_background = cv2.resize(surface, (coarse.shape[1], coarse.shape[0]),
                                            interpolation=cv2.INTER_LINEAR)
         else:
             background = np.asarray(background, dtype=np.float32)
+            if background.shape[:2] != (hw, ww):
+                background = cv2.resize(background, (ww, hw), interpolation=cv2.INTER_AREA)
+            blind = np.zeros(3, bool)
+            if np.issubdtype(raw.dtype, np.integer):
+                blind = np.median(background.reshape(-1, 3), axis=0) >= 0.985 * np.iinfo(raw.dtype).max
+            background = self.linearize(background)
+            substrate = Substrate(background[::8, ::8], np.ones((1, 1), bool), np.ones((1, 1), bool),
+                                  np.median(background.reshape(-1, 3), axis=0), blind, 8, True)
             coarse_background = cv2.resize(background, (coarse.shape[1], coarse.shape[0]),
-                                           interpolation=cv2.INTER_AREA)
-        noise = max(_sampled_noise(work, background, self.smooth), 1e-3)
+                                            interpolation=cv2.INTER_AREA)
+        tables = self.tables(substrate.blind)
+        # Beside the chip (and along its edge, which the optics blur) nothing is reported.
+        off_chip = ~substrate.on_chip_at((hw, ww))
+        if off_chip.any():
+            off_chip = cv2.dilate(off_chip.astype(np.uint8), np.ones((3, 3), np.uint8),
+                                  iterations=self.edge_px + 2) > 0
+        noise = max(_sampled_noise(work, background, self.smooth, channels=~substrate.blind,
+                                   substrate=substrate.substrate if substrate.substrate.any() else None), 1e-3)
         threshold = max(self.min_contrast, self.foreground_sigma * noise * math.sqrt(3.0))
         min_area = max(4, int(self.min_area_px * scale * scale))
-        windows = self._foreground_windows(coarse, coarse_background, factor, (hw, ww), threshold, min_area)
+        windows = self._foreground_windows(coarse, coarse_background, factor, (hw, ww), threshold, min_area,
+                                           substrate.blind, off_chip)
         t1 = time.perf_counter()
         detections: list[Detection] = []
         pixel_cov = np.eye(3) * noise ** 2
-        classifier = _PixelClassifier(self._means, self._covs + pixel_cov, self.gate_sigma)
-        candidates = 0
+        classifier = _PixelClassifier(self._means, tables.covariances + pixel_cov, self.gate_sigma)
+        candidates = unknown = rims = 0
         for x0, y0, x1, y1, owned in windows:
-            contrast, saturated = self._window_contrast(work, background, x0, y0, x1, y1)
+            contrast, saturated = self._window_contrast(work, raw_work, background, x0, y0, x1, y1, tables.blind_rgb)
             magnitude_sq = cv2.transform(contrast * contrast, np.ones((1, 3), np.float32))
-            foreground = ((magnitude_sq > threshold * threshold) & owned).astype(np.uint8)
+            inside = owned & ~off_chip[y0:y1, x0:x1]
+            foreground = ((magnitude_sq > threshold * threshold) & inside).astype(np.uint8)
             foreground = cv2.morphologyEx(foreground, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
             count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
             for index in range(1, count):
@@ -581,42 +592,64 @@ class OpticalDetector:
                 window = contrast[y:y + bh, x:x + bw]
                 censored = None if saturated is None else saturated[y:y + bh, x:x + bw]
                 component = labels[y:y + bh, x:x + bw] == index
+                magnitude = np.sqrt(magnitude_sq[y:y + bh, x:x + bw])
+                beside = off_chip[y0 + y:y0 + y + bh, x0 + x:x0 + x + bw]
                 class_map = np.full(component.shape, -1, dtype=np.int32)
                 class_map[component] = classifier.classify(
                     window[component], None if censored is None else censored[component])
                 class_map = self._settle_edges(class_map, component, min_area, scale, window, censored,
                                                classifier)
-                detections.extend(self._regions(class_map, window, censored, (x0 + x, y0 + y), noise,
-                                                min_area))
+                found = self._regions(class_map, window, censored, (x0 + x, y0 + y), noise, min_area, tables)
                 if censored is not None and self.rim_direction:
-                    detections.extend(self._clipped_regions(component, window, censored, (x0 + x, y0 + y),
-                                                            noise, threshold, min_area))
+                    found += self._clipped_regions(component, window, censored, (x0 + x, y0 + y),
+                                                   noise, threshold, min_area, tables)
+                kept = []
+                for det in found:
+                    local = _local_mask(det, (x0 + x, y0 + y), component.shape)
+                    if _is_rim(local, component, magnitude, beside, window, noise, self.rim_width_px * scale):
+                        rims += 1
+                    else:
+                        kept.append(det)
+                detections.extend(kept)
+                if self.report_unknown:
+                    new = self._unknown_regions(component, kept, window, censored, magnitude, beside,
+                                                (x0 + x, y0 + y), noise, min_area, scale, tables)
+                    unknown += len(new)
+                    detections.extend(new)
         if scale < 1.0:
             detections = [_rescale(d, 1.0 / scale, (h, w)) for d in detections]
         t2 = time.perf_counter()
         add_isolation(detections)
+        known = len(detections) - unknown
         return FrameResult(detections, candidates=candidates,
                            funnel=[FunnelStage('foreground regions', candidates),
-                                   FunnelStage('calibrated regions', len(detections))],
+                                   FunnelStage('calibrated regions', known + rims),
+                                   FunnelStage('not rims of crystals', known),
+                                   FunnelStage('unknown colour', unknown)],
                            timings={'contrast': t1 - t0, 'segment': t2 - t1})
 
     def _foreground_windows(self, coarse: np.ndarray, coarse_background: np.ndarray, factor: int,
-                            shape: tuple[int, int], threshold: float, min_area: int):
+                            shape: tuple[int, int], threshold: float, min_area: int,
+                            blind_bgr: np.ndarray, off_chip: np.ndarray):
         """Frame windows (x0, y0, x1, y1, owned mask) around everything that stands out.
 
         The search runs on a copy ``factor`` times smaller: averaging 2 x 2 pixels keeps
         any region of ``min_area_px`` visible while the full-resolution passes (contrast,
         threshold, labelling) are only paid inside the windows. ``owned`` keeps each
-        window to its own region where windows overlap.
+        window to its own region where windows overlap. Blind channels and the area beside
+        the chip are left out.
         """
         hw, ww = shape
         ch, cw = coarse.shape[:2]
         ratio = cv2.divide(coarse.astype(np.float32), coarse_background)
         ratio = cv2.subtract(ratio, 1.0)
-        magnitude_sq = cv2.transform(ratio * ratio, np.ones((1, 3), np.float32))
+        weights = np.where(np.asarray(blind_bgr, bool), 0.0, 1.0).reshape(1, 3).astype(np.float32)
+        magnitude_sq = cv2.transform(ratio * ratio, weights)
         # A little looser than the full-resolution threshold: the windows must hold every
         # region that threshold keeps.
         coarse_foreground = (magnitude_sq > (0.8 * threshold) ** 2).astype(np.uint8)
+        if off_chip.any():
+            coarse_foreground[cv2.resize(off_chip.astype(np.uint8), (cw, ch), interpolation=cv2.INTER_AREA) > 0] = 0
         count, labels, stats, _ = cv2.connectedComponentsWithStats(coarse_foreground, connectivity=8)
         min_coarse_area = max(2, min_area // (2 * factor * factor))
         pad = 2  # coarse pixels around a region: its blurred rim and the opening's reach
@@ -643,26 +676,32 @@ class OpticalDetector:
             windows.append((x0, y0, x1, y1, owned))
         return windows
 
-    def _window_contrast(self, work: np.ndarray, background: np.ndarray,
-                         x0: int, y0: int, x1: int, y1: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _window_contrast(self, work: np.ndarray, raw_work: np.ndarray, background: np.ndarray,
+                         x0: int, y0: int, x1: int, y1: int,
+                         blind_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Contrast (float32, R, G, B) of frame pixels [x0, x1) x [y0, y1), box-smoothed like
         ``contrast_map`` over the whole frame (the rim the box filter needs is read too),
-        and which of its channels are saturated (None for float frames)."""
+        and which of its channels are saturated (read on the camera's digital numbers
+        ``raw_work``; None for float frames). Blind channels read 0 and never saturate."""
         hw, ww = work.shape[:2]
         r = self.smooth // 2 if self.smooth > 1 else 0
         px0, py0, px1, py1 = max(0, x0 - r), max(0, y0 - r), min(ww, x1 + r), min(hw, y1 + r)
-        raw = work[py0:py1, px0:px1]
-        patch = raw.astype(np.float32)
+        patch = work[py0:py1, px0:px1].astype(np.float32)
         if self.smooth > 1:
             patch = cv2.blur(patch, (self.smooth, self.smooth))
         patch = patch[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
-        saturated = _saturated(raw, self.smooth)
+        saturated = _saturated(raw_work[py0:py1, px0:px1], self.smooth)
         if saturated is not None:
             saturated = saturated[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
         contrast = cv2.subtract(cv2.divide(patch, background[y0:y1, x0:x1]), 1.0)
+        contrast = np.ascontiguousarray(contrast[..., ::-1])
         if saturated is not None:
             saturated = np.ascontiguousarray(saturated[..., ::-1])
-        return np.ascontiguousarray(contrast[..., ::-1]), saturated
+        if blind_rgb.any():
+            contrast[..., blind_rgb] = 0.0
+            if saturated is not None:
+                saturated[..., blind_rgb] = False
+        return contrast, saturated
 
     def _settle_edges(self, class_map: np.ndarray, component: np.ndarray, min_area: int, scale: float,
                       window: np.ndarray, censored: np.ndarray | None,
@@ -712,7 +751,7 @@ class OpticalDetector:
         return settled
 
     def _regions(self, class_map: np.ndarray, window: np.ndarray, censored: np.ndarray | None, origin,
-                 noise: float, min_area: int) -> list[Detection]:
+                 noise: float, min_area: int, tables: _FrameTables) -> list[Detection]:
         out = []
         for material_index, calibration in enumerate(self.calibrations):
             in_material = (class_map >= 0) & (self._owner[np.maximum(class_map, 0)] == material_index)
@@ -739,11 +778,12 @@ class OpticalDetector:
                         if flags.sum() >= 2:
                             continue  # one channel left: any material reaches its value somewhere
                     median = np.median(values, axis=0)
-                    estimate = estimate_from_contrast(calibration, median, int(area), noise, flags)
+                    estimate = estimate_from_contrast(calibration, median, int(area), noise, flags,
+                                                      tables.blind_rgb)
                     if estimate.mahalanobis > self.gate_sigma:
                         continue  # the region as a whole fits no class of this calibration
-                    material_probability, thicker = self._weigh_alternatives(median, int(area), noise, flags,
-                                                                             material_index)
+                    material_probability, thicker = self._weigh_alternatives(median, flags, material_index,
+                                                                             tables)
                     if thicker:
                         continue  # a thicker flake (of any material) explains the colour best
                     quality = region_quality(mask, window[ry:ry + rh, rx:rx + rw])
@@ -764,7 +804,7 @@ class OpticalDetector:
         return out
 
     def _clipped_regions(self, component: np.ndarray, window: np.ndarray, censored: np.ndarray, origin,
-                         noise: float, threshold: float, min_area: int) -> list[Detection]:
+                         noise: float, threshold: float, min_area: int, tables: _FrameTables) -> list[Detection]:
         """Regions that clip two or three channels: measured by the direction of their colour.
 
         The optics blur an edge linearly, so across the rim of a flake the contrast is
@@ -805,7 +845,7 @@ class OpticalDetector:
                 continue  # the ring of clipped pixels round a thicker crystal
             flags = censored[deep].mean(axis=0) > 0.5
             reading = np.median(window[deep], axis=0)
-            d2 = censored_mahalanobis_sq(reading, self._clip_means, self._clip_precisions, flags)[0]
+            d2 = censored_mahalanobis_sq(reading, self._clip_means, tables.clip_precisions, flags)[0]
             norms = np.linalg.norm(self._clip_means, axis=1)
             angle_sq = np.sum((self._clip_means / np.maximum(norms, 1e-6)[:, None] - direction) ** 2, axis=1)
             d2 = d2 + angle_sq / ((MODEL_SIGMA / np.maximum(norms, 1e-6)) ** 2 + direction_var)
@@ -846,6 +886,56 @@ class OpticalDetector:
                        'saturated_channels': int(flags.sum()), 'rim_pixels': int(rim.sum())}))
         return out
 
+    def _unknown_regions(self, component: np.ndarray, kept: list[Detection], window: np.ndarray,
+                         censored: np.ndarray | None, magnitude: np.ndarray, beside: np.ndarray, origin,
+                         noise: float, min_area: int, scale: float, tables: _FrameTables) -> list[Detection]:
+        """The parts of a foreground component that no reported region covers and whose colour
+        no class of any listed material (thicker ones included) explains within the gate:
+        material ``unknown``, with their contrast, unless they are lines or rims."""
+        rest = component & ~beside
+        for det in kept:
+            rest &= ~_local_mask(det, origin, component.shape)
+        rest = cv2.morphologyEx(rest.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(rest, connectivity=8)
+        out = []
+        for i in range(1, count):
+            if stats[i, cv2.CC_STAT_AREA] < min_area:
+                continue
+            rx, ry, rw, rh, _ = stats[i]
+            region_window = window[ry:ry + rh, rx:rx + rw]
+            mask = _half_contrast_edge(labels[ry:ry + rh, rx:rx + rw] == i, region_window)
+            deep, depth = _deep_pixels(mask)
+            if mask.sum() < min_area or 2.0 * depth <= self.rim_width_px * scale:
+                continue  # too small or too thin to have an inside: a speck, a scratch
+            if mask.sum() > self.max_elongation * (2.0 * depth) ** 2:
+                continue  # a line: residue, the ring round a crystal
+            local = np.zeros(component.shape, dtype=bool)
+            local[ry:ry + rh, rx:rx + rw] = mask
+            if _is_rim(local, component, magnitude, beside, window, noise, self.rim_width_px * scale):
+                continue
+            flags = np.zeros(3, dtype=bool)
+            if censored is not None:
+                flags = censored[ry:ry + rh, rx:rx + rw][deep].mean(axis=0) > 0.5
+            median = np.median(region_window[deep], axis=0)
+            d2 = censored_mahalanobis_sq(median, self._all_means, tables.all_precisions, flags)[0]
+            nearest = int(np.argmin(d2))
+            if math.sqrt(float(d2[nearest])) <= self.gate_sigma:
+                continue  # a known class explains it (thicker than reported, or dropped for its shape)
+            area = int(mask.sum())
+            quality = region_quality(mask, region_window)
+            size = 1.0 - math.exp(-area / (4.0 * min_area))
+            owner = int(self._all_owner[nearest])
+            out.append(Detection(
+                bbox=(origin[0] + rx, origin[1] + ry, rw, rh), mask=mask, material=materials.UNKNOWN,
+                score=float(0.5 * size), detector=self.name, model_version=self.model_version,
+                contrast=tuple(float(v) for v in median), homogeneity=quality['homogeneity'],
+                edge_straightness=quality['edge_straightness'],
+                extra={'mahalanobis': math.sqrt(float(d2[nearest])),
+                       'nearest_material': self.calibrations[owner].material if owner >= 0 else 'thicker',
+                       'saturated_channels': int(flags.sum()),
+                       'blind_channels': int(tables.blind_rgb.sum())}))
+        return out
+
     def _without_lines(self, in_material: np.ndarray) -> np.ndarray:
         """Drop the connected parts of one material's pixels that are lines: the network
         of tape residue falls into pieces of several thickness classes, each too short
@@ -860,8 +950,8 @@ class OpticalDetector:
             return in_material
         return in_material & ~np.isin(labels, lines)
 
-    def _weigh_alternatives(self, contrast: np.ndarray, pixel_count: int, noise: float,
-                            censored: np.ndarray | None, material_index: int) -> tuple[float, bool]:
+    def _weigh_alternatives(self, contrast: np.ndarray, censored: np.ndarray | None, material_index: int,
+                            tables: _FrameTables) -> tuple[float, bool]:
         """The posterior of the region's material over every class of every material, thicker
         ones included (equal prior per class), and whether a class thicker than those
         reported is the most probable. Where two materials' colours meet (3-layer
@@ -869,8 +959,8 @@ class OpticalDetector:
         # The pixel noise of a region's median (noise^2 / pixels) is far below the class
         # spread, so the class tables' own precisions serve every region.
         flags = np.zeros(3, dtype=bool) if censored is None else np.asarray(censored, dtype=bool)
-        d2 = censored_mahalanobis_sq(contrast, self._all_means, self._all_precisions, flags)[0]
-        loglik = -0.5 * (d2 + self._all_logdet)
+        d2 = censored_mahalanobis_sq(contrast, self._all_means, tables.all_precisions, flags)[0]
+        loglik = -0.5 * (d2 + tables.all_logdet)
         posterior = np.exp(loglik - loglik.max())
         material_probability = float(posterior[self._all_owner == material_index].sum() / posterior.sum())
         return material_probability, bool(self._all_owner[int(np.argmax(loglik))] < 0)
@@ -897,6 +987,55 @@ def _rim_direction(values: np.ndarray, min_pixels: int = 12) -> tuple[np.ndarray
     # Least squares through the origin: each perpendicular axis carries half the residual.
     residual_var = float(np.mean(perpendicular[keep] ** 2)) / 2.0
     return direction, residual_var / float(np.sum(along[keep] ** 2)) + DIRECTION_FLOOR ** 2
+
+
+def _local_mask(detection: Detection, origin, shape: tuple[int, int]) -> np.ndarray:
+    """A detection's mask in the coordinates of the window at ``origin`` of ``shape``."""
+    out = np.zeros(shape, dtype=bool)
+    x, y, w, h = detection.bbox
+    x, y = x - origin[0], y - origin[1]
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(shape[1], x + w), min(shape[0], y + h)
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = detection.mask[y0 - y:y1 - y, x0 - x:x1 - x]
+    return out
+
+
+def _is_rim(region: np.ndarray, component: np.ndarray, magnitude: np.ndarray, beside: np.ndarray,
+            window: np.ndarray, noise: float, rim_width: float) -> bool:
+    """Whether ``region`` is the rim of a stronger neighbour rather than a flake.
+
+    The optics blur the edge of a thick crystal (or of the chip) over a few pixels, and on
+    its way from the crystal's colour to the substrate's the rim passes through the colours
+    of thin flakes; real images add a dark fringe round bright crystals. Such a rim runs
+    along the neighbour (a third of its outline or more touches pixels at least 1.5 times
+    its contrast, or the area beside the chip) and is either narrow (at most ``rim_width``
+    px across) or all slope: under a third of its inner pixels lie on a plateau, where a
+    flake of its own, whatever its size, has a flat inside.
+    """
+    values = window[region]
+    if not len(values):
+        return False
+    median = np.median(values, axis=0)
+    strength = float(np.linalg.norm(median))
+    stronger = (component & ~region & (magnitude > 1.5 * strength)) | beside
+    if not stronger.any():
+        return False
+    region_u8 = region.astype(np.uint8)
+    boundary = region & (cv2.erode(region_u8, np.ones((3, 3), np.uint8)) == 0)
+    near = cv2.dilate(stronger.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=2) > 0
+    if (boundary & near).sum() < 0.3 * max(1, boundary.sum()):
+        return False
+    depth = cv2.distanceTransform(np.pad(region_u8, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    if 2.0 * float(depth.max()) <= rim_width:
+        return True
+    inner = region & (depth >= 1.5)
+    if strength < 1e-6 or not inner.any():
+        return True
+    profile = np.ascontiguousarray(window @ (median / strength), dtype=np.float32)
+    slope = np.hypot(cv2.Sobel(profile, cv2.CV_32F, 1, 0, ksize=3),
+                     cv2.Sobel(profile, cv2.CV_32F, 0, 1, ksize=3)) / 8.0
+    flat = slope[inner] <= 3.0 * noise + 0.05 * strength
+    return float(flat.mean()) < 0.3
 
 
 def _deep_pixels(mask: np.ndarray, depth_px: float = 2.0) -> tuple[np.ndarray, float]:
@@ -937,6 +1076,4 @@ def _rescale(detection: Detection, factor: float, shape: tuple[int, int]) -> Det
     return detection
 
 
-@register_detector('contrast')
-def _make_optical(**params) -> OpticalDetector:
-    return OpticalDetector(**params)
+register_detector('contrast')(OpticalDetector)
