@@ -84,3 +84,20 @@ def test_image_paths_stay_inside_the_data_folder(tmp_path):
     assert refusal(confine_path, '  ', data)[1] == 'image path is empty'
     # An image directory configured elsewhere is a second root; its paths stay absolute.
     assert confine_path(str(outside), data, (tmp_path,)) == str(outside.resolve())
+
+
+def test_blank_robot_ids_tiny_leases_and_a_second_mark_used_are_refused(tmp_path):
+    from flake_registry.store import FlakeStore, Sighting
+
+    with FlakeStore(tmp_path / 'registry.sqlite') as store:
+        flake_id = store.ingest([Sighting('chip', 'scan', x=0.0, y=0.0, material='graphene', score=0.9)])[0].flake_id
+        for robot_id in ('', '   ', '\t', 'arm 1', 'r' * 65, 'arm\x07'):
+            code, message = refusal(store.reserve, flake_id, robot_id, 10.0)
+            assert code == 'INVALID_ARGUMENT' and 'robot_id' in message, robot_id
+        for lease in (1e-9, 0.5):
+            assert refusal(store.reserve, flake_id, 'arm-1', lease) == (
+                'INVALID_ARGUMENT', f'lease {lease:g} s is below the minimum 1 s (0 asks for the default lease)')
+        held = store.reserve(flake_id, 'arm-1', 1.0)
+        store.mark_used(flake_id, held.token, 'stack 1')
+        assert refusal(store.mark_used, flake_id, held.token) == ('ALREADY_USED', f'flake {flake_id} was already used')
+        assert refusal(store.reserve, flake_id, 'arm-2')[0] == 'ALREADY_USED'

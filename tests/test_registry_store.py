@@ -368,7 +368,7 @@ def test_reservation_lifecycle_and_every_error(populated, clock):
     record = store.get_flake(flake).flake
     assert (record.status, record.used_by, record.used_note) == (STATUS_USED, 'robot-b', 'stack 7')
     assert codes_of(store.reserve, flake, 'robot-a') == 'ALREADY_USED'
-    assert codes_of(store.mark_used, flake, again.token) == 'NOT_RESERVED'
+    assert codes_of(store.mark_used, flake, again.token) == 'ALREADY_USED'
 
 
 def test_lease_expires_at_query_time(populated, clock):

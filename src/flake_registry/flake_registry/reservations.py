@@ -35,6 +35,10 @@ from flake_registry.query import (
 )
 from flake_registry.records import Reservation
 
+# A lease shorter than this cannot cover any pick and place; 1e-9 s was accepted once.
+MIN_LEASE_S = 1.0
+ROBOT_ID_MAX = 64
+
 
 @dataclass(frozen=True)
 class LeasePolicy:
@@ -42,8 +46,9 @@ class LeasePolicy:
     max_s: float = 7 * 86400.0
 
     def __post_init__(self):
-        if not 0 < self.default_s <= self.max_s:
-            raise ValueError(f'need 0 < default_lease_s <= max_lease_s, got {self.default_s}, {self.max_s}')
+        if not MIN_LEASE_S <= self.default_s <= self.max_s:
+            raise ValueError(f'need {MIN_LEASE_S} <= default_lease_s <= max_lease_s, got {self.default_s}, '
+                             f'{self.max_s}')
 
     def seconds(self, lease_s: float) -> float:
         """The lease a request gets: ``lease_s``, or the default for 0; RegistryError when out of range."""
@@ -51,7 +56,20 @@ class LeasePolicy:
             raise RegistryError(INVALID_ARGUMENT, f'lease must be a finite number >= 0 s, got {lease_s}')
         if lease_s > self.max_s:
             raise RegistryError(INVALID_ARGUMENT, f'lease {lease_s} s is above the maximum {self.max_s} s')
+        if 0 < lease_s < MIN_LEASE_S:
+            raise RegistryError(INVALID_ARGUMENT, f'lease {lease_s:g} s is below the minimum {MIN_LEASE_S:g} s '
+                                                  '(0 asks for the default lease)')
         return lease_s or self.default_s
+
+
+def check_robot_id(robot_id: str) -> str:
+    """``robot_id`` when it names a holder: 1-64 printable characters, no spaces."""
+    if not robot_id or not robot_id.strip():
+        raise RegistryError(INVALID_ARGUMENT, 'robot_id must not be empty or blank')
+    if len(robot_id) > ROBOT_ID_MAX or not robot_id.isprintable() or any(c.isspace() for c in robot_id):
+        raise RegistryError(INVALID_ARGUMENT, f'robot_id must be 1-{ROBOT_ID_MAX} printable characters without '
+                                              f'spaces, got {robot_id[:80]!r}')
+    return robot_id
 
 
 def flake_row(tx: Transaction, flake_id: str) -> Mapping[str, Any]:
@@ -65,8 +83,7 @@ def flake_row(tx: Transaction, flake_id: str) -> Mapping[str, Any]:
 
 
 def check_request(flake_ids: Sequence[str], robot_id: str) -> list[str]:
-    if not robot_id:
-        raise RegistryError(INVALID_ARGUMENT, 'robot_id must not be empty')
+    check_robot_id(robot_id)
     flake_ids = list(flake_ids)
     if not flake_ids:
         raise RegistryError(INVALID_ARGUMENT, 'no flake ids given')
@@ -143,7 +160,7 @@ def mark_used_in(tx: Transaction, flake_id: str, token: str, note: str, now: flo
     """The robot put the flake into a stack: it leaves the pool for good. Needs the live token."""
     flake = flake_row(tx, flake_id)
     if flake['status'] == STATUS_USED:
-        raise RegistryError(NOT_RESERVED, f'flake {flake_id} was already used', flake_id)
+        raise RegistryError(ALREADY_USED, f'flake {flake_id} was already used', flake_id)
     live = _check_token(tx, flake['pk'], flake_id, token, now, LEASE_EXPIRED)
     tx.execute("UPDATE reservations SET ended = ?, outcome = 'used' WHERE id = ?", (now, live['id']))
     tx.execute('UPDATE flakes SET status = ?, used_by = ?, used_at = ?, used_note = ?, updated = ? WHERE pk = ?',
