@@ -3,8 +3,8 @@
 Runs the node graph (flake-system) on the simulated microscope, scans a region with
 each focus strategy, and prints s/cm^2 and the overhead ratio: scan wall time over
 the hardware's own time (moves with the stage's speed and acceleration, settles,
-exposures and readouts, including focus frames). Seed 000 scanned 190 s/cm^2 at 10x;
-seed 001 ran about 1 frame/s.
+exposures and readouts, including focus frames). Greplova et al. (2020) scanned 190 s/cm^2 at 10x;
+Masubuchi et al. (2020) ran about 1 frame/s.
 """
 
 import os
@@ -14,7 +14,7 @@ import tempfile
 
 import yaml
 
-from flake_scanner.demo.run import load_node_parameters, run_scan, sim_wafer
+from flake_scanner.demo.run import camera_parameters, run_scan, sim_wafer
 from flake_scanner.graph import config_dir
 from flake_scanner.system import running_system
 
@@ -44,7 +44,7 @@ def main() -> int:
                 '/**/detector_node': {'ros__parameters': {'backend': 'contrast'}},
                 '/**/autofocus_node': {'ros__parameters': autofocus},
             }))
-            camera = load_node_parameters([config_dir() / 'camera_node.yaml', params], 'camera_node')
+            camera = camera_parameters([config_dir() / 'camera_node.yaml', params])
             wafer = sim_wafer(camera)
             corners = wafer.corner_positions_stage(noise_m=2e-6, seed=1)
             with running_system(hardware='sim', params_file=str(params), log_dir=folder / f'logs-{k}', echo=False):

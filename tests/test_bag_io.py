@@ -215,19 +215,6 @@ def test_writer_refuses_bad_input(tmp_path):
     shutil.rmtree(tmp_path / 'z')
 
 
-@pytest.mark.parametrize('module, node', [('record', 'bag_recorder'), ('replay', 'bag_replayer')])
-def test_config_files_hold_the_declared_defaults(module, node):
-    import importlib
-    from pathlib import Path
-
-    import yaml
-
-    params = importlib.import_module(f'flake_scanner.bag.{module}').PARAMS
-    config = Path(__file__).resolve().parents[1] / 'config' / f'{node}.yaml'
-    values = yaml.safe_load(config.read_text())[node]['ros__parameters']
-    assert values == {p.name: p.default for p in params}
-
-
 def test_replay_refuses_a_topic_recorded_with_another_definition(ros, tmp_path):
     from rclpy.parameter import Parameter
     from rosbags.rosbag2 import StoragePlugin, Writer

@@ -109,17 +109,18 @@ def test_invalid_backend_is_refused(graph):
     node = graph[0]
     result = node.set_parameters([Parameter('backend', value='nonsense')])[0]
     assert not result.successful and 'backend must be one of' in result.reason
-    assert node.params['backend'] == 'contrast'
+    assert node.params.backend == 'contrast'
     result = node.set_parameters([Parameter('backend_params', value='[1, 2]')])[0]
     assert not result.successful and 'JSON object' in result.reason
 
 
 def test_backend_keywords_come_from_parameters():
+    from flake_core.parameters import view
     from flake_detector.nodes.detector_node import backend_kwargs
+    from flake_detector.parameters import DetectorNodeParameters
 
-    params = {'backend': 'cascade', 'target': 'hbn-10-90nm', 'model_path': '', 'cascade_threshold': 0.7,
-              'oxide_nm': 285.0, 'calibration': 'auto', 'std_threshold': 0.02, 'materials': 'graphene',
-              'backend_params': '{"std_threshold": 0.05}'}
+    params = view(DetectorNodeParameters, {'backend': 'cascade', 'target': 'hbn-10-90nm', 'cascade_threshold': 0.7,
+                                           'oxide_nm': 285.0, 'backend_params': '{"std_threshold": 0.05}'})
     kwargs = backend_kwargs(params)
     assert kwargs['threshold'] == 0.7 and kwargs['target'] == 'hbn-10-90nm' and kwargs['oxide_nm'] == 285.0
     assert kwargs['std_threshold'] == 0.05 and 'materials' not in kwargs

@@ -1,25 +1,31 @@
 """Declared parameters: descriptors, start-up validation and refused runtime changes."""
 
+from dataclasses import FrozenInstanceError, dataclass
+
 import pytest
 from rclpy.parameter import Parameter
 
-from flake_core.node_tools import Param, declare_parameters
+from flake_core.node_tools import declare_parameters
+from flake_core.parameters import param
 
 pytestmark = pytest.mark.ros
 
-SPEC = [
-    Param('speed', 2e-3, 'stage speed [m/s]', minimum=1e-5, maximum=0.05),
-    Param('objective', '10x', 'objective name', choices=('5x', '10x', '20x')),
-    Param('retries', 3, 'serial retries', minimum=0, maximum=10),
-]
+
+@dataclass(frozen=True)
+class Spec:
+    speed: float = param(2e-3, 'stage speed [m/s]', minimum=1e-5, maximum=0.05)
+    objective: str = param('10x', 'objective name', choices=('5x', '10x', '20x'))
+    retries: int = param(3, 'serial retries', minimum=0, maximum=10)
 
 
 def test_declared_parameters_carry_descriptors_and_refuse_invalid_changes(ros):
     node = ros.create_node('params_test')
     try:
         seen = []
-        values = declare_parameters(node, SPEC, on_change=seen.append)
-        assert values == {'speed': 2e-3, 'objective': '10x', 'retries': 3}
+        node.params = declare_parameters(node, Spec, on_change=seen.append)
+        assert node.params == Spec(speed=2e-3, objective='10x', retries=3)
+        with pytest.raises(FrozenInstanceError):
+            node.params.retries = 4
         descriptor = node.describe_parameter('speed')
         assert 'stage speed' in descriptor.description
         assert descriptor.floating_point_range[0].to_value == pytest.approx(0.05)
@@ -30,7 +36,7 @@ def test_declared_parameters_carry_descriptors_and_refuse_invalid_changes(ros):
         assert not refused.successful and 'one of' in refused.reason
         accepted = node.set_parameters([Parameter('retries', value=5)])[0]
         assert accepted.successful
-        assert values['retries'] == 5 and seen == [{'retries': 5}]
+        assert node.params.retries == 5 and seen == [{'retries': 5}]
     finally:
         node.destroy_node()
 
@@ -39,7 +45,7 @@ def test_invalid_start_up_value_fails_loudly(ros):
     node = ros.create_node('params_test_bad', parameter_overrides=[Parameter('retries', value=-1)])
     try:
         with pytest.raises(Exception, match='retries'):
-            declare_parameters(node, SPEC)
+            declare_parameters(node, Spec)
     finally:
         node.destroy_node()
 

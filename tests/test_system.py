@@ -12,7 +12,7 @@ from rclpy.executors import SingleThreadedExecutor
 import yaml
 
 from flake_scanner.demo.metrics import FoundFlake, score_scan, targets_in_region
-from flake_scanner.demo.run import load_node_parameters, run_scan, sim_wafer
+from flake_scanner.demo.run import camera_parameters, run_scan, sim_wafer
 from flake_scanner.graph import GRAPH, config_dir
 from flake_scanner.system import RunningSystem
 
@@ -122,32 +122,9 @@ def test_graph_is_consistent(system):
         assert f'{NAMESPACE}/{name}' in services, f'{NAMESPACE}/{name} is not served'
 
 
-def test_every_configured_parameter_is_declared(system):
-    from rcl_interfaces.srv import ListParameters
-
-    _running, node, executor, _folder, _params = system
-    for spec in GRAPH:
-        path = config_dir() / spec.config_file
-        configured = load_node_parameters([path], spec.name)
-        assert configured, f'{path} holds no parameters for {spec.name}'
-        client = node.create_client(ListParameters, f'{NAMESPACE}/{spec.name}/list_parameters')
-        try:
-            deadline = time.monotonic() + 60
-            while not client.service_is_ready() and time.monotonic() < deadline:
-                executor.spin_once(timeout_sec=0.1)
-            future = client.call_async(ListParameters.Request())
-            while not future.done() and time.monotonic() < deadline:
-                executor.spin_once(timeout_sec=0.1)
-            declared = set(future.result().result.names)
-        finally:
-            node.destroy_client(client)
-        undeclared = set(configured) - declared
-        assert not undeclared, f'{spec.name}: {sorted(undeclared)} in {path.name} are not declared by the node'
-
-
 def test_scan_finds_flakes_and_fills_the_registry(system):
     running, _node, _executor, folder, params = system
-    camera = load_node_parameters([config_dir() / 'camera_node.yaml', Path(params)], 'camera_node')
+    camera = camera_parameters([config_dir() / 'camera_node.yaml', Path(params)])
     wafer = sim_wafer(camera)
     corners = wafer.corner_positions_stage(noise_m=2e-6, seed=1)
     result, flakes, _poses = run_scan(REGION, 'system-chip', corners, '10x', '', 2, folder / 'frames', timeout=600,

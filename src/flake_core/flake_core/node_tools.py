@@ -1,15 +1,13 @@
-"""Shared plumbing for every node of the system: declared parameters with
-descriptors and validation, QoS profiles, diagnostics and the ``main`` runner.
+"""Shared plumbing for every node of the system: parameters declared from their schema
+(flake_core.parameters), QoS profiles, diagnostics and the ``main`` runner.
 
 Nodes import from here rather than re-implementing these pieces.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 import gc
-import math
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -19,6 +17,8 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.task import Future
+
+from flake_core.parameters import Param, Schema, schema_params, updated, view
 
 # Images: publishers reliable (REP 2003), subscribers best effort (sensor data).
 IMAGE_PUBLISHER_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
@@ -42,67 +42,40 @@ def image_publisher(node, msg_type, topic: str, qos: QoSProfile = IMAGE_PUBLISHE
                                  qos_overriding_options=QoSOverridingOptions.with_default_policies())
 
 
-@dataclass(frozen=True)
-class Param:
-    """A node parameter: default, description, and the constraints it is validated against."""
-
-    name: str
-    default: Any
-    description: str
-    minimum: float | int | None = None
-    maximum: float | int | None = None
-    choices: Sequence[Any] | None = None
-    read_only: bool = False
-    validator: Callable[[Any], str | None] | None = None  # returns an error text or None
-
-    def check(self, value: Any) -> str | None:
-        if isinstance(value, float) and not math.isfinite(value):
-            return f'{self.name} must be finite, got {value}'
-        if self.minimum is not None and value < self.minimum:
-            return f'{self.name} must be >= {self.minimum}, got {value}'
-        if self.maximum is not None and value > self.maximum:
-            return f'{self.name} must be <= {self.maximum}, got {value}'
-        if self.choices is not None and value not in self.choices:
-            return f'{self.name} must be one of {list(self.choices)}, got {value!r}'
-        if self.validator is not None:
-            return self.validator(value)
-        return None
-
-    def descriptor(self) -> ParameterDescriptor:
-        constraints = ''
-        if self.choices is not None:
-            constraints = 'one of: ' + ', '.join(str(c) for c in self.choices)
-        descriptor = ParameterDescriptor(description=self.description, read_only=self.read_only,
-                                         additional_constraints=constraints)
-        has_range = self.minimum is not None and self.maximum is not None
-        if has_range and isinstance(self.default, bool):
-            has_range = False
-        if has_range and isinstance(self.default, int):
-            descriptor.integer_range = [IntegerRange(from_value=int(self.minimum),
-                                                     to_value=int(self.maximum), step=0)]
-        elif has_range and isinstance(self.default, float):
-            descriptor.floating_point_range = [FloatingPointRange(
-                from_value=float(self.minimum), to_value=float(self.maximum), step=0.0)]
-        return descriptor
+def descriptor(spec: Param) -> ParameterDescriptor:
+    """The ROS descriptor of a schema parameter: description, range, choices, read-only."""
+    constraints = ''
+    if spec.choices is not None:
+        constraints = 'one of: ' + ', '.join(str(c) for c in spec.choices)
+    result = ParameterDescriptor(description=spec.description, read_only=spec.read_only,
+                                 additional_constraints=constraints)
+    has_range = spec.minimum is not None and spec.maximum is not None and not isinstance(spec.default, bool)
+    if has_range and isinstance(spec.default, int):
+        result.integer_range = [IntegerRange(from_value=int(spec.minimum), to_value=int(spec.maximum), step=0)]
+    elif has_range and isinstance(spec.default, float):
+        result.floating_point_range = [FloatingPointRange(
+            from_value=float(spec.minimum), to_value=float(spec.maximum), step=0.0)]
+    return result
 
 
-def declare_parameters(node, params: Iterable[Param],
-                       on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Declare ``params`` on ``node``, validate every later change, return the current values.
+def declare_parameters(node, schema: type[Schema],
+                       on_change: Callable[[dict[str, Any]], None] | None = None) -> Schema:
+    """Declare the parameters of ``schema`` (a flake_core.parameters schema) on ``node`` and return
+    their frozen view; every accepted change later replaces ``node.params`` with an updated view.
 
-    Invalid values given at start-up (from a YAML file or overrides) raise ValueError
-    so a misconfigured node fails loudly; invalid runtime changes are refused with a
-    reason. ``on_change`` receives the accepted changes as a dict.
+    Invalid values given at start-up (from a YAML file or overrides) raise ValueError so a
+    misconfigured node fails loudly; invalid runtime changes are refused with a reason.
+    ``on_change`` receives the accepted changes as a dict, after ``node.params`` was updated.
     """
-    params = list(params)
-    by_name = {p.name: p for p in params}
+    specs = schema_params(schema)
+    by_name = {p.name: p for p in specs}
     values: dict[str, Any] = {}
-    for p in params:
-        value = node.declare_parameter(p.name, p.default, p.descriptor()).value
-        error = p.check(value)
+    for spec in specs:
+        value = node.declare_parameter(spec.name, spec.default, descriptor(spec)).value
+        error = spec.check(value)
         if error is not None:
             raise ValueError(f'invalid parameter: {error}')
-        values[p.name] = value
+        values[spec.name] = value
 
     def validate(changes) -> SetParametersResult:
         accepted = {}
@@ -114,13 +87,14 @@ def declare_parameters(node, params: Iterable[Param],
             if error is not None:
                 return SetParametersResult(successful=False, reason=error)
             accepted[change.name] = change.value
-        values.update(accepted)
-        if on_change is not None and accepted:
-            on_change(accepted)
+        if accepted:
+            node.params = updated(node.params, accepted)
+            if on_change is not None:
+                on_change(accepted)
         return SetParametersResult(successful=True)
 
     node.add_on_set_parameters_callback(validate)
-    return values
+    return view(schema, values)
 
 
 def diagnostic_status(name: str, hardware_id: str, level: int, message: str,

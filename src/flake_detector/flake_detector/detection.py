@@ -4,8 +4,7 @@ A backend is any object with a ``name``, a ``model_version`` and a
 ``detect(image_bgr) -> FrameResult`` method; images are HxWx3 uint8 BGR frames
 as the camera publishes them. Backends register a factory under a name:
 
-    @register_detector('contrast')
-    def _make(**params): return OpticalDetector(**params)
+    register_detector('contrast')(OpticalDetector)
 
 and users build them with ``make_detector('contrast', material='graphene')``.
 A backend that lives in a module which is expensive to import (torch models) is
@@ -19,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 import importlib
-import math
+import inspect
 from typing import Any, Protocol
 
 import numpy as np
@@ -91,7 +90,7 @@ class Detection:
 
 @dataclass
 class FunnelStage:
-    """Candidates left after one stage of a detector (seed 000 Fig. 2)."""
+    """Candidates left after one stage of a detector (Greplova et al. (2020), Fig. 2)."""
 
     stage: str
     remaining: int
@@ -123,7 +122,8 @@ _LAZY_MODULES = {
 
 
 def register_detector(name: str):
-    """Decorator: register ``factory(**params) -> Detector`` under ``name``."""
+    """Decorator: register ``factory(**params) -> Detector`` (usually the backend class) under ``name``;
+    the factory's signature is the list of parameters the backend accepts."""
 
     def wrap(factory):
         _FACTORIES[name] = factory
@@ -145,7 +145,12 @@ def make_detector(name: str, **params) -> Detector:
             raise ValueError(f'detector backend {name!r} is not installed ({exc})') from exc
     if name not in _FACTORIES:
         raise ValueError(f'unknown detector backend {name!r}; available: {available_detectors()}')
-    return _FACTORIES[name](**params)
+    factory = _FACTORIES[name]
+    try:
+        inspect.signature(factory).bind(**params)
+    except TypeError as exc:  # a misspelled or foreign parameter: name it rather than drop it
+        raise ValueError(f'detector backend {name!r}: {exc}') from None
+    return factory(**params)
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -198,15 +203,17 @@ def region_quality(mask: np.ndarray, contrast: np.ndarray | None = None) -> dict
 
 def add_isolation(detections: list[Detection]) -> None:
     """Distance from each detection's bbox to the nearest other one [px]."""
-    for i, a in enumerate(detections):
-        best = float('inf')
-        for j, b in enumerate(detections):
-            if i == j:
-                continue
-            dx = max(0, max(a.bbox[0], b.bbox[0]) - min(a.bbox[0] + a.bbox[2], b.bbox[0] + b.bbox[2]))
-            dy = max(0, max(a.bbox[1], b.bbox[1]) - min(a.bbox[1] + a.bbox[3], b.bbox[1] + b.bbox[3]))
-            best = min(best, math.hypot(dx, dy))
-        a.isolation_px = best
+    if not detections:
+        return
+    boxes = np.array([d.bbox for d in detections], dtype=np.float64)
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
+    dx = np.maximum(0.0, np.maximum(x0[:, None], x0[None, :]) - np.minimum(x1[:, None], x1[None, :]))
+    dy = np.maximum(0.0, np.maximum(y0[:, None], y0[None, :]) - np.minimum(y1[:, None], y1[None, :]))
+    distance = np.hypot(dx, dy)
+    np.fill_diagonal(distance, np.inf)
+    for detection, best in zip(detections, distance.min(axis=1), strict=True):
+        detection.isolation_px = float(best)
 
 
 @dataclass

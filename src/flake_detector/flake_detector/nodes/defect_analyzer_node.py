@@ -25,7 +25,6 @@ from flake_core.node_tools import (
     PIPELINE_QOS,
     SENSOR_SUBSCRIBER_QOS,
     WARN,
-    Param,
     declare_parameters,
     diagnostic_status,
     diagnostics_publisher,
@@ -35,29 +34,11 @@ from flake_core.node_tools import (
 from flake_core.ros_image import ImageConversionError, image_to_numpy
 from flake_detector.defects import CLASS_NAMES
 from flake_detector.defects.analyze import DefectAnalysis, DefectAnalyzer, InvalidImageError
-from flake_detector.defects.simulate import SEED_PIXEL_SIZE
+from flake_detector.parameters import DefectAnalyzerNodeParameters
 from flake_msgs.msg import DefectCell, DefectReport
 from flake_msgs.srv import AnalyzeDefects
 
 BUSY = 'BUSY'
-
-PARAMS = (
-    Param('detector_checkpoint', '', 'CNN-1 checkpoint path; empty uses the shipped cnn1_hex.pt',
-          read_only=True),
-    Param('classifier_checkpoint', '', 'CNN-2 checkpoint path; empty uses the shipped cnn2_2ch.pt',
-          read_only=True),
-    Param('default_pixel_size', SEED_PIXEL_SIZE, 'pixel size [m/px] when a request gives 0 and for '
-          'topic images', minimum=1e-13, maximum=1e-9),
-    Param('threads', 1, 'CPU threads for the networks', minimum=1, maximum=64, read_only=True),
-    Param('queue_size', 2, 'images waiting for analysis before new work is refused', minimum=1,
-          maximum=100, read_only=True),
-    Param('topic_mode', True, 'analyse images arriving on /stem/image_raw', read_only=True),
-    Param('topic_include_cells', False, 'put per-cell results into /defects/report'),
-    Param('alpha', 0.65, 'hexagonal-net casting W_U / W_H', minimum=0.3, maximum=1.0),
-    Param('beta', 0.5, 'hexagonal-net casting H_U / H_H', minimum=0.3, maximum=1.0),
-    Param('diagnostics_period', 1.0, 'seconds between /diagnostics messages', minimum=0.1, maximum=60.0),
-)
-
 
 def report_message(analysis: DefectAnalysis, header, image_id: str, include_cells: bool) -> DefectReport:
     value, low, high = analysis.concentrations()
@@ -85,12 +66,12 @@ def report_message(analysis: DefectAnalysis, header, image_id: str, include_cell
 class DefectAnalyzerNode(Node):
     def __init__(self, **kwargs):
         super().__init__('defect_analyzer_node', **kwargs)
-        self.params = declare_parameters(self, PARAMS)
-        self.analyzer = DefectAnalyzer(self.params['detector_checkpoint'] or None,
-                                       self.params['classifier_checkpoint'] or None,
-                                       threads=self.params['threads'], alpha=self.params['alpha'],
-                                       beta=self.params['beta'])
-        self.jobs: queue.Queue = queue.Queue(maxsize=self.params['queue_size'])
+        self.params = declare_parameters(self, DefectAnalyzerNodeParameters)
+        self.analyzer = DefectAnalyzer(self.params.detector_checkpoint or None,
+                                       self.params.classifier_checkpoint or None,
+                                       threads=self.params.threads, alpha=self.params.alpha,
+                                       beta=self.params.beta)
+        self.jobs: queue.Queue = queue.Queue(maxsize=self.params.queue_size)
         self.processed = 0
         self.failed = 0
         self.last_error = ''
@@ -102,11 +83,11 @@ class DefectAnalyzerNode(Node):
         self.service = self.create_service(AnalyzeDefects, 'defects/analyze', self._on_request,
                                            callback_group=group)
         self.report_pub = self.create_publisher(DefectReport, 'defects/report', PIPELINE_QOS)
-        if self.params['topic_mode']:
+        if self.params.topic_mode:
             self.image_sub = self.create_subscription(Image, 'stem/image_raw', self._on_image,
                                                       SENSOR_SUBSCRIBER_QOS, callback_group=group)
         self.diagnostics_pub = diagnostics_publisher(self)
-        self.create_timer(self.params['diagnostics_period'], self._publish_diagnostics)
+        self.create_timer(self.params.diagnostics_period, self._publish_diagnostics)
         self.get_logger().info(f'defect analyzer ready ({self.analyzer.model_version})')
 
     # ------------------------------------------------------------ worker
@@ -139,7 +120,7 @@ class DefectAnalyzerNode(Node):
     # ------------------------------------------------------------ service
 
     async def _on_request(self, request, response):
-        pixel_size = request.pixel_size or self.params['default_pixel_size']
+        pixel_size = request.pixel_size or self.params.default_pixel_size
         if not (request.pixel_size >= 0) or not (1e-13 < pixel_size < 1e-9):
             return self._fail(response, AnalyzeDefects.Response.ERROR_INVALID_ARGUMENT,
                               f'pixel_size {request.pixel_size} m/px is outside 1e-13..1e-9 (or 0)')
@@ -192,14 +173,14 @@ class DefectAnalyzerNode(Node):
                 self.get_logger().warning(f'/stem/image_raw frame failed: {error}', throttle_duration_sec=5.0)
                 return
             self.report_pub.publish(report_message(analysis, header, header.frame_id,
-                                                   self.params['topic_include_cells']))
+                                                   self.params.topic_include_cells))
 
-        if not self._submit(image, self.params['default_pixel_size'], done):
+        if not self._submit(image, self.params.default_pixel_size, done):
             try:  # keep the newest frame: drop the oldest waiting one
                 self.jobs.get_nowait()
             except queue.Empty:
                 pass
-            self._submit(image, self.params['default_pixel_size'], done)
+            self._submit(image, self.params.default_pixel_size, done)
             self.get_logger().warning('analysis queue full, dropped a frame', throttle_duration_sec=5.0)
 
     # ------------------------------------------------------------ diagnostics

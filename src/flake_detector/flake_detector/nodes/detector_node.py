@@ -33,7 +33,6 @@ from flake_core.node_tools import (
     OK,
     PIPELINE_QOS,
     WARN,
-    Param,
     declare_parameters,
     diagnostic_status,
     diagnostics_publisher,
@@ -41,7 +40,8 @@ from flake_core.node_tools import (
     run_node,
 )
 from flake_core.ros_image import image_to_numpy, numpy_to_image
-from flake_detector.detection import available_detectors, make_detector, wafer_geometry
+from flake_detector.detection import make_detector, wafer_geometry
+from flake_detector.parameters import DetectorNodeParameters
 from flake_msgs.msg import Flake, FlakeArray, ScanFrame
 
 # Parameters handed to the backend factory, by backend.
@@ -51,58 +51,20 @@ BACKEND_PARAMS = {
     'maskrcnn': ('model_path', 'oxide_nm', 'calibration', 'min_area_px'),
 }
 
-PARAMS = [
-    Param('backend', 'contrast', 'detector backend', validator=lambda v: None if v in available_detectors()
-          else f'backend must be one of {available_detectors()}, got {v!r}'),
-    Param('input_topic', 'scan/tiles', 'ScanFrame topic to detect flakes in', read_only=True),
-    Param('output_topic', 'detections', 'FlakeArray topic of the detections', read_only=True),
-    Param('queue_size', 4, 'frames waiting in memory for the worker; more are spilled to disk',
-          minimum=1, maximum=1000, read_only=True),
-    Param('spill_dir', '', 'where frames wait when the queue is full; empty = $FLAKE_DATA_DIR/detector_spill '
-          'or the system temp dir', read_only=True),
-    Param('materials', 'graphene', 'contrast backend: comma-separated materials to match'),
-    Param('oxide_nm', 90.0, 'SiO2 thickness of the chips [nm]', minimum=1.0, maximum=2000.0),
-    Param('calibration', 'auto', 'contrast calibration source', choices=('auto', 'measured', 'model')),
-    Param('min_area_px', 60, 'smallest flake reported [px]', minimum=1, maximum=10_000_000),
-    Param('max_layers', 40.0, 'contrast backend: thickest flake reported [layers]', minimum=1.0, maximum=10000.0),
-    Param('max_elongation', 5.0, 'contrast backend: a region whose area exceeds this times the square of its '
-          'widest width is a line (tape residue) and is dropped', minimum=1.0, maximum=1000.0),
-    Param('work_size', 0, 'contrast backend: segment at this long side [px]; 0 = full resolution',
-          minimum=0, maximum=16384),
-    Param('target', 'graphene-1-10L', 'cascade backend: shipped target (models/cascade_<target>.pt)'),
-    Param('model_path', '', 'cascade backend: weights file overriding the shipped target'),
-    Param('cascade_threshold', 0.5, 'cascade backend: P(good) every net must reach', minimum=0.0, maximum=1.0),
-    Param('std_threshold', 0.02, 'cascade backend: candidate finder relative std threshold',
-          minimum=1e-4, maximum=1.0),
-    Param('backend_params', '{}', 'JSON object of further keyword parameters for the backend '
-          '(e.g. {"model_path": "..."} for maskrcnn); they override the ones above',
-          validator=lambda v: _json_object_error(v)),
-    Param('min_score', 0.0, 'detections below this score are not published', minimum=0.0, maximum=1.0),
-    Param('diagnostics_period', 1.0, 'seconds between /diagnostics messages', minimum=0.1, maximum=60.0),
-]
-
-
-def _json_object_error(text: str) -> str | None:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f'backend_params is not JSON: {exc}'
-    return None if isinstance(value, dict) else 'backend_params must be a JSON object'
-
-
-def backend_kwargs(params: dict) -> dict:
-    backend = params['backend']
-    kwargs = {name: params[name] for name in BACKEND_PARAMS.get(backend, ()) if name in params}
+def backend_kwargs(params: DetectorNodeParameters) -> dict:
+    """The keyword parameters of the selected backend's factory: its declared parameters, then
+    ``backend_params`` over them (the factory refuses keys it does not know)."""
+    kwargs = {name: getattr(params, name) for name in BACKEND_PARAMS.get(params.backend, ())}
     if 'cascade_threshold' in kwargs:
         kwargs['threshold'] = kwargs.pop('cascade_threshold')
-    kwargs.update(json.loads(params.get('backend_params') or '{}'))
+    kwargs.update(json.loads(params.backend_params or '{}'))
     return kwargs
 
 
 class DetectorNode(Node):
     def __init__(self, **kwargs):
         super().__init__('detector_node', **kwargs)
-        self.params = declare_parameters(self, PARAMS, on_change=self._on_change)
+        self.params = declare_parameters(self, DetectorNodeParameters, on_change=self._on_change)
         self._lock = threading.Lock()
         self.counts = {'received': 0, 'processed': 0, 'spilled': 0, 'failed': 0, 'flakes': 0}
         self.last_seconds = 0.0
@@ -111,20 +73,20 @@ class DetectorNode(Node):
         self._detector_error = ''
         self._rebuild = True
         self._stop = threading.Event()
-        self._queue: queue.Queue = queue.Queue(maxsize=int(self.params['queue_size']))
-        spill = self.params['spill_dir'] or os.path.join(
+        self._queue: queue.Queue = queue.Queue(maxsize=int(self.params.queue_size))
+        spill = self.params.spill_dir or os.path.join(
             os.environ.get('FLAKE_DATA_DIR') or tempfile.gettempdir(), 'detector_spill')
         self.spill_dir = Path(spill)
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         self._spill_seq = 0
-        self.publisher = self.create_publisher(FlakeArray, self.params['output_topic'], PIPELINE_QOS)
+        self.publisher = self.create_publisher(FlakeArray, self.params.output_topic, PIPELINE_QOS)
         self.diagnostics = diagnostics_publisher(self)
-        self.create_subscription(ScanFrame, self.params['input_topic'], self._on_frame, PIPELINE_QOS)
-        self.create_timer(float(self.params['diagnostics_period']), self._publish_diagnostics)
+        self.create_subscription(ScanFrame, self.params.input_topic, self._on_frame, PIPELINE_QOS)
+        self.create_timer(float(self.params.diagnostics_period), self._publish_diagnostics)
         self._worker = threading.Thread(target=self._work, name='detector_worker', daemon=True)
         self._worker.start()
-        self.get_logger().info(f"detecting with backend {self.params['backend']!r} on "
-                               f"{self.params['input_topic']} -> {self.params['output_topic']}")
+        self.get_logger().info(f"detecting with backend {self.params.backend!r} on "
+                               f"{self.params.input_topic} -> {self.params.output_topic}")
 
     # -- executor side: copy and hand over, never block --------------------------------------------
     def _on_frame(self, msg: ScanFrame) -> None:
@@ -190,9 +152,9 @@ class DetectorNode(Node):
             self._rebuild = False
             kwargs = backend_kwargs(self.params)
             try:
-                self._detector = make_detector(self.params['backend'], **kwargs)
+                self._detector = make_detector(self.params.backend, **kwargs)
                 self._detector_error = ''
-                self.get_logger().info(f"backend {self.params['backend']} ready "
+                self.get_logger().info(f"backend {self.params.backend} ready "
                                        f'(model {self._detector.model_version})')
             except Exception as exc:
                 self._detector = None
@@ -211,7 +173,7 @@ class DetectorNode(Node):
         out.header.frame_id = 'wafer'
         out.scan_id, out.tile_index = msg.scan_id, msg.tile_index
         out.candidates = int(result.candidates)
-        min_score = float(self.params['min_score'])
+        min_score = float(self.params.min_score)
         for det in result.detections:
             if det.score < min_score:
                 continue
@@ -255,7 +217,7 @@ class DetectorNode(Node):
             last, error = self.last_seconds, self.last_error
         pending_spill = len(list(self.spill_dir.glob('*.cdr')))
         values = {**counts, 'queued': self._queue.qsize(), 'pending_spill': pending_spill,
-                  'backend': self.params['backend'], 'last_frame_s': f'{last:.3f}',
+                  'backend': self.params.backend, 'last_frame_s': f'{last:.3f}',
                   'model_version': getattr(self._detector, 'model_version', ''), 'last_error': error}
         if self._detector_error:
             level, message = ERROR, f'backend unavailable: {self._detector_error}'

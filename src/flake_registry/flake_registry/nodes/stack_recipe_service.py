@@ -13,10 +13,11 @@ from pathlib import Path
 
 from rclpy.node import Node
 
-from flake_core.node_tools import Param, declare_parameters, run_node
+from flake_core.node_tools import declare_parameters, run_node
 from flake_msgs.msg import StackLayer
 from flake_msgs.srv import GetStackRecipe
 from flake_registry import stacks
+from flake_registry.parameters import StackRecipeNodeParameters
 from flake_registry.query import INTERNAL_ERROR, RegistryError
 from flake_registry.store import FlakeStore, default_database_path
 
@@ -61,17 +62,11 @@ def add_stack_recipe_service(node: Node, store: FlakeStore, name: str = SERVICE_
                                                                              node.get_logger()), **extra)
 
 
-PARAMS = (
-    Param('database_path', '', 'SQLite file of the registry; empty: $FLAKE_DATA_DIR/registry.sqlite',
-          read_only=True),
-)
-
-
 class StackRecipeNode(Node):
     def __init__(self, **kwargs):
         super().__init__('stack_recipe_node', **kwargs)
-        self.params = declare_parameters(self, PARAMS)
-        self.store = FlakeStore(Path(self.params['database_path'] or default_database_path()))
+        self.params = declare_parameters(self, StackRecipeNodeParameters)
+        self.store = FlakeStore(Path(self.params.database_path or default_database_path()))
         add_stack_recipe_service(self, self.store)
 
     def close(self) -> None:

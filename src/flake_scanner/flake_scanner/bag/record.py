@@ -26,7 +26,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
-from flake_core.node_tools import Param, declare_parameters
+from flake_core.node_tools import declare_parameters
 from flake_scanner.bag.io import (
     BAG_VERSIONS,
     GROUND_TRUTH_FILE,
@@ -39,24 +39,7 @@ from flake_scanner.bag.io import (
 )
 from flake_scanner.bag.playback import parse_topics
 from flake_scanner.bag.types import python_message_class, typestore
-
-PARAMS = [
-    Param('output', '', 'bag directory to create; empty: recording_<UTC date_time> in the working directory'),
-    Param('topics', '', 'topics to record, comma or space separated (absolute names)'),
-    Param('all_topics', False, 'record every topic of the graph (except exclude_topics)'),
-    Param('exclude_topics', '/rosout,/parameter_events', 'topics never recorded with all_topics'),
-    Param('storage', 'mcap', 'storage plugin of the bag', choices=STORAGES),
-    Param('bag_version', 9, 'rosbag2 metadata version: 9 for Jazzy/Kilted, 8 for Iron',
-          minimum=min(BAG_VERSIONS), maximum=max(BAG_VERSIONS)),
-    Param('duration', 0.0, 'stop after this many seconds [s]; 0 records until stopped',
-          minimum=0.0, maximum=1e7),
-    Param('queue_size', 2000, 'messages waiting for the writer before new ones are dropped',
-          minimum=1, maximum=1_000_000),
-    Param('discovery_period', 0.2, 'how often the graph is searched for the topics to record [s]',
-          minimum=0.01, maximum=60.0),
-    Param('ground_truth', '', 'COCO ground-truth file stored with the bag: as ground_truth.json in its '
-          'directory and as a std_msgs/String message on /scan/ground_truth'),
-]
+from flake_scanner.parameters import BagRecorderParameters
 
 _STOP = object()
 
@@ -71,7 +54,7 @@ class BagRecorder(Node):
         except Exception:
             self.destroy_node()
             raise
-        self.queue: queue.Queue = queue.Queue(maxsize=self.params['queue_size'])
+        self.queue: queue.Queue = queue.Queue(maxsize=self.params.queue_size)
         self.subscriptions_by_topic: dict[str, object] = {}
         self.refused: set[str] = set()
         self.received = 0
@@ -83,27 +66,27 @@ class BagRecorder(Node):
         self._writer_thread = threading.Thread(target=self._write_loop, name='bag_writer', daemon=True)
         self._writer_thread.start()
         self._discover()
-        self.create_timer(self.params['discovery_period'], self._discover)
+        self.create_timer(self.params.discovery_period, self._discover)
         self.create_timer(5.0, self._report_progress)
-        if self.params['duration'] > 0.0:
-            self._deadline = time.monotonic() + self.params['duration']
-            self.create_timer(min(0.1, self.params['duration']), self._check_duration)
-        self.get_logger().info(f'recording to {self.output} ({self.params["storage"]})')
+        if self.params.duration > 0.0:
+            self._deadline = time.monotonic() + self.params.duration
+            self.create_timer(min(0.1, self.params.duration), self._check_duration)
+        self.get_logger().info(f'recording to {self.output} ({self.params.storage})')
 
     def _check_options(self) -> None:
-        self.params = declare_parameters(self, PARAMS)
-        self.wanted = set(parse_topics(self.params['topics']))
-        self.excluded = set(parse_topics(self.params['exclude_topics']))
-        if not self.wanted and not self.params['all_topics']:
+        self.params = declare_parameters(self, BagRecorderParameters)
+        self.wanted = set(parse_topics(self.params.topics))
+        self.excluded = set(parse_topics(self.params.exclude_topics))
+        if not self.wanted and not self.params.all_topics:
             raise ValueError('nothing to record: give topics or set all_topics')
-        output = self.params['output'] or time.strftime('recording_%Y%m%d_%H%M%S', time.gmtime())
+        output = self.params.output or time.strftime('recording_%Y%m%d_%H%M%S', time.gmtime())
         self.output = Path(output)
-        ground_truth = self.params['ground_truth']
+        ground_truth = self.params.ground_truth
         self.ground_truth = Path(ground_truth) if ground_truth else None
         if self.ground_truth is not None and not self.ground_truth.is_file():
             raise FileNotFoundError(f'ground truth file {self.ground_truth} does not exist')
-        self.writer = BagWriter(self.output, storage=self.params['storage'],
-                                version=self.params['bag_version'])
+        self.writer = BagWriter(self.output, storage=self.params.storage,
+                                version=self.params.bag_version)
 
     @property
     def missing_topics(self) -> list[str]:
@@ -114,7 +97,7 @@ class BagRecorder(Node):
     def _wants(self, topic: str) -> bool:
         if topic in self.wanted:
             return True
-        return bool(self.params['all_topics']) and topic not in self.excluded
+        return bool(self.params.all_topics) and topic not in self.excluded
 
     def _discover(self) -> None:
         for topic, types in self.get_topic_names_and_types():

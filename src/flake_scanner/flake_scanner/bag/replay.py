@@ -29,7 +29,7 @@ from rclpy.utilities import remove_ros_args
 from rosgraph_msgs.msg import Clock
 from std_srvs.srv import Trigger
 
-from flake_core.node_tools import Param, declare_parameters
+from flake_core.node_tools import declare_parameters
 from flake_scanner.bag.io import BagError, BagReader, UnknownTypeError
 from flake_scanner.bag.playback import (
     NS_PER_S,
@@ -40,32 +40,7 @@ from flake_scanner.bag.playback import (
 )
 from flake_scanner.bag.record import install_stop_handlers
 from flake_scanner.bag.types import python_message_class
-
-PARAMS = [
-    Param('bag', '', 'bag to replay: a rosbag2 directory or a .mcap/.db3 file'),
-    Param('rate', 1.0, 'playback speed factor; 0 = unlimited (as fast as subscribers acknowledge)',
-          minimum=0.0, maximum=1000.0),
-    Param('start_offset', 0.0, 'skip this much of the bag from its start [s]', minimum=0.0, maximum=1e7),
-    Param('loop', False, 'start again from the beginning when the bag ends'),
-    Param('topics', '', 'topics to replay, comma or space separated; empty replays all'),
-    Param('remap', '', 'renamed topics, e.g. "/scan/tiles:=/old/tiles, /a:=/b"'),
-    Param('publish_clock', True, 'publish the bag time on /clock (for use_sim_time)'),
-    Param('clock_topic', '/clock', 'where the bag time is published'),
-    Param('clock_frequency', 40.0, 'how often /clock is published while waiting for a message [Hz]',
-          minimum=1.0, maximum=1000.0),
-    Param('queue_depth', 100, 'publisher history depth', minimum=1, maximum=100_000),
-    Param('ack_window', 50, 'at most this many reliable messages in flight before waiting for '
-          'acknowledgements; 0 never waits', minimum=0, maximum=100_000),
-    Param('ack_timeout', 5.0, 'longest wait for acknowledgements [s]', minimum=0.01, maximum=600.0),
-    Param('wait_for_subscribers', 0, 'start only when every replayed topic has this many subscribers',
-          minimum=0, maximum=1000),
-    Param('wait_timeout', 30.0, 'longest wait for those subscribers [s]', minimum=0.0, maximum=3600.0),
-    Param('start_delay', 0.2, 'pause before the first message [s]: lets subscribers that were just '
-          'discovered finish matching, or they miss the first messages', minimum=0.0, maximum=3600.0),
-    Param('start_paused', False, 'wait for a call of ~/resume (std_srvs/Trigger) before playing'),
-    Param('skip_unknown_types', False, 'leave out topics whose message type is unknown here (or was '
-          'recorded with another definition) instead of refusing the bag'),
-]
+from flake_scanner.parameters import BagReplayerParameters
 
 
 class BagReplayer(Node):
@@ -75,10 +50,10 @@ class BagReplayer(Node):
         super().__init__('bag_replayer', **node_kwargs)
         self.reader = None
         try:
-            self.params = declare_parameters(self, PARAMS)
-            if not self.params['bag']:
+            self.params = declare_parameters(self, BagReplayerParameters)
+            if not self.params.bag:
                 raise ValueError('no bag given (parameter "bag")')
-            self.reader = BagReader(Path(self.params['bag']))
+            self.reader = BagReader(Path(self.params.bag))
             self._create_publishers()
         except Exception:
             # A refused bag leaves nothing behind: no open file, no node in the graph.
@@ -86,21 +61,21 @@ class BagReplayer(Node):
                 self.reader.close()
             self.destroy_node()
             raise
-        replays_clock = self.params['clock_topic'] in {self.remaps.get(t, t) for t in self.publishers_by_topic}
-        if self.params['publish_clock'] and replays_clock:
+        replays_clock = self.params.clock_topic in {self.remaps.get(t, t) for t in self.publishers_by_topic}
+        if self.params.publish_clock and replays_clock:
             # Two clocks on one topic would make sim time jump back and forth.
-            self.get_logger().warning(f'the bag has {self.params["clock_topic"]} itself: replaying it instead '
+            self.get_logger().warning(f'the bag has {self.params.clock_topic} itself: replaying it instead '
                                       'of publishing the bag time')
-        self.clock_publisher = (self.create_publisher(Clock, self.params['clock_topic'], 10)
-                                if self.params['publish_clock'] and not replays_clock else None)
-        self.clock = PlaybackClock(self.params['rate'])
+        self.clock_publisher = (self.create_publisher(Clock, self.params.clock_topic, 10)
+                                if self.params.publish_clock and not replays_clock else None)
+        self.clock = PlaybackClock(self.params.rate)
         self.published = 0
         self.loops_done = 0
         self.error: BaseException | None = None
         self.finished = threading.Event()
         self._stop = threading.Event()
         self._running = threading.Event()
-        if not self.params['start_paused']:
+        if not self.params.start_paused:
             self._running.set()
         self.create_service(Trigger, '~/pause', self._on_pause)
         self.create_service(Trigger, '~/resume', self._on_resume)
@@ -109,11 +84,11 @@ class BagReplayer(Node):
         self.create_timer(5.0, self._report_progress)
         total = sum(self.reader.topics[t].count for t in self.publishers_by_topic)
         self.get_logger().info(f'replaying {total} message(s) on {len(self.publishers_by_topic)} topic(s) '
-                               f'from {self.reader.path} at rate {self.params["rate"] or "unlimited"}')
+                               f'from {self.reader.path} at rate {self.params.rate or "unlimited"}')
 
     def _create_publishers(self) -> None:
-        self.remaps = parse_remaps(self.params['remap'])
-        selected = parse_topics(self.params['topics']) or sorted(self.reader.topics)
+        self.remaps = parse_remaps(self.params.remap)
+        selected = parse_topics(self.params.topics) or sorted(self.reader.topics)
         unknown = [t for t in selected if t not in self.reader.topics]
         if unknown:
             raise BagError(f'bag {self.reader.path} has no topic(s) {unknown}; '
@@ -125,21 +100,21 @@ class BagReplayer(Node):
             try:
                 msg_class = python_message_class(info.msgtype)
             except LookupError as exc:
-                if self.params['skip_unknown_types']:
+                if self.params.skip_unknown_types:
                     self.get_logger().warning(f'leaving out {topic}: {exc}')
                     continue
                 raise UnknownTypeError(f'bag {self.reader.path}: cannot replay {topic}: {exc}') from exc
             # Recorded bytes of another layout would be garbage to every subscriber.
             mismatch = self.reader.definition_mismatch(topic)
             if mismatch is not None:
-                if self.params['skip_unknown_types']:
+                if self.params.skip_unknown_types:
                     self.get_logger().warning(f'leaving out {mismatch}')
                     continue
                 raise UnknownTypeError(f'bag {self.reader.path}: cannot replay {mismatch}')
             # Reliable for everything: a reliable publisher serves best-effort subscribers
             # too, and pipeline topics (frames, detections) must not lose samples.
             qos = QoSProfile(history=HistoryPolicy.KEEP_LAST,
-                             depth=max(self.params['queue_depth'], info.qos.depth),
+                             depth=max(self.params.queue_depth, info.qos.depth),
                              reliability=ReliabilityPolicy.RELIABLE,
                              durability=(DurabilityPolicy.TRANSIENT_LOCAL if info.qos.transient_local
                                          else DurabilityPolicy.VOLATILE))
@@ -154,13 +129,13 @@ class BagReplayer(Node):
         try:
             if not self._wait_for_subscribers():
                 return
-            if self._stop.wait(self.params['start_delay']) or not self._wait_while_paused():
+            if self._stop.wait(self.params.start_delay) or not self._wait_while_paused():
                 return
-            start = start_time_with_offset(self.reader.start_time, self.params['start_offset'])
+            start = start_time_with_offset(self.reader.start_time, self.params.start_offset)
             while not self._stop.is_set():
                 self._play_once(start)
                 self.loops_done += 1
-                if not self.params['loop']:
+                if not self.params.loop:
                     break
         except BagError as exc:
             self.error = exc
@@ -172,17 +147,17 @@ class BagReplayer(Node):
             self.finished.set()
 
     def _wait_for_subscribers(self) -> bool:
-        needed = self.params['wait_for_subscribers']
+        needed = self.params.wait_for_subscribers
         if needed == 0:
             return True
-        deadline_steps = int(self.params['wait_timeout'] / 0.05)
+        deadline_steps = int(self.params.wait_timeout / 0.05)
         for _ in range(max(deadline_steps, 1)):
             if all(p.get_subscription_count() >= needed for p in self.publishers_by_topic.values()):
                 return True
             if self._stop.wait(0.05):
                 return False
         missing = [t for t, p in self.publishers_by_topic.items() if p.get_subscription_count() < needed]
-        raise BagError(f'no {needed} subscriber(s) on {missing} after {self.params["wait_timeout"]} s')
+        raise BagError(f'no {needed} subscriber(s) on {missing} after {self.params.wait_timeout} s')
 
     def _publish_clock(self, bag_time_ns: int) -> None:
         if self.clock_publisher is not None:
@@ -219,7 +194,7 @@ class BagReplayer(Node):
 
     def _wait_until_due(self, timestamp: int) -> bool:
         """Sleep until the message is due, publishing /clock meanwhile; False when stopped."""
-        period = 1.0 / self.params['clock_frequency']
+        period = 1.0 / self.params.clock_frequency
         while True:
             if not self._running.is_set():
                 paused_at = self.clock.bag_time_now()
@@ -238,7 +213,7 @@ class BagReplayer(Node):
         self.clock.restart(start)
         self._publish_clock(start)
         in_flight = 0
-        ack_window = self.params['ack_window']
+        ack_window = self.params.ack_window
         for message in self.reader.messages(self.publishers_by_topic, start=start):
             if not self._wait_until_due(message.timestamp):
                 return
@@ -254,11 +229,11 @@ class BagReplayer(Node):
             self._wait_for_acks()
 
     def _wait_for_acks(self) -> None:
-        timeout = Duration(seconds=self.params['ack_timeout'])
+        timeout = Duration(seconds=self.params.ack_timeout)
         for publisher in self.publishers_by_topic.values():
             if publisher.get_subscription_count() > 0 and not publisher.wait_for_all_acked(timeout):
                 self.get_logger().warning(f'{publisher.topic_name}: subscribers did not acknowledge within '
-                                          f'{self.params["ack_timeout"]} s', throttle_duration_sec=5.0)
+                                          f'{self.params.ack_timeout} s', throttle_duration_sec=5.0)
 
     def _report_progress(self) -> None:
         if not self.finished.is_set():
@@ -267,7 +242,7 @@ class BagReplayer(Node):
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.params['ack_timeout'] + 1.0)
+            self._thread.join(timeout=self.params.ack_timeout + 1.0)
         self.reader.close()
 
 

@@ -17,41 +17,29 @@ import sys
 import time
 
 import cv2
-import yaml
 
+from flake_core.parameters import load_overrides, view
 from flake_scanner.demo.metrics import FoundFlake, score_scan, targets_in_region
 from flake_scanner.demo.report import ReportFlake, text_summary, write_report
 from flake_scanner.graph import config_dir
+from flake_scanner.parameters import CameraNodeParameters
 
 LAYER_CLASS_NAMES = {0: 'unknown', 1: 'mono', 2: 'few', 3: 'thick', 4: 'bulk'}
 
 
-def load_node_parameters(params_files: list[Path], node: str) -> dict:
-    """Merge ``node``'s ros__parameters from YAML files, later files overriding earlier ones.
-
-    Keys as ROS reads them: ``/**`` (every node), ``node``, ``/node`` and ``/**/node``
-    (the node in any namespace, the form config/*.yaml uses so namespaces work).
-    """
-    merged: dict = {}
-    for path in params_files:
-        if not path.exists():
-            continue
-        content = yaml.safe_load(path.read_text()) or {}
-        for key in ('/**', node, f'/{node}', f'/**/{node}'):
-            section = content.get(key, {})
-            merged.update(section.get('ros__parameters', {}) if isinstance(section, dict) else {})
-    return merged
+def camera_parameters(params_files: list[Path]) -> CameraNodeParameters:
+    """The camera node's parameters as the graph runs it: its defaults, then ``params_files``."""
+    return view(CameraNodeParameters, load_overrides(params_files, 'camera_node'))
 
 
-def sim_wafer(camera_params: dict):
+def sim_wafer(camera: CameraNodeParameters):
     """The virtual chip camera_node renders, rebuilt from the same parameters."""
     from flake_scanner.sim.wafer import VirtualWafer
 
-    return VirtualWafer.generate(seed=int(camera_params.get('sim_seed', 0)),
-                                 oxide_nm=float(camera_params.get('sim_oxide_nm', 90.0)))
+    return VirtualWafer.generate(seed=camera.sim_seed, oxide_nm=camera.sim_oxide_nm)
 
 
-def write_ground_truth(wafer, camera_params: dict, poses: dict, path: Path) -> None:
+def write_ground_truth(wafer, camera: CameraNodeParameters, poses: dict, path: Path) -> None:
     """The simulator's truth for every scan frame, as COCO, so `flake-bag-eval` can score the bag."""
     import json
 
@@ -63,8 +51,7 @@ def write_ground_truth(wafer, camera_params: dict, poses: dict, path: Path) -> N
         x, y, objective, width, height, pixel_to_wafer = poses[tile_index]
         frame_maps.append(pixel_to_wafer)
         camera = CameraModel(wafer, CameraSettings(width=width, height=height, objective=objective,
-                                                   pixel_pitch_um=float(camera_params.get('pixel_pitch', 5.5e-6))
-                                                   * 1e6))
+                                                   pixel_pitch_um=camera.pixel_pitch * 1e6))
         records.append((f'{tile_index:05d}.jpg', camera.ground_truth(x, y)))
     coco = frames_to_coco(records)
     # Masks are in frame pixels; the frames place them on the chip with the measured wafer frame.
@@ -238,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir.mkdir(parents=True)
     os.environ['FLAKE_DATA_DIR'] = str(data_dir.resolve())
 
-    camera_params = load_node_parameters([configs / 'camera_node.yaml', params_file], 'camera_node')
+    camera_params = camera_parameters([configs / 'camera_node.yaml', params_file])
     wafer = sim_wafer(camera_params)
     # An operator measures the corners with the stage; a few micrometres of error.
     corners = wafer.corner_positions_stage(noise_m=2e-6, seed=1)

@@ -26,7 +26,6 @@ from std_srvs.srv import Trigger
 from flake_core.node_tools import (
     SENSOR_SUBSCRIBER_QOS,
     FrameWaiters,
-    Param,
     declare_parameters,
     run_node,
     sleep_future,
@@ -39,28 +38,7 @@ from flake_msgs.action import Autofocus
 from flake_msgs.msg import StageState
 from flake_msgs.srv import MoveStage
 from flake_scanner.autofocus import FOCUS_MEASURES, FocusSearch, focus_measure
-
-PARAMS = [
-    Param('search_range', 0.0, 'full z range searched when the goal gives 0 [m]; 0 = search_range_dof '
-          'depths of field of the objective in use', minimum=0.0, maximum=5e-3),
-    Param('search_range_dof', 8.0, 'default search range in depths of field of the objective in use '
-          '(8 x 6.1 um = 49 um at 10x, 6.9 um at 50x)', minimum=2.0, maximum=200.0),
-    Param('objective', '10x', 'objective the camera starts with; later switches of the camera node\'s '
-          '"objective" parameter are followed', choices=tuple(OBJECTIVES)),
-    Param('camera_node', 'camera_node', 'name of the camera node whose objective is followed'),
-    Param('measure', 'tenengrad', 'focus measure when the goal gives none', choices=tuple(FOCUS_MEASURES)),
-    Param('max_frames', 15, 'frame budget when the goal gives 0', minimum=3, maximum=500),
-    Param('coarse_frames', 7, 'frames of the coarse sweep before refinement', minimum=3, maximum=100),
-    Param('tolerance', 0.0, 'stop refining once the bracket is narrower than this [m]; '
-          '0 = a quarter of the depth of field of the objective in use', minimum=0.0, maximum=1e-3),
-    Param('min_peak_ratio', 1.2, 'best/lowest focus score below which the field is taken to hold nothing '
-          'to focus on; the stage then returns to the search centre', minimum=1.0, maximum=100.0),
-    Param('step_during_readout', True, 'move to the next z of the coarse sweep as soon as an exposure ends '
-          '(global-shutter cameras); false waits for every frame (rolling shutters, which still expose '
-          'while the capture is answered)'),
-    Param('move_timeout', 30.0, 'time allowed for one z move [s]', minimum=0.1, maximum=600.0),
-    Param('frame_timeout', 10.0, 'time allowed for a frame to arrive [s]', minimum=0.1, maximum=120.0),
-]
+from flake_scanner.parameters import AutofocusNodeParameters
 
 
 class AutofocusError(RuntimeError):
@@ -72,7 +50,7 @@ class AutofocusError(RuntimeError):
 class AutofocusNode(Node):
     def __init__(self, **kwargs):
         super().__init__('autofocus_node', **kwargs)
-        self.params = declare_parameters(self, PARAMS)
+        self.params = declare_parameters(self, AutofocusNodeParameters)
         self.group = ReentrantCallbackGroup()
         self.move_client = self.create_client(MoveStage, 'stage/move', callback_group=self.group)
         self.capture_client = self.create_client(Trigger, 'camera/capture', callback_group=self.group)
@@ -80,7 +58,7 @@ class AutofocusNode(Node):
         self.create_subscription(Image, 'camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
                                  callback_group=self.group)
         self.stage_state: StageState | None = None
-        self.objective = self.params['objective']
+        self.objective = self.params.objective
         self.create_subscription(ParameterEvent, '/parameter_events', self._on_parameter_event, 100,
                                  callback_group=self.group)
         self._frames = FrameWaiters()
@@ -101,7 +79,7 @@ class AutofocusNode(Node):
         self.stage_state = msg
 
     def _on_parameter_event(self, event: ParameterEvent) -> None:
-        if event.node.rstrip('/').split('/')[-1] != self.params['camera_node']:
+        if event.node.rstrip('/').split('/')[-1] != self.params.camera_node:
             return
         for parameter in (*event.new_parameters, *event.changed_parameters):
             if parameter.name == 'objective' and parameter.value.string_value in OBJECTIVES:
@@ -138,7 +116,7 @@ class AutofocusNode(Node):
         if not self.move_client.service_is_ready():
             raise AutofocusError(Autofocus.Result.ERROR_DEVICE, 'stage service /stage/move is not available')
         request = MoveStage.Request(target=Point(x=x, y=y, z=float(z)), wait=True)
-        response = await self._await(self.move_client.call_async(request), self.params['move_timeout'],
+        response = await self._await(self.move_client.call_async(request), self.params.move_timeout,
                                      'stage move')
         if not response.success:
             raise AutofocusError(Autofocus.Result.ERROR_DEVICE,
@@ -154,11 +132,11 @@ class AutofocusNode(Node):
         frame = self._frames.expect(self.get_clock().now().nanoseconds)
         if self.capture_client.service_is_ready():
             response = await self._await(self.capture_client.call_async(Trigger.Request()),
-                                         self.params['frame_timeout'], 'camera capture')
+                                         self.params.frame_timeout, 'camera capture')
             if not response.success:
                 raise AutofocusError(Autofocus.Result.ERROR_DEVICE, f'camera capture failed: {response.message}')
         else:
-            await self._await(frame, self.params['frame_timeout'], 'camera frame (is camera_node active?)')
+            await self._await(frame, self.params.frame_timeout, 'camera frame (is camera_node active?)')
         return frame
 
     def _score(self, frame: Future, measure: str) -> Future:
@@ -206,26 +184,26 @@ class AutofocusNode(Node):
             self._busy = False
 
     def _search_for(self, goal: Autofocus.Goal, current_z: float) -> tuple[FocusSearch, str, float]:
-        measure = goal.measure or self.params['measure']
+        measure = goal.measure or self.params.measure
         if measure not in FOCUS_MEASURES:
             raise AutofocusError(Autofocus.Result.ERROR_INVALID_ARGUMENT,
                                  f'unknown measure {measure!r}; choose one of {sorted(FOCUS_MEASURES)}')
         depth_of_field = objective_by_name(self.objective).depth_of_field_m
-        search_range = (goal.search_range or self.params['search_range']
-                        or self.params['search_range_dof'] * depth_of_field)
-        tolerance = self.params['tolerance'] or depth_of_field / 4
-        max_frames = goal.max_frames or self.params['max_frames']
+        search_range = (goal.search_range or self.params.search_range
+                        or self.params.search_range_dof * depth_of_field)
+        tolerance = self.params.tolerance or depth_of_field / 4
+        max_frames = goal.max_frames or self.params.max_frames
         centre = current_z if goal.use_current or not math.isfinite(goal.z_center) else goal.z_center
         try:
             search = FocusSearch(centre, search_range, max_frames=max_frames,
-                                 coarse_frames=min(self.params['coarse_frames'], max_frames),
+                                 coarse_frames=min(self.params.coarse_frames, max_frames),
                                  tolerance=tolerance)
         except ValueError as error:
             raise AutofocusError(Autofocus.Result.ERROR_INVALID_ARGUMENT, str(error)) from None
         return search, measure, centre
 
     async def _focus(self, goal_handle, result: Autofocus.Result) -> Autofocus.Result:
-        deadline = time.monotonic() + self.params['move_timeout']
+        deadline = time.monotonic() + self.params.move_timeout
         while self.stage_state is None:
             if time.monotonic() > deadline:
                 raise AutofocusError(Autofocus.Result.ERROR_DEVICE, 'no /stage/state received: is stage_node active?')
@@ -236,7 +214,7 @@ class AutofocusNode(Node):
         feedback = Autofocus.Feedback()
         overlapped = 0
         while batch := search.next_batch():
-            if not self.params['step_during_readout']:
+            if not self.params.step_during_readout:
                 batch = batch[:1]
             # A batch's z values need no score to be chosen: step on as soon as each exposure ends.
             scores = []
@@ -248,7 +226,7 @@ class AutofocusNode(Node):
                 scores.append((z, self._score(await self._expose(), measure)))
             overlapped += max(0, len(scores) - 1)
             for z, scored in scores:
-                score = await self._await(scored, self.params['frame_timeout'],
+                score = await self._await(scored, self.params.frame_timeout,
                                           'camera frame (is camera_node active?)')
                 search.report(z, score)
                 best_z, _ = search.best()
@@ -262,7 +240,7 @@ class AutofocusNode(Node):
         flat = False
         if search.frames_used:
             found = search.result()
-            flat = found.peak_ratio < self.params['min_peak_ratio']
+            flat = found.peak_ratio < self.params.min_peak_ratio
             # With no focus signal the sharpest frame is noise: the search centre is the better guess.
             best_z = centre if flat else found.z
             await self._move_z(x, y, best_z)
@@ -275,7 +253,7 @@ class AutofocusNode(Node):
         result.success = True
         if search.frames_used and flat:
             result.message = (f'no focus signal (best/lowest score {found.peak_ratio:.2f} < '
-                              f'{self.params["min_peak_ratio"]}): kept z = {result.z * 1e6:.2f} um')
+                              f'{self.params.min_peak_ratio}): kept z = {result.z * 1e6:.2f} um')
             self.get_logger().warning(result.message)
         else:
             result.message = f'focus at z = {result.z * 1e6:.2f} um after {result.frames_used} frames ({measure})'

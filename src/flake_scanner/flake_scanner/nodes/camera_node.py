@@ -25,7 +25,6 @@ from flake_core.node_tools import (
     ERROR,
     IMAGE_PUBLISHER_QOS,
     OK,
-    Param,
     declare_parameters,
     diagnostic_status,
     diagnostics_publisher,
@@ -34,41 +33,18 @@ from flake_core.node_tools import (
     sleep_future,
     wake_executor,
 )
-from flake_core.objectives import OBJECTIVES, objective_by_name
+from flake_core.objectives import objective_by_name
 from flake_core.ros_image import numpy_to_image
 from flake_msgs.msg import StageState
 from flake_scanner.camera_sources import CameraError, FolderSource, OpenCVSource, SimulatedSource, StagePose
+from flake_scanner.parameters import CameraNodeParameters
 
 FRAME_ID = 'camera_optical'
-
-PARAMS = [
-    Param('backend', 'sim', 'frame source', choices=('sim', 'opencv', 'folder'), read_only=True),
-    Param('device', '0', 'opencv backend: device index ("0") or URL / GStreamer pipeline', read_only=True),
-    Param('folder', '', 'folder backend: directory of images, replayed in name order', read_only=True),
-    Param('rate', 2.0, 'free-running frame rate [Hz]; 0 publishes only on /camera/capture',
-          minimum=0.0, maximum=200.0),
-    Param('width', 1024, 'image width [px] (requested from opencv devices)', minimum=16, maximum=8192,
-          read_only=True),
-    Param('height', 1024, 'image height [px] (requested from opencv devices)', minimum=16, maximum=8192,
-          read_only=True),
-    Param('exposure', 0.01, 'exposure time [s]', minimum=1e-6, maximum=10.0),
-    Param('gain', 1.0, 'sensor gain', minimum=0.01, maximum=100.0),
-    Param('objective', '10x', 'objective in use (sets the pixel size at the sample)', choices=tuple(OBJECTIVES)),
-    Param('pixel_pitch', 5.5e-6, 'sensor pixel pitch [m]; pixel size at the sample = pitch / magnification',
-          minimum=5e-7, maximum=5e-5, read_only=True),
-    Param('sim_seed', 0, 'sim backend: virtual wafer and noise seed', minimum=0, maximum=2 ** 31 - 1,
-          read_only=True),
-    Param('sim_oxide_nm', 90.0, 'sim backend: SiO2 thickness of the virtual wafer [nm]', choices=(90.0, 285.0),
-          read_only=True),
-    Param('motion_blur', True, 'sim backend: smear frames exposed while the stage moves'),
-    Param('diagnostics_period', 1.0, 'period of /diagnostics messages [s]', minimum=0.1, maximum=60.0),
-]
-
 
 class CameraNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__('camera_node', **kwargs)
-        self.params = declare_parameters(self, PARAMS, on_change=self._on_params)
+        self.params = declare_parameters(self, CameraNodeParameters, on_change=self._on_params)
         self.group = ReentrantCallbackGroup()
         self.source = None
         self.active = False
@@ -94,14 +70,14 @@ class CameraNode(LifecycleNode):
     def on_configure(self, state) -> TransitionCallbackReturn:
         p = self.params
         try:
-            if p['backend'] == 'sim':
-                self.source = SimulatedSource(p['width'], p['height'], p['objective'], p['exposure'], p['gain'],
-                                              p['pixel_pitch'], p['sim_seed'], p['sim_oxide_nm'],
-                                              p['motion_blur'])
-            elif p['backend'] == 'opencv':
-                self.source = OpenCVSource(p['device'], p['width'], p['height'], p['exposure'], p['gain'])
+            if p.backend == 'sim':
+                self.source = SimulatedSource(p.width, p.height, p.objective, p.exposure, p.gain,
+                                              p.pixel_pitch, p.sim_seed, p.sim_oxide_nm,
+                                              p.motion_blur)
+            elif p.backend == 'opencv':
+                self.source = OpenCVSource(p.device, p.width, p.height, p.exposure, p.gain)
             else:
-                self.source = FolderSource(p['folder'])
+                self.source = FolderSource(p.folder)
         except (CameraError, ValueError) as error:
             self.get_logger().error(f'cannot configure the camera: {error}')
             return TransitionCallbackReturn.FAILURE
@@ -112,7 +88,7 @@ class CameraNode(LifecycleNode):
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name='camera-grab', daemon=True)
         self._thread.start()
-        self.get_logger().info(f'camera configured: backend {p["backend"]}')
+        self.get_logger().info(f'camera configured: backend {p.backend}')
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:
@@ -169,7 +145,7 @@ class CameraNode(LifecycleNode):
         with self._stage_lock:
             states = list(self._stage)
         if not states:
-            if self.params['backend'] == 'sim':
+            if self.params.backend == 'sim':
                 self.get_logger().warning('no /stage/state yet: rendering at the stage origin',
                                           throttle_duration_sec=10.0)
             return StagePose()
@@ -194,7 +170,7 @@ class CameraNode(LifecycleNode):
             with self._waiters_lock:
                 self._exposed.append((self.pose(), stamp))
             self._wake.set()
-            await sleep_future(self, self.params['exposure'], self.group)
+            await sleep_future(self, self.params.exposure, self.group)
             response.success = True
             response.message = f'exposed, stamp {stamp.sec}.{stamp.nanosec:09d}; frame follows'
             return response
@@ -225,7 +201,7 @@ class CameraNode(LifecycleNode):
         next_frame = time.monotonic()
         last_diagnostics = 0.0
         while not self._stop.is_set():
-            rate = self.params['rate']
+            rate = self.params.rate
             timeout = max(0.0, next_frame - time.monotonic()) if rate > 0 else 0.5
             self._wake.wait(timeout)
             self._wake.clear()
@@ -246,7 +222,7 @@ class CameraNode(LifecycleNode):
             elif waiters:
                 with self._waiters_lock:
                     self._waiters = waiters + self._waiters
-            if now - last_diagnostics >= self.params['diagnostics_period']:
+            if now - last_diagnostics >= self.params.diagnostics_period:
                 self._publish_diagnostics()
                 last_diagnostics = now
 
@@ -279,12 +255,12 @@ class CameraNode(LifecycleNode):
             wake_executor(self)
 
     def pixel_size(self) -> float:
-        return self.params['pixel_pitch'] / objective_by_name(self.params['objective']).magnification
+        return self.params.pixel_pitch / objective_by_name(self.params.objective).magnification
 
     def _camera_info(self, width: int, height: int) -> CameraInfo:
         """Pinhole model that reproduces the pixel size at the focal plane (an objective is near
         telecentric; f [px] = working distance / pixel size keeps 1 px = pixel_size there)."""
-        objective = objective_by_name(self.params['objective'])
+        objective = objective_by_name(self.params.objective)
         focal_px = objective.working_distance_m / self.pixel_size()
         cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
         info = CameraInfo(width=width, height=height, distortion_model='plumb_bob')
@@ -296,12 +272,12 @@ class CameraNode(LifecycleNode):
 
     def _publish_diagnostics(self) -> None:
         p = self.params
-        hardware = {'sim': 'simulated microscope', 'opencv': f'opencv:{p["device"]}',
-                    'folder': f'folder:{p["folder"]}'}[p['backend']]
+        hardware = {'sim': 'simulated microscope', 'opencv': f'opencv:{p.device}',
+                    'folder': f'folder:{p.folder}'}[p.backend]
         level, message = (ERROR, self.last_error) if self.last_error else (OK, 'ok')
-        values = {'backend': p['backend'], 'frames': self.frames, 'failures': self.failures,
-                  'objective': p['objective'], 'pixel_size_m': f'{self.pixel_size():.4g}',
-                  'rate_hz': p['rate'], 'active': self.active}
+        values = {'backend': p.backend, 'frames': self.frames, 'failures': self.failures,
+                  'objective': p.objective, 'pixel_size_m': f'{self.pixel_size():.4g}',
+                  'rate_hz': p.rate, 'active': self.active}
         publish_diagnostics(self, self.diagnostics, [diagnostic_status(
             f'{self.get_name()}: camera', hardware, level, message, values)])
 

@@ -21,7 +21,7 @@ import time
 from geometry_msgs.msg import Point
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue
-from rcl_interfaces.srv import SetParameters
+from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
@@ -34,75 +34,18 @@ from flake_core.node_tools import (
     PIPELINE_QOS,
     SENSOR_SUBSCRIBER_QOS,
     FrameWaiters,
-    Param,
     declare_parameters,
     run_node,
     sleep_future,
     with_timeout,
 )
+from flake_core.objectives import objective_by_name
 from flake_msgs.action import Autofocus, Scan
 from flake_msgs.msg import FlakeArray, FlakeImage, ScanFrame, StageState
 from flake_msgs.srv import AddFlakeImage, GetRevisitList, MoveStage, SetWaferFrame
+from flake_scanner.parameters import FOCUS_STRATEGIES, ScanCoordinatorParameters
 from flake_scanner.scan.planner import EtaEstimator, Region, focus_points, plan_serpentine
 from flake_scanner.scan.session import HardwareModel, ScanProgress
-
-FOCUS_STRATEGIES = ('autofocus', 'focus_map', 'fixed')
-DETECTORS = ('', 'contrast', 'cascade', 'maskrcnn')
-
-
-def objective_magnification(name: str) -> float:
-    """'10x' -> 10.0; raises ValueError for names that are not '<number>x'."""
-    text = name.strip().lower()
-    if not text.endswith('x'):
-        raise ValueError(f'objective names look like "10x", got {name!r}')
-    value = float(text[:-1])
-    if value <= 0:
-        raise ValueError(f'objective magnification must be positive, got {name!r}')
-    return value
-
-
-def _check_objective(name: str) -> str | None:
-    try:
-        objective_magnification(name)
-    except ValueError as error:
-        return str(error)
-    return None
-
-
-PARAMS = [
-    Param('objective', '10x', 'objective used for scanning, e.g. "10x"', validator=_check_objective),
-    Param('revisit_objective', '50x', 'objective for revisits of promising flakes', validator=_check_objective),
-    Param('camera_pixel_pitch', 5.5e-6,
-          'camera sensor pixel pitch [m]; pixel size at the sample = pitch / magnification '
-          '(calibrate with a stage micrometer on real hardware)', minimum=1e-7, maximum=1e-4),
-    Param('camera_node', 'camera_node', 'name of the camera node whose objective parameter is switched'),
-    Param('overlap', 0.1, 'default overlap between neighbouring fields', minimum=0.0, maximum=0.49),
-    Param('focus_strategy', 'focus_map', 'default focus strategy', choices=FOCUS_STRATEGIES),
-    Param('focus_points', 3, 'points measured for a focus map (seed 000 uses 3)', minimum=3, maximum=50),
-    Param('default_z', 0.0, 'stage z used with the "fixed" strategy before any focus was found [m]',
-          minimum=-0.01, maximum=0.01),
-    Param('revisit_max', 10, 'default number of flakes revisited after a scan', minimum=0, maximum=1000),
-    Param('move_timeout', 30.0, 'time allowed for one stage move [s]', minimum=0.1, maximum=600.0),
-    Param('capture_timeout', 10.0, 'time allowed for one frame to arrive [s]', minimum=0.1, maximum=120.0),
-    Param('autofocus_timeout', 60.0, 'time allowed for one autofocus [s]', minimum=1.0, maximum=600.0),
-    Param('drain_timeout', 300.0, 'time allowed for detection to catch up after the last frame [s]',
-          minimum=0.0, maximum=3600.0),
-    Param('wafer_frames_file', '',
-          'JSON file remembering each chip\'s wafer frame across restarts; empty = '
-          '$FLAKE_DATA_DIR/wafer_frames.json'),
-    Param('hardware_speed', 5e-3, 'stage speed of the hardware timing model [m/s]', minimum=1e-5, maximum=1.0),
-    Param('hardware_acceleration', 50e-3, 'stage acceleration of the hardware timing model [m/s^2]',
-          minimum=1e-4, maximum=10.0),
-    Param('hardware_settle', 0.05, 'stage settle time of the hardware timing model [s]',
-          minimum=0.0, maximum=5.0),
-    Param('hardware_z_speed', 1e-3, 'focus (z) speed of the hardware timing model [m/s]', minimum=1e-6,
-          maximum=1.0),
-    Param('hardware_z_acceleration', 50e-3, 'focus (z) acceleration of the hardware timing model [m/s^2]',
-          minimum=1e-5, maximum=10.0),
-    Param('hardware_exposure', 0.01, 'exposure of the hardware timing model [s]', minimum=0.0, maximum=5.0),
-    Param('hardware_readout', 0.033, 'sensor readout and transfer per frame of the hardware timing model [s] '
-          '(a 1 MP camera at 30 frames/s)', minimum=0.0, maximum=5.0),
-]
 
 
 def _static_broadcaster(node):
@@ -139,7 +82,7 @@ class ScanError(RuntimeError):
 class ScanCoordinator(Node):
     def __init__(self):
         super().__init__('scan_coordinator')
-        self.params = declare_parameters(self, PARAMS)
+        self.params = declare_parameters(self, ScanCoordinatorParameters)
         self.group = ReentrantCallbackGroup()
         self.move_client = self.create_client(MoveStage, 'stage/move', callback_group=self.group)
         self.capture_client = self.create_client(Trigger, 'camera/capture', callback_group=self.group)
@@ -148,9 +91,14 @@ class ScanCoordinator(Node):
                                                  callback_group=self.group)
         self.add_image_client = self.create_client(AddFlakeImage, 'registry/add_flake_image',
                                                    callback_group=self.group)
-        camera = self.params['camera_node']
+        camera = self.params.camera_node
         self.camera_params_client = self.create_client(SetParameters, f'{camera}/set_parameters',
                                                        callback_group=self.group)
+        self.camera_get_params_client = self.create_client(GetParameters, f'{camera}/get_parameters',
+                                                           callback_group=self.group)
+        self.detector_params_client = self.create_client(
+            SetParameters, f'{self.params.detector_node}/set_parameters', callback_group=self.group)
+        self.camera_pixel_pitch = 0.0
         self.frame_publisher = self.create_publisher(ScanFrame, 'scan/frames', PIPELINE_QOS)
         self.create_subscription(StageState, 'stage/state', self._on_stage_state, 10,
                                  callback_group=self.group)
@@ -168,7 +116,7 @@ class ScanCoordinator(Node):
         self.latest_image: Image | None = None
         self._frames = FrameWaiters()
         self.progress: ScanProgress | None = None
-        self.current_objective = self.params['objective']
+        self.current_objective = self.params.objective
         self.wafer_frames: dict[str, WaferFrame] = {}
         self.wafer_corners: dict[str, list] = {}
         self._load_wafer_frames()
@@ -177,7 +125,7 @@ class ScanCoordinator(Node):
 
     # ------------------------------------------------------------------ wafer frame
     def _frames_file(self) -> Path:
-        configured = self.params['wafer_frames_file']
+        configured = self.params.wafer_frames_file
         if configured:
             return Path(configured)
         return Path(os.environ.get('FLAKE_DATA_DIR', 'data')) / 'wafer_frames.json'
@@ -268,7 +216,7 @@ class ScanCoordinator(Node):
 
     async def _move(self, x: float, y: float, z: float) -> Point:
         request = MoveStage.Request(target=Point(x=float(x), y=float(y), z=float(z)), wait=True)
-        response = await self._call(self.move_client, request, self.params['move_timeout'], 'stage move')
+        response = await self._call(self.move_client, request, self.params.move_timeout, 'stage move')
         if not response.success:
             raise ScanError(Scan.Result.ERROR_DEVICE,
                             f'stage refused move to ({x * 1e3:.3f}, {y * 1e3:.3f}) mm: '
@@ -283,11 +231,11 @@ class ScanCoordinator(Node):
         without it is simply waited for.
         """
         image = self._frames.expect(self.get_clock().now().nanoseconds)
-        image = self._with_timeout(image, self.params['capture_timeout'], 'frame capture')
+        image = self._with_timeout(image, self.params.capture_timeout, 'frame capture')
         if self.capture_client.service_is_ready():
             try:
                 response = await self._with_timeout(self.capture_client.call_async(Trigger.Request()),
-                                                    self.params['capture_timeout'], 'camera trigger')
+                                                    self.params.capture_timeout, 'camera trigger')
             except TimeoutError as error:
                 raise ScanError(Scan.Result.ERROR_DEVICE, f'{error}: is camera_node active?') from None
             if not response.success:
@@ -315,7 +263,7 @@ class ScanCoordinator(Node):
                 await self._sleep(0.05)
         z_before = self._stage_xyz()[2]
         goal = Autofocus.Goal(z_center=float(z_center), use_current=False)
-        timeout = self.params['autofocus_timeout']
+        timeout = self.params.autofocus_timeout
         handle = await self._with_timeout(self.autofocus_client.send_goal_async(goal), timeout, 'autofocus')
         if not handle.accepted:
             raise ScanError(Scan.Result.ERROR_DEVICE, 'autofocus goal rejected')
@@ -347,21 +295,44 @@ class ScanCoordinator(Node):
             raise ScanError(Scan.Result.ERROR_DEVICE, f'camera refused objective {objective}: {result.reason}')
         self.current_objective = objective
 
+    async def _read_camera_pixel_pitch(self) -> None:
+        """The camera node's pixel_pitch, the one place it is declared; the pixel size at the sample
+        (ScanFrame.pixel_size, pixel_to_wafer) is pitch / magnification."""
+        response = await self._call(self.camera_get_params_client,
+                                    GetParameters.Request(names=['pixel_pitch']), 10.0, 'camera pixel pitch')
+        if not response.values or response.values[0].type != ParameterType.PARAMETER_DOUBLE:
+            raise ScanError(Scan.Result.ERROR_DEVICE,
+                            f'camera node {self.params.camera_node!r} has no pixel_pitch parameter')
+        self.camera_pixel_pitch = response.values[0].double_value
+
     def _pixel_size(self, objective: str) -> float:
-        return self.params['camera_pixel_pitch'] / objective_magnification(objective)
+        return self.camera_pixel_pitch / objective_by_name(objective).magnification
+
+    async def _select_detector(self, backend: str) -> None:
+        """Switch the detector node to the goal's backend for this scan (empty keeps the configured one)."""
+        if not backend:
+            return
+        parameter = ParameterMsg(name='backend', value=ParameterValue(
+            type=ParameterType.PARAMETER_STRING, string_value=backend))
+        response = await self._call(self.detector_params_client, SetParameters.Request(parameters=[parameter]),
+                                    10.0, 'detector backend switch')
+        result = response.results[0]
+        if not result.successful:
+            raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT,
+                            f'detector refused backend {backend!r}: {result.reason}')
 
     def _hardware(self) -> HardwareModel:
-        return HardwareModel(speed=self.params['hardware_speed'],
-                             acceleration=self.params['hardware_acceleration'],
-                             settle=self.params['hardware_settle'],
-                             z_speed=self.params['hardware_z_speed'],
-                             z_acceleration=self.params['hardware_z_acceleration'],
-                             exposure=self.params['hardware_exposure'],
-                             readout=self.params['hardware_readout'])
+        return HardwareModel(speed=self.params.hardware_speed,
+                             acceleration=self.params.hardware_acceleration,
+                             settle=self.params.hardware_settle,
+                             z_speed=self.params.hardware_z_speed,
+                             z_acceleration=self.params.hardware_z_acceleration,
+                             exposure=self.params.hardware_exposure,
+                             readout=self.params.hardware_readout)
 
     def _stage_xyz(self) -> tuple[float, float, float]:
         if self.stage_state is None:
-            return 0.0, 0.0, self.params['default_z']
+            return 0.0, 0.0, self.params.default_z
         p = self.stage_state.position
         return p.x, p.y, p.z
 
@@ -381,21 +352,18 @@ class ScanCoordinator(Node):
                             f'call /scan/set_wafer_frame with three corners first')
         try:
             region = Region(goal.region_min_x, goal.region_min_y, goal.region_max_x, goal.region_max_y)
-            objective = goal.objective or self.params['objective']
-            objective_magnification(objective)
+            objective = goal.objective or self.params.objective
+            objective_by_name(objective)
         except ValueError as error:
             raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT, str(error)) from None
-        overlap = goal.overlap if goal.overlap > 0 else self.params['overlap']
+        overlap = goal.overlap if goal.overlap > 0 else self.params.overlap
         if not 0.0 <= overlap < 0.5:
             raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT, f'overlap must be in [0, 0.5), got {overlap}')
-        strategy = goal.focus_strategy or self.params['focus_strategy']
+        strategy = goal.focus_strategy or self.params.focus_strategy
         if strategy not in FOCUS_STRATEGIES:
             raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT,
                             f'focus_strategy must be one of {FOCUS_STRATEGIES}, got {strategy!r}')
-        if goal.detector not in DETECTORS:
-            raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT,
-                            f'detector must be one of {DETECTORS[1:]}, got {goal.detector!r}')
-        points = goal.focus_points or self.params['focus_points']
+        points = goal.focus_points or self.params.focus_points
         if strategy == 'focus_map' and points < 3:
             raise ScanError(Scan.Result.ERROR_INVALID_ARGUMENT, 'a focus map needs at least 3 points')
         return frame, region, objective, overlap, strategy, points
@@ -412,6 +380,14 @@ class ScanCoordinator(Node):
             return result
 
         scan_id = f'{goal.chip_id}-{time.strftime("%Y%m%dT%H%M%S", time.gmtime())}'
+        try:
+            await self._read_camera_pixel_pitch()
+            await self._select_detector(goal.detector)
+        except ScanError as error:
+            goal_handle.abort()
+            result.error_code, result.message = error.code, str(error)
+            self.get_logger().error(result.message)
+            return result
         width, height = self._image_size()
         pixel_size = self._pixel_size(objective)
         tiles = plan_serpentine(region, width * pixel_size, height * pixel_size, overlap,
@@ -525,7 +501,7 @@ class ScanCoordinator(Node):
         msg.tile_index, msg.tile_row, msg.tile_col = tile.index, tile.row, tile.col
         msg.tiles_total = progress.tiles_total
         msg.objective = objective
-        msg.magnification = objective_magnification(objective)
+        msg.magnification = objective_by_name(objective).magnification
         msg.pixel_size = pixel_size
         msg.stage_position = Point(x=position[0], y=position[1], z=position[2])
         to_wafer = pixel_to_wafer(position[0], position[1], pixel_size, image.width, image.height,
@@ -567,7 +543,7 @@ class ScanCoordinator(Node):
 
     async def _drain(self, goal_handle, progress: ScanProgress) -> None:
         """Wait until the detector has reported on every published frame."""
-        deadline = time.monotonic() + self.params['drain_timeout']
+        deadline = time.monotonic() + self.params.drain_timeout
         while not progress.detection_complete():
             if goal_handle.is_cancel_requested:
                 raise ScanError(Scan.Result.ERROR_CANCELED, 'scan cancelled while detection drained')
@@ -586,7 +562,7 @@ class ScanCoordinator(Node):
             return
         # Let the registry ingest the last detections before asking what to revisit.
         await self._sleep(0.5)
-        limit = goal.revisit_max or self.params['revisit_max']
+        limit = goal.revisit_max or self.params.revisit_max
         response = await self._call(self.revisit_client,
                                     GetRevisitList.Request(chip_id=goal.chip_id, scan_id=progress.scan_id,
                                                            limit=limit),
@@ -594,7 +570,7 @@ class ScanCoordinator(Node):
         if not response.success:
             self.get_logger().warning(f'revisit list refused: {response.message}')
             return
-        objective = goal.revisit_objective or self.params['revisit_objective']
+        objective = goal.revisit_objective or self.params.revisit_objective
         await self._set_objective(objective)
         pixel_size = self._pixel_size(objective)
         for number, flake in enumerate(response.flakes[:limit]):

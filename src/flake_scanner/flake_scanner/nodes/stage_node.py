@@ -27,7 +27,6 @@ from flake_core.node_tools import (
     ERROR,
     OK,
     WARN,
-    Param,
     declare_parameters,
     diagnostic_status,
     diagnostics_publisher,
@@ -37,51 +36,9 @@ from flake_core.node_tools import (
 )
 from flake_msgs.msg import StageState
 from flake_msgs.srv import MoveStage
+from flake_scanner.parameters import StageNodeParameters
 from flake_scanner.stage.driver import StageDriver, StageError, StageLimitError, StageNotHomedError, TravelLimits
 from flake_scanner.stage.emulator import EmulatorConfig, StageEmulator
-
-BAUD_RATES = (9600, 19200, 28800, 57600, 115200)
-
-
-def _limits_error(value) -> str | None:
-    values = list(value)
-    if len(values) != 6:
-        return f'limits must be [x_min, x_max, y_min, y_max, z_min, z_max] in metres, got {values}'
-    for axis, (low, high) in zip('xyz', (values[0:2], values[2:4], values[4:6]), strict=True):
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            return f'{axis} limits must be finite with min < max, got [{low}, {high}]'
-    return None
-
-
-PARAMS = [
-    Param('port', '', 'serial port of the controller, e.g. /dev/ttyUSB0 or /dev/serial/by-id/...; '
-          'ignored when emulate is true', read_only=True),
-    Param('emulate', True, 'start an in-process MS-2000 emulator on a pty and use it (simulated hardware)',
-          read_only=True),
-    Param('baudrate', 115200, 'serial baud rate (MS-2000 default 9600, often set to 115200)',
-          choices=BAUD_RATES, read_only=True),
-    Param('timeout', 0.2, 'time to wait for one reply before retrying [s]', minimum=0.01, maximum=10.0),
-    Param('retries', 3, 'resends of a command after a lost or garbled reply', minimum=0, maximum=20),
-    Param('reconnect_attempts', 5, 'reopen attempts after an I/O error before giving up', minimum=0,
-          maximum=100),
-    Param('reconnect_delay', 0.2, 'pause before each reopen attempt [s]', minimum=0.0, maximum=10.0),
-    Param('limits', [-0.05, 0.05, -0.05, 0.05, -0.005, 0.005],
-          'travel limits [x_min, x_max, y_min, y_max, z_min, z_max] [m]', validator=_limits_error,
-          read_only=True),
-    Param('speed', 5e-3, 'x/y speed [m/s]', minimum=1e-6, maximum=0.1),
-    Param('z_speed', 1e-3, 'z speed [m/s]', minimum=1e-7, maximum=0.05),
-    Param('require_homing', False, 'refuse moves until the stage was homed', read_only=True),
-    Param('home_on_configure', False, 'home all axes when configuring (clear the travel first)',
-          read_only=True),
-    Param('poll_rate', 20.0, 'rate of position reads and /stage/state messages [Hz]', minimum=0.5,
-          maximum=200.0),
-    Param('move_timeout', 60.0, 'longest a waited move may take [s]', minimum=0.1, maximum=3600.0),
-    Param('diagnostics_period', 1.0, 'period of /diagnostics messages [s]', minimum=0.1, maximum=60.0),
-    Param('emulator_time_scale', 1.0, 'emulated seconds per real second (tests run motion faster)',
-          minimum=0.01, maximum=1000.0, read_only=True),
-    Param('emulator_settle_time', 0.02, 'emulated settle time after each move [s]', minimum=0.0,
-          maximum=5.0, read_only=True),
-]
 
 
 def _tf_broadcaster(node):
@@ -111,7 +68,7 @@ def _camera_transform(state: StageState):
 class StageNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__('stage_node', **kwargs)
-        self.params = declare_parameters(self, PARAMS, on_change=self._on_params)
+        self.params = declare_parameters(self, StageNodeParameters, on_change=self._on_params)
         self.group = ReentrantCallbackGroup()
         self.driver: StageDriver | None = None
         self.emulator: StageEmulator | None = None
@@ -133,12 +90,12 @@ class StageNode(LifecycleNode):
     def on_configure(self, state) -> TransitionCallbackReturn:
         p = self.params
         try:
-            port = p['port']
-            if p['emulate']:
-                travel = p['limits']
+            port = p.port
+            if p.emulate:
+                travel = p.limits
                 config = EmulatorConfig(
-                    speed_xy=p['speed'], speed_z=p['z_speed'], settle_time=p['emulator_settle_time'],
-                    time_scale=p['emulator_time_scale'],
+                    speed_xy=p.speed, speed_z=p.z_speed, settle_time=p.emulator_settle_time,
+                    time_scale=p.emulator_time_scale,
                     limits={'X': tuple(travel[0:2]), 'Y': tuple(travel[2:4]), 'Z': tuple(travel[4:6])})
                 self.emulator = StageEmulator(config)
                 port = self.emulator.start()
@@ -146,16 +103,16 @@ class StageNode(LifecycleNode):
             elif not port:
                 raise StageError('parameter port is empty: set it to the controller\'s serial device '
                                  '(e.g. /dev/ttyUSB0) or set emulate:=true')
-            limits = p['limits']
+            limits = p.limits
             self.driver = StageDriver(
-                port, baudrate=p['baudrate'], timeout=p['timeout'], retries=p['retries'],
-                reconnect_attempts=p['reconnect_attempts'], reconnect_delay=p['reconnect_delay'],
+                port, baudrate=p.baudrate, timeout=p.timeout, retries=p.retries,
+                reconnect_attempts=p.reconnect_attempts, reconnect_delay=p.reconnect_delay,
                 limits=TravelLimits(tuple(limits[0:2]), tuple(limits[2:4]), tuple(limits[4:6])),
-                require_homing=p['require_homing'])
+                require_homing=p.require_homing)
             self.driver.open()
-            self.driver.set_speed(p['speed'], p['z_speed'])
-            if p['home_on_configure']:
-                self.driver.home(timeout=p['move_timeout'])
+            self.driver.set_speed(p.speed, p.z_speed)
+            if p.home_on_configure:
+                self.driver.home(timeout=p.move_timeout)
             self._position = self.driver.where()
         except (StageError, ValueError) as error:
             self.get_logger().error(f'cannot configure the stage: {error}')
@@ -168,7 +125,7 @@ class StageNode(LifecycleNode):
         self._poller = threading.Thread(target=self._poll, name='stage-poll', daemon=True)
         self._worker.start()
         self._poller.start()
-        self.get_logger().info(f'stage configured on {self.driver.port} at {p["baudrate"]} Bd')
+        self.get_logger().info(f'stage configured on {self.driver.port} at {p.baudrate} Bd')
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:
@@ -228,7 +185,7 @@ class StageNode(LifecycleNode):
             if name in changes:
                 setattr(driver, name, changes[name])
         if 'speed' in changes or 'z_speed' in changes:
-            self._submit(lambda d: d.set_speed(self.params['speed'], self.params['z_speed']))
+            self._submit(lambda d: d.set_speed(self.params.speed, self.params.z_speed))
 
     # ------------------------------------------------------------------ worker threads
     def _submit(self, job) -> Future:
@@ -275,12 +232,12 @@ class StageNode(LifecycleNode):
                 self.get_logger().error(f'stage poll failed: {error}', throttle_duration_sec=5.0)
             try:
                 self.publish_state()
-                if started - last_diagnostics >= self.params['diagnostics_period']:
+                if started - last_diagnostics >= self.params.diagnostics_period:
                     self._publish_diagnostics()
                     last_diagnostics = started
             except Exception as error:  # noqa: BLE001 - the poll loop must outlive one bad message
                 self.get_logger().error(f'stage state not published: {error}', throttle_duration_sec=5.0)
-            self._stop.wait(max(0.0, 1.0 / self.params['poll_rate'] - (time.monotonic() - started)))
+            self._stop.wait(max(0.0, 1.0 / self.params.poll_rate - (time.monotonic() - started)))
 
     def publish_state(self) -> None:
         driver = self.driver
@@ -336,7 +293,7 @@ class StageNode(LifecycleNode):
             response.error_code = MoveStage.Response.ERROR_INVALID_ARGUMENT
             response.message = f'target and speed must be finite (speed >= 0), got {target}, {request.speed}'
             return response
-        timeout = self.params['move_timeout']
+        timeout = self.params.move_timeout
 
         def move(driver: StageDriver):
             if request.speed > 0:
@@ -350,7 +307,7 @@ class StageNode(LifecycleNode):
                     driver.move_to(*target, wait=request.wait, timeout=timeout)
             finally:
                 if request.speed > 0:
-                    driver.set_speed(self.params['speed'], self.params['z_speed'])
+                    driver.set_speed(self.params.speed, self.params.z_speed)
             position = driver.where()
             moving = driver.is_busy()
             with self._state_lock:

@@ -25,7 +25,6 @@ from flake_core.node_tools import (
     OK,
     PIPELINE_QOS,
     WARN,
-    Param,
     declare_parameters,
     diagnostic_status,
     diagnostics_publisher,
@@ -34,24 +33,14 @@ from flake_core.node_tools import (
 )
 from flake_core.ros_image import image_to_numpy, numpy_to_image
 from flake_msgs.msg import ScanFrame
+from flake_scanner.parameters import TilerNodeParameters
 from flake_scanner.scan.tiler import MosaicBuilder, split_frame
-
-PARAMS = [
-    Param('tile_size', 0, 'detector tile size [px]; 0 passes whole frames on', minimum=0, maximum=8192),
-    Param('tile_overlap', 64, 'overlap between neighbouring tiles [px]', minimum=0, maximum=4096),
-    Param('mosaic_resolution', 10e-6, 'mosaic pixel size at the sample [m]', minimum=1e-7, maximum=1e-3),
-    Param('mosaic_every', 25, 'rewrite the mosaic every N frames (and at the end of a scan)',
-          minimum=1, maximum=100000),
-    Param('mosaic_queue', 64, 'frames waiting for the mosaic worker before the oldest is skipped',
-          minimum=1, maximum=10000),
-    Param('data_dir', '', 'where scans/<scan_id>/mosaic.png is written; empty = $FLAKE_DATA_DIR or ./data'),
-]
 
 
 class TilerNode(Node):
     def __init__(self):
         super().__init__('tiler_node')
-        self.params = declare_parameters(self, PARAMS)
+        self.params = declare_parameters(self, TilerNodeParameters)
         self.tile_publisher = self.create_publisher(ScanFrame, 'scan/tiles', PIPELINE_QOS)
         self.mosaic_publisher = self.create_publisher(Image, 'scan/mosaic', LATCHED_QOS)
         self.diagnostics = diagnostics_publisher(self)
@@ -61,25 +50,25 @@ class TilerNode(Node):
         self.tiles_out = 0
         self.mosaic_skipped = 0
         self._mosaics: dict[str, MosaicBuilder] = {}
-        self._work: queue.Queue = queue.Queue(maxsize=self.params['mosaic_queue'])
+        self._work: queue.Queue = queue.Queue(maxsize=self.params.mosaic_queue)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._mosaic_worker, name='mosaic', daemon=True)
         self._worker.start()
 
     def _data_dir(self) -> Path:
-        return Path(self.params['data_dir'] or os.environ.get('FLAKE_DATA_DIR', 'data'))
+        return Path(self.params.data_dir or os.environ.get('FLAKE_DATA_DIR', 'data'))
 
     def _on_frame(self, frame: ScanFrame) -> None:
         self.frames_in += 1
         to_wafer = Affine2D.from_list(frame.pixel_to_wafer)
-        size = self.params['tile_size']
+        size = self.params.tile_size
         if size == 0 or (size >= frame.image.width and size >= frame.image.height):
             self.tile_publisher.publish(frame)
             self.tiles_out += 1
             pixels = None
         else:
             pixels = image_to_numpy(frame.image)
-            for tile in split_frame(pixels, to_wafer, size, self.params['tile_overlap']):
+            for tile in split_frame(pixels, to_wafer, size, self.params.tile_overlap):
                 out = ScanFrame()
                 for field in ('header', 'scan_id', 'chip_id', 'tile_index', 'tile_row', 'tile_col',
                               'tiles_total', 'objective', 'magnification', 'pixel_size', 'stage_position',
@@ -115,7 +104,7 @@ class TilerNode(Node):
     def _add_to_mosaic(self, frame: ScanFrame, pixels) -> None:
         builder = self._mosaics.get(frame.scan_id)
         if builder is None:
-            builder = self._mosaics[frame.scan_id] = MosaicBuilder(self.params['mosaic_resolution'])
+            builder = self._mosaics[frame.scan_id] = MosaicBuilder(self.params.mosaic_resolution)
             for old in [k for k in self._mosaics if k != frame.scan_id]:
                 del self._mosaics[old]
         if pixels is None:
@@ -123,7 +112,7 @@ class TilerNode(Node):
                 image_to_numpy(frame.image)
         builder.add(pixels, Affine2D.from_list(frame.pixel_to_wafer))
         last = frame.tiles_total and frame.tile_index + 1 >= frame.tiles_total
-        if last or len(builder) % self.params['mosaic_every'] == 0:
+        if last or len(builder) % self.params.mosaic_every == 0:
             self._write_mosaic(frame.scan_id, builder)
 
     def _write_mosaic(self, scan_id: str, builder: MosaicBuilder) -> None:

@@ -1,0 +1,99 @@
+"""Parameter schemas of the detector's nodes (flake_core.parameters): the one source of their
+declared parameters, the typed views the nodes read, the YAML checks and docs/parameters.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import json
+
+from flake_core.materials import parse_materials
+from flake_core.parameters import param
+from flake_detector.defects.simulate import SEED_PIXEL_SIZE
+from flake_detector.detection import available_detectors
+
+
+def _backend_error(name: str) -> str | None:
+    return None if name in available_detectors() else f'backend must be one of {available_detectors()}, got {name!r}'
+
+
+def _materials_error(text: str) -> str | None:
+    try:
+        parse_materials(text)
+    except ValueError as exc:
+        return f'materials: {exc}'
+    return None
+
+
+def _json_object_error(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f'backend_params is not JSON: {exc}'
+    return None if isinstance(value, dict) else 'backend_params must be a JSON object'
+
+
+@dataclass(frozen=True)
+class DetectorNodeParameters:
+    """Parameters of the ``detector_node`` node."""
+
+    backend: str = param('contrast', 'detector backend', validator=_backend_error)
+    input_topic: str = param('scan/tiles', 'ScanFrame topic to detect flakes in', read_only=True)
+    output_topic: str = param('detections', 'FlakeArray topic of the detections', read_only=True)
+    queue_size: int = param(4,
+          'frames waiting in memory for the worker; more are spilled to disk',
+          minimum=1, maximum=1000, read_only=True)
+    spill_dir: str = param('',
+          'where frames wait when the queue is full; empty = $FLAKE_DATA_DIR/detector_spill or the system temp dir',
+          read_only=True)
+    materials: str = param('graphene', 'contrast backend: comma-separated materials to match',
+                           validator=_materials_error)
+    oxide_nm: float = param(90.0, 'SiO2 thickness of the chips [nm]', minimum=1.0, maximum=2000.0)
+    calibration: str = param('auto', 'contrast calibration source', choices=('auto', 'measured', 'model'))
+    min_area_px: int = param(60, 'smallest flake reported [px]', minimum=1, maximum=10_000_000)
+    max_layers: float = param(40.0, 'contrast backend: thickest flake reported [layers]', minimum=1.0, maximum=10000.0)
+    max_elongation: float = param(5.0,
+          'contrast backend: a region whose area exceeds this times the square of its widest width is a line (tape '
+          'residue) and is dropped',
+          minimum=1.0, maximum=1000.0)
+    work_size: int = param(0,
+          'contrast backend: segment at this long side [px]; 0 = full resolution',
+          minimum=0, maximum=16384)
+    target: str = param('graphene-1-10L', 'cascade backend: shipped target (models/cascade_<target>.pt)')
+    model_path: str = param('', 'cascade backend: weights file overriding the shipped target')
+    cascade_threshold: float = param(0.5, 'cascade backend: P(good) every net must reach', minimum=0.0, maximum=1.0)
+    std_threshold: float = param(0.02,
+          'cascade backend: candidate finder relative std threshold',
+          minimum=1e-4, maximum=1.0)
+    backend_params: str = param('{}',
+          'JSON object of further keyword parameters for the backend (e.g. {"model_path": "..."} for maskrcnn); '
+          'they override the ones above',
+          validator=_json_object_error)
+    min_score: float = param(0.0, 'detections below this score are not published', minimum=0.0, maximum=1.0)
+    diagnostics_period: float = param(1.0, 'seconds between /diagnostics messages', minimum=0.1, maximum=60.0)
+
+
+@dataclass(frozen=True)
+class DefectAnalyzerNodeParameters:
+    """Parameters of the ``defect_analyzer_node`` node."""
+
+    detector_checkpoint: str = param('', 'CNN-1 checkpoint path; empty uses the shipped cnn1_hex.pt', read_only=True)
+    classifier_checkpoint: str = param('', 'CNN-2 checkpoint path; empty uses the shipped cnn2_2ch.pt', read_only=True)
+    default_pixel_size: float = param(SEED_PIXEL_SIZE,
+          'pixel size [m/px] when a request gives 0 and for topic images',
+          minimum=1e-13, maximum=1e-9)
+    threads: int = param(1, 'CPU threads for the networks', minimum=1, maximum=64, read_only=True)
+    queue_size: int = param(2,
+          'images waiting for analysis before new work is refused',
+          minimum=1, maximum=100, read_only=True)
+    topic_mode: bool = param(True, 'analyse images arriving on /stem/image_raw', read_only=True)
+    topic_include_cells: bool = param(False, 'put per-cell results into /defects/report')
+    alpha: float = param(0.65, 'hexagonal-net casting W_U / W_H', minimum=0.3, maximum=1.0)
+    beta: float = param(0.5, 'hexagonal-net casting H_U / H_H', minimum=0.3, maximum=1.0)
+    diagnostics_period: float = param(1.0, 'seconds between /diagnostics messages', minimum=0.1, maximum=60.0)
+
+
+# Node name -> schema, for docs/parameters.md and the checks of config/*.yaml.
+SCHEMAS = {
+    'detector_node': DetectorNodeParameters,
+    'defect_analyzer_node': DefectAnalyzerNodeParameters,
+}
