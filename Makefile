@@ -12,12 +12,13 @@ PACKAGES := flake_core flake_scanner flake_detector flake_registry
 MSG_FILES := $(shell find src/flake_msgs -type f -not -name '*~')
 PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src/$(p)/package.xml)
 
-.PHONY: help setup browser test lint demo web bench clean train-defects train-cascade maskrcnn-data train-maskrcnn train-maskrcnn-ablation
+.PHONY: help setup browser test test-fast lint demo web bench clean train-defects train-cascade maskrcnn-data train-maskrcnn train-maskrcnn-ablation
 
 help:
 	@echo "make setup  - create .venv, install pinned dependencies, build flake_msgs, install the packages"
 	@echo "make demo   - scan a simulated chip with the whole graph; report in reports/demo"
 	@echo "make test   - ruff and the whole pytest suite (what CI runs)"
+	@echo "make test-fast - lint and the suite without the slow system and browser tests (the inner loop)"
 	@echo "make bench  - run every bench/*.py and print their tables"
 	@echo "make train-cascade - retrain the shipped cascade weights (graphene 1-10 layers, hBN 10-90 nm)"
 	@echo "make train-maskrcnn - retrain the shipped CPU Mask R-CNN checkpoint (simulator data)"
@@ -62,6 +63,10 @@ browser:
 
 test: setup lint browser
 	$(ENV) python -m pytest tests
+
+# The inner loop: everything but the tests marked slow (whole node graphs, the browser).
+test-fast: setup lint
+	$(ENV) python -m pytest -m 'not slow' tests
 
 bench: setup
 	@for script in bench/*.py; do echo "== $$script"; $(ENV) python "$$script"; done

@@ -27,3 +27,10 @@ def ros():
         rclpy.init()
     yield rclpy
     rclpy.try_shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests start chromium: they count as slow, out of `make test-fast`."""
+    for item in items:
+        if item.path.name.startswith('test_web_browser'):
+            item.add_marker(pytest.mark.slow)

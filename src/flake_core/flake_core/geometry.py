@@ -3,7 +3,7 @@
 - ``stage``: the controller's axes. A stage position (x, y) names the stage-frame
   point that lies at the centre of the camera image.
 - ``wafer``: the chip's own frame, defined from three corner points measured in the
-  stage frame (seed 000). A flake's identity is its wafer position, so it is found
+  stage frame (Greplova et al. (2020)). A flake's identity is its wafer position, so it is found
   again after the chip is remounted and the corners re-measured.
 - ``camera_optical``: x right, y down, z into the sample. Pixel (u, v) has u along
   the image's x and v along its y; pixel centres sit at integer coordinates. With
@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 import math
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +32,7 @@ class Affine2D:
     f: float = 0.0
 
     @classmethod
-    def from_list(cls, values) -> Affine2D:
+    def from_list(cls, values: Iterable[float]) -> Affine2D:
         values = [float(v) for v in values]
         if len(values) != 6:
             raise ValueError(f'an affine map needs 6 numbers, got {len(values)}')
@@ -47,7 +49,7 @@ class Affine2D:
     def matrix(self) -> np.ndarray:
         return np.array([[self.a, self.b, self.c], [self.d, self.e, self.f], [0.0, 0.0, 1.0]])
 
-    def apply(self, x, y):
+    def apply(self, x: Any, y: Any) -> Any:
         """Map scalars or arrays; returns (x', y') of the same shape."""
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
@@ -102,7 +104,7 @@ class WaferFrame:
     chip_id: str = ''
 
     @classmethod
-    def from_corners(cls, corners, chip_id: str = '', min_edge: float = 1e-4) -> WaferFrame:
+    def from_corners(cls, corners: Any, chip_id: str = '', min_edge: float = 1e-4) -> WaferFrame:
         pts = np.asarray(corners, dtype=np.float64)
         if pts.ndim != 2 or pts.shape[0] != 3 or pts.shape[1] < 2:
             raise ValueError(f'need exactly three corner points (x, y), got shape {pts.shape}')

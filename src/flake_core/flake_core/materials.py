@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
+from typing import Any
 
 # Layer classes of Masubuchi et al. (2020): mono = 1 layer, few = 2-10, thick = 11-40, bulk above.
 # The numbers are flake_msgs/Flake's LAYER_* constants (a test holds them equal).
@@ -196,7 +197,7 @@ def hex_to_bgr(value: str) -> tuple[int, int, int]:
     return blue, green, red
 
 
-def coco_categories() -> list[dict]:
+def coco_categories() -> list[dict[str, Any]]:
     """COCO categories of flakes and contaminants, as the simulator's datasets name them."""
     flakes = [{'id': m.coco_id, 'name': m.name, 'supercategory': 'flake'} for m in _MATERIALS]
     others = [{'id': cid, 'name': CONTAMINANT_COCO_NAMES[kind], 'supercategory': 'contaminant'}

@@ -36,7 +36,7 @@ LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
-def image_publisher(node, msg_type, topic: str, qos: QoSProfile = IMAGE_PUBLISHER_QOS):
+def image_publisher(node: Any, msg_type: Any, topic: str, qos: QoSProfile = IMAGE_PUBLISHER_QOS) -> Any:
     """An image publisher whose QoS a user may override with parameters."""
     return node.create_publisher(msg_type, topic, qos,
                                  qos_overriding_options=QoSOverridingOptions.with_default_policies())
@@ -49,16 +49,17 @@ def descriptor(spec: Param) -> ParameterDescriptor:
         constraints = 'one of: ' + ', '.join(str(c) for c in spec.choices)
     result = ParameterDescriptor(description=spec.description, read_only=spec.read_only,
                                  additional_constraints=constraints)
-    has_range = spec.minimum is not None and spec.maximum is not None and not isinstance(spec.default, bool)
-    if has_range and isinstance(spec.default, int):
-        result.integer_range = [IntegerRange(from_value=int(spec.minimum), to_value=int(spec.maximum), step=0)]
-    elif has_range and isinstance(spec.default, float):
-        result.floating_point_range = [FloatingPointRange(
-            from_value=float(spec.minimum), to_value=float(spec.maximum), step=0.0)]
+    low, high = spec.minimum, spec.maximum
+    if low is None or high is None or isinstance(spec.default, bool):
+        return result
+    if isinstance(spec.default, int):
+        result.integer_range = [IntegerRange(from_value=int(low), to_value=int(high), step=0)]
+    elif isinstance(spec.default, float):
+        result.floating_point_range = [FloatingPointRange(from_value=float(low), to_value=float(high), step=0.0)]
     return result
 
 
-def declare_parameters(node, schema: type[Schema],
+def declare_parameters(node: Any, schema: type[Schema],
                        on_change: Callable[[dict[str, Any]], None] | None = None) -> Schema:
     """Declare the parameters of ``schema`` (a flake_core.parameters schema) on ``node`` and return
     their frozen view; every accepted change later replaces ``node.params`` with an updated view.
@@ -77,7 +78,7 @@ def declare_parameters(node, schema: type[Schema],
             raise ValueError(f'invalid parameter: {error}')
         values[spec.name] = value
 
-    def validate(changes) -> SetParametersResult:
+    def validate(changes: Sequence[Any]) -> SetParametersResult:
         accepted = {}
         for change in changes:
             spec = by_name.get(change.name)
@@ -106,11 +107,11 @@ def diagnostic_status(name: str, hardware_id: str, level: int, message: str,
         values=[KeyValue(key=str(k), value=str(v)) for k, v in (values or {}).items()])
 
 
-def diagnostics_publisher(node):
+def diagnostics_publisher(node: Any) -> Any:
     return node.create_publisher(DiagnosticArray, '/diagnostics', 10)
 
 
-def publish_diagnostics(node, publisher, statuses: Sequence[DiagnosticStatus]) -> None:
+def publish_diagnostics(node: Any, publisher: Any, statuses: Sequence[DiagnosticStatus]) -> None:
     array = DiagnosticArray()
     array.header.stamp = node.get_clock().now().to_msg()
     array.status = list(statuses)
@@ -122,7 +123,7 @@ WARN = DiagnosticStatus.WARN
 ERROR = DiagnosticStatus.ERROR
 
 
-def freeze_long_lived_objects(node, period: float):
+def freeze_long_lived_objects(node: Any, period: float) -> Any:
     """Hide every object alive now, and again every ``period`` s, from the cyclic garbage collector.
 
     A full collection walks every tracked object; with rclpy, a database layer and a message
@@ -134,12 +135,12 @@ def freeze_long_lived_objects(node, period: float):
     return node.create_timer(period, gc.freeze) if period > 0 else None
 
 
-def sleep_future(node, seconds: float, callback_group=None) -> Future:
+def sleep_future(node: Any, seconds: float, callback_group: Any = None) -> Future[None]:
     """A future that completes after ``seconds``: ``await`` it in a coroutine callback
     instead of sleeping, so the executor keeps serving other callbacks."""
-    future = Future()
+    future: Future[None] = Future()
 
-    def fire():
+    def fire() -> None:
         timer.cancel()
         if not future.done():
             future.set_result(None)
@@ -149,11 +150,11 @@ def sleep_future(node, seconds: float, callback_group=None) -> Future:
     return future
 
 
-def with_timeout(node, future: Future, seconds: float, what: str, callback_group=None) -> Future:
+def with_timeout(node: Any, future: Future[Any], seconds: float, what: str, callback_group: Any = None) -> Future[Any]:
     """A future with ``future``'s outcome, or a TimeoutError naming ``what`` after ``seconds``."""
-    outer = Future()
+    outer: Future[Any] = Future()
 
-    def forward(inner):
+    def forward(inner: Future[Any]) -> None:
         if outer.done():
             return
         exception = inner.exception()
@@ -162,7 +163,7 @@ def with_timeout(node, future: Future, seconds: float, what: str, callback_group
         else:
             outer.set_result(inner.result())
 
-    def expire():
+    def expire() -> None:
         timer.cancel()
         if not outer.done():
             future.cancel()
@@ -181,15 +182,15 @@ class FrameWaiters:
     from coroutines; stamps and times are nanoseconds of the same clock.
     """
 
-    def __init__(self):
-        self._waiting: list[tuple[int, Future]] = []
+    def __init__(self) -> None:
+        self._waiting: list[tuple[int, Future[Any]]] = []
 
-    def expect(self, after_ns: int) -> Future:
-        future = Future()
+    def expect(self, after_ns: int) -> Future[Any]:
+        future: Future[Any] = Future()
         self._waiting.append((after_ns, future))
         return future
 
-    def offer(self, msg) -> None:
+    def offer(self, msg: Any) -> None:
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         waiting = []
         for after, future in self._waiting:
@@ -202,7 +203,7 @@ class FrameWaiters:
         self._waiting = waiting
 
 
-def wake_executor(node) -> None:
+def wake_executor(node: Any) -> None:
     """Make the node's executor resume coroutines awaiting a future completed in another thread.
 
     rclpy resumes a waiting coroutine only when its executor wakes up; a future set from
@@ -213,7 +214,7 @@ def wake_executor(node) -> None:
         executor.wake()
 
 
-def run_node(make_node: Callable[[], Any], args=None, executor=None) -> None:
+def run_node(make_node: Callable[[], Any], args: list[str] | None = None, executor: Any = None) -> None:
     """Init rclpy, build the node, spin until Ctrl-C or SIGTERM, then shut down cleanly.
 
     rclpy's own handlers catch both signals and wake the executor, which then raises

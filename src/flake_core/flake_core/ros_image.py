@@ -12,6 +12,7 @@ lists to message fields costs 50-170 ms per frame in rclpy.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -42,19 +43,19 @@ class ImageConversionError(ValueError):
     """An image message or array that cannot be converted, with the reason."""
 
 
-def _cv_bridge():
+def _cv_bridge() -> Any:
     try:
-        from cv_bridge import CvBridge  # type: ignore[import-not-found]
+        from cv_bridge import CvBridge
     except Exception:  # noqa: BLE001 - any failure (absent, NumPy-2 ABI break) means "not usable"
         return None
     return CvBridge()
 
 
-_BRIDGE = None
+_BRIDGE: Any = None
 _BRIDGE_CHECKED = False
 
 
-def _bridge():
+def _bridge() -> Any:
     global _BRIDGE, _BRIDGE_CHECKED
     if not _BRIDGE_CHECKED:
         _BRIDGE = _cv_bridge()
@@ -72,7 +73,7 @@ def encoding_info(encoding: str) -> tuple[np.dtype, int]:
         ) from None
 
 
-def image_to_numpy(msg, desired_encoding: str = 'passthrough') -> np.ndarray:
+def image_to_numpy(msg: Any, desired_encoding: str = 'passthrough') -> np.ndarray:
     """Return the pixels of an Image message as an (H, W) or (H, W, C) array.
 
     The result may share memory with ``msg.data``; copy it before writing to it.
@@ -83,7 +84,8 @@ def image_to_numpy(msg, desired_encoding: str = 'passthrough') -> np.ndarray:
         desired = desired_encoding
     bridge = _bridge()
     if bridge is not None:
-        return bridge.imgmsg_to_cv2(msg, desired_encoding or 'passthrough')
+        pixels: np.ndarray = bridge.imgmsg_to_cv2(msg, desired_encoding or 'passthrough')
+        return pixels
 
     dtype, channels = encoding_info(msg.encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
@@ -148,7 +150,7 @@ def _rescale_depth(pixels: np.ndarray, source: np.dtype, target: np.dtype) -> np
     return pixels.astype(target)
 
 
-def numpy_to_image(pixels: np.ndarray, encoding: str, header=None, msg=None):
+def numpy_to_image(pixels: np.ndarray, encoding: str, header: Any = None, msg: Any = None) -> Any:
     """Build (or fill ``msg``) a sensor_msgs/Image from an array, with step = one packed row."""
     bridge = _bridge()
     if bridge is not None:
