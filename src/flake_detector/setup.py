@@ -24,6 +24,7 @@ setup(
             'flake-detect = flake_detector.cli:main',
             'flake-eval = flake_detector.evaluation_cli:main',
             'flake-train-cascade = flake_detector.cascade_train:main',
+            'flake-finetune = flake_detector.finetune:main',
             'flake-train-maskrcnn = flake_detector.maskrcnn.train:main',
             'flake-defects = flake_detector.defects.cli:main',
             'flake-bag-eval = flake_detector.bag_evaluate:main',

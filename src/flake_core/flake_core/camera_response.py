@@ -240,7 +240,7 @@ class CameraRanges:
     # Chances of the three white-balance habits: set for a temperature, clicked on the substrate, raw.
     white_balance_modes: tuple[float, float, float] = (0.5, 0.35, 0.15)
     raw_gain: tuple[float, float] = (0.6, 1.6)
-    substrate_level: tuple[float, float] = (0.35, 0.8)
+    substrate_level: tuple[float, float] = (0.4, 0.8)
     gamma: tuple[float, float] = (1.0, 2.4)
     linear_share: float = 0.3  # share of cameras that keep gamma 1 (scientific cameras)
     black_level_dn: tuple[float, float] = (0.0, 12.0)

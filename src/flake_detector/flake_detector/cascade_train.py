@@ -1,4 +1,4 @@
-"""``flake-train-cascade``: train seed 000's cascade of noisy nets for one target.
+"""``flake-train-cascade``: train Greplova et al.'s cascade of noisy nets for one target.
 
 Data (any mix):
   --sim-seeds 1,2,3      frames of the simulated microscope (flake_scanner.sim), labelled
@@ -14,8 +14,8 @@ enriched in thin flakes (``--thin-fraction``, where the good ones are) and, with
 ``--natural-frames``, of a chip of the same seed with natural statistics, which brings
 the near misses a scan meets (graphene of 11-30 layers, hBN just off 10-90 nm).
 
-Training follows seed 000: balanced batches (half good, half bad), each good crop in
-6 variants (rotations and mirrors), three nets trained separately. Seed 000 stops
+Training follows Greplova et al. (2020): balanced batches (half good, half bad), each good crop in
+6 variants (rotations and mirrors), three nets trained separately. Greplova et al. (2020) stops
 each net while still noisy (~90 % accuracy on a balanced batch); on simulated
 candidates that point comes after some 20 steps, when a net still passes 4-7 % of the
 bad candidates, so the nets train ``--max-steps`` steps (``--stop-accuracy`` restores
@@ -45,6 +45,7 @@ import datetime as dt
 import json
 import math
 from pathlib import Path
+import re
 import subprocess
 import sys
 import time
@@ -52,6 +53,8 @@ import time
 import cv2
 import numpy as np
 
+from flake_core import materials
+from flake_core.materials import FLAKE_MATERIALS
 from flake_detector.candidates import Candidate, CandidateFinder
 from flake_detector.cascade import TARGETS, Cascade, Target, build_net, logit, target_by_name
 
@@ -85,7 +88,7 @@ def label_candidates(candidates: list[Candidate], truths: list[TruthObject], tar
     """1 where a flake the target accepts has its centroid in the candidate's region box
     (grown by ``slack_px``) and covers at least ``min_share`` of the region.
 
-    The share stands for seed 000's "isolated": a thin flake on the rim of a bulk
+    The share stands for Greplova et al.'s "isolated": a thin flake on the rim of a bulk
     crystal puts its centroid in the crystal's candidate, but that crop shows the
     crystal, and the flake is not one a lab would pick up.
     """
@@ -105,17 +108,33 @@ def label_candidates(candidates: list[Candidate], truths: list[TruthObject], tar
 
 def simulated_frames(seed: int, count: int, size: int = 1024, thin_fraction: float = 0.5,
                      oxide_nm: float = 90.0, objective: str = '10x', chip_mm: float = 4.0,
-                     material_mix: dict | None = None):
+                     material_mix: dict | None = None, look=None, randomise: bool = False,
+                     frames_per_look: int = 10, with_truth: bool = False):
     """``count`` frames (bgr, [TruthObject], pixel_to_wafer) of a simulated chip, each
-    centred near a random flake so the rare good flakes are not rarer still."""
-    from flake_scanner.sim.camera import CameraModel, CameraSettings
-    from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
+    centred near a random flake so the rare good flakes are not rarer still. With
+    ``with_truth`` the third item is the frame's ``FrameTruth`` (masks; its ``pixel_to_wafer``).
 
+    ``look`` (a ``flake_scanner.sim.randomise.SimLook``) renders with another camera and chip
+    look; ``randomise`` draws a new random look every ``frames_per_look`` frames (never one
+    of the held-out cameras), each on its own chip."""
+    if randomise:
+        from flake_scanner.sim.randomise import look_groups
+
+        for group_look, wafer_seed, group_count in look_groups(seed, count, frames_per_look):
+            yield from simulated_frames(wafer_seed, group_count, size, thin_fraction, oxide_nm, objective,
+                                        chip_mm, material_mix, look=group_look, with_truth=with_truth)
+        return
+    from flake_scanner.sim.camera import CameraModel, CameraSettings
+    from flake_scanner.sim.randomise import SimLook
+    from flake_scanner.sim.wafer import VirtualWafer
+
+    look = look or SimLook('default')
     extra = {'material_mix': material_mix} if material_mix else {}
-    wafer = VirtualWafer.generate(WaferConfig(seed=seed, oxide_nm=oxide_nm, thin_fraction=thin_fraction,
-                                              chip_width_m=chip_mm * 1e-3, chip_height_m=chip_mm * 1e-3,
-                                              **extra))
-    camera = CameraModel(wafer, CameraSettings(width=size, height=size, objective=objective, seed=seed))
+    wafer = VirtualWafer.generate(look.wafer_config(seed=seed, oxide_nm=oxide_nm, thin_fraction=thin_fraction,
+                                                    chip_width_m=chip_mm * 1e-3, chip_height_m=chip_mm * 1e-3,
+                                                    **extra))
+    camera = CameraModel(wafer, look.camera_settings(CameraSettings(width=size, height=size, objective=objective,
+                                                                    seed=seed)))
     rng = np.random.default_rng([seed, 0xCA5C])
     fov = camera.field_of_view
     margin = 0.1e-3
@@ -130,7 +149,7 @@ def simulated_frames(seed: int, count: int, size: int = 1024, thin_fraction: flo
         truth = camera.ground_truth(x, y)
         objects = [TruthObject(o.material, float(o.layers), float(o.thickness_nm), float(o.area_px),
                                _mask_centre(o.mask)) for o in truth.flakes]
-        yield camera.render(x, y), objects, truth.pixel_to_wafer
+        yield camera.render(x, y), objects, truth if with_truth else truth.pixel_to_wafer
 
 
 def _mask_centre(mask: np.ndarray) -> tuple[float, float]:
@@ -138,37 +157,67 @@ def _mask_centre(mask: np.ndarray) -> tuple[float, float]:
     return (float(us.mean()), float(vs.mean())) if len(us) else (math.nan, math.nan)
 
 
-def coco_frames(path: Path):
-    """(bgr, [TruthObject], None) for every image of a COCO file with flake attributes."""
+_LAYER_NAME = re.compile(r'^\s*(>=|\u2265|>)?\s*(\d+)\s*(l|layers?)\s*$', re.IGNORECASE)
+
+
+def layers_from_name(name: str) -> float:
+    """Layer count of a category named like ``3L`` or ``5 layers``; ``>5L`` and ``>=5L`` say only
+    'thick' and read as infinity (thicker than any finite layer range); NaN for other names."""
+    match = _LAYER_NAME.match(str(name))
+    if not match:
+        return math.nan
+    return math.inf if match.group(1) else float(match.group(2))
+
+
+def coco_frames(path: Path, material: str | None = None, image_ids=None):
+    """(bgr, [TruthObject], None) for every image of a COCO file (those of ``image_ids`` only,
+    when given). Material and layers come from each annotation's ``attributes`` (as
+    ``flake-sim dataset`` writes them), else from the category's name (a material name, or a
+    layer count like ``3L`` as labelling tools write them), else ``material``. Masks may be
+    RLE or polygons."""
     from pycocotools import mask as mask_utils
 
-    coco = json.loads(Path(path).read_text())
+    path = Path(path)
+    coco = json.loads(path.read_text())
     categories = {c['id']: c['name'] for c in coco.get('categories', [])}
     by_image: dict[int, list[dict]] = {}
     for ann in coco['annotations']:
         if ann.get('is_contaminant') or ann.get('category_id', 0) >= 100:
             continue
         by_image.setdefault(ann['image_id'], []).append(ann)
+    wanted = None if image_ids is None else set(image_ids)
     for image in coco['images']:
-        bgr = cv2.imread(str(Path(path).parent / image['file_name']), cv2.IMREAD_COLOR)
+        if wanted is not None and image['id'] not in wanted:
+            continue
+        bgr = cv2.imread(str(path.parent / image['file_name']), cv2.IMREAD_COLOR)
         if bgr is None:
             raise ValueError(f'cannot read {image["file_name"]} listed in {path}')
+        height, width = bgr.shape[:2]
         objects = []
         for ann in by_image.get(image['id'], []):
             attributes = ann.get('attributes') or {}
             seg = ann.get('segmentation')
-            if isinstance(seg, dict):
-                rle = dict(seg)
-                if isinstance(rle['counts'], str):
-                    rle['counts'] = rle['counts'].encode('ascii')
+            if isinstance(seg, dict) or (isinstance(seg, list) and seg):
+                if isinstance(seg, dict):
+                    rle = dict(seg)
+                    if isinstance(rle['counts'], str):
+                        rle['counts'] = rle['counts'].encode('ascii')
+                else:
+                    rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
                 centre = _mask_centre(mask_utils.decode(rle).astype(bool))
             else:
                 x, y, w, h = ann['bbox']
                 centre = (x + w / 2, y + h / 2)
-            layers = float(attributes.get('layers', math.nan))
-            objects.append(TruthObject(
-                str(attributes.get('material', categories.get(ann['category_id'], 'unknown'))), layers,
-                float(attributes.get('thickness_nm', math.nan)), float(ann.get('area', 0.0)), centre))
+            category = categories.get(ann.get('category_id'), '')
+            name = attributes.get('material') or (category if category in FLAKE_MATERIALS else None) \
+                or material or 'unknown'
+            layers = float(attributes['layers']) if attributes.get('layers') is not None \
+                else layers_from_name(category)
+            thickness = attributes.get('thickness_nm')
+            if thickness is None:
+                # Targets may bound the thickness: a layer count gives it.
+                thickness = layers * materials.material(name).layer_nm if name in FLAKE_MATERIALS else math.nan
+            objects.append(TruthObject(str(name), layers, float(thickness), float(ann.get('area', 0.0)), centre))
         yield bgr, objects, None
 
 
@@ -212,7 +261,7 @@ def crops_from_folder(folder: Path, crop_size: int) -> CropSet:
 
 
 def six_variants(crops: np.ndarray) -> np.ndarray:
-    """Seed 000: every good crop enters in 6 variants (identity, 3 rotations, 2 mirrors)."""
+    """Greplova et al. (2020): every good crop enters in 6 variants (identity, 3 rotations, 2 mirrors)."""
     return np.concatenate([crops, np.rot90(crops, 1, (1, 2)), np.rot90(crops, 2, (1, 2)),
                            np.rot90(crops, 3, (1, 2)), crops[:, :, ::-1], crops[:, ::-1]])
 
@@ -231,9 +280,13 @@ def split(data: CropSet, eval_fraction: float, rng: np.random.Generator) -> tupl
 
 def train_net(train: CropSet, evaluation: CropSet, seed: int, width: float = 1.0, batch: int = 200,
               max_steps: int = 300, stop_accuracy: float | None = None, eval_every: int = 10, lr: float = 1e-3,
-              min_steps: int = 20, net_input: int = 40, log=None):
+              min_steps: int = 20, net_input: int = 40, log=None, net=None, gamma_jitter: float = 0.0):
     """One net: ``max_steps`` balanced batches, or fewer once the evaluation accuracy
-    reaches ``stop_accuracy`` (seed 000's noisy stop; None or 0 trains every step)."""
+    reaches ``stop_accuracy`` (Greplova et al.'s noisy stop; None or 0 trains every step).
+
+    ``net``: go on training this net (fine-tuning) instead of a fresh one. ``gamma_jitter``:
+    each training crop seen through a random gamma within [1 / (1 + j), 1 + j] (on its contrast
+    image, ``(1 + C) ** g - 1``), for cameras whose tone curve is not known."""
     import torch
     from torch import nn
 
@@ -241,7 +294,7 @@ def train_net(train: CropSet, evaluation: CropSet, seed: int, width: float = 1.0
 
     torch.manual_seed(seed)  # each net of a cascade starts from its own initialisation
     rng = np.random.default_rng(seed)
-    net = build_net(width)
+    net = build_net(width) if net is None else net
     good = six_variants(train.crops[train.labels == 1])
     bad = train.crops[train.labels == 0]
     if len(good) == 0 or len(bad) == 0:
@@ -262,6 +315,9 @@ def train_net(train: CropSet, evaluation: CropSet, seed: int, width: float = 1.0
         gi = rng.integers(len(good), size=half)
         bi = rng.integers(len(bad), size=batch - half)
         x = torch.from_numpy(np.concatenate([good[gi], bad[bi]]))
+        if gamma_jitter > 0:
+            gammas = np.exp(rng.uniform(-1.0, 1.0, batch) * math.log1p(gamma_jitter)).astype(np.float32)
+            x = (1.0 + x).clamp(min=0.0) ** torch.from_numpy(gammas)[:, None, None, None] - 1.0
         y = torch.cat([torch.ones(half, dtype=torch.long), torch.zeros(batch - half, dtype=torch.long)])
         optimiser.zero_grad()
         loss = loss_fn(net(x), y)
@@ -287,7 +343,7 @@ def train_net(train: CropSet, evaluation: CropSet, seed: int, width: float = 1.0
 def train_cascade(data: CropSet, target: Target, nets: int = 3, seed: int = 0, width: float = 1.0,
                   crop_size: int = 80, eval_fraction: float = 0.1, net_input: int = 40, log=None,
                   **train_kwargs) -> Cascade:
-    """Train ``nets`` nets separately, each with its own evaluation batch (seed 000)."""
+    """Train ``nets`` nets separately, each with its own evaluation batch (Greplova et al. (2020))."""
     models, reports = [], []
     for k in range(nets):
         rng = np.random.default_rng([seed, k])
@@ -359,7 +415,8 @@ def refold_thresholds(cascade: Cascade, validation: CropSet, recall: float,
 
 def validation_crops(seeds: list[int], frames: int, natural_frames: int, finder: CandidateFinder,
                      targets: list[Target], size: int = 1024, thin_fraction: float = 0.5, oxide_nm: float = 90.0,
-                     objective: str = '10x', log=None) -> list[CropSet]:
+                     objective: str = '10x', log=None, randomise: bool = False,
+                     frames_per_look: int = 10) -> list[CropSet]:
     """Candidates of every validation seed (thin-rich frames, then natural-statistics
     ones), one CropSet per target."""
     parts = []
@@ -367,7 +424,9 @@ def validation_crops(seeds: list[int], frames: int, natural_frames: int, finder:
         for label, thin, count in (('', thin_fraction, frames), (' natural', 0.0, natural_frames)):
             if count <= 0:
                 continue
-            sets = crops_from_frames(simulated_frames(seed, count, size, thin, oxide_nm, objective), finder,
+            frames_of_seed = simulated_frames(seed, count, size, thin, oxide_nm, objective, randomise=randomise,
+                                              frames_per_look=frames_per_look)
+            sets = crops_from_frames(frames_of_seed, finder,
                                      targets, progress=f'validation seed {seed}{label}')
             parts.append(sets)
             if log:
@@ -411,15 +470,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--recall', type=float, default=0.95,
                         help='share of the good validation candidates the whole cascade must keep')
     parser.add_argument('--oxide', type=float, default=90.0, help='simulator: SiO2 thickness [nm]')
+    parser.add_argument('--randomise-camera', action='store_true',
+                        help='simulator: a new random camera and chip look (oxide 80-300 nm, white balance, gamma, '
+                             'bands, shading, dirt, JPEG) every --frames-per-look frames, for training and '
+                             'validation; the held-out cameras are never drawn (replaces --oxide)')
+    parser.add_argument('--frames-per-look', type=int, default=10, help='simulator: frames per random look')
     parser.add_argument('--objective', default='10x', help='simulator objective')
     parser.add_argument('--coco', type=Path, action='append', default=[], help='COCO file to train on')
     parser.add_argument('--crops', type=Path, action='append', default=[], help='folder with good/ and bad/')
-    parser.add_argument('--nets', type=int, default=3, help='nets in the cascade (seed 000: 3)')
-    parser.add_argument('--batch', type=int, default=200, help='balanced batch size (seed 000: 200)')
+    parser.add_argument('--nets', type=int, default=3, help='nets in the cascade (Greplova et al. (2020): 3)')
+    parser.add_argument('--batch', type=int, default=200, help='balanced batch size (Greplova et al. (2020): 200)')
     parser.add_argument('--max-steps', type=int, default=300, help='training steps per net at most')
     parser.add_argument('--stop-accuracy', type=float, default=0.0,
-                        help='stop a net once its balanced evaluation accuracy reaches this (seed 000: ~0.9; '
-                             '0: train every step)')
+                        help='stop a net once its balanced evaluation accuracy reaches this '
+                             '(Greplova et al. 2020: ~0.9; 0: train every step)')
     parser.add_argument('--crop-size', type=int, default=80)
     parser.add_argument('--width', type=float, default=1.0, help='scale of the layer widths (1 = Table I)')
     parser.add_argument('--seed', type=int, default=0, help='training seed')
@@ -478,14 +542,16 @@ def main(argv: list[str] | None = None) -> int:
         return _rethreshold(args, targets, val_seeds, finder, out_path, validation_record, log,
                             argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
+    randomise = {'randomise': args.randomise_camera, 'frames_per_look': args.frames_per_look}
     parts: list[list[CropSet]] = []  # per source, one CropSet per target
     for seed in seeds:
         frames = simulated_frames(seed, args.sim_frames, args.sim_size, args.thin_fraction, args.oxide,
-                                  args.objective)
+                                  args.objective, **randomise)
         parts.append(crops_from_frames(frames, finder, targets, progress=f'sim seed {seed}'))
         log(f'sim seed {seed}: {len(parts[-1][0])} candidates, good per target {[p.good for p in parts[-1]]}')
         if args.natural_frames > 0:
-            frames = simulated_frames(seed, args.natural_frames, args.sim_size, 0.0, args.oxide, args.objective)
+            frames = simulated_frames(seed, args.natural_frames, args.sim_size, 0.0, args.oxide, args.objective,
+                                      **randomise)
             parts.append(crops_from_frames(frames, finder, targets, progress=f'sim seed {seed} natural'))
             log(f'sim seed {seed}, natural statistics: {len(parts[-1][0])} candidates, good per target '
                 f'{[p.good for p in parts[-1]]}')
@@ -499,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     validation = None
     if val_seeds:
         validation = validation_crops(val_seeds, args.val_frames, args.val_natural_frames, finder, targets,
-                                      args.sim_size, args.thin_fraction, args.oxide, args.objective, log)
+                                      args.sim_size, args.thin_fraction, args.oxide, args.objective, log,
+                                      **randomise)
     for k, target in enumerate(targets):
         data = CropSet(crops, np.concatenate([p[k].labels for p in parts]))
         if data.good < 5 or len(data) - data.good < 5:
@@ -522,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
             'threshold_choice': threshold_choice,
             'data': {'sim_seeds': seeds, 'sim_frames_per_seed': args.sim_frames, 'sim_size': args.sim_size,
                      'natural_frames_per_seed': args.natural_frames,
-                     'thin_fraction': args.thin_fraction, 'oxide_nm': args.oxide, 'objective': args.objective,
+                     'thin_fraction': args.thin_fraction, 'objective': args.objective,
+                     **({'randomised_camera': True, 'frames_per_look': args.frames_per_look,
+                         'looks': 'flake_scanner.sim.randomise.random_look([seed, group]), held-out cameras '
+                                  'excluded'} if args.randomise_camera else {'oxide_nm': args.oxide}),
                      'coco': [str(p) for p in args.coco], 'crops': [str(p) for p in args.crops],
                      'candidates': len(data), 'good': data.good},
             'training': {'batch': args.batch, 'max_steps': args.max_steps, 'stop_accuracy': args.stop_accuracy,
@@ -549,7 +619,8 @@ def _rethreshold(args, targets, val_seeds, finder, out_path, validation_record, 
                              f'not {target.name}')
         cascades.append((path, cascade))
     validation = validation_crops(val_seeds, args.val_frames, args.val_natural_frames, finder, targets,
-                                  args.sim_size, args.thin_fraction, args.oxide, args.objective, log)
+                                  args.sim_size, args.thin_fraction, args.oxide, args.objective, log,
+                                  randomise=args.randomise_camera, frames_per_look=args.frames_per_look)
     for k, (path, cascade) in enumerate(cascades):
         previous = cascade.card.get('threshold_choice') or {}
         folded = previous.get('thresholds') if previous.get('folded_into_output_bias') else None

@@ -37,7 +37,7 @@ import math
 import cv2
 import numpy as np
 
-from flake_core import optics
+from flake_core import calibration, optics
 from flake_core.camera_response import CameraResponse, white_balance_for
 from flake_core.geometry import Affine2D, pixel_to_stage
 from flake_core.materials import layer_class_name
@@ -179,9 +179,9 @@ class CameraModel:
     _DUST_REFLECTANCE = (0.03, 0.035, 0.04)
 
     def __init__(self, wafer: VirtualWafer, settings: CameraSettings | None = None,
-                 optics_model: optics.OpticsModel | None = None):
+                 optics_model: calibration.OpticsModel | None = None):
         self.wafer = wafer
-        self.optics = optics_model or optics.default_model()
+        self.optics = optics_model or calibration.default_model()
         self._colour_cache: dict[tuple, np.ndarray] = {}
         self._raster_cache: OrderedDict = OrderedDict()
         self._noise: np.ndarray | None = None
