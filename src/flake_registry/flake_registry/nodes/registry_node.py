@@ -28,7 +28,6 @@ from flake_core.node_tools import (
     OK,
     PIPELINE_QOS,
     WARN,
-    Param,
     declare_parameters,
     diagnostic_status,
     diagnostics_publisher,
@@ -59,44 +58,9 @@ from flake_registry.nodes.conversions import (
 )
 from flake_registry.nodes.stack_recipe_service import add_stack_recipe_service
 from flake_registry.nodes.wafer_frame_service import add_wafer_frame_services
-from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, MAX_LIMIT, RegistryError
-from flake_registry.store import IMAGE_ROLES, SYNCHRONOUS_MODES, FlakeStore, default_database_path
-
-PARAMS = (
-    Param('database_path', '', 'SQLite file of the registry; empty: $FLAKE_DATA_DIR/registry.sqlite '
-          '(./data/registry.sqlite without the variable)', read_only=True),
-    Param('image_dir', '', 'Directory for images sent with AddFlakeImage; empty: "images" next to the database',
-          read_only=True),
-    Param('synchronous', 'FULL', 'SQLite synchronous mode of reservations and other claims: FULL survives '
-          'power loss, NORMAL only crashes of the process', choices=SYNCHRONOUS_MODES, read_only=True),
-    Param('ingest_synchronous', 'NORMAL', 'SQLite synchronous mode of detection batches (replayable, so '
-          'NORMAL by default: ~40 % faster ingest)', choices=SYNCHRONOUS_MODES, read_only=True),
-    Param('default_lease', 300.0, 'Lease of a reservation when the request asks for 0 s [s]',
-          minimum=1.0, maximum=7 * 86400.0),
-    Param('max_lease', 86400.0, 'Longest lease a robot may ask for [s]', minimum=1.0, maximum=30 * 86400.0),
-    Param('merge_distance', 5e-6, 'Detections whose centres are this close on one chip are one flake [m]',
-          minimum=0.0, maximum=1e-3, read_only=True),
-    Param('merge_iou', 0.3, 'Detections whose wafer-frame boxes overlap at least this much are one flake',
-          minimum=0.01, maximum=1.0, read_only=True),
-    Param('ingest_queue_size', 256, 'Detection batches waiting for the database before new ones are dropped '
-          '(and counted on /diagnostics)', minimum=1, maximum=100000, read_only=True),
-    Param('ingest_retries', 3, 'Attempts to store a batch when the database is busy or failing',
-          minimum=1, maximum=100),
-    Param('default_query_limit', 100, 'Flakes per QueryFlakes answer when the request says 0',
-          minimum=1, maximum=MAX_LIMIT),
-    Param('query_contours', False, 'Send outlines in QueryFlakes answers too (GetFlake always does); each '
-          'outline point costs the service time, so long lists stay fast without them'),
-    Param('message_cache_size', 20000, 'Flake messages kept for reuse in QueryFlakes and revisit answers while '
-          'their flake is unchanged; 0 builds every message anew', minimum=0, maximum=1000000, read_only=True),
-    Param('revisit_min_score', 0.8, 'Lowest detector score on the revisit list when the request says 0',
-          minimum=0.0, maximum=1.0),
-    Param('revisit_limit', 50, 'Flakes on the revisit list when the request says 0', minimum=1, maximum=MAX_LIMIT),
-    Param('publish_observation_events', True, 'Also publish an event when a detection merges into a known flake'),
-    Param('diagnostics_period', 1.0, 'Seconds between /diagnostics messages', minimum=0.1, maximum=60.0),
-    Param('gc_freeze_period', 1.0, 'Seconds between moving long-lived objects (cached messages, modules) out of '
-          'the garbage collector\'s full passes, which would otherwise pause a service call; 0 = only at start',
-          minimum=0.0, maximum=3600.0, read_only=True),
-)
+from flake_registry.parameters import RegistryNodeParameters
+from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, RegistryError
+from flake_registry.store import IMAGE_ROLES, FlakeStore, default_database_path
 
 # The default service QoS keeps 10 replies: with many robots calling at once on a busy
 # host, replies not yet acknowledged were overwritten and a robot waited forever.
@@ -108,18 +72,18 @@ _SAFE_NAME = re.compile(r'[^A-Za-z0-9_.-]+')
 class RegistryNode(Node):
     def __init__(self, **kwargs):
         super().__init__('registry_node', **kwargs)
-        self.params = declare_parameters(self, PARAMS, on_change=self._on_params)
-        path = Path(self.params['database_path'] or default_database_path())
-        self.store = FlakeStore(path, synchronous=self.params['synchronous'],
-                                ingest_synchronous=self.params['ingest_synchronous'],
-                                default_lease_s=min(self.params['default_lease'], self.params['max_lease']),
-                                max_lease_s=self.params['max_lease'], merge_distance=self.params['merge_distance'],
-                                merge_iou=self.params['merge_iou'])
-        self.messages = FlakeMessageCache(self.params['message_cache_size'])
-        self.image_dir = Path(self.params['image_dir'] or path.parent / 'images')
+        self.params = declare_parameters(self, RegistryNodeParameters, on_change=self._on_params)
+        path = Path(self.params.database_path or default_database_path())
+        self.store = FlakeStore(path, synchronous=self.params.synchronous,
+                                ingest_synchronous=self.params.ingest_synchronous,
+                                default_lease_s=min(self.params.default_lease, self.params.max_lease),
+                                max_lease_s=self.params.max_lease, merge_distance=self.params.merge_distance,
+                                merge_iou=self.params.merge_iou)
+        self.messages = FlakeMessageCache(self.params.message_cache_size)
+        self.image_dir = Path(self.params.image_dir or path.parent / 'images')
         self.get_logger().info(f'registry {path} (schema {self.store.schema_version}, {self.store.count()} flakes)')
 
-        self._queue: queue.Queue[FlakeArray | None] = queue.Queue(maxsize=self.params['ingest_queue_size'])
+        self._queue: queue.Queue[FlakeArray | None] = queue.Queue(maxsize=self.params.ingest_queue_size)
         self._stats_lock = threading.Lock()
         self.stats = {'batches_received': 0, 'batches_stored': 0, 'batches_dropped': 0, 'batches_failed': 0,
                       'detections_stored': 0, 'detections_refused': 0, 'new_flakes': 0}
@@ -140,17 +104,17 @@ class RegistryNode(Node):
         # Chip wafer frames for every scan coordinator (SaveWaferFrame, GetWaferFrames).
         add_wafer_frame_services(self, self.store, qos_profile=SERVICE_QOS)
         self._diagnostics = diagnostics_publisher(self)
-        self._diagnostics_timer = self.create_timer(self.params['diagnostics_period'], self._publish_diagnostics)
+        self._diagnostics_timer = self.create_timer(self.params.diagnostics_period, self._publish_diagnostics)
 
         self._worker = threading.Thread(target=self._ingest_loop, name='registry_ingest', daemon=True)
         self._worker.start()
-        self._gc_timer = freeze_long_lived_objects(self, self.params['gc_freeze_period'])
+        self._gc_timer = freeze_long_lived_objects(self, self.params.gc_freeze_period)
 
     def _on_params(self, changes: dict) -> None:
         if 'max_lease' in changes:
             self.store.max_lease_s = changes['max_lease']
         if 'default_lease' in changes or 'max_lease' in changes:
-            self.store.default_lease_s = min(self.params['default_lease'], self.params['max_lease'])
+            self.store.default_lease_s = min(self.params.default_lease, self.params.max_lease)
 
     def _count(self, **increments: int) -> None:
         with self._stats_lock:
@@ -191,7 +155,7 @@ class RegistryNode(Node):
                                        throttle_duration_sec=5.0)
         if unreadable:
             self._count(detections_refused=unreadable)
-        for attempt in range(1, self.params['ingest_retries'] + 1):
+        for attempt in range(1, self.params.ingest_retries + 1):
             try:
                 outcomes = self.store.ingest(detections)
                 break
@@ -212,7 +176,7 @@ class RegistryNode(Node):
         self._count(batches_stored=1, detections_stored=len(stored), detections_refused=len(refused),
                     new_flakes=len(new))
         for outcome in stored:
-            if outcome.is_new or self.params['publish_observation_events']:
+            if outcome.is_new or self.params.publish_observation_events:
                 self._event(RegistryEvent.NEW_FLAKE if outcome.is_new else RegistryEvent.OBSERVED,
                             outcome.flake_id, chip_id=outcome.chip_id,
                             detail={'scan_id': msg.scan_id, 'tile_index': msg.tile_index})
@@ -255,8 +219,8 @@ class RegistryNode(Node):
 
     def _query_flakes(self, request, response):
         def run():
-            contours = self.params['query_contours']
-            result = self.store.query(query_from_request(request, self.params['default_query_limit']),
+            contours = self.params.query_contours
+            result = self.store.query(query_from_request(request, self.params.default_query_limit),
                                       contours=contours)
             response.total = result.total
             response.flakes = [self.messages.message(f, contour=contours) for f in result.flakes]
@@ -304,9 +268,9 @@ class RegistryNode(Node):
             flakes = self.store.revisit_list(
                 chip_id=request.chip_id, scan_id=request.scan_id, materials=tuple(request.materials),
                 layer_classes=tuple(int(v) for v in request.layer_classes),
-                min_score=request.min_score or self.params['revisit_min_score'],
+                min_score=request.min_score or self.params.revisit_min_score,
                 min_homogeneity=request.min_homogeneity, include_revisited=request.include_revisited,
-                limit=int(request.limit) or self.params['revisit_limit'])
+                limit=int(request.limit) or self.params.revisit_limit)
             response.flakes = [self.messages.message(f, contour=True) for f in flakes]
             response.message = f'{len(flakes)} flake(s) to revisit'
         return self._answer(response, run, 'get_revisit_list')
