@@ -50,9 +50,9 @@ def write_ground_truth(wafer, camera: CameraNodeParameters, poses: dict, path: P
     for tile_index in sorted(poses):
         x, y, objective, width, height, pixel_to_wafer = poses[tile_index]
         frame_maps.append(pixel_to_wafer)
-        camera = CameraModel(wafer, CameraSettings(width=width, height=height, objective=objective,
-                                                   pixel_pitch_um=camera.pixel_pitch * 1e6))
-        records.append((f'{tile_index:05d}.jpg', camera.ground_truth(x, y)))
+        model = CameraModel(wafer, CameraSettings(width=width, height=height, objective=objective,
+                                                  pixel_pitch_um=camera.pixel_pitch * 1e6))
+        records.append((f'{tile_index:05d}.jpg', model.ground_truth(x, y)))
     coco = frames_to_coco(records)
     # Masks are in frame pixels; the frames place them on the chip with the measured wafer frame.
     for image, pixel_to_wafer in zip(coco['images'], frame_maps):
