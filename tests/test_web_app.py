@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 import re
 
-from fastapi.testclient import TestClient
 import pytest
-from web_helpers import SCAN_ID, make_registry
+from web_helpers import SCAN_ID, make_registry, web_app, web_client
 
 from flake_registry import labelling, stacks
 from flake_registry.query import FlakeQuery
 from flake_registry.stack_geometry import place_outline, stack_overlap
-from flake_registry.web.app import create_app, is_loopback, main
+from flake_registry.store import Sighting
+from flake_registry.web.app import is_loopback, main
 
 
 @pytest.fixture()
@@ -25,7 +25,7 @@ def registry(tmp_path):
 @pytest.fixture()
 def client(registry):
     db_path, data_dir, store = registry
-    with TestClient(create_app(db_path, data_dir, store=store)) as test_client:
+    with web_client(web_app(db_path, data_dir, store)) as test_client:
         yield test_client
 
 
@@ -163,7 +163,12 @@ def test_crop_labels_stay_inside_the_data_folder(client, registry):
     assert ok.status_code == 201
     outside = client.post('/api/labels', json={'who': 'bo', 'verdict': 'reject', 'material': 'unknown',
                                                'layer_class': 'unknown', 'crop_path': '../../etc/passwd'})
-    assert outside.status_code == 422 and 'outside the data folder' in outside.json()['error']['message']
+    assert outside.status_code == 403 and outside.json()['error']['code'] == 'FORBIDDEN'
+    assert 'climbs out of its folder' in outside.json()['error']['message']
+    (data_dir / 'candidates' / 'link.png').symlink_to('/etc/hostname')
+    linked = client.post('/api/labels', json={'who': 'bo', 'verdict': 'reject', 'material': 'unknown',
+                                              'layer_class': 'unknown', 'crop_path': 'candidates/link.png'})
+    assert linked.status_code == 403 and 'outside the folder' in linked.json()['error']['message']
     assert [r['crop_path'] for r in store.labels()] == ['candidates/frame1/c0001.png']
 
 
@@ -177,21 +182,28 @@ def test_export_of_labelled_crops_counts_good_and_bad(registry, tmp_path):
     store.add_image('F0000001', 'crop', str(crop))
     labelling.label_flake(store, 'F0000001', labelling.make_label('accept', 'graphene', 'mono'), 'ada')
     labelling.label_crop(store, data_dir, 'candidates/c1.png', labelling.make_label('reject', 'unknown', 0), 'ada')
-    # A flake without any image is reported, not silently dropped.
+    # A flake without a stored crop is cut from the frame it was detected in.
     labelling.label_flake(store, 'F0000002', labelling.make_label('accept', 'hbn', 'few'), 'ada')
+    # A flake with no image at all (its tile was never recorded) is reported, not silently dropped.
+    lost = store.ingest([Sighting(chip_id='chip-web', scan_id='scan-web-1', x=1.5e-3, y=1.5e-3, material='hbn',
+                                  tile_index=7777, contour=[(1.5e-3, 1.5e-3), (1.51e-3, 1.5e-3), (1.5e-3, 1.51e-3)],
+                                  area=5e-11, score=0.9)])[0].flake_id
+    labelling.label_flake(store, lost, labelling.make_label('accept', 'hbn', 'few'), 'ada')
     summary = labelling.export_labelled_crops(store, data_dir, tmp_path / 'crops')
-    assert (summary.good, summary.bad, summary.skipped) == (1, 1, ['F0000002'])
-    good = list((tmp_path / 'crops' / 'good').glob('*.png'))
-    assert len(good) == 1 and cv2.imread(str(good[0])).shape == (80, 80, 3)
-    assert (tmp_path / 'crops' / 'labels.csv').read_text().count('\n') == 3
+    assert (summary.good, summary.bad, summary.skipped) == (2, 1, [lost])
+    good = sorted((tmp_path / 'crops' / 'good').glob('*.png'))
+    assert len(good) == 2 and all(cv2.imread(str(g)).shape == (80, 80, 3) for g in good)
+    assert (tmp_path / 'crops' / 'labels.csv').read_text().count('\n') == 4
 
 
 def test_token_rule(registry):
     db_path, data_dir, store = registry
-    with TestClient(create_app(db_path, data_dir, token='s3cret-token', store=store)) as guarded:
+    with web_client(web_app(db_path, data_dir, store, token='s3cret-token')) as guarded:
         label = {'who': 'ada', 'verdict': 'accept', 'material': 'graphene', 'layer_class': 'mono',
                  'flake_id': 'F0000001'}
-        assert guarded.get('/flakes').status_code == 200  # reading needs no token
+        assert guarded.get('/api/flakes').status_code == 401  # with a token, reading needs it too
+        assert guarded.get('/flakes').status_code == 401 and 'id="login-form"' in guarded.get('/flakes').text
+        assert guarded.get('/api/flakes', headers={'X-Flake-Token': 's3cret-token'}).status_code == 200
         refused = guarded.post('/api/labels', json=label)
         assert refused.status_code == 401 and refused.json()['error']['code'] == 'UNAUTHORISED'
         assert guarded.post('/api/labels', json=label, headers={'X-Flake-Token': 'wrong'}).status_code == 401
@@ -338,7 +350,7 @@ def test_internal_failures_give_a_page_without_traceback(registry, monkeypatch):
         raise RuntimeError('disk on fire at /secret/path')
 
     monkeypatch.setattr(store, 'query', broken)
-    with TestClient(create_app(db_path, data_dir, store=store), raise_server_exceptions=False) as failing:
+    with web_client(web_app(db_path, data_dir, store), raise_server_exceptions=False) as failing:
         page = failing.get('/flakes')
         assert page.status_code == 500
         assert 'INTERNAL_ERROR' in page.text and 'RuntimeError' in page.text
@@ -378,8 +390,9 @@ def test_thumbnail_prefers_the_stored_crop(client, registry):
     cv2.imwrite(str(crop), np.full((80, 80, 3), (10, 200, 30), np.uint8))
     store.add_image('F0000004', 'crop', 'crops/F0000004.png', objective='10x', pixel_size=1e-6)
     thumb = cv2.imdecode(np.frombuffer(client.get('/flakes/F0000004/thumb.png').content, np.uint8), cv2.IMREAD_COLOR)
-    assert thumb.shape == (120, 120, 3) and tuple(int(v) for v in thumb[60, 60]) == (10, 200, 30)
+    assert thumb.shape == (150, 150, 3) and tuple(int(v) for v in thumb[75, 75]) == (10, 200, 30)
     page = client.get('/flakes/F0000004').text
-    assert '/images/0?flake_id=F0000004' in page and 'crop · 10x' in page
+    assert '/images/0?flake_id=F0000004' in page and 'Crop · 10x' in page
+    assert '/flakes/F0000004/images/0.png' in page
     assert client.get('/images/0', params={'flake_id': 'F0000004'}).content[:4] == b'\x89PNG'
     assert client.get('/images/1', params={'flake_id': 'F0000004'}).status_code == 404

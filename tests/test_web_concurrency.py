@@ -8,14 +8,12 @@ import subprocess
 import sys
 import threading
 
-from fastapi.testclient import TestClient
 import pytest
 from rclpy.executors import SingleThreadedExecutor
 from ros_helpers import spin_future, spin_until, stop_helper
-from web_helpers import make_registry
+from web_helpers import make_registry, web_app, web_client
 
 from flake_msgs.srv import GetStackRecipe, ReserveFlake
-from flake_registry.web.app import create_app
 
 pytestmark = pytest.mark.ros
 
@@ -45,7 +43,7 @@ def system(ros, tmp_path_factory):
             client.remove_pending_request(future)
         else:
             pytest.fail('registry node never answered')
-        with TestClient(create_app(db_path, data_dir, store=store)) as web:
+        with web_client(web_app(db_path, data_dir, store)) as web:
             yield web, client, executor, store
     finally:
         executor.shutdown()

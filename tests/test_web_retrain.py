@@ -7,7 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from web_helpers import make_registry
+from web_helpers import make_registry, web_app, web_client
 
 from flake_registry import labelling
 from flake_registry.web.app import main as flake_web
@@ -68,10 +68,6 @@ def test_retrain_refuses_too_few_labels(tmp_path, capsys):
 
 
 def test_candidate_crops_are_cut_and_offered_for_labelling(tmp_path):
-    from fastapi.testclient import TestClient
-
-    from flake_registry.web.app import create_app
-
     db_path, data_dir, store = make_registry(tmp_path, count=4)
     rng = np.random.default_rng(9)
     frame = np.clip(rng.normal((120, 70, 90), 3, (400, 600, 3)), 0, 255).astype(np.uint8)
@@ -81,17 +77,17 @@ def test_candidate_crops_are_cut_and_offered_for_labelling(tmp_path):
     cv2.imwrite(str(image), frame)
     assert flake_web(['candidates', str(image), '--data-dir', str(data_dir), '--limit', '5']) == 0
     crops = sorted((data_dir / 'candidates' / 'frame_7').glob('*.png'))
-    assert len(crops) == 5  # the finder is loose on purpose (seed 000): more candidates than flakes
+    assert len(crops) == 5  # the finder is loose on purpose (Greplova et al. (2020)): more candidates than flakes
     assert all(cv2.imread(str(c)).shape == (80, 80, 3) for c in crops)
-    with TestClient(create_app(db_path, data_dir, store=store)) as client:
+    with web_client(web_app(db_path, data_dir, store)) as client:
         page = client.get('/labels').text
-        assert page.count('name="crop_path"') == len(crops)
+        assert page.count('data-crop="') == len(crops)
         first = 'candidates/frame_7/c0000.png'
         reply = client.post('/labels/crop', data={'crop_path': first, 'who': 'ada', 'verdict': 'accept',
                                                   'material': 'graphene', 'layer_class': 'few'},
                             follow_redirects=False)
         assert reply.status_code == 303
-        assert client.get('/labels').text.count('name="crop_path"') == len(crops) - 1
+        assert client.get('/labels').text.count('data-crop="') == len(crops) - 1
     assert [(r['crop_path'], r['label']) for r in store.labels()] == [(first, 'accept:graphene:few')]
     store.close()
     assert flake_web(['candidates', str(tmp_path / 'missing.png'), '--data-dir', str(data_dir)]) == 2

@@ -4,7 +4,7 @@ A label is kept in the registry's ``labels`` table as one text, ``verdict:materi
 layer_class`` (e.g. ``accept:graphene:mono``, ``reject:unknown:unknown``), so that the
 command line shows it as it is and the trainer reads it back without a schema change.
 
-``export_labelled_crops`` writes the folder the cascade trainer learns from (seed 000's
+``export_labelled_crops`` writes the folder the cascade trainer learns from (Greplova et al.'s
 labelling step): ``good/`` and ``bad/`` PNG crops of a fixed size plus ``labels.csv``
 with one row per crop (who labelled it, when, material, layer class). A flake accepted
 or relabelled is good; a rejected one is bad. The newest label of a flake or crop wins.
@@ -25,13 +25,16 @@ import numpy as np
 
 from flake_core.geometry import Affine2D
 from flake_core.materials import MATERIAL_NAMES
-from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, RegistryError, parse_layer_class
+from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, UNKNOWN_ID, RegistryError, parse_layer_class
 from flake_registry.store import FlakeStore
+from flake_registry.web.files import resolve_inside
 
 VERDICTS = ('accept', 'reject', 'relabel')
 WHO_PATTERN = re.compile(r'^[A-Za-z0-9_.@ \-]{1,64}$')
-CROP_SIZE = 80  # seed 000's candidate crops are 80 x 80 pixels
+CROP_SIZE = 80  # Greplova et al.'s candidate crops are 80 x 80 pixels
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
+# A label is withdrawn (deleted, history kept) by a later row 'withdrawn:<label id>' on the same target.
+WITHDRAWN = 'withdrawn'
 
 
 @dataclass(frozen=True)
@@ -76,17 +79,7 @@ def check_who(who: str) -> str:
 
 def resolve_crop(data_dir: Path, crop_path: str) -> Path:
     """A candidate crop file inside ``data_dir`` from its relative path; refuses anything outside it."""
-    if not crop_path or '\x00' in crop_path:
-        raise RegistryError(INVALID_ARGUMENT, 'crop_path is empty')
-    root = Path(data_dir).resolve()
-    path = (root / crop_path).resolve()
-    if root not in path.parents:
-        raise RegistryError(INVALID_ARGUMENT, f'crop_path {crop_path!r} is outside the data folder')
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise RegistryError(INVALID_ARGUMENT, f'crop_path {crop_path!r} is not an image file')
-    if not path.is_file():
-        raise RegistryError(INVALID_ARGUMENT, f'no crop file {crop_path!r}')
-    return path
+    return resolve_inside(Path(data_dir), crop_path, what='crop')
 
 
 def label_flake(store: FlakeStore, flake_id: str, label: Label, who: str) -> int:
@@ -108,12 +101,41 @@ def candidate_crops(data_dir: Path, limit: int = 200) -> list[str]:
     return [p.relative_to(data_dir).as_posix() for p in found[:limit]]
 
 
+def withdrawn_ids(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Label id -> the row that withdrew it."""
+    withdrawn = {}
+    for row in rows:
+        verdict, _, target = (row['label'] or '').partition(':')
+        if verdict == WITHDRAWN and target.isdigit():
+            withdrawn[int(target)] = row
+    return withdrawn
+
+
+def withdraw_label(store: FlakeStore, label_id: int, who: str) -> int:
+    """Delete a label from the training set, keeping the history: a row that says who withdrew it, and when.
+
+    The flake's (or crop's) previous label, if any, counts again. Raises UNKNOWN_ID for
+    a label that does not exist and INVALID_ARGUMENT for one already withdrawn.
+    """
+    who = check_who(who)
+    rows = store.labels()
+    row = next((r for r in rows if r['id'] == label_id and decode_label(r['label']) is not None), None)
+    if row is None:
+        raise RegistryError(UNKNOWN_ID, f'no label {label_id}')
+    if label_id in withdrawn_ids(rows):
+        raise RegistryError(INVALID_ARGUMENT, f'label {label_id} was already withdrawn')
+    return store.add_label(f'{WITHDRAWN}:{label_id}', who, flake_id=row['flake_id'] or '',
+                           crop_path=row['crop_path'] or '')
+
+
 def latest_labels(store: FlakeStore) -> list[dict[str, Any]]:
-    """The newest decodable label of each flake or crop, oldest first."""
+    """The newest decodable, not withdrawn label of each flake or crop, oldest first."""
+    rows = store.labels()
+    withdrawn = withdrawn_ids(rows)
     newest: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in store.labels():
+    for row in rows:
         label = decode_label(row['label'])
-        if label is None:
+        if label is None or row['id'] in withdrawn:
             continue
         key = ('flake', row['flake_id']) if row['flake_id'] else ('crop', row['crop_path'])
         newest[key] = dict(row, parsed=label)
@@ -158,13 +180,12 @@ def flake_crop(store: FlakeStore, flake_id: str, data_dir: Path, size: int = CRO
 
 
 def _read_image(data_dir: Path, path: str) -> np.ndarray | None:
-    candidate = Path(path)
-    if not candidate.is_absolute():
-        candidate = data_dir / candidate
-    if not candidate.is_file():
+    """An image the registry lists, only when it lies inside the data folder."""
+    try:
+        real = resolve_inside(Path(data_dir), path, allow_absolute=True, what='image')
+    except RegistryError:
         return None
-    pixels = cv2.imread(str(candidate), cv2.IMREAD_COLOR)
-    return pixels
+    return cv2.imread(str(real), cv2.IMREAD_COLOR)
 
 
 @dataclass
@@ -188,7 +209,7 @@ def export_labelled_crops(store: FlakeStore, data_dir: Path, out_dir: Path, size
     """Write good/ and bad/ crops and labels.csv for every labelled flake or crop that has an image.
 
     ``material`` keeps only labels of that material (a cascade is trained per target);
-    rejected crops of other materials are kept as bad examples, as seed 000 does.
+    rejected crops of other materials are kept as bad examples, as Greplova et al. (2020) does.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     for name in ('good', 'bad'):
