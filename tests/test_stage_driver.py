@@ -244,8 +244,8 @@ def test_random_faults_over_many_commands_are_all_recovered():
         drv.wait_until_idle(5.0)
         assert drv.where()[0] == pytest.approx(39e-5, abs=1e-7)
         assert drv.counters.faults == 0
-        # Every injected fault was retried (a busy machine may add a spurious timeout or two).
-        assert drv.counters.retries >= emu.counters.replies_dropped + emu.counters.garbage_sent > 0
+        # Every injected fault was noticed and the line drained (a busy machine may add a spurious timeout).
+        assert drv.counters.resyncs >= emu.counters.replies_dropped + emu.counters.garbage_sent > 0
 
 
 def test_serial_port_is_real_pyserial(driver):

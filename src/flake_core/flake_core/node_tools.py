@@ -20,10 +20,16 @@ from rclpy.task import Future
 
 from flake_core.parameters import Param, Schema, schema_params, updated, view
 
-# Images: publishers reliable (REP 2003), subscribers best effort (sensor data).
+# Images: publishers reliable (REP 2003). Nodes that must see every frame they asked for
+# (scan coordinator, autofocus) subscribe with the same reliable profile, so the profiles
+# match and a 3 MB frame is repaired instead of dropped; viewers may subscribe best effort
+# (SENSOR_SUBSCRIBER_QOS), which a reliable publisher also serves.
 IMAGE_PUBLISHER_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
                                  reliability=ReliabilityPolicy.RELIABLE,
                                  durability=DurabilityPolicy.VOLATILE)
+IMAGE_SUBSCRIBER_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2,
+                                  reliability=ReliabilityPolicy.RELIABLE,
+                                  durability=DurabilityPolicy.VOLATILE)
 SENSOR_SUBSCRIBER_QOS = qos_profile_sensor_data
 # Data that must not be lost between pipeline stages (frames to the detector,
 # detections to the registry): reliable with a deep queue.
@@ -34,6 +40,14 @@ PIPELINE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
 LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                          reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# State topics (/stage/state): the latest message waits for late subscribers. Subscribers
+# use it too, or a volatile subscription would not be handed the stored message.
+STATE_QOS = LATCHED_QOS
+# Services that robots and coordinators call in bursts: a deep request and reply history,
+# so no call is dropped from a full queue (the rmw default keeps 10).
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=200,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
 
 
 def image_publisher(node: Any, msg_type: Any, topic: str, qos: QoSProfile = IMAGE_PUBLISHER_QOS) -> Any:

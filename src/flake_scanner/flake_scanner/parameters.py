@@ -38,7 +38,10 @@ class StageNodeParameters:
     baudrate: int = param(115200,
           'serial baud rate (MS-2000 default 9600, often set to 115200)',
           choices=BAUD_RATES, read_only=True)
-    timeout: float = param(0.2, 'time to wait for one reply before retrying [s]', minimum=0.01, maximum=10.0)
+    timeout: float = param(0.2,
+          'time to wait for one reply [s]; after a missed one the line must stay quiet twice as long before the '
+          'driver speaks again',
+          minimum=0.01, maximum=10.0)
     retries: int = param(3, 'resends of a command after a lost or garbled reply', minimum=0, maximum=20)
     reconnect_attempts: int = param(5, 'reopen attempts after an I/O error before giving up', minimum=0, maximum=100)
     reconnect_delay: float = param(0.2, 'pause before each reopen attempt [s]', minimum=0.0, maximum=10.0)
@@ -47,6 +50,15 @@ class StageNodeParameters:
           validator=_limits_error, read_only=True)
     speed: float = param(5e-3, 'x/y speed [m/s]', minimum=1e-6, maximum=0.1)
     z_speed: float = param(1e-3, 'z speed [m/s]', minimum=1e-7, maximum=0.05)
+    max_speed: float = param(0.02,
+          'fastest x/y speed the stage accepts, from `speed` or a MoveStage request [m/s]',
+          minimum=1e-6, maximum=0.1, read_only=True)
+    max_z_speed: float = param(5e-3, 'fastest z speed the stage accepts [m/s]', minimum=1e-7, maximum=0.05,
+          read_only=True)
+    position_tolerance: float = param(1e-6,
+          'a waited move succeeds only when the controller reports the stage this close to the target on '
+          'every axis [m]',
+          minimum=1e-7, maximum=1e-3)
     require_homing: bool = param(False, 'refuse moves until the stage was homed', read_only=True)
     home_on_configure: bool = param(False, 'home all axes when configuring (clear the travel first)', read_only=True)
     poll_rate: float = param(20.0, 'rate of position reads and /stage/state messages [Hz]', minimum=0.5, maximum=200.0)

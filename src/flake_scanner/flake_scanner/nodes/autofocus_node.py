@@ -24,7 +24,8 @@ from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
 
 from flake_core.node_tools import (
-    SENSOR_SUBSCRIBER_QOS,
+    IMAGE_SUBSCRIBER_QOS,
+    STATE_QOS,
     FrameWaiters,
     declare_parameters,
     run_node,
@@ -54,8 +55,9 @@ class AutofocusNode(Node):
         self.group = ReentrantCallbackGroup()
         self.move_client = self.create_client(MoveStage, 'stage/move', callback_group=self.group)
         self.capture_client = self.create_client(Trigger, 'camera/capture', callback_group=self.group)
-        self.create_subscription(StageState, 'stage/state', self._on_stage_state, 10, callback_group=self.group)
-        self.create_subscription(Image, 'camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
+        self.create_subscription(StageState, 'stage/state', self._on_stage_state, STATE_QOS,
+                                 callback_group=self.group)
+        self.create_subscription(Image, 'camera/image_raw', self._on_image, IMAGE_SUBSCRIBER_QOS,
                                  callback_group=self.group)
         self.stage_state: StageState | None = None
         self.objective = self.params.objective

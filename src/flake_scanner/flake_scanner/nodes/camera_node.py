@@ -25,6 +25,7 @@ from flake_core.node_tools import (
     ERROR,
     IMAGE_PUBLISHER_QOS,
     OK,
+    STATE_QOS,
     declare_parameters,
     diagnostic_status,
     diagnostics_publisher,
@@ -62,7 +63,7 @@ class CameraNode(LifecycleNode):
         self.image_publisher = None
         self.info_publisher = None
         self.diagnostics = diagnostics_publisher(self)
-        self.create_subscription(StageState, 'stage/state', self._on_stage_state, 10,
+        self.create_subscription(StageState, 'stage/state', self._on_stage_state, STATE_QOS,
                                  callback_group=self.group)
         self.create_service(Trigger, 'camera/capture', self._on_capture, callback_group=self.group)
 

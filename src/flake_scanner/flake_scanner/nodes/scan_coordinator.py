@@ -31,8 +31,9 @@ from std_srvs.srv import Trigger
 
 from flake_core.geometry import WaferFrame, pixel_to_wafer
 from flake_core.node_tools import (
+    IMAGE_SUBSCRIBER_QOS,
     PIPELINE_QOS,
-    SENSOR_SUBSCRIBER_QOS,
+    STATE_QOS,
     FrameWaiters,
     declare_parameters,
     run_node,
@@ -100,9 +101,9 @@ class ScanCoordinator(Node):
             SetParameters, f'{self.params.detector_node}/set_parameters', callback_group=self.group)
         self.camera_pixel_pitch = 0.0
         self.frame_publisher = self.create_publisher(ScanFrame, 'scan/frames', PIPELINE_QOS)
-        self.create_subscription(StageState, 'stage/state', self._on_stage_state, 10,
+        self.create_subscription(StageState, 'stage/state', self._on_stage_state, STATE_QOS,
                                  callback_group=self.group)
-        self.create_subscription(Image, 'camera/image_raw', self._on_image, SENSOR_SUBSCRIBER_QOS,
+        self.create_subscription(Image, 'camera/image_raw', self._on_image, IMAGE_SUBSCRIBER_QOS,
                                  callback_group=self.group)
         self.create_subscription(FlakeArray, 'detections', self._on_detections, PIPELINE_QOS,
                                  callback_group=self.group)

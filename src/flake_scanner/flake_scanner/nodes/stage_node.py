@@ -2,10 +2,13 @@
 
 - configure: open the serial port (or start an in-process emulator on a pty when
   ``emulate`` is true), set the speed;
-- activate: publish ``/stage/state`` (flake_msgs/StageState, metres) at ``poll_rate``;
-- service ``/stage/move`` (flake_msgs/srv/MoveStage): absolute/relative moves and
-  homing; serial I/O runs in a worker thread and the async callback awaits it, so a
-  waiting move never blocks the executor;
+- activate: publish ``/stage/state`` (flake_msgs/StageState, metres, transient local so
+  a late subscriber gets the last state at once) at ``poll_rate``; ``target`` is the
+  target of the last move sent, ``fault`` is set while the position is not confirmed;
+- service ``/stage/move`` (flake_msgs/srv/MoveStage, deep request queue for bursts):
+  absolute/relative moves and homing; serial I/O runs in a worker thread and the async
+  callback awaits it, so a waiting move never blocks the executor; every answer, refusals
+  included, carries the last measured position;
 - ``/diagnostics``: port, position, retries, lost replies, resyncs, reconnects, faults.
 
 All logic lives in flake_scanner.stage; this module converts messages and wires callbacks.
@@ -26,6 +29,8 @@ from rclpy.task import Future
 from flake_core.node_tools import (
     ERROR,
     OK,
+    SERVICE_QOS,
+    STATE_QOS,
     WARN,
     declare_parameters,
     diagnostic_status,
@@ -37,7 +42,15 @@ from flake_core.node_tools import (
 from flake_msgs.msg import StageState
 from flake_msgs.srv import MoveStage
 from flake_scanner.parameters import StageNodeParameters
-from flake_scanner.stage.driver import StageDriver, StageError, StageLimitError, StageNotHomedError, TravelLimits
+from flake_scanner.stage.driver import (
+    SpeedLimits,
+    StageDriver,
+    StageError,
+    StageLimitError,
+    StageNotHomedError,
+    StageSpeedError,
+    TravelLimits,
+)
 from flake_scanner.stage.emulator import EmulatorConfig, StageEmulator
 
 
@@ -74,7 +87,8 @@ class StageNode(LifecycleNode):
         self.emulator: StageEmulator | None = None
         self.active = False
         self.fault_message = ''
-        self._jobs: queue.Queue = queue.Queue(maxsize=16)
+        # Deep enough for a robot's burst of calls (each waits its turn on the one serial line).
+        self._jobs: queue.Queue = queue.Queue(maxsize=256)
         self._worker: threading.Thread | None = None
         self._poller: threading.Thread | None = None
         self._stop = threading.Event()
@@ -84,7 +98,9 @@ class StageNode(LifecycleNode):
         self.state_publisher = None
         self.tf_broadcaster = None
         self.diagnostics = diagnostics_publisher(self)
-        self.create_service(MoveStage, 'stage/move', self._on_move, callback_group=self.group)
+        self.create_service(MoveStage, 'stage/move', self._on_move, qos_profile=SERVICE_QOS,
+                            callback_group=self.group)
+        self.context.on_shutdown(self._on_context_shutdown)
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state) -> TransitionCallbackReturn:
@@ -104,11 +120,13 @@ class StageNode(LifecycleNode):
                 raise StageError('parameter port is empty: set it to the controller\'s serial device '
                                  '(e.g. /dev/ttyUSB0) or set emulate:=true')
             limits = p.limits
+            speed_limits = SpeedLimits(xy=(1e-6, p.max_speed), z=(1e-7, p.max_z_speed))
+            speed_limits.check(p.speed, p.z_speed)
             self.driver = StageDriver(
                 port, baudrate=p.baudrate, timeout=p.timeout, retries=p.retries,
                 reconnect_attempts=p.reconnect_attempts, reconnect_delay=p.reconnect_delay,
                 limits=TravelLimits(tuple(limits[0:2]), tuple(limits[2:4]), tuple(limits[4:6])),
-                require_homing=p.require_homing)
+                require_homing=p.require_homing, tolerance=p.position_tolerance, speed_limits=speed_limits)
             self.driver.open()
             self.driver.set_speed(p.speed, p.z_speed)
             if p.home_on_configure:
@@ -118,7 +136,7 @@ class StageNode(LifecycleNode):
             self.get_logger().error(f'cannot configure the stage: {error}')
             self._close_devices()
             return TransitionCallbackReturn.FAILURE
-        self.state_publisher = self.create_lifecycle_publisher(StageState, 'stage/state', 10)
+        self.state_publisher = self.create_lifecycle_publisher(StageState, 'stage/state', STATE_QOS)
         self.tf_broadcaster = _tf_broadcaster(self)
         self._stop.clear()
         self._worker = threading.Thread(target=self._work, name='stage-io', daemon=True)
@@ -158,6 +176,11 @@ class StageNode(LifecycleNode):
         self._shutdown_threads()
         self._close_devices()
 
+    def _on_context_shutdown(self) -> None:
+        # Ctrl-C shuts the context down before the node is closed: stop publishing first.
+        self.active = False
+        self._stop.set()
+
     def _shutdown_threads(self) -> None:
         self._stop.set()
         for thread in (self._worker, self._poller):
@@ -184,8 +207,12 @@ class StageNode(LifecycleNode):
         for name in ('timeout', 'retries', 'reconnect_attempts', 'reconnect_delay'):
             if name in changes:
                 setattr(driver, name, changes[name])
+        if 'position_tolerance' in changes:
+            driver.tolerance = changes['position_tolerance']
         if 'speed' in changes or 'z_speed' in changes:
-            self._submit(lambda d: d.set_speed(self.params.speed, self.params.z_speed))
+            future = self._submit(lambda d: d.set_speed(self.params.speed, self.params.z_speed))
+            future.add_done_callback(lambda f: f.exception() and self.get_logger().error(
+                f'speed not changed: {f.exception()}'))
 
     # ------------------------------------------------------------------ worker threads
     def _submit(self, job) -> Future:
@@ -224,18 +251,24 @@ class StageNode(LifecycleNode):
             try:
                 position = driver.where()
                 moving = driver.is_busy()
+                driver.observe(position, moving)
                 with self._state_lock:
                     self._position, self._moving = position, moving
                 self.fault_message = ''
             except StageError as error:
                 self.fault_message = str(error)
-                self.get_logger().error(f'stage poll failed: {error}', throttle_duration_sec=5.0)
+                if self.context.ok():
+                    self.get_logger().error(f'stage poll failed: {error}', throttle_duration_sec=5.0)
+            if self._stop.is_set() or not self.context.ok():
+                break
             try:
                 self.publish_state()
                 if started - last_diagnostics >= self.params.diagnostics_period:
                     self._publish_diagnostics()
                     last_diagnostics = started
             except Exception as error:  # noqa: BLE001 - the poll loop must outlive one bad message
+                if not self.context.ok():
+                    break  # shutting down: the publishers are gone
                 self.get_logger().error(f'stage state not published: {error}', throttle_duration_sec=5.0)
             self._stop.wait(max(0.0, 1.0 / self.params.poll_rate - (time.monotonic() - started)))
 
@@ -253,8 +286,9 @@ class StageNode(LifecycleNode):
         msg.target = Point(x=float(target[0]), y=float(target[1]), z=float(target[2]))
         msg.moving = bool(moving)
         msg.homed = driver.homed
-        msg.fault = bool(self.fault_message)
-        msg.fault_message = self.fault_message
+        fault = '; '.join(m for m in (self.fault_message, driver.fault) if m)
+        msg.fault = bool(fault)
+        msg.fault_message = fault
         msg.retries = driver.counters.retries
         msg.reconnects = driver.counters.reconnects
         self.state_publisher.publish(msg)
@@ -266,8 +300,9 @@ class StageNode(LifecycleNode):
         if driver is None:
             return
         counters = driver.counters.as_dict()
-        if self.fault_message:
-            level, message = ERROR, self.fault_message
+        fault = '; '.join(m for m in (self.fault_message, driver.fault) if m)
+        if fault:
+            level, message = ERROR, fault
         elif counters['retries'] or counters['reconnects']:
             level, message = WARN, 'recovered from serial errors'
         else:
@@ -284,15 +319,30 @@ class StageNode(LifecycleNode):
 
     # ------------------------------------------------------------------ service
     async def _on_move(self, request: MoveStage.Request, response: MoveStage.Response):
+        try:
+            await self._move(request, response)
+        finally:
+            with self._state_lock:
+                position = self._position
+            response.position = Point(x=float(position[0]), y=float(position[1]), z=float(position[2]))
+        return response
+
+    async def _move(self, request: MoveStage.Request, response: MoveStage.Response) -> None:
         if not self.active or self.driver is None:
             response.error_code = MoveStage.Response.ERROR_INACTIVE
             response.message = 'stage_node is not active'
-            return response
+            return
         target = (request.target.x, request.target.y, request.target.z)
         if not all(math.isfinite(v) for v in (*target, request.speed)) or request.speed < 0:
             response.error_code = MoveStage.Response.ERROR_INVALID_ARGUMENT
             response.message = f'target and speed must be finite (speed >= 0), got {target}, {request.speed}'
-            return response
+            return
+        if request.speed > 0:
+            try:
+                self.driver.speed_limits.check(request.speed, None)
+            except StageSpeedError as error:
+                response.error_code, response.message = MoveStage.Response.ERROR_INVALID_ARGUMENT, str(error)
+                return
         timeout = self.params.move_timeout
 
         def move(driver: StageDriver):
@@ -317,21 +367,20 @@ class StageNode(LifecycleNode):
             return position
 
         try:
-            position = await self._submit(move)
+            await self._submit(move)
         except StageLimitError as error:
             response.error_code, response.message = MoveStage.Response.ERROR_OUT_OF_LIMITS, str(error)
         except StageNotHomedError as error:
             response.error_code, response.message = MoveStage.Response.ERROR_NOT_HOMED, str(error)
+        except StageSpeedError as error:
+            response.error_code, response.message = MoveStage.Response.ERROR_INVALID_ARGUMENT, str(error)
         except (StageError, ValueError) as error:
             response.error_code, response.message = MoveStage.Response.ERROR_DEVICE, str(error)
             self.get_logger().error(f'stage move failed: {error}')
+            self.publish_state()  # the fault and the true target, now
         else:
             response.success = True
             response.message = 'homed' if request.home else 'moved'
-        with self._state_lock:
-            position = self._position
-        response.position = Point(x=float(position[0]), y=float(position[1]), z=float(position[2]))
-        return response
 
 
 def main(args=None) -> None:

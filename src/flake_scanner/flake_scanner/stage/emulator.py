@@ -12,6 +12,11 @@ can move millimetres in milliseconds.
 Fault injection, for testing the driver's recovery:
 
 - lost replies: the command is executed but no reply is sent;
+- slow replies: each command is processed ``reply_delay`` plus a random share of
+  ``reply_jitter`` seconds after it arrived, one after another, so commands sent while
+  an earlier one is still being processed queue up as in a real controller;
+- duplicated replies: a reply is sent a second time, up to ``reply_jitter`` later
+  (possibly after the reply to the next command);
 - garbage: random bytes precede the reply on the line (electrical noise);
 - busy: STATUS reports ``B`` for a while although nothing moves;
 - disconnect: both pty ends are closed and the symlink removed, like unplugging a
@@ -58,13 +63,21 @@ class EmulatorConfig:
     initial_position: tuple[float, float, float] = (0.0, 0.0, 0.0)
     time_scale: float = 1.0  # emulated seconds per real second
     reply_delay: float = 0.0  # controller processing time per command [real s]
+    reply_jitter: float = 0.0  # extra processing time per command, uniform in [0, reply_jitter] [real s]
     drop_probability: float = 0.0
+    duplicate_probability: float = 0.0
     garbage_probability: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
         if self.time_scale <= 0:
             raise ValueError(f'time_scale must be positive, got {self.time_scale}')
+        for name in ('reply_delay', 'reply_jitter'):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+        for name in ('drop_probability', 'garbage_probability', 'duplicate_probability'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f'{name} must be in [0, 1], got {getattr(self, name)}')
         for name in ('speed_xy', 'speed_z', 'accel_xy', 'accel_z'):
             if getattr(self, name) <= 0:
                 raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
@@ -116,8 +129,10 @@ class _AxisMove:
 @dataclass
 class EmulatorCounters:
     commands: int = 0
+    moves: int = 0  # MOVE commands received
     replies_dropped: int = 0
     garbage_sent: int = 0
+    replies_duplicated: int = 0
     disconnects: int = 0
 
 
@@ -144,6 +159,7 @@ class StageEmulator:
         self._busy_until = 0.0
         self._held_busy_until = 0.0
         self._drop_next = 0
+        self._delay_next: list[float] = []
         self._garble_next = 0
         self._disconnect_request: float | None = None
         self._unplugged = threading.Event()
@@ -234,6 +250,11 @@ class StageEmulator:
         with self._lock:
             self._drop_next += count
 
+    def delay_next_replies(self, seconds: float, count: int = 1) -> None:
+        """Process the next ``count`` commands ``seconds`` late (a controller busy with something else)."""
+        with self._lock:
+            self._delay_next += [seconds] * count
+
     def garble_next_replies(self, count: int = 1) -> None:
         with self._lock:
             self._garble_next += count
@@ -291,8 +312,14 @@ class StageEmulator:
                     self._answer(line)
 
     def _answer(self, line: bytes) -> None:
-        if self.config.reply_delay > 0:
-            time.sleep(self.config.reply_delay)
+        delay = self.config.reply_delay
+        with self._lock:
+            if self.config.reply_jitter > 0:
+                delay += self._rng.uniform(0.0, self.config.reply_jitter)
+            if self._delay_next:
+                delay += self._delay_next.pop(0)
+        if delay > 0:
+            time.sleep(delay)
         with self._lock:
             self.counters.commands += 1
             reply = self._execute(line)
@@ -306,11 +333,22 @@ class StageEmulator:
             if drop:
                 self.counters.replies_dropped += 1
                 return
+            duplicate_after = None
+            if self.config.duplicate_probability and self._rng.random() < self.config.duplicate_probability:
+                self.counters.replies_duplicated += 1
+                duplicate_after = self._rng.uniform(0.0, self.config.reply_jitter)
             if garble:
                 self.counters.garbage_sent += 1
                 noise = bytes(self._rng.choice([*range(1, 10), *range(14, 256)])
                               for _ in range(self._rng.randint(1, 8)))
                 reply = noise + reply
+        self._write(reply)
+        if duplicate_after is not None:
+            timer = threading.Timer(duplicate_after, self._write, args=(reply,))
+            timer.daemon = True
+            timer.start()
+
+    def _write(self, reply: bytes) -> None:
         try:
             os.write(self._master, reply)
         except (OSError, TypeError):
@@ -326,6 +364,7 @@ class StageEmulator:
                 axes = [a for a in command.args] or list(AXIS_NAMES)
                 return protocol.encode_reply_where([protocol.to_units(self._logical(a, now)) for a in axes])
             if command.verb == 'MOVE':
+                self.counters.moves += 1
                 targets = {a: protocol.to_metres(v) + self._origin[a]
                            for a, v in command.args.items() if v is not None}
                 if not targets:
@@ -390,11 +429,21 @@ def main(argv=None) -> int:
     parser.add_argument('--drop-probability', type=float, default=0.0, help='chance a reply is lost')
     parser.add_argument('--garbage-probability', type=float, default=0.0,
                         help='chance noise bytes precede a reply')
+    parser.add_argument('--duplicate-probability', type=float, default=0.0,
+                        help='chance a reply is sent twice')
+    parser.add_argument('--reply-delay', type=float, default=0.0, help='processing time per command [s]')
+    parser.add_argument('--reply-jitter', type=float, default=0.0,
+                        help='extra processing time per command, uniform in [0, JITTER] [s]')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    config = EmulatorConfig(speed_xy=args.speed, settle_time=args.settle_time, time_scale=args.time_scale,
-                            drop_probability=args.drop_probability,
-                            garbage_probability=args.garbage_probability, seed=args.seed)
+    try:
+        config = EmulatorConfig(speed_xy=args.speed, settle_time=args.settle_time, time_scale=args.time_scale,
+                                drop_probability=args.drop_probability,
+                                garbage_probability=args.garbage_probability,
+                                duplicate_probability=args.duplicate_probability, reply_delay=args.reply_delay,
+                                reply_jitter=args.reply_jitter, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
     emulator = StageEmulator(config, link_path=args.link)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -133,11 +133,17 @@ def _raise_if_error(text: str, command: str) -> None:
 
 
 def parse_ack(line: bytes | str, command: str = '') -> None:
-    """Accept ``:A`` (possibly followed by text); raise ControllerError or ProtocolError otherwise."""
+    """Accept ``:A`` (possibly followed by text); raise ControllerError or ProtocolError otherwise.
+
+    ``:A`` followed by numbers only is the shape of a WHERE reply, never an acknowledgement:
+    refusing it keeps a late position reply from answering a MOVE.
+    """
     text = _text(line)
     _raise_if_error(text, command)
     if text != ':A' and not text.startswith(':A '):
         raise ProtocolError(f'expected ":A", got {text!r}')
+    if _WHERE_RE.match(text):
+        raise ProtocolError(f'expected ":A", got a position reply {text!r}')
 
 
 def parse_where(line: bytes | str, n_axes: int = 3, command: str = '') -> tuple[float, ...]:
