@@ -183,6 +183,7 @@ class CameraModel:
         self.wafer = wafer
         self.optics = optics_model or calibration.default_model()
         self._colour_cache: dict[tuple, np.ndarray] = {}
+        self._contrast_tables: dict[str, np.ndarray] = {}
         self._raster_cache: OrderedDict = OrderedDict()
         self._noise: np.ndarray | None = None
         self._vignette_key = None
@@ -327,11 +328,21 @@ class CameraModel:
         elif obj.kind == 'dust':
             value = np.array(self._DUST_REFLECTANCE)
         elif obj.kind in ('flake', 'terrace', 'fold') and spectral == optics.DEFAULT_RESPONSE:
-            value = sub * (1.0 + self.optics.flake_contrast(obj.material, obj.layers, oxide))
+            value = sub * (1.0 + self._flake_contrast(obj.material, obj.layers, oxide))
         else:
             value = sub * (1.0 + optics.model_contrast(obj.material, obj.thickness_nm, oxide, spectral))
         self._colour_cache[key] = value
         return value
+
+    def _flake_contrast(self, material: str, layers: int, oxide: float) -> np.ndarray:
+        """The optics' contrast of a flake, from one table per material (a new field of view
+        meets dozens of new flakes; asking the optics for each costs a table each)."""
+        if not 1 <= layers <= 300:
+            return self.optics.flake_contrast(material, layers, oxide)
+        table = self._contrast_tables.get(material)
+        if table is None:
+            table = self._contrast_tables[material] = self.optics.contrast_table(material, oxide)
+        return table[layers - 1]
 
     def _line_value(self, obj: WaferObject) -> np.ndarray:
         # Lines thinner than a pixel: blend with the substrate by their coverage.

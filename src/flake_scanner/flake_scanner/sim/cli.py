@@ -5,6 +5,7 @@
     flake-sim dataset --seed 3 --frames 200 --randomise-camera --out data/sim_random
     flake-sim render --seed 3 --x 6.2 --y 4.1 --look all155 --out frame.png
     flake-sim compare --real real_285nm.jpg real_90nm.jpg --out docs/img/sim_vs_real.png
+    flake-sim looks --out docs/img/sim_looks.png
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from flake_core.objectives import OBJECTIVES
 from flake_scanner.sim.camera import CameraModel, CameraSettings
 from flake_scanner.sim.coco import FrameRecord, frames_to_coco
-from flake_scanner.sim.randomise import SimLook, held_out_looks, look_by_name, look_groups
+from flake_scanner.sim.randomise import SimLook, default_look, held_out_looks, look_by_name, look_groups, random_look
 from flake_scanner.sim.wafer import VirtualWafer, WaferConfig
 
 
@@ -107,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument('--include-held-out', action='store_true',
                          help='with --randomise-camera: draw from the held-out intervals too')
 
+    looks = sub.add_parser('looks', help='one field through the default, the held-out and random looks (picture)')
+    looks.add_argument('--seed', type=int, default=4, help='wafer seed (default 4)')
+    looks.add_argument('--random', type=_positive_int, default=7, help='random looks to show (default 7)')
+    looks.add_argument('--tile', type=_positive_int, default=256, help='tile size [px] (default 256)')
+    looks.add_argument('--out', type=Path, required=True, help='output picture (.png or .jpg)')
+
     compare = sub.add_parser('compare', help='a rendered frame next to a real micrograph (look check)')
     compare.add_argument('--seed', type=int, default=4, help='wafer seed (default 4)')
     compare.add_argument('--real', type=Path, nargs='+', required=True,
@@ -153,6 +160,33 @@ def _compare(args) -> int:
     picture = rows[0]
     for row in rows[1:]:
         picture = np.vstack([picture, spacer, row])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(args.out), picture):
+        raise SystemExit(f'flake-sim: error: cannot write {args.out}')
+    print(f'wrote {args.out}')
+    return 0
+
+
+def _looks(args) -> int:
+    """The same field of one chip through the default camera, the held-out cameras and random looks."""
+    looks = [default_look(), *held_out_looks(), *(random_look([args.seed, g]) for g in range(args.random))]
+    tiles = []
+    for look in looks:
+        wafer = VirtualWafer.generate(look.wafer_config(seed=args.seed, chip_width_m=3e-3, chip_height_m=3e-3,
+                                                        flake_density_per_mm2=60, thin_fraction=0.5))
+        camera = CameraModel(wafer, look.camera_settings(CameraSettings(width=512, height=512, objective='10x',
+                                                                        seed=args.seed)))
+        tile = cv2.resize(camera.render(*wafer.wafer_to_stage.apply(1.5e-3, 1.5e-3)), (args.tile, args.tile),
+                          interpolation=cv2.INTER_AREA)
+        label = f'{look.name}, {look.oxide_nm:g} nm'
+        (text_w, text_h), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        cv2.rectangle(tile, (0, 0), (text_w + 10, text_h + 10), (40, 40, 40), -1)
+        cv2.putText(tile, label, (5, text_h + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(tile)
+        print(f'{look.name}: {look.description or "oxide " + format(look.oxide_nm, "g") + " nm"}', file=sys.stderr)
+    columns = 4
+    tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % columns)
+    picture = np.vstack([np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(args.out), picture):
         raise SystemExit(f'flake-sim: error: cannot write {args.out}')
@@ -236,12 +270,10 @@ def dataset_positions(camera: CameraModel, frames: int, empty_fraction: float, s
     return positions
 
 
-def _write_coco(path: Path, records: list[FrameRecord], args) -> dict:
-    coco = frames_to_coco(records, description=f'flake-sim seed {args.seed} objective {args.objective}')
+def _write_coco(path: Path, coco: dict) -> None:
     partial = path.with_name(path.name + '.partial')
     partial.write_text(json.dumps(coco))
     os.replace(partial, path)
-    return coco
 
 
 def dataset_looks(args) -> list[tuple[SimLook | None, int, int]]:
@@ -260,27 +292,32 @@ def _dataset(args) -> int:
     image_dir = out / 'images'
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([args.seed, 0xDEF0])
-    records = []
+    # Frames are encoded as they come: a set of hundreds of frames keeps no masks (nor, with
+    # --randomise-camera, cameras) of earlier ones in memory.
+    coco = frames_to_coco([], description=f'flake-sim seed {args.seed} objective {args.objective}')
     step = max(1, args.frames // 20)
-    frames = []
+    index = 0
     for look, wafer_seed, count in dataset_looks(args):
         camera = _make_camera(args, look, wafer_seed)
         extra = frame_extra(camera, look)
-        frames += [(camera, extra, x, y) for _, x, y in dataset_positions(camera, count, args.empty_fraction,
-                                                                            wafer_seed)]
-    for index, (camera, extra, x, y) in enumerate(frames):
-        offset = float(rng.normal(0.0, args.defocus_spread)) * camera.objective.depth_of_field_m
-        z = camera.focal_plane_z(x, y) + offset
-        name = f'images/{args.seed:04d}_{index:06d}.png'
-        if not cv2.imwrite(str(out / name), camera.render(x, y, z)):
-            raise SystemExit(f'flake-sim: error: cannot write {out / name}')
-        records.append(FrameRecord(name, camera.ground_truth(x, y), args.objective, offset, extra))
-        if (index + 1) % step == 0 or index + 1 == args.frames:
-            # Checkpoint: a run killed half-way still leaves valid annotations for its images.
-            coco = _write_coco(out / 'annotations.json', records, args)
-            print(f'[flake-sim] {index + 1}/{args.frames} frames', file=sys.stderr, flush=True)
+        for _, x, y in dataset_positions(camera, count, args.empty_fraction, wafer_seed):
+            offset = float(rng.normal(0.0, args.defocus_spread)) * camera.objective.depth_of_field_m
+            z = camera.focal_plane_z(x, y) + offset
+            name = f'images/{args.seed:04d}_{index:06d}.png'
+            if not cv2.imwrite(str(out / name), camera.render(x, y, z)):
+                raise SystemExit(f'flake-sim: error: cannot write {out / name}')
+            frame = frames_to_coco([FrameRecord(name, camera.ground_truth(x, y), args.objective, offset, extra)])
+            image_id = len(coco['images']) + 1
+            coco['images'].append({**frame['images'][0], 'id': image_id})
+            for annotation in frame['annotations']:
+                coco['annotations'].append({**annotation, 'id': len(coco['annotations']) + 1, 'image_id': image_id})
+            index += 1
+            if index % step == 0 or index == args.frames:
+                # Checkpoint: a run killed half-way still leaves valid annotations for its images.
+                _write_coco(out / 'annotations.json', coco)
+                print(f'[flake-sim] {index}/{args.frames} frames', file=sys.stderr, flush=True)
     flakes = sum(not a['is_contaminant'] for a in coco['annotations'])
-    print(f'wrote {len(records)} images and {out / "annotations.json"} '
+    print(f'wrote {index} images and {out / "annotations.json"} '
           f'({flakes} flake regions, {len(coco["annotations"]) - flakes} contaminants)')
     return 0
 
@@ -290,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == 'compare':
         return _compare(args)
+    if args.command == 'looks':
+        return _looks(args)
     if not math.isfinite(args.density) or not 0 <= args.density <= 1e4:
         parser.error(f'--density must be within 0..10000 per mm^2, got {args.density}')
     if args.command == 'render':
