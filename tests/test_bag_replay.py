@@ -399,3 +399,46 @@ def test_recorder_and_replayer_refuse_bad_options_clearly(ros, tmp_path):
         BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag)), Parameter('topics', value=f'{T}/other')])
     with pytest.raises(ValueError, match='from:=/to'):
         BagReplayer(parameter_overrides=[Parameter('bag', value=str(bag)), Parameter('remap', value='/a=/b')])
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['flake-replay', 'x.mcap', '--rate', '-1'], '--rate: rate must be >= 0.0, got -1.0'),
+    (['flake-replay', 'x.mcap', '--start-offset', '1e9'], '--start-offset: start_offset must be <= '),
+    (['flake-replay', 'x.mcap', '--start-offset', 'nan'], '--start-offset: start_offset'),
+    (['flake-replay', 'x.mcap', '--wait-for-subscribers', '-3'], '--wait-for-subscribers: '),
+    (['flake-replay', 'x.mcap', '--delay', '-0.5'], '--delay: start_delay must be >= 0.0'),
+    (['flake-replay', 'x.mcap', '--rate', 'fast'], "argument --rate: invalid float value: 'fast'"),
+    (['flake-record', '--topics', '/a', '--duration', '-5'], '--duration: duration must be >= 0.0'),
+    (['flake-record', '--topics', '/a', '--bag-version', '3'], 'argument --bag-version: invalid choice'),
+])
+def test_every_bad_command_line_argument_is_one_clear_line(argv, message, capsys):
+    from flake_scanner.bag import record, replay
+
+    parse = replay._parse_args if argv[0] == 'flake-replay' else record._parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv[1:])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f'{argv[0]}: error: ') and message in error, error
+
+
+def test_bags_that_cannot_be_played_end_in_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    bag = tmp_path / 'short'
+    with BagWriter(bag) as writer:
+        writer.add_topic(f'{T}/tiles', SCAN_FRAME_TYPE)
+        writer.write(f'{T}/tiles', 10**9, b'\0' * 8)
+        writer.write(f'{T}/tiles', 3 * 10**9, b'\0' * 8)
+    noise = tmp_path / 'noise'
+    noise.mkdir()
+    (noise / 'noise_0.mcap').write_bytes(np.random.default_rng(0).bytes(4096))
+    (noise / 'metadata.yaml').write_text('rosbag2_bagfile_information:\n  storage_identifier: mcap\n')
+    for args, message in (([str(bag), '--start-offset', '5'], 'start offset 5 s is past the end of bag'),
+                          ([str(noise)], 'is not an mcap file')):
+        done = subprocess.run([sys.executable, '-m', 'flake_scanner.bag.replay', *args], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert 'Traceback' not in done.stderr and 'truncated' not in done.stderr
+        assert message in done.stderr, done.stderr

@@ -159,6 +159,20 @@ def detect_storage(path: Path) -> str:
     raise CorruptBagError(f'bag {path}: no MCAP or sqlite3 storage file recognised')
 
 
+_MAGIC = {'mcap': b'\x89MCAP', 'sqlite3': b'SQLite format 3'}
+
+
+def _check_magic(path: Path, storage: str) -> None:
+    """A storage file that does not begin as its format does is not a bag at all (not a truncated one)."""
+    files = [path] if path.is_file() else sorted(path.glob('*.mcap' if storage == 'mcap' else '*.db3'))
+    for file in files:
+        with file.open('rb') as stream:
+            head = stream.read(16)
+        if not head.startswith(_MAGIC[storage]):
+            raise CorruptBagError(f'bag {file} is not an {storage} file: it does not begin with the {storage} '
+                                  f'signature (first bytes {head[:8]!r})')
+
+
 class BagReader:
     """An open bag: its topics and an iterator over its messages as raw bytes.
 
@@ -177,6 +191,7 @@ class BagReader:
                                       f'{len(storage_files)} storage files (expected exactly one)')
             self.path = storage_files[0]
         self.storage = detect_storage(self.path)
+        _check_magic(self.path, self.storage)
         try:
             self._reader = Reader(self.path)
             self._reader.open()

@@ -19,6 +19,7 @@ import threading
 import time
 
 import rclpy
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -27,6 +28,7 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
 from flake_core.node_tools import declare_parameters
+from flake_core.parameters import schema_params
 from flake_scanner.bag.io import (
     BAG_VERSIONS,
     GROUND_TRUTH_FILE,
@@ -213,6 +215,17 @@ class BagRecorder(Node):
             raise BagError(f'recording to {self.output} failed: {self.write_error}')
 
 
+def refuse_bad_overrides(parser: argparse.ArgumentParser, schema: type, overrides: list[Parameter],
+                         options: dict[str, str]) -> None:
+    """Exit with argparse's one-line error naming the option (``options``: parameter -> option)
+    for every value the node's schema would refuse, before any node starts."""
+    by_name = {spec.name: spec for spec in schema_params(schema)}
+    for override in overrides:
+        error = by_name[override.name].check(override.value)
+        if error is not None:
+            parser.error(f'{options.get(override.name, override.name)}: {error}')
+
+
 def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Parameter]]:
     parser = argparse.ArgumentParser(prog='flake-record', description=__doc__.split('\n\n')[0])
     parser.add_argument('--topics', nargs='+', default=[], help='topics to record')
@@ -235,6 +248,10 @@ def _parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Parameter]]:
                         ('bag_version', args.bag_version), ('ground_truth', args.ground_truth)):
         if value is not None:
             overrides.append(Parameter(name, value=value))
+    refuse_bad_overrides(parser, BagRecorderParameters, overrides, {
+        'topics': '--topics', 'all_topics': '--all', 'exclude_topics': '--exclude', 'output': '--output',
+        'duration': '--duration', 'storage': '--storage', 'bag_version': '--bag-version',
+        'ground_truth': '--ground-truth'})
     return args, overrides
 
 
@@ -278,7 +295,7 @@ def main(argv=None) -> int:
             drain(executor, recorder)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ValueError, FileNotFoundError, FileExistsError, BagError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, BagError, ParameterException) as exc:
         print(f'flake-record: {exc}', file=sys.stderr)
         status = 2
     finally:

@@ -20,6 +20,7 @@ import threading
 
 import rclpy
 from rclpy.duration import Duration
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -38,7 +39,7 @@ from flake_scanner.bag.playback import (
     parse_topics,
     start_time_with_offset,
 )
-from flake_scanner.bag.record import install_stop_handlers
+from flake_scanner.bag.record import install_stop_handlers, refuse_bad_overrides
 from flake_scanner.bag.types import python_message_class
 from flake_scanner.parameters import BagReplayerParameters
 
@@ -54,6 +55,10 @@ class BagReplayer(Node):
             if not self.params.bag:
                 raise ValueError('no bag given (parameter "bag")')
             self.reader = BagReader(Path(self.params.bag))
+            length = (self.reader.end_time - self.reader.start_time) / NS_PER_S
+            if self.params.start_offset > length:
+                raise BagError(f'start offset {self.params.start_offset:g} s is past the end of bag '
+                               f'{self.reader.path} ({length:.3f} s long)')
             self._create_publishers()
         except Exception:
             # A refused bag leaves nothing behind: no open file, no node in the graph.
@@ -281,6 +286,9 @@ def _parse_args(argv: list[str]) -> list[Parameter]:
         overrides.append(Parameter('start_paused', value=True))
     if args.delay is not None:
         overrides.append(Parameter('start_delay', value=float(args.delay)))
+    refuse_bad_overrides(parser, BagReplayerParameters, overrides, {
+        'rate': '--rate', 'start_offset': '--start-offset', 'topics': '--topics', 'remap': '--remap',
+        'wait_for_subscribers': '--wait-for-subscribers', 'start_delay': '--delay'})
     return overrides
 
 
@@ -304,7 +312,7 @@ def main(argv=None) -> int:
             print(f'flake-replay: published {replayer.published} message(s)')
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ValueError, BagError) as exc:
+    except (ValueError, BagError, ParameterException) as exc:
         print(f'flake-replay: {exc}', file=sys.stderr)
         status = 2
     finally:
