@@ -8,22 +8,17 @@ tools/install_chromium.sh; without it these tests fail and say so.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
 from pathlib import Path
-import socket
-import threading
-import time
 import zipfile
 
 import cv2
 import numpy as np
 import pytest
-import uvicorn
-from web_helpers import add_unknown_candidates, make_registry, write_frames, write_mosaic
+from web_helpers import add_unknown_candidates, make_registry, serve, write_frames, write_mosaic
 
 from flake_registry import labelling
 from flake_registry.query import FlakeQuery
@@ -36,30 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / 'test-artifacts' / 'web'
 DOC_IMAGES = REPO / 'docs' / 'img'
 WAIT_MS = 20_000
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(app):
-    """``app`` served by uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', lifespan='off'))
-    thread = threading.Thread(target=server.run, name='uvicorn', daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, 'uvicorn did not start'
-    try:
-        yield f'http://127.0.0.1:{port}'
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def shot(page, name: str, full_page: bool = True) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 import random
+import socket
+import threading
 
 import cv2
 import numpy as np
@@ -166,3 +169,34 @@ def web_client(app, **options):
 
     headers = {'Origin': TEST_ORIGIN, **options.pop('headers', {})}
     return TestClient(app, headers=headers, **options)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(app):
+    """``app`` served by uvicorn on a free 127.0.0.1 port in a thread; yields its base URL once it listens."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        ready = threading.Event()
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            self.ready.set()
+
+    port = free_port()
+    server = Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning', lifespan='off'))
+    server.ready = threading.Event()
+    thread = threading.Thread(target=server.run, name='uvicorn', daemon=True)
+    thread.start()
+    assert server.ready.wait(timeout=60) and server.started, 'uvicorn did not start'
+    try:
+        yield f'http://127.0.0.1:{port}'
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
