@@ -12,7 +12,7 @@ PACKAGES := flake_core flake_scanner flake_detector flake_registry
 MSG_FILES := $(shell find src/flake_msgs -type f -not -name '*~')
 PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src/$(p)/package.xml)
 
-.PHONY: help setup browser test test-fast lint demo web bench clean train-defects train-cascade maskrcnn-data train-maskrcnn train-maskrcnn-ablation
+.PHONY: help setup browser postgresql postgres-server test test-fast lint demo web bench clean train-defects train-cascade maskrcnn-data train-maskrcnn train-maskrcnn-ablation
 
 help:
 	@echo "make setup  - create .venv, install pinned dependencies, build flake_msgs, install the packages"
@@ -20,6 +20,7 @@ help:
 	@echo "make test   - ruff and the whole pytest suite (what CI runs)"
 	@echo "make test-fast - lint and the suite without the slow system and browser tests (the inner loop)"
 	@echo "make bench  - run every bench/*.py and print their tables"
+	@echo "make postgres-server - a throwaway PostgreSQL server for the registry (database_url printed; Ctrl-C removes it)"
 	@echo "make train-cascade - retrain the shipped cascade weights (graphene 1-10 layers, hBN 10-90 nm)"
 	@echo "make train-maskrcnn - retrain the shipped CPU Mask R-CNN checkpoint (simulator data)"
 	@echo "make train-defects - retrain the STEM defect-analyzer checkpoints (CNN-1 hex/direct, CNN-2)"
@@ -61,11 +62,19 @@ lint: setup
 browser:
 	@bash tools/install_chromium.sh
 
-test: setup lint browser
+# Debian's PostgreSQL server for the registry's PostgreSQL backend and its tests; installed only when missing.
+postgresql:
+	@bash tools/install_postgresql.sh
+
+# A throwaway PostgreSQL server for the registry: temporary data directory, unprivileged user, removed on Ctrl-C.
+postgres-server: setup postgresql
+	$(ENV) python -m flake_registry.pg_server
+
+test: setup lint browser postgresql
 	$(ENV) python -m pytest tests
 
 # The inner loop: everything but the tests marked slow (whole node graphs, the browser).
-test-fast: setup lint
+test-fast: setup lint postgresql
 	$(ENV) python -m pytest -m 'not slow' tests
 
 bench: setup

@@ -1,4 +1,5 @@
-"""FlakeStore on real SQLite files: schema and migrations, merge, queries, leases, exports."""
+"""FlakeStore on both backends (SQLite files, a real PostgreSQL server): schema and migrations, merge,
+queries, leases, exports. Tests of SQLite's own file handling use a file directly."""
 
 import csv
 from dataclasses import replace
@@ -12,6 +13,7 @@ import sys
 
 from pycocotools.coco import COCO
 import pytest
+from registry_backends import postgres_server, registry_url  # noqa: F401 - fixtures
 from ros_helpers import HELPERS
 
 from flake_core.geometry import WaferFrame
@@ -56,8 +58,8 @@ def clock():
 
 
 @pytest.fixture
-def store(tmp_path, clock):
-    with FlakeStore(tmp_path / 'registry.sqlite', clock=clock, default_lease_s=60.0) as store:
+def store(registry_url, clock):  # noqa: F811 - the fixture imported above
+    with FlakeStore(registry_url, clock=clock, default_lease_s=60.0) as store:
         yield store
 
 
@@ -81,7 +83,19 @@ def populated(store):
 
 # -- schema -------------------------------------------------------------------
 
-def test_new_file_has_current_schema_wal_and_full_sync(store):
+def test_new_registry_has_current_schema(store):
+    assert store.schema_version == SCHEMA_VERSION == 6
+    tables = set(store.table_names())
+    assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
+            'labels', 'schema_version', 'flake_boxes', 'stack_recipes', 'wafer_frames'} <= tables
+    with store.snapshot() as tx:
+        assert [r['version'] for r in tx.all('SELECT version FROM schema_version ORDER BY version')] == \
+            list(range(1, SCHEMA_VERSION + 1))
+    assert store.integrity_check() == 'ok'
+
+
+def test_new_file_has_current_schema_wal_and_full_sync(tmp_path):
+    store = FlakeStore(tmp_path / 'registry.sqlite')
     assert store.schema_version == SCHEMA_VERSION == 6
     tables = set(store.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
@@ -89,9 +103,12 @@ def test_new_file_has_current_schema_wal_and_full_sync(store):
     assert store.db.conn.execute('PRAGMA journal_mode').fetchone()[0] == 'wal'
     assert store.db.conn.execute('PRAGMA synchronous').fetchone()[0] == 2  # FULL
     assert store.integrity_check() == 'ok'
+    store.close()
 
 
-def test_batches_commit_with_normal_sync_and_claims_with_full(store):
+def test_batches_commit_with_normal_sync_and_claims_with_full(tmp_path):
+    store = FlakeStore(tmp_path / 'registry.sqlite')
+
     def mode():
         return store.db.conn.execute('PRAGMA synchronous').fetchone()[0]
 
@@ -169,7 +186,7 @@ def test_wafer_frame_is_measured_kept_and_seen_by_another_store(store, tmp_path,
     expected = WaferFrame.from_corners(corners)
     assert saved.stage_to_wafer == pytest.approx(expected.stage_to_wafer.as_list())
     assert saved.rotation == pytest.approx(0.01) and saved.residual == pytest.approx(expected.residual)
-    with FlakeStore(store.path) as other:  # a second coordinator, or the same one after a restart
+    with FlakeStore(store.url) as other:  # a second coordinator, or the same one after a restart
         assert other.wafer_frame('chip-9') == saved
         assert other.wafer_frame('chip-unknown') is None
     clock.now += 60
@@ -403,7 +420,7 @@ def test_reserve_many_is_all_or_none(populated):
 def test_processes_racing_for_the_same_flakes_never_share_one(populated):
     store, _, ids = populated
     contested = ids[:20]
-    workers = [subprocess.Popen([sys.executable, str(HELPERS / 'registry_worker.py'), 'reserve', str(store.path),
+    workers = [subprocess.Popen([sys.executable, str(HELPERS / 'registry_worker.py'), 'reserve', store.url,
                                  f'robot-{i}', *contested], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True) for i in range(4)]
     outputs = []

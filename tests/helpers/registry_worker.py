@@ -3,9 +3,13 @@
     registry_worker.py reserve DB ROBOT FLAKE_ID...   try to reserve each flake once
     registry_worker.py ingest DB SEED                  ingest batches forever
 
+DB is a file path or a postgresql:// URL.
+
 `reserve` prints one line per won flake: "WON <flake_id> <token>".
 `ingest` prints "COMMITTED <flake_id> ..." after each batch's transaction has
-committed, so a parent that kills it knows what must be in the file.
+committed, so a parent that kills it knows what must be in the registry. A batch
+whose transaction failed (its connection ended by the server) is not acknowledged:
+the worker prints "RETRY" and stores it again, as registry_node does.
 """
 
 import random
@@ -42,7 +46,12 @@ def ingest(path: str, seed: int) -> None:
                                    x=x, y=y, material='graphene', score=rng.random(), area=size * size,
                                    contour=[(x - size / 2, y - size / 2), (x + size / 2, y - size / 2),
                                             (x, y + size / 2)]))
-        outcomes = store.ingest(batch)
+        while True:
+            try:
+                outcomes = store.ingest(batch)
+                break
+            except Exception as error:  # noqa: BLE001 - any failed transaction is tried again
+                print('RETRY', type(error).__name__, flush=True)
         print('COMMITTED', *(o.flake_id for o in outcomes), flush=True)
         batch_index += 1
 

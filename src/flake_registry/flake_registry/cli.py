@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='flake-registry', description=__doc__.split('\n\n')[0])
     parser.add_argument('--db', type=Path, default=None,
                         help='registry file (default: $FLAKE_DATA_DIR/registry.sqlite or ./data/registry.sqlite)')
+    parser.add_argument('--database-url', default='',
+                        help='PostgreSQL registry, postgresql://user@host:port/database (instead of --db)')
     commands = parser.add_subparsers(dest='command', required=True)
 
     query = commands.add_parser('query', help='list flakes that match filters')
@@ -121,7 +123,9 @@ FLAKE_HEADERS = ['id', 'chip', 'material', 'class', 'layers', 'nm', 'area_um2', 
                  'seen']
 
 
-def _open(path: Path) -> FlakeStore:
+def _open(path: Path | str) -> FlakeStore:
+    if isinstance(path, str):  # a PostgreSQL URL
+        return FlakeStore(path)
     if not path.exists():
         raise RegistryError('UNKNOWN_ID', f'no registry at {path} (set --db or FLAKE_DATA_DIR)')
     return FlakeStore(path)
@@ -141,7 +145,7 @@ def _write_atomically(path: Path, write) -> int:
 
 
 def run(args, out=sys.stdout) -> int:
-    path = args.db or default_database_path()
+    path = args.database_url or args.db or default_database_path()
     with _open(path) as store:
         if args.command == 'query':
             result = store.query(_query_from_args(args))
@@ -172,7 +176,7 @@ def run(args, out=sys.stdout) -> int:
                 print(f'wrote {count} {"annotations" if args.format == "coco" else "flakes"} to {args.output}',
                       file=sys.stderr)
         elif args.command == 'info':
-            out.write(f'registry {path}: schema version {store.schema_version}, {store.count()} flakes\n')
+            out.write(f'registry {store.url}: schema version {store.schema_version}, {store.count()} flakes\n')
             chips = store.chips()
             out.write(format_table(['chip', 'flakes'], [[c['id'], str(c['flakes'])] for c in chips]) + '\n')
             scans = store.scans()

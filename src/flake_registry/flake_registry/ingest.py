@@ -52,63 +52,196 @@ def ingest(tx: Transaction, sightings: Iterable[Sighting], rule: MergeRule, now:
     """Store one batch inside ``tx``, merging sightings of flakes already known.
 
     Sightings that cannot be stored (non-finite numbers, unknown material) are
-    refused one by one with a reason; the rest of the batch is stored.
+    refused one by one with a reason; the rest of the batch is stored. The batch is
+    planned in memory first (the matches read from the database in one pass, then
+    taken in order, so that a sighting can merge into a flake found earlier in the
+    same batch) and written with one statement per kind of row: on PostgreSQL that
+    is a few round trips per batch instead of several per sighting.
     """
-    outcomes: list[IngestOutcome] = []
-    next_pk = int(tx.scalar('SELECT COALESCE(MAX(pk), 0) FROM flakes')) + 1
-    seen_scans: set[tuple[str, str]] = set()
-    for sighting in sightings:
+    sightings = list(sightings)
+    outcomes: list[IngestOutcome] = [IngestOutcome() for _ in sightings]
+    valid: list[int] = []
+    for index, sighting in enumerate(sightings):
         error = sighting.check()
-        if error is not None:
-            outcomes.append(IngestOutcome(chip_id=sighting.chip_id, error=error))
-            continue
-        if (sighting.chip_id, sighting.scan_id) not in seen_scans:
-            seen_scans.add((sighting.chip_id, sighting.scan_id))
-            tx.execute('INSERT INTO chips (id, created, updated) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING',
-                       (sighting.chip_id, now, now))
-            if sighting.scan_id:
-                tx.execute('INSERT INTO scans (id, chip_id, started) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING',
-                           (sighting.scan_id, sighting.chip_id, sighting.stamp or now))
-        box = sighting.wafer_box()
-        match = best_match(tx, sighting, box, rule)
-        if match is None:
-            flake_pk, flake_id, iou = next_pk, flake_id_of(next_pk), 1.0
-            next_pk += 1
-            _insert_flake(tx, flake_pk, flake_id, sighting, box, now)
+        if error is None:
+            valid.append(index)
         else:
-            flake_pk, flake_id, best_score, iou = match
-            if sighting.score > best_score:
-                _replace_representative(tx, flake_pk, sighting, box)
-            tx.execute('UPDATE flakes SET n_observations = n_observations + 1, updated = ? WHERE pk = ?',
-                       (now, flake_pk))
-        tx.execute('INSERT INTO observations (flake_pk, scan_id, tile_index, stamp, x, y, bbox_px, score, detector, '
-                   'iou, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
-                   (flake_pk, sighting.scan_id, int(sighting.tile_index), sighting.stamp, sighting.x, sighting.y,
-                    json.dumps(list(map(int, sighting.bbox_px))), sighting.score, sighting.detector, iou, now))
-        outcomes.append(IngestOutcome(flake_id=flake_id, chip_id=sighting.chip_id, is_new=match is None))
+            outcomes[index] = IngestOutcome(chip_id=sighting.chip_id, error=error)
+    if not valid:
+        return outcomes
+    chips = sorted({sightings[i].chip_id for i in valid})
+    if tx.dialect == 'postgresql':
+        # One writer per chip at a time: two scanners' batches of the same chip merge
+        # in order, batches of different chips are written side by side.
+        for chip in chips:
+            tx.execute('SELECT pg_advisory_xact_lock(hashtext(?))', (chip,))
+    boxes = {i: sightings[i].wafer_box() for i in valid}
+    fetched = _candidates(tx, [(i, sightings[i].chip_id, boxes[i]) for i in valid], rule.distance)
+
+    plan = _Plan()
+    for index in valid:
+        sighting, box = sightings[index], boxes[index]
+        match = plan.best_match(sighting, box, fetched.get(index, ()), rule)
+        if match is None:
+            key = plan.add_flake(sighting, box)
+            iou = 1.0
+        else:
+            key, iou = match
+            plan.merge(key, sighting, box)
+        plan.observations.append((key, sighting, iou))
+        outcomes[index] = IngestOutcome(chip_id=sighting.chip_id, is_new=match is None, flake_id=str(key))
+
+    new_pks = _allocate_pks(tx, len(plan.new))
+    real = {key: pk for key, pk in zip(plan.new, new_pks, strict=True)}
+    for index in valid:
+        key = int(outcomes[index].flake_id)
+        outcomes[index].flake_id = plan.state[key][0] if key > 0 else flake_id_of(real[key])
+    _write(tx, plan, real, sightings, valid, now)
     return outcomes
 
 
-def best_match(tx: Transaction, sighting: Sighting, box, rule: MergeRule):
-    """(pk, id, score, iou) of the known flake ``sighting`` is another sighting of, or None."""
-    reach = rule.distance
-    # `+f.chip_id`: keeps the planner on the R*Tree range search; with the chip index
-    # it would visit every flake of the chip and probe the R*Tree once for each.
-    rows = tx.all(
-        'SELECT f.pk, f.id, f.x, f.y, f.score, b.min_x, b.min_y, b.max_x, b.max_y FROM flake_boxes b '
-        'JOIN flakes f ON f.pk = b.id WHERE b.max_x >= ? AND b.min_x <= ? AND b.max_y >= ? AND b.min_y <= ? '
-        'AND +f.chip_id = ?',
-        (box[0] - reach, box[2] + reach, box[1] - reach, box[3] + reach, sighting.chip_id))
-    best, best_key = None, None
-    for row in rows:
-        distance = math.hypot(row['x'] - sighting.x, row['y'] - sighting.y)
-        iou = box_iou(box, (row['min_x'], row['min_y'], row['max_x'], row['max_y']))
-        if distance > reach and iou < rule.iou:
+class _Plan:
+    """The batch in memory: known flakes touched so far, new flakes (negative keys), observations."""
+
+    def __init__(self):
+        self.state: dict[int, list] = {}        # key -> [id, x, y, score, box]; key = pk, or -n for new flakes
+        self.touched: list[int] = []            # keys changed or made by this batch, in order
+        self.new: list[int] = []
+        self.best: dict[int, Sighting] = {}     # key -> sighting that now represents the flake
+        self.extra_observations: dict[int, int] = {}
+        self.observations: list[tuple[int, Sighting, float]] = []
+        self.chip_of: dict[int, str] = {}
+
+    def best_match(self, sighting: Sighting, box, fetched, rule: MergeRule):
+        for pk, row in fetched:
+            self.state.setdefault(pk, row)      # a flake changed earlier in the batch keeps its new state
+            self.chip_of[pk] = sighting.chip_id  # fetched for this sighting: on its chip
+        keys = {pk for pk, _ in fetched}
+        keys.update(key for key in self.touched if self.chip_of[key] == sighting.chip_id)
+        reach = rule.distance
+        best, best_key = None, None
+        for key in keys:
+            _, x, y, _, other = self.state[key]
+            if other[0] - reach > box[2] or other[2] + reach < box[0] or other[1] - reach > box[3] \
+                    or other[3] + reach < box[1]:
+                continue
+            distance = math.hypot(x - sighting.x, y - sighting.y)
+            iou = box_iou(box, other)
+            if distance > reach and iou < rule.iou:
+                continue
+            rank = (iou, -distance, -key if key > 0 else key)  # ties: the earlier flake
+            if best_key is None or rank > best_key:
+                best, best_key = (key, iou), rank
+        return best
+
+    def add_flake(self, sighting: Sighting, box) -> int:
+        key = -(len(self.new) + 1)
+        self.new.append(key)
+        self.state[key] = ['', sighting.x, sighting.y, sighting.score, box]
+        self.chip_of[key] = sighting.chip_id
+        self.best[key] = sighting
+        self.touched.append(key)
+        return key
+
+    def merge(self, key: int, sighting: Sighting, box) -> None:
+        self.extra_observations[key] = self.extra_observations.get(key, 0) + 1
+        if key not in self.touched:
+            self.touched.append(key)
+        if sighting.score > self.state[key][3]:
+            self.state[key] = [self.state[key][0], sighting.x, sighting.y, sighting.score, box]
+            self.best[key] = sighting
+
+
+def _candidates(tx: Transaction, wanted: list[tuple[int, str, tuple]], reach: float) -> dict[int, list]:
+    """Known flakes near each sighting: index -> [(pk, [id, x, y, score, box])]."""
+    found: dict[int, list] = {}
+    columns = 'f.pk, f.id, f.x, f.y, f.score, b.min_x, b.min_y, b.max_x, b.max_y'
+    if tx.dialect == 'postgresql':
+        near = tx.box_overlap('b', 'd.x0', 'd.y0', 'd.x1', 'd.y1')
+        rows = tx.all(
+            # LATERAL: one GiST search per sighting. A plain join let the planner pair every
+            # sighting with every flake of its chip first (200 ms a batch at 3000 flakes).
+            f'SELECT d.i, {columns} FROM unnest(:i::int[], :chip::text[], :x0::float8[], :y0::float8[], '
+            f':x1::float8[], :y1::float8[]) AS d(i, chip, x0, y0, x1, y1) CROSS JOIN LATERAL '
+            f'(SELECT * FROM flake_boxes b WHERE {near} OFFSET 0) AS b '
+            'JOIN flakes f ON f.pk = b.id AND f.chip_id = d.chip',
+            {'i': [w[0] for w in wanted], 'chip': [w[1] for w in wanted],
+             'x0': [w[2][0] - reach for w in wanted], 'y0': [w[2][1] - reach for w in wanted],
+             'x1': [w[2][2] + reach for w in wanted], 'y1': [w[2][3] + reach for w in wanted]})
+        for row in rows:
+            found.setdefault(row['i'], []).append(_candidate(row))
+        return found
+    for index, chip, box in wanted:
+        # `+f.chip_id`: keeps SQLite's planner on the R*Tree range search; with the chip
+        # index it would visit every flake of the chip and probe the R*Tree once for each.
+        rows = tx.all(f'SELECT {columns} FROM flake_boxes b JOIN flakes f ON f.pk = b.id WHERE '
+                      f'{tx.box_overlap("b", ":x0", ":y0", ":x1", ":y1")} AND +f.chip_id = :chip',
+                      {'x0': box[0] - reach, 'y0': box[1] - reach, 'x1': box[2] + reach, 'y1': box[3] + reach,
+                       'chip': chip})
+        if rows:
+            found[index] = [_candidate(row) for row in rows]
+    return found
+
+
+def _candidate(row) -> tuple[int, list]:
+    return row['pk'], [row['id'], row['x'], row['y'], row['score'],
+                       (row['min_x'], row['min_y'], row['max_x'], row['max_y'])]
+
+
+def _allocate_pks(tx: Transaction, count: int) -> list[int]:
+    if not count:
+        return []
+    if tx.dialect == 'postgresql':
+        rows = tx.all("SELECT nextval('flake_pk_seq') AS pk FROM generate_series(1, ?)", (count,))
+        return [int(row['pk']) for row in rows]
+    # The write transaction holds SQLite's lock, so nobody else takes these keys.
+    first = int(tx.scalar('SELECT COALESCE(MAX(pk), 0) FROM flakes')) + 1
+    return list(range(first, first + count))
+
+
+def _write(tx: Transaction, plan: _Plan, real: dict[int, int], sightings: list[Sighting], valid: list[int],
+           now: float) -> None:
+    seen = {}
+    for index in valid:
+        seen.setdefault((sightings[index].chip_id, sightings[index].scan_id), sightings[index].stamp)
+    tx.executemany('INSERT INTO chips (id, created, updated) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING',
+                   [(chip, now, now) for chip in sorted({chip for chip, _ in seen})])
+    tx.executemany('INSERT INTO scans (id, chip_id, started) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING',
+                   [(scan, chip, stamp or now) for (chip, scan), stamp in seen.items() if scan])
+    inserts, boxes = [], []
+    for key in plan.new:
+        sighting, box, pk = plan.best[key], plan.state[key][4], real[key]
+        values = _flake_values(sighting)
+        values.update(pk=pk, id=flake_id_of(pk), chip_id=sighting.chip_id,
+                      n_observations=1 + plan.extra_observations.get(key, 0), created=now, updated=now,
+                      status=STATUS_REJECTED if sighting.rejected else STATUS_AVAILABLE)
+        inserts.append(values)
+        boxes.append((pk, box[0], box[2], box[1], box[3]))
+    if inserts:
+        names = list(inserts[0])
+        tx.executemany(f'INSERT INTO flakes ({", ".join(names)}) VALUES ({", ".join("?" * len(names))})',
+                       [tuple(values[name] for name in names) for values in inserts])
+        tx.executemany('INSERT INTO flake_boxes (id, min_x, max_x, min_y, max_y) VALUES (?, ?, ?, ?, ?)', boxes)
+    updates, box_updates, counts = [], [], []
+    for key in plan.touched:
+        if key < 0:
             continue
-        key = (iou, -distance)
-        if best_key is None or key > best_key:
-            best, best_key = (row['pk'], row['id'], row['score'], iou), key
-    return best
+        if key in plan.best:
+            values = _flake_values(plan.best[key])
+            updates.append((*values.values(), key))
+            box = plan.state[key][4]
+            box_updates.append((box[0], box[2], box[1], box[3], key))
+        counts.append((plan.extra_observations.get(key, 0), now, key))
+    if updates:
+        assignments = ', '.join(f'{name} = ?' for name in _flake_values(plan.best[updates[0][-1]]))
+        tx.executemany(f'UPDATE flakes SET {assignments} WHERE pk = ?', updates)
+        tx.executemany('UPDATE flake_boxes SET min_x = ?, max_x = ?, min_y = ?, max_y = ? WHERE id = ?', box_updates)
+    tx.executemany('UPDATE flakes SET n_observations = n_observations + ?, updated = ? WHERE pk = ?', counts)
+    tx.executemany('INSERT INTO observations (flake_pk, scan_id, tile_index, stamp, x, y, bbox_px, score, detector, '
+                   'iou, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                   [(real.get(key, key), s.scan_id, int(s.tile_index), s.stamp, s.x, s.y,
+                     json.dumps(list(map(int, s.bbox_px))), s.score, s.detector, iou, now)
+                    for key, s, iou in plan.observations])
 
 
 def _flake_values(sighting: Sighting) -> dict[str, Any]:
@@ -126,21 +259,3 @@ def _flake_values(sighting: Sighting) -> dict[str, Any]:
         'mask': zlib.compress(sighting.mask, 1) if sighting.mask else None,
         'mask_width': sighting.mask_width, 'mask_height': sighting.mask_height,
     }
-
-
-def _insert_flake(tx: Transaction, flake_pk: int, flake_id: str, sighting: Sighting, box, now: float) -> None:
-    values = _flake_values(sighting)
-    values.update(pk=flake_pk, id=flake_id, chip_id=sighting.chip_id, n_observations=1, created=now,
-                  updated=now, status=STATUS_REJECTED if sighting.rejected else STATUS_AVAILABLE)
-    names = ', '.join(values)
-    tx.execute(f'INSERT INTO flakes ({names}) VALUES ({", ".join("?" * len(values))})', tuple(values.values()))
-    tx.execute('INSERT INTO flake_boxes (id, min_x, max_x, min_y, max_y) VALUES (?, ?, ?, ?, ?)',
-               (flake_pk, box[0], box[2], box[1], box[3]))
-
-
-def _replace_representative(tx: Transaction, flake_pk: int, sighting: Sighting, box) -> None:
-    values = _flake_values(sighting)
-    assignments = ', '.join(f'{name} = ?' for name in values)
-    tx.execute(f'UPDATE flakes SET {assignments} WHERE pk = ?', (*values.values(), flake_pk))
-    tx.execute('UPDATE flake_boxes SET min_x = ?, max_x = ?, min_y = ?, max_y = ? WHERE id = ?',
-               (box[0], box[2], box[1], box[3], flake_pk))

@@ -18,6 +18,9 @@ class RegistryNodeParameters:
           'SQLite file of the registry; empty: $FLAKE_DATA_DIR/registry.sqlite (./data/registry.sqlite without the '
           'variable)',
           read_only=True)
+    database_url: str = param('',
+          'PostgreSQL registry, postgresql://user@host:port/database; empty: the SQLite file of database_path',
+          read_only=True)
     image_dir: str = param('',
           'Directory for images sent with AddFlakeImage; empty: "images" next to the database',
           read_only=True)
@@ -73,6 +76,9 @@ class StackRecipeNodeParameters:
 
     database_path: str = param('',
           'SQLite file of the registry; empty: $FLAKE_DATA_DIR/registry.sqlite',
+          read_only=True)
+    database_url: str = param('',
+          'PostgreSQL registry, postgresql://user@host:port/database; empty: the SQLite file of database_path',
           read_only=True)
 
 

@@ -218,8 +218,8 @@ class FlakeQuery:
         return replace(self, materials=materials, layer_classes=tuple(int(v) for v in self.layer_classes),
                        statuses=tuple(int(v) for v in self.statuses))
 
-    def where_sql(self, now: float) -> tuple[str, dict[str, Any]]:
-        """The WHERE clause (without the keyword) and its named parameters."""
+    def where_sql(self, now: float, dialect: str = 'sqlite') -> tuple[str, dict[str, Any]]:
+        """The WHERE clause (without the keyword) and its named parameters, for SQLite or PostgreSQL."""
         clauses: list[str] = []
         params: dict[str, Any] = {'now': now}
 
@@ -279,8 +279,12 @@ class FlakeQuery:
         if box is not None:
             # A flake's centre lies inside its bounding box, so every flake whose centre
             # is in `box` has a box that intersects it: an R*Tree lookup, not a scan.
-            clauses.append('f.pk IN (SELECT id FROM flake_boxes WHERE max_x >= :box_min_x '
-                           'AND min_x <= :box_max_x AND max_y >= :box_min_y AND min_y <= :box_max_y)')
+            if dialect == 'postgresql':  # the expression of the GiST index on flake_boxes
+                overlap = ('box(point(min_x, min_y), point(max_x, max_y)) && '
+                           'box(point(:box_min_x, :box_min_y), point(:box_max_x, :box_max_y))')
+            else:
+                overlap = 'max_x >= :box_min_x AND min_x <= :box_max_x AND max_y >= :box_min_y AND min_y <= :box_max_y'
+            clauses.append(f'f.pk IN (SELECT id FROM flake_boxes WHERE {overlap})')
             params.update(box_min_x=box[0], box_min_y=box[1], box_max_x=box[2], box_max_y=box[3])
         if self.statuses:
             names = []
@@ -288,7 +292,7 @@ class FlakeQuery:
                 params[f'status{i}'] = status
                 names.append(f':status{i}')
             clauses.append(f'({EFFECTIVE_STATUS_SQL}) IN ({", ".join(names)})')
-        return (' AND '.join(clauses) or '1'), params
+        return (' AND '.join(clauses) or '1 = 1'), params
 
     def order_sql(self) -> str:
         ascending = self.ascending

@@ -52,7 +52,7 @@ def record(values: dict[str, Any]) -> FlakeRecord:
 def query(tx: Transaction, flake_query: FlakeQuery, now: float, contours: bool = True) -> QueryResult:
     """Flakes matching ``flake_query`` (validated here), one page, and the total number of matches."""
     flake_query = flake_query.validated()
-    where, params = flake_query.where_sql(now)
+    where, params = flake_query.where_sql(now, tx.dialect)
     order = flake_query.order_sql()
     count_join = LIVE_RESERVATION_JOIN if flake_query.statuses else ''
     params.update(limit=flake_query.limit, offset=flake_query.offset)

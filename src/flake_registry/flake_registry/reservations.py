@@ -72,11 +72,11 @@ def check_robot_id(robot_id: str) -> str:
     return robot_id
 
 
-def flake_row(tx: Transaction, flake_id: str) -> Mapping[str, Any]:
-    """The flake's key and stored status; raises UNKNOWN_ID."""
+def flake_row(tx: Transaction, flake_id: str, lock: bool = False) -> Mapping[str, Any]:
+    """The flake's key and stored status; raises UNKNOWN_ID. ``lock``: hold its row until the commit."""
     if not flake_id:
         raise RegistryError(UNKNOWN_ID, 'flake_id is empty', flake_id)
-    row = tx.one('SELECT pk, status FROM flakes WHERE id = ?', (flake_id,))
+    row = tx.one(f'SELECT pk, status FROM flakes WHERE id = ?{tx.for_update if lock else ""}', (flake_id,))
     if row is None:
         raise RegistryError(UNKNOWN_ID, f'no flake with id {flake_id!r}', flake_id)
     return row
@@ -101,11 +101,16 @@ def reserve_in(tx: Transaction, flake_ids: Sequence[str], robot_id: str, lease_s
     exception does that), so no flake of the set stays reserved.
     """
     flake_ids = check_request(flake_ids, robot_id)
+    if tx.for_update:
+        # Row locks on every flake of the set, taken in one order (by key) so that two
+        # robots claiming overlapping stacks queue instead of deadlocking.
+        placeholders = ', '.join('?' * len(flake_ids))
+        tx.all(f'SELECT pk FROM flakes WHERE id IN ({placeholders}) ORDER BY pk{tx.for_update}', tuple(flake_ids))
     return [_reserve_one(tx, flake_id, robot_id, lease_s, now) for flake_id in flake_ids]
 
 
 def _reserve_one(tx: Transaction, flake_id: str, robot_id: str, lease_s: float, now: float) -> Reservation:
-    flake = flake_row(tx, flake_id)
+    flake = flake_row(tx, flake_id, lock=True)
     if flake['status'] == STATUS_USED:
         raise RegistryError(ALREADY_USED, f'flake {flake_id} was already used', flake_id)
     if flake['status'] == STATUS_REJECTED:
@@ -149,7 +154,7 @@ def _check_token(tx: Transaction, flake_pk: int, flake_id: str, token: str, now:
 
 def release_in(tx: Transaction, flake_id: str, token: str, now: float) -> Reservation:
     """Give a reservation back before its lease ends."""
-    flake = flake_row(tx, flake_id)
+    flake = flake_row(tx, flake_id, lock=True)
     live = _check_token(tx, flake['pk'], flake_id, token, now, NOT_RESERVED)
     tx.execute("UPDATE reservations SET ended = ?, outcome = 'released' WHERE id = ?", (now, live['id']))
     return Reservation(flake_id=flake_id, robot_id=live['robot_id'], token=token, created=live['created'],
@@ -158,7 +163,7 @@ def release_in(tx: Transaction, flake_id: str, token: str, now: float) -> Reserv
 
 def mark_used_in(tx: Transaction, flake_id: str, token: str, note: str, now: float) -> Reservation:
     """The robot put the flake into a stack: it leaves the pool for good. Needs the live token."""
-    flake = flake_row(tx, flake_id)
+    flake = flake_row(tx, flake_id, lock=True)
     if flake['status'] == STATUS_USED:
         raise RegistryError(ALREADY_USED, f'flake {flake_id} was already used', flake_id)
     live = _check_token(tx, flake['pk'], flake_id, token, now, LEASE_EXPIRED)

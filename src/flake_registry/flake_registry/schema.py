@@ -4,6 +4,12 @@ Version N is reached by applying migrations 1..N, each in its own transaction, a
 recorded in ``schema_version``; opening a registry applies the missing ones. A
 database written by newer software is refused (``SchemaError``) rather than
 modified. To change the schema, append a migration; never edit a released one.
+
+The same numbered migrations make the same tables on SQLite and on PostgreSQL.
+Each takes the open ``Transaction``; SQLite's steps are the released sqlite-utils
+code, PostgreSQL's the equivalent DDL (``_PG``), differing only where the engines
+do: float and blob types, keys from sequences, and the spatial index (an R*Tree
+virtual table on SQLite, a GiST index on the box expression on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -11,14 +17,19 @@ from __future__ import annotations
 from collections.abc import Callable
 import json
 import math
-import sqlite3
 import time
 
 import sqlite_utils
 
+from flake_registry.database import Transaction
 
-def _migration_1(db: sqlite_utils.Database) -> None:
+
+def _migration_1(tx: Transaction) -> None:
     """Chips, scans, frames, flakes, observations, images, reservations, defect reports."""
+    if tx.dialect == 'postgresql':
+        _run(tx, _PG[1])
+        return
+    db = sqlite_utils.Database(tx.conn, execute_plugins=False)
     db.create_table('chips', {'id': str, 'corners': str, 'stage_to_wafer': str, 'note': str,
                               'created': float, 'updated': float}, pk='id', not_null={'created'})
     db.create_table('scans', {'id': str, 'chip_id': str, 'started': float, 'note': str},
@@ -71,8 +82,12 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db.execute('CREATE VIRTUAL TABLE flake_boxes USING rtree(id, min_x, max_x, min_y, max_y)')
 
 
-def _migration_2(db: sqlite_utils.Database) -> None:
+def _migration_2(tx: Transaction) -> None:
     """Labels from people (a flake or a candidate crop, a label, who, when); revisit index."""
+    if tx.dialect == 'postgresql':
+        _run(tx, _PG[2])
+        return
+    db = sqlite_utils.Database(tx.conn, execute_plugins=False)
     db.create_table('labels', {'id': int, 'flake_pk': int, 'crop_path': str, 'label': str,
                                'labelled_by': str, 'created': float},
                     pk='id', foreign_keys=[('flake_pk', 'flakes', 'pk')], not_null={'label', 'created'})
@@ -80,47 +95,59 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db['flakes'].create_index(['revisited_at', 'score'])
 
 
-def _migration_3(db: sqlite_utils.Database) -> None:
+def _migration_3(tx: Transaction) -> None:
     """Covering index for material + layer range sorted by score."""
+    if tx.dialect == 'postgresql':
+        _run(tx, _PG[3])
+        return
+    db = sqlite_utils.Database(tx.conn, execute_plugins=False)
     db['flakes'].create_index(['material', 'layers', 'score'])
     db.execute('DROP INDEX IF EXISTS idx_flakes_material_layers')
 
 
-def _migration_4(db: sqlite_utils.Database) -> None:
+def _migration_4(tx: Transaction) -> None:
     """Drop the creation-time and revisit indexes: every index is written on each ingest."""
+    if tx.dialect == 'postgresql':
+        _run(tx, _PG[4])
+        return
+    db = sqlite_utils.Database(tx.conn, execute_plugins=False)
     # 'created' order is insertion order (pk); the revisit list is found through the score index.
     db.execute('DROP INDEX IF EXISTS idx_flakes_created')
     db.execute('DROP INDEX IF EXISTS idx_flakes_revisited_at_score')
 
 
-def _migration_5(db: sqlite_utils.Database) -> None:
+def _migration_5(tx: Transaction) -> None:
     """Stack recipes planned from registry flakes (the table flake_registry.stacks made on first use)."""
+    real = 'DOUBLE PRECISION' if tx.dialect == 'postgresql' else 'REAL'
     # IF NOT EXISTS: files written before this migration may hold the table already.
-    db.execute('CREATE TABLE IF NOT EXISTS stack_recipes (id TEXT PRIMARY KEY, name TEXT NOT NULL, '
-               'created REAL NOT NULL, created_by TEXT, robot_id TEXT, reserved_at REAL, lease_expires REAL, '
+    tx.execute(f'CREATE TABLE IF NOT EXISTS stack_recipes (id TEXT PRIMARY KEY, name TEXT NOT NULL, '
+               f'created {real} NOT NULL, created_by TEXT, robot_id TEXT, reserved_at {real}, lease_expires {real}, '
                'layers TEXT NOT NULL)')
 
 
-def _migration_6(db: sqlite_utils.Database) -> None:
+def _migration_6(tx: Transaction) -> None:
     """Chip wafer frames: every measurement of a chip's corners on a stage, the newest is the chip's frame."""
-    db.execute('CREATE TABLE wafer_frames (id INTEGER PRIMARY KEY, chip_id TEXT NOT NULL REFERENCES chips (id), '
-               'corners TEXT NOT NULL, stage_to_wafer TEXT NOT NULL, rotation REAL NOT NULL, '
-               'residual REAL NOT NULL, measured_by TEXT, measured_at REAL NOT NULL)')
-    db.execute('CREATE INDEX idx_wafer_frames_chip_id ON wafer_frames (chip_id, id)')
+    postgres = tx.dialect == 'postgresql'
+    key, real = ('BIGSERIAL', 'DOUBLE PRECISION') if postgres else ('INTEGER', 'REAL')
+    tx.execute(f'CREATE TABLE wafer_frames (id {key} PRIMARY KEY, chip_id TEXT NOT NULL REFERENCES chips (id), '
+               f'corners TEXT NOT NULL, stage_to_wafer TEXT NOT NULL, rotation {real} NOT NULL, '
+               f'residual {real} NOT NULL, measured_by TEXT, measured_at {real} NOT NULL)')
+    tx.execute('CREATE INDEX idx_wafer_frames_chip_id ON wafer_frames (chip_id, id)')
     # The frames migration 1 kept in `chips` (FlakeStore.set_chip) move here; `chips` keeps
     # the chip itself.
-    for row in db.execute('SELECT id, corners, stage_to_wafer, updated FROM chips').fetchall():
-        affine = json.loads(row[2] or '[]')
+    for row in tx.all('SELECT id, corners, stage_to_wafer, updated FROM chips'):
+        affine = json.loads(row['stage_to_wafer'] or '[]')
         if len(affine) != 6:
             continue
-        db.execute('INSERT INTO wafer_frames (chip_id, corners, stage_to_wafer, rotation, residual, measured_by, '
+        tx.execute('INSERT INTO wafer_frames (chip_id, corners, stage_to_wafer, rotation, residual, measured_by, '
                    'measured_at) VALUES (?, ?, ?, ?, 0.0, ?, ?)',
-                   (row[0], row[1] or '[]', row[2], math.atan2(affine[1], affine[0]), 'set_chip', row[3]))
-    db.execute('ALTER TABLE chips DROP COLUMN corners')
-    db.execute('ALTER TABLE chips DROP COLUMN stage_to_wafer')
+                   (row['id'], row['corners'] or '[]', row['stage_to_wafer'], math.atan2(affine[1], affine[0]),
+                    'set_chip', row['updated']))
+    tx.execute('ALTER TABLE chips DROP COLUMN corners')
+    tx.execute('ALTER TABLE chips DROP COLUMN stage_to_wafer')
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
+MIGRATIONS: tuple[Callable[[Transaction], None], ...] = (
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6)
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -129,41 +156,121 @@ class SchemaError(RuntimeError):
     """The file's schema is newer than this code or not a registry."""
 
 
-def schema_version(conn: sqlite3.Connection) -> int:
-    has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-                             ).fetchone()
-    if not has_table:
+def schema_version(tx: Transaction) -> int:
+    if tx.dialect == 'postgresql':
+        exists = tx.scalar("SELECT to_regclass('schema_version') IS NOT NULL")
+    else:
+        exists = tx.scalar("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
+    if not exists:
         return 0
-    return int(conn.execute('SELECT COALESCE(MAX(version), 0) FROM schema_version').fetchone()[0])
+    return int(tx.scalar('SELECT COALESCE(MAX(version), 0) FROM schema_version'))
 
 
-def migrate(db: sqlite_utils.Database, target: int = SCHEMA_VERSION) -> int:
-    """Apply the missing migrations up to ``target``, each in its own transaction; return the version."""
-    conn = db.conn
-    conn.execute('BEGIN IMMEDIATE')
-    try:
-        conn.execute('CREATE TABLE IF NOT EXISTS schema_version '
-                     '(version INTEGER PRIMARY KEY, applied_at FLOAT NOT NULL, description TEXT)')
-        conn.execute('COMMIT')
-    except BaseException:
-        conn.execute('ROLLBACK')
-        raise
+def migrate(database, target: int = SCHEMA_VERSION) -> int:
+    """Apply the missing migrations up to ``target``, each in its own transaction; return the version.
+
+    Several processes may open a registry at once: on SQLite the write lock, on
+    PostgreSQL an advisory lock makes them apply each migration once.
+    """
+    attempts = 0
     while True:
-        conn.execute('BEGIN IMMEDIATE')
         try:
-            current = schema_version(conn)
-            if current > SCHEMA_VERSION:
-                raise SchemaError(f'registry schema version {current} is newer than this software '
-                                  f'({SCHEMA_VERSION}); upgrade flake_registry')
-            if current >= target:
-                conn.execute('COMMIT')
-                return current
-            step = MIGRATIONS[current]
-            step(db)
-            conn.execute('INSERT INTO schema_version (version, applied_at, description) VALUES (?, ?, ?)',
-                         (current + 1, time.time(), (step.__doc__ or '').strip()))
-            conn.execute('COMMIT')
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute('ROLLBACK')
-            raise
+            done = _migrate_step(database, target)
+        except Exception as error:
+            attempts += 1
+            # A server connection ended under us (server restart, an administrator) is
+            # tried again on a fresh one; the step's transaction left nothing behind.
+            if attempts >= 3 or not database.is_transient(error):
+                raise
+            continue
+        if done is not None:
+            return done
+
+
+def _migrate_step(database, target: int) -> int | None:
+    """Apply the next missing migration; the version when there is none left to apply."""
+    with database.transaction() as tx:
+        if tx.dialect == 'postgresql':
+            tx.execute('SELECT pg_advisory_xact_lock(7235001)')
+        tx.execute('CREATE TABLE IF NOT EXISTS schema_version '
+                   '(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL, description TEXT)')
+        current = schema_version(tx)
+        if current > SCHEMA_VERSION:
+            raise SchemaError(f'registry schema version {current} is newer than this software '
+                              f'({SCHEMA_VERSION}); upgrade flake_registry')
+        if current >= target:
+            return current
+        step = MIGRATIONS[current]
+        step(tx)
+        tx.execute('INSERT INTO schema_version (version, applied_at, description) VALUES (?, ?, ?)',
+                   (current + 1, time.time(), (step.__doc__ or '').strip()))
+    return None
+
+
+def _run(tx: Transaction, statements: str) -> None:
+    for statement in statements.split(';'):
+        if statement.strip():
+            tx.execute(statement)
+
+
+_D = 'DOUBLE PRECISION'
+# PostgreSQL's DDL of migrations 1-4 (SQLite's is the sqlite-utils code above).
+_PG = {
+    1: f"""
+CREATE TABLE chips (id TEXT PRIMARY KEY, corners TEXT, stage_to_wafer TEXT, note TEXT, created {_D} NOT NULL,
+                    updated {_D});
+CREATE TABLE scans (id TEXT PRIMARY KEY, chip_id TEXT NOT NULL, started {_D}, note TEXT);
+CREATE TABLE frames (scan_id TEXT, tile_index INTEGER, stamp {_D}, width INTEGER, height INTEGER, pixel_size {_D},
+                     pixel_to_wafer TEXT, path TEXT, PRIMARY KEY (scan_id, tile_index));
+CREATE SEQUENCE flake_pk_seq;
+CREATE TABLE flakes (pk BIGINT PRIMARY KEY, id TEXT NOT NULL, chip_id TEXT NOT NULL, scan_id TEXT,
+    tile_index INTEGER, material TEXT NOT NULL, layer_class INTEGER, layers {_D}, layers_std {_D},
+    thickness_nm {_D}, thickness_nm_std {_D}, score {_D} NOT NULL, detector TEXT, model_version TEXT,
+    x {_D} NOT NULL, y {_D} NOT NULL, contour BYTEA, area {_D}, bbox_px TEXT, homogeneity {_D},
+    isolation_distance {_D}, edge_straightness {_D}, status INTEGER NOT NULL, n_observations INTEGER,
+    created {_D}, updated {_D}, detected_at {_D}, revisited_at {_D}, used_by TEXT, used_at {_D}, used_note TEXT,
+    mask BYTEA, mask_width INTEGER, mask_height INTEGER);
+CREATE UNIQUE INDEX idx_flakes_id ON flakes (id);
+CREATE INDEX idx_flakes_chip_id_score ON flakes (chip_id, score);
+CREATE INDEX idx_flakes_material_layers ON flakes (material, layers);
+CREATE INDEX idx_flakes_material_layer_class_score ON flakes (material, layer_class, score);
+CREATE INDEX idx_flakes_score ON flakes (score);
+CREATE INDEX idx_flakes_area ON flakes (area);
+CREATE INDEX idx_flakes_thickness_nm ON flakes (thickness_nm);
+CREATE INDEX idx_flakes_created ON flakes (created);
+CREATE TABLE observations (id BIGSERIAL PRIMARY KEY, flake_pk BIGINT NOT NULL REFERENCES flakes (pk),
+    scan_id TEXT, tile_index INTEGER, stamp {_D}, x {_D}, y {_D}, bbox_px TEXT, score {_D}, detector TEXT,
+    iou {_D}, created {_D});
+CREATE INDEX idx_observations_flake_pk ON observations (flake_pk);
+CREATE INDEX idx_observations_scan_id_flake_pk ON observations (scan_id, flake_pk);
+CREATE TABLE images (id BIGSERIAL PRIMARY KEY, flake_pk BIGINT NOT NULL REFERENCES flakes (pk), role TEXT NOT NULL,
+    path TEXT NOT NULL, objective TEXT, pixel_size {_D}, stamp {_D}, created {_D});
+CREATE INDEX idx_images_flake_pk ON images (flake_pk);
+CREATE TABLE reservations (id BIGSERIAL PRIMARY KEY, flake_pk BIGINT NOT NULL REFERENCES flakes (pk),
+    robot_id TEXT NOT NULL, token TEXT NOT NULL, created {_D} NOT NULL, expires {_D} NOT NULL, ended {_D},
+    outcome TEXT);
+CREATE UNIQUE INDEX idx_reservations_one_live ON reservations (flake_pk) WHERE ended IS NULL;
+CREATE INDEX idx_reservations_token ON reservations (token);
+CREATE TABLE defect_reports (id BIGSERIAL PRIMARY KEY, flake_pk BIGINT REFERENCES flakes (pk), image_id TEXT,
+    stamp {_D}, pixel_size {_D}, analysed_area {_D}, cells_total INTEGER, class_names TEXT, counts TEXT,
+    concentration TEXT, concentration_low TEXT, concentration_high TEXT, model_version TEXT, created {_D});
+CREATE INDEX idx_defect_reports_flake_pk ON defect_reports (flake_pk);
+CREATE TABLE flake_boxes (id BIGINT PRIMARY KEY, min_x {_D} NOT NULL, max_x {_D} NOT NULL, min_y {_D} NOT NULL,
+    max_y {_D} NOT NULL);
+CREATE INDEX idx_flake_boxes_box ON flake_boxes USING gist (box(point(min_x, min_y), point(max_x, max_y)))
+""",
+    2: f"""
+CREATE TABLE labels (id BIGSERIAL PRIMARY KEY, flake_pk BIGINT REFERENCES flakes (pk), crop_path TEXT,
+    label TEXT NOT NULL, labelled_by TEXT, created {_D} NOT NULL);
+CREATE INDEX idx_labels_flake_pk ON labels (flake_pk);
+CREATE INDEX idx_flakes_revisited_at_score ON flakes (revisited_at, score)
+""",
+    3: """
+CREATE INDEX idx_flakes_material_layers_score ON flakes (material, layers, score);
+DROP INDEX IF EXISTS idx_flakes_material_layers
+""",
+    4: """
+DROP INDEX IF EXISTS idx_flakes_created;
+DROP INDEX IF EXISTS idx_flakes_revisited_at_score
+""",
+}

@@ -31,7 +31,7 @@ import sqlite_utils
 from flake_core.geometry import WaferFrame
 from flake_registry import ingest as ingest_module
 from flake_registry import reading, reservations
-from flake_registry.database import SYNCHRONOUS_MODES, SQLiteDatabase, Transaction
+from flake_registry.database import SYNCHRONOUS_MODES, Transaction, open_database
 from flake_registry.ingest import MergeRule
 from flake_registry.query import DEGENERATE, INVALID_ARGUMENT, STATUS_AVAILABLE, FlakeQuery, RegistryError
 from flake_registry.records import (
@@ -65,7 +65,11 @@ def default_database_path() -> Path:
 
 
 class FlakeStore:
-    """The registry over one SQLite file. Safe to share between threads; one connection per thread.
+    """The registry in an SQLite file or on a PostgreSQL server. Safe to share between threads.
+
+    ``path`` is a file path (SQLite, one connection per thread) or a
+    ``postgresql://user@host:port/database`` URL (a pool of connections, shared by
+    threads).
 
     ``clock`` returns seconds since the epoch; tests pass a fake one to move leases
     through time. Every method that refuses a request raises ``RegistryError``.
@@ -81,11 +85,13 @@ class FlakeStore:
             raise ValueError(f'synchronous modes are {SYNCHRONOUS_MODES}, got {ingest_synchronous!r}')
         self.leases = LeasePolicy(default_lease_s, max_lease_s)
         self.merge_rule = MergeRule(merge_distance, merge_iou)
-        self.database = SQLiteDatabase(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
-        self.path = self.database.path
+        self.database = open_database(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
+        self.path = self.database.path          # the SQLite file; None on PostgreSQL
+        self.url = self.database.url            # where the registry is (a password is never shown)
+        self.dialect = self.database.dialect
         self.ingest_synchronous = ingest_synchronous
         self.clock = clock
-        self.schema_version = migrate(self.database.db, schema_target)
+        self.schema_version = migrate(self.database, schema_target)
 
     # -- transactions -----------------------------------------------------------
 
@@ -103,7 +109,9 @@ class FlakeStore:
 
     @property
     def db(self) -> sqlite_utils.Database:
-        """This thread's sqlite-utils Database of the file (inspection and tests)."""
+        """This thread's sqlite-utils Database of the file (SQLite only: inspection and tests)."""
+        if self.dialect != 'sqlite':
+            raise AttributeError('db (sqlite-utils) exists for SQLite registries only; use snapshot()')
         return self.database.db
 
     @property
@@ -167,8 +175,9 @@ class FlakeStore:
             degenerate = any(word in str(error) for word in ('collinear', 'apart', 'clockwise'))
             raise RegistryError(DEGENERATE if degenerate else INVALID_ARGUMENT, str(error)) from None
         now = self.clock()
-        saved = ChipWaferFrame(chip_id=chip_id, corners=points, stage_to_wafer=frame.stage_to_wafer.as_list(),
-                               rotation=frame.rotation, residual=frame.residual, measured_by=measured_by,
+        saved = ChipWaferFrame(chip_id=chip_id, corners=points,
+                               stage_to_wafer=[float(v) for v in frame.stage_to_wafer.as_list()],
+                               rotation=float(frame.rotation), residual=float(frame.residual), measured_by=measured_by,
                                measured_at=now)
         with self.transaction() as tx:
             tx.execute('INSERT INTO chips (id, created, updated) VALUES (?, ?, ?) '

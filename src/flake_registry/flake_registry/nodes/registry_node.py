@@ -74,14 +74,15 @@ class RegistryNode(Node):
         super().__init__('registry_node', **kwargs)
         self.params = declare_parameters(self, RegistryNodeParameters, on_change=self._on_params)
         path = Path(self.params.database_path or default_database_path())
-        self.store = FlakeStore(path, synchronous=self.params.synchronous,
+        self.store = FlakeStore(self.params.database_url or path, synchronous=self.params.synchronous,
                                 ingest_synchronous=self.params.ingest_synchronous,
                                 default_lease_s=min(self.params.default_lease, self.params.max_lease),
                                 max_lease_s=self.params.max_lease, merge_distance=self.params.merge_distance,
                                 merge_iou=self.params.merge_iou)
         self.messages = FlakeMessageCache(self.params.message_cache_size)
         self.image_dir = Path(self.params.image_dir or path.parent / 'images')
-        self.get_logger().info(f'registry {path} (schema {self.store.schema_version}, {self.store.count()} flakes)')
+        self.get_logger().info(f'registry {self.store.url} (schema {self.store.schema_version}, '
+                               f'{self.store.count()} flakes)')
 
         self._queue: queue.Queue[FlakeArray | None] = queue.Queue(maxsize=self.params.ingest_queue_size)
         self._stats_lock = threading.Lock()
@@ -322,7 +323,7 @@ class RegistryNode(Node):
                       queue_depth=self._queue.qsize(), queue_size=self._queue.maxsize,
                       schema_version=self.store.schema_version, last_error=self._last_error)
         publish_diagnostics(self, self._diagnostics, [
-            diagnostic_status('registry_node: database', str(self.store.path), level, message, values)])
+            diagnostic_status('registry_node: database', self.store.url, level, message, values)])
 
     def close(self) -> None:
         """Store what is queued, then close the database."""

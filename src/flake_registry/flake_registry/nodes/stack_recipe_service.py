@@ -66,7 +66,8 @@ class StackRecipeNode(Node):
     def __init__(self, **kwargs):
         super().__init__('stack_recipe_node', **kwargs)
         self.params = declare_parameters(self, StackRecipeNodeParameters)
-        self.store = FlakeStore(Path(self.params.database_path or default_database_path()))
+        self.store = FlakeStore(self.params.database_url
+                                or Path(self.params.database_path or default_database_path()))
         add_stack_recipe_service(self, self.store)
 
     def close(self) -> None:
