@@ -19,12 +19,14 @@ from flake_registry.store import FlakeStore
 
 # A flake marked used from the web without a robot's reservation is held this long inside one transaction.
 WEB_LEASE_S = 60.0
+# Where a person acted (the web app, or flake-registry at a terminal): robot id prefix and wording.
+VIA = {'web': ('web', 'in the web app'), 'cli': ('cli', 'with flake-registry')}
 
 
-def web_robot_id(who: str) -> str:
-    """The robot id under which a person's own action is recorded: ``web-<name>``."""
+def web_robot_id(who: str, via: str = 'web') -> str:
+    """The robot id under which a person's own action is recorded: ``web-<name>`` (``cli-<name>``)."""
     name = re.sub(r'[^A-Za-z0-9_.\-]+', '_', labelling.check_who(who)).strip('_') or 'person'
-    return f'web-{name}'[:64]
+    return f'{VIA[via][0]}-{name}'[:64]
 
 
 def _live_reservation(store: FlakeStore, flake_id: str) -> dict[str, Any] | None:
@@ -43,7 +45,7 @@ def release_flake(store: FlakeStore, flake_id: str, who: str) -> dict[str, Any]:
     return {'flake_id': flake_id, 'released_from': released.robot_id, 'by': who}
 
 
-def mark_flake_used(store: FlakeStore, flake_id: str, who: str, note: str = '') -> dict[str, Any]:
+def mark_flake_used(store: FlakeStore, flake_id: str, who: str, note: str = '', via: str = 'web') -> dict[str, Any]:
     """Take the flake out of the pool for good, as a robot's MarkFlakeUsed does.
 
     A reserved flake is marked used under its live reservation (the holder is recorded
@@ -51,13 +53,13 @@ def mark_flake_used(store: FlakeStore, flake_id: str, who: str, note: str = '') 
     same transaction, so it is never left reserved.
     """
     labelling.check_who(who)
-    text = f'marked used in the web app by {who}' + (f': {note.strip()}' if note.strip() else '')
+    text = f'marked used {VIA[via][1]} by {who}' + (f': {note.strip()}' if note.strip() else '')
     live = _live_reservation(store, flake_id)
     if live is not None:
         used = store.mark_used(flake_id, live['token'], text)
         return {'flake_id': flake_id, 'used_by': used.robot_id, 'note': text}
     now = store.clock()
-    robot = web_robot_id(who)
+    robot = web_robot_id(who, via)
     with store.transaction() as tx:
         reservation = reserve_in(tx, [flake_id], robot, WEB_LEASE_S, now)[0]
         mark_used_in(tx, flake_id, reservation.token, text, now)
