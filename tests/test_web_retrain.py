@@ -10,6 +10,7 @@ import pytest
 from web_helpers import make_registry, web_app, web_client
 
 from flake_registry import labelling
+from flake_registry.retrain import RetrainOptions
 from flake_registry.web.app import main as flake_web
 
 
@@ -22,7 +23,8 @@ def synthetic_crop(rng: np.random.Generator, good: bool) -> np.ndarray:
     return crop
 
 
-def test_retrain_from_labels_records_the_label_count(tmp_path):
+def labelled_registry(tmp_path):
+    """A registry whose graphene flakes are accepted (with crops) and eight candidate crops rejected."""
     db_path, data_dir, store = make_registry(tmp_path, count=24)
     rng = np.random.default_rng(5)
     graphene = [f.id for f in store.iter_flakes() if f.material == 'graphene']
@@ -41,6 +43,11 @@ def test_retrain_from_labels_records_the_label_count(tmp_path):
                              labelling.make_label('reject', 'unknown', 'unknown'), 'bo')
     # Accepted flakes of another material are not examples for a graphene target.
     labelling.label_flake(store, others[0], labelling.make_label('accept', 'hbn', 'few'), 'ada')
+    return db_path, data_dir, store, graphene
+
+
+def test_retrain_from_labels_records_the_label_count(tmp_path):
+    db_path, data_dir, store, graphene = labelled_registry(tmp_path)
     store.close()
     out = tmp_path / 'model' / 'cascade.pt'
     status = flake_web(['retrain', '--db', str(db_path), '--data-dir', str(data_dir), '--target', 'graphene-1-10L',
@@ -53,6 +60,27 @@ def test_retrain_from_labels_records_the_label_count(tmp_path):
     assert card['labels']['labelled_by'] == ['ada', 'bo']
     assert card['data']['crops'] == [str(tmp_path / 'crops')]
     assert len(list((tmp_path / 'crops' / 'good').glob('*.png'))) == len(graphene)
+
+
+def test_retrain_from_the_labelling_page(tmp_path):
+    """The page's Retrain button calls flake_registry.retrain.retrain in the background and reports on it."""
+    db_path, data_dir, store, graphene = labelled_registry(tmp_path)
+    out = tmp_path / 'model' / 'web_cascade.pt'
+    options = RetrainOptions(out=out, crops_dir=tmp_path / 'web_crops', nets=1, batch=8, max_steps=2, width=0.25)
+    app = web_app(db_path, data_dir, store, retrain_options=options)
+    with web_client(app) as client:
+        assert client.post('/api/retrain', json={'who': 'ada', 'target': 'no-such-target'}).status_code == 422
+        started = client.post('/api/retrain', json={'who': 'ada', 'target': 'graphene-1-10L'})
+        assert started.status_code == 202 and started.json()['state'] == 'running'
+        assert app.state.web.retrain.wait(timeout=600)
+        status = client.get('/api/retrain').json()
+        assert status['state'] == 'done', status
+        assert status['labels_used'] == len(graphene) + 8 and status['started_by'] == 'ada'
+        assert any('exported' in line for line in status['log'])
+        assert 'done: trained on' in client.get('/labels').text
+    card = json.loads(out.with_suffix('.json').read_text())
+    assert card['labels']['used'] == len(graphene) + 8
+    store.close()
 
 
 def test_retrain_refuses_too_few_labels(tmp_path, capsys):

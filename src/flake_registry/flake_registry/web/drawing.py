@@ -132,7 +132,7 @@ def annotate(pixels: np.ndarray, metres_per_pixel: float | None, legend: Sequenc
         top = bottom - bar_height - (box[3] - box[1]) - pad
         draw.rectangle((left - pad, top - pad, left + max(bar, box[2]) + pad, bottom + pad // 2),
                        fill=(*BACKDROP[::-1], 190))
-        draw.rectangle((left, bottom - bar_height, left + bar, bottom), fill=(255, 255, 255))
+        draw.rectangle((left, bottom - bar_height, left + bar - 1, bottom), fill=(255, 255, 255))
         draw.text((left + max(0, (bar - box[2]) // 2), top - box[1]), label, fill=(255, 255, 255), font=text_font)
     return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
 
