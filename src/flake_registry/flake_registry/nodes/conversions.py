@@ -16,6 +16,7 @@ from sensor_msgs.msg import RegionOfInterest
 
 from flake_core.ros_image import image_to_numpy, numpy_to_image
 from flake_msgs.msg import Flake, FlakeArray, FlakeImage, FlakeObservation
+from flake_registry.nodes.request_limits import check_message
 from flake_registry.query import FlakeQuery
 from flake_registry.store import FlakeImageRecord, FlakeRecord, Observation, Sighting
 
@@ -37,7 +38,11 @@ def _roi(bbox: tuple[int, int, int, int]) -> RegionOfInterest:
 
 
 def detection_from_msg(flake: Flake, array: FlakeArray) -> Sighting:
-    """One Flake of a FlakeArray as a registry Sighting; the array fills in scan, tile and time left empty."""
+    """One Flake of a FlakeArray as a registry Sighting; the array fills in scan, tile and time left empty.
+
+    Raises RegistryError for text or lists over the registry's limits (request_limits).
+    """
+    check_message(flake)
     scan_id = flake.scan_id or array.scan_id
     tile_index = flake.tile_index if flake.scan_id else array.tile_index
     stamp = from_time(flake.header.stamp) or from_time(array.header.stamp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 import gc
 import json
+import math
 import os
 from pathlib import Path
 import queue
@@ -21,7 +22,6 @@ import time
 
 import cv2
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from flake_core.node_tools import (
     ERROR,
@@ -46,6 +46,7 @@ from flake_msgs.srv import (
     ReleaseFlake,
     ReserveFlake,
 )
+from flake_registry.client import SERVICE_QOS
 from flake_registry.nodes.conversions import (
     FlakeMessageCache,
     detection_from_msg,
@@ -56,16 +57,18 @@ from flake_registry.nodes.conversions import (
     query_from_request,
     to_time,
 )
+from flake_registry.nodes.request_limits import (
+    INVALID_IMAGE,
+    check_image_size,
+    check_message,
+    confine_path,
+)
 from flake_registry.nodes.stack_recipe_service import add_stack_recipe_service
 from flake_registry.nodes.wafer_frame_service import add_wafer_frame_services
 from flake_registry.parameters import RegistryNodeParameters
 from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, RegistryError
 from flake_registry.store import IMAGE_ROLES, FlakeStore, default_database_path
 
-# The default service QoS keeps 10 replies: with many robots calling at once on a busy
-# host, replies not yet acknowledged were overwritten and a robot waited forever.
-SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=200, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.VOLATILE)
 _SAFE_NAME = re.compile(r'[^A-Za-z0-9_.-]+')
 
 
@@ -81,6 +84,8 @@ class RegistryNode(Node):
                                 merge_iou=self.params.merge_iou)
         self.messages = FlakeMessageCache(self.params.message_cache_size)
         self.image_dir = Path(self.params.image_dir or path.parent / 'images')
+        # Image paths a caller names must lie in the data folder (or the image folder).
+        self.data_dir = path.parent
         self.get_logger().info(f'registry {self.store.url} (schema {self.store.schema_version}, '
                                f'{self.store.count()} flakes)')
 
@@ -201,9 +206,11 @@ class RegistryNode(Node):
 
     # -- services -------------------------------------------------------------------
 
-    def _answer(self, response, action: Callable[[], None], what: str):
-        """Run ``action``; a refusal or a failure becomes an error code in ``response``, never an exception."""
+    def _answer(self, request, response, action: Callable[[], None], what: str):
+        """Check ``request`` against the size limits and run ``action``; a refusal or a failure
+        becomes an error code in ``response``, never an exception."""
         try:
+            check_message(request)
             action()
             response.success = True
             response.error_code = ''
@@ -226,7 +233,7 @@ class RegistryNode(Node):
             response.total = result.total
             response.flakes = [self.messages.message(f, contour=contours) for f in result.flakes]
             response.message = f'{len(result.flakes)} of {result.total} flakes'
-        return self._answer(response, run, 'query_flakes')
+        return self._answer(request, response, run, 'query_flakes')
 
     def _get_flake(self, request, response):
         def run():
@@ -237,7 +244,7 @@ class RegistryNode(Node):
             response.reserved_by = detail.flake.reserved_by
             response.lease_expires = to_time(detail.flake.lease_expires)
             response.message = f'{detail.flake.n_observations} observation(s)'
-        return self._answer(response, run, 'get_flake')
+        return self._answer(request, response, run, 'get_flake')
 
     def _reserve_flake(self, request, response):
         def run():
@@ -247,14 +254,14 @@ class RegistryNode(Node):
             response.message = f'reserved for {reservation.expires - reservation.created:.1f} s'
             self._event(RegistryEvent.RESERVED, request.flake_id, robot_id=request.robot_id,
                         detail={'expires': reservation.expires})
-        return self._answer(response, run, 'reserve_flake')
+        return self._answer(request, response, run, 'reserve_flake')
 
     def _release_flake(self, request, response):
         def run():
             reservation = self.store.release(request.flake_id, request.token)
             response.message = 'released'
             self._event(RegistryEvent.RELEASED, request.flake_id, robot_id=reservation.robot_id)
-        return self._answer(response, run, 'release_flake')
+        return self._answer(request, response, run, 'release_flake')
 
     def _mark_flake_used(self, request, response):
         def run():
@@ -262,7 +269,7 @@ class RegistryNode(Node):
             response.message = 'marked used'
             self._event(RegistryEvent.USED, request.flake_id, robot_id=reservation.robot_id,
                         detail={'note': request.note})
-        return self._answer(response, run, 'mark_flake_used')
+        return self._answer(request, response, run, 'mark_flake_used')
 
     def _get_revisit_list(self, request, response):
         def run():
@@ -274,29 +281,39 @@ class RegistryNode(Node):
                 limit=int(request.limit) or self.params.revisit_limit)
             response.flakes = [self.messages.message(f, contour=True) for f in flakes]
             response.message = f'{len(flakes)} flake(s) to revisit'
-        return self._answer(response, run, 'get_revisit_list')
+        return self._answer(request, response, run, 'get_revisit_list')
 
     def _add_flake_image(self, request, response):
         def run():
             image = request.image
             if image.role not in IMAGE_ROLES:
                 raise RegistryError(INVALID_ARGUMENT, f'image role must be one of {list(IMAGE_ROLES)}')
+            if not math.isfinite(image.pixel_size) or image.pixel_size < 0:
+                raise RegistryError(INVALID_ARGUMENT, f'pixel_size must be >= 0 m, got {image.pixel_size}')
             self.store.get_flake(request.flake_id)  # UNKNOWN_ID before anything is written to disk
-            path = image.path
             if request.pixels.data:
-                path = str(self._write_image(request.flake_id, image.role, request.pixels))
+                path = self._stored_path(self._write_image(request.flake_id, image.role, request.pixels))
+            else:
+                path = confine_path(image.path, self.data_dir, (self.image_dir,))
             self.store.add_image(request.flake_id, image.role, path, image.objective, image.pixel_size,
                                  from_time(image.stamp) or None)
             response.path = path
             response.message = f'{image.role} image stored'
             self._event(RegistryEvent.IMAGE_ADDED, request.flake_id, detail={'role': image.role, 'path': path})
-        return self._answer(response, run, 'add_flake_image')
+        return self._answer(request, response, run, 'add_flake_image')
+
+    def _stored_path(self, path: Path) -> str:
+        """As the registry keeps it: relative to the data folder when inside it (the web app and exports
+        read it from there), else absolute."""
+        resolved, data_dir = path.resolve(), self.data_dir.resolve()
+        return resolved.relative_to(data_dir).as_posix() if data_dir in resolved.parents else str(resolved)
 
     def _write_image(self, flake_id: str, role: str, pixels_msg) -> Path:
+        check_image_size(pixels_msg.width, pixels_msg.height)
         try:
             pixels = image_to_numpy(pixels_msg, 'passthrough')
         except Exception as error:  # noqa: BLE001 - any decoding problem is the caller's bad image
-            raise RegistryError('INVALID_IMAGE', f'cannot decode the image: {error}') from None
+            raise RegistryError(INVALID_IMAGE, f'cannot decode the image: {error}') from None
         if pixels_msg.encoding == 'rgb8':
             pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
         folder = self.image_dir / _SAFE_NAME.sub('_', flake_id)
@@ -304,8 +321,13 @@ class RegistryNode(Node):
         stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime()) + f'{time.time() % 1:.6f}'[1:].replace('.', '_')
         path = folder / f'{role}_{stamp}.png'
         temporary = path.with_suffix('.tmp.png')
-        if not cv2.imwrite(str(temporary), pixels):
-            raise RegistryError('INVALID_IMAGE', f'cannot write {pixels_msg.encoding} pixels as PNG')
+        try:
+            written = cv2.imwrite(str(temporary), pixels)
+        except cv2.error:
+            written = False
+        if not written:
+            temporary.unlink(missing_ok=True)
+            raise RegistryError(INVALID_IMAGE, f'cannot write {pixels_msg.encoding} pixels as PNG')
         os.replace(temporary, path)  # never a half-written file under the final name
         return path
 

@@ -17,6 +17,7 @@ from flake_core.node_tools import declare_parameters, run_node
 from flake_msgs.msg import StackLayer
 from flake_msgs.srv import GetStackRecipe
 from flake_registry import stacks
+from flake_registry.nodes.request_limits import check_message
 from flake_registry.parameters import StackRecipeNodeParameters
 from flake_registry.query import INTERNAL_ERROR, RegistryError
 from flake_registry.store import FlakeStore, default_database_path
@@ -40,6 +41,7 @@ def answer_stack_recipe(store: FlakeStore, request: GetStackRecipe.Request, resp
                         logger=None) -> GetStackRecipe.Response:
     """Fill ``response`` for ``request``; refusals become error codes, never exceptions."""
     try:
+        check_message(request)
         recipe = stacks.get_recipe(store, request.recipe_id)
         recipe_to_response(recipe, response)
         response.success, response.error_code = True, ''

@@ -17,6 +17,7 @@ from rclpy.node import Node
 from flake_msgs.msg import WaferFrame
 from flake_msgs.srv import GetWaferFrames, SaveWaferFrame
 from flake_registry.nodes.conversions import to_time
+from flake_registry.nodes.request_limits import check_message
 from flake_registry.query import INTERNAL_ERROR, RegistryError
 from flake_registry.records import ChipWaferFrame
 from flake_registry.store import FlakeStore
@@ -44,6 +45,7 @@ def answer_save(store: FlakeStore, request: SaveWaferFrame.Request, response: Sa
                 logger=None) -> SaveWaferFrame.Response:
     """Fill ``response`` for ``request``; refusals become error codes, never exceptions."""
     try:
+        check_message(request)
         frame = store.save_wafer_frame(request.chip_id, [(p.x, p.y) for p in request.corners],
                                        measured_by=request.measured_by)
     except RegistryError as error:
@@ -61,7 +63,11 @@ def answer_save(store: FlakeStore, request: SaveWaferFrame.Request, response: Sa
 def answer_get(store: FlakeStore, request: GetWaferFrames.Request, response: GetWaferFrames.Response,
                logger=None) -> GetWaferFrames.Response:
     try:
+        check_message(request)
         frames = store.wafer_frames(list(request.chip_ids))
+    except RegistryError as error:
+        response.success, response.error_code, response.message = False, error.code, error.message
+        return response
     except Exception as error:  # noqa: BLE001 - a service must answer, whatever went wrong
         return _internal(response, logger, 'get_wafer_frames', error)
     response.frames = [wafer_frame_to_msg(frame) for frame in frames.values()]
