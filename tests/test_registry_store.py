@@ -492,12 +492,14 @@ def test_json_and_csv_exports_hold_every_flake_of_a_chip(populated):
     document = json.loads(text.getvalue())
     assert [f['id'] for f in document['flakes']] == ids[:40]
     first = document['flakes'][0]
-    assert len(first['observations']) == 2 and first['contour'][0] == pytest.approx(list(batch[0].contour[0]))
+    # People's units, named in the keys (flake_registry.export).
+    assert len(first['observations']) == 2
+    assert first['outline_um'][0] == pytest.approx([v / UM for v in batch[0].contour[0]], abs=1e-3)
     text = io.StringIO()
     assert export_csv(store, text, scan_id='scan-2') == 20
     rows = list(csv.DictReader(io.StringIO(text.getvalue())))
     assert [r['id'] for r in rows] == ids[40:]
-    assert float(rows[0]['area']) == pytest.approx(batch[40].area)
+    assert float(rows[0]['area_um2']) == pytest.approx(batch[40].area / UM ** 2, abs=0.01)
     assert rows[0]['status'] == 'available'
     with pytest.raises(RegistryError):
         export_json(store, io.StringIO())
@@ -507,15 +509,19 @@ def test_coco_export_maps_outlines_to_tile_pixels(store, tmp_path):
     # Tile 0 of scan-1: 0.5 um pixels, pixel (0, 0) at wafer (1 mm, 2 mm), +v is wafer -y.
     px = 0.5 * UM
     store.record_frame('scan-1', 0, [px, 0.0, 1e-3, 0.0, -px, 2e-3], width=640, height=480, path='tiles/0.png')
+    (tmp_path / 'tiles').mkdir()
+    (tmp_path / 'tiles' / '0.png').write_bytes(b'\x89PNG\r\n\x1a\n')  # the kept frame (tmp_path: the data folder)
     centre_u, centre_v = 100, 50
     x, y = 1e-3 + centre_u * px, 2e-3 - centre_v * px
     store.ingest([square(x, y, 20 * px, bbox_px=(90, 40, 20, 20), layer_class=LAYER_MONO, score=0.8)])
     store.ingest([square(x + px, y, 20 * px, scan_id='scan-1', tile_index=1, bbox_px=(5, 40, 20, 20))])
-    coco = build_coco(store, scan_id='scan-1')
+    coco = build_coco(store, scan_id='scan-1', data_dir=tmp_path, base_dir=tmp_path)
     path = tmp_path / 'coco.json'
     path.write_text(json.dumps(coco))
     api = COCO(str(path))
-    assert len(api.getImgIds()) == 2 and len(api.getAnnIds()) == 2
+    # Only pictures that exist: tile 1 was never kept, its observation is left out and counted.
+    assert len(api.getImgIds()) == 1 and len(api.getAnnIds()) == 1
+    assert coco['info']['left_out_observations'] == 1
     first = api.loadAnns(api.getAnnIds(imgIds=[1]))[0]
     assert api.loadImgs([1])[0]['file_name'] == 'tiles/0.png'
     assert api.loadCats([first['category_id']])[0]['name'] == 'graphene_mono'
@@ -523,5 +529,3 @@ def test_coco_export_maps_outlines_to_tile_pixels(store, tmp_path):
     assert (min(us), max(us), min(vs), max(vs)) == pytest.approx((90, 110, 40, 60))
     assert first['area'] == pytest.approx(400)
     assert api.annToMask(first).sum() == pytest.approx(400, rel=0.15)
-    second = api.loadAnns(api.getAnnIds(imgIds=[2]))[0]  # tile geometry unknown: its box
-    assert second['bbox'] == [5, 40, 20, 20] and second['area'] == 400
