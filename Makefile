@@ -12,7 +12,7 @@ PACKAGES := flake_core flake_scanner flake_detector flake_registry
 MSG_FILES := $(shell find src/flake_msgs -type f -not -name '*~')
 PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src/$(p)/package.xml)
 
-.PHONY: help setup browser postgresql postgres-server test test-fast lint demo web bench clean train-defects train-cascade maskrcnn-data train-maskrcnn train-maskrcnn-ablation
+.PHONY: help setup browser postgresql postgres-server ros2-tools test test-fast lint demo web bench clean train-defects train-cascade maskrcnn-data train-maskrcnn train-maskrcnn-ablation
 
 help:
 	@echo "make setup  - create .venv, install pinned dependencies, build flake_msgs, install the packages"
@@ -20,6 +20,7 @@ help:
 	@echo "make test   - ruff and the whole pytest suite (what CI runs)"
 	@echo "make test-fast - lint and the suite without the slow system and browser tests (the inner loop)"
 	@echo "make bench  - run every bench/*.py and print their tables"
+	@echo "make ros2-tools - ros2 launch and the ros2 CLI (and tf2_msgs) from ../shared/ros2-tools, when it is there"
 	@echo "make postgres-server - a throwaway PostgreSQL server for the registry (database_url printed; Ctrl-C removes it)"
 	@echo "make train-cascade - retrain the shipped cascade weights (graphene 1-10 layers, hBN 10-90 nm)"
 	@echo "make train-maskrcnn - retrain the shipped CPU Mask R-CNN checkpoint (simulator data)"
@@ -48,7 +49,9 @@ $(STAMPS)/flake_msgs: $(STAMPS)/requirements $(MSG_FILES)
 	$(ENV) cmake --install .build/flake_msgs >> .build/flake_msgs.log
 	@touch $@
 
-$(STAMPS)/packages: $(STAMPS)/flake_msgs $(PY_PKG_FILES) tools/install_ament_share.py
+# install_ament_share.py puts what colcon would into the prefix: lib/<package>/<executable> for
+# ros2 run and ros2 launch, and real copies of launch/ and config/ in share/flake_scanner.
+$(STAMPS)/packages: $(STAMPS)/flake_msgs $(PY_PKG_FILES) tools/install_ament_share.py $(wildcard launch/*.py config/*)
 	@echo "[setup] installing $(PACKAGES)"
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
 	  $(foreach p,$(PACKAGES),-e src/$(p))
@@ -70,11 +73,15 @@ postgresql:
 postgres-server: setup postgresql
 	$(ENV) python -m flake_registry.pg_server
 
-test: setup lint browser postgresql
+# The ROS 2 tools kit (ros2 launch, the ros2 CLI, tf2_msgs) into the venv where ../shared/ros2-tools exists.
+ros2-tools: setup
+	@bash tools/install_ros2_tools.sh $(VENV)
+
+test: setup lint browser postgresql ros2-tools
 	$(ENV) python -m pytest tests
 
 # The inner loop: everything but the tests marked slow (whole node graphs, the browser).
-test-fast: setup lint postgresql
+test-fast: setup lint postgresql ros2-tools
 	$(ENV) python -m pytest -m 'not slow' tests
 
 bench: setup
