@@ -15,6 +15,7 @@ from flake_scanner.sim.camera import CameraModel, CameraSettings
 from flake_scanner.sim.wafer import VirtualWafer
 from flake_scanner.stage.driver import StageDriver
 from flake_scanner.stage.emulator import EmulatorConfig, StageEmulator
+from flake_scanner.stage.fault_suite import FaultSuiteResult, run_fault_suite
 
 
 def serial_latency(commands: int, drop: float, garbage: float) -> dict:
@@ -30,6 +31,20 @@ def serial_latency(commands: int, drop: float, garbage: float) -> dict:
         counters = driver.counters
     return {'timings': timings, 'retries': counters.retries, 'faults': counters.faults,
             'resyncs': counters.resyncs, 'lost': counters.lost_replies}
+
+
+def fault_suite(moves: int, threads: int, timeout: float) -> FaultSuiteResult:
+    """``moves`` waited moves split over ``threads`` emulator/driver pairs running at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    share = [moves // threads + (i < moves % threads) for i in range(threads)]
+    total = FaultSuiteResult()
+    with ThreadPoolExecutor(threads) as pool:
+        for result in pool.map(lambda item: run_fault_suite(item[1], timeout=timeout, jitter=1.5, drop=0.05,
+                                                             duplicate=0.05, seed=100 + item[0], retries=3),
+                               enumerate(share)):
+            total.add(result)
+    return total
 
 
 def autofocus_accuracy(planes: int, objective: str, search_range: float, centre_error: float | None):
@@ -116,31 +131,69 @@ def ros_round_trips(moves: int, autofocus_runs: int) -> dict:
     return {'moves': move_times, 'focus': focus_runs}
 
 
+def print_fault_suite(moves: int, threads: int, timeout: float) -> None:
+    result = fault_suite(moves, threads, timeout)
+    print(f'## Fault suite: waited moves, replies 0-{1.5 * timeout * 1e3:.0f} ms late against a '
+          f'{timeout * 1e3:.0f} ms timeout, 5% lost, 5% sent twice\n')
+    print('| moves | correct | failed loudly | silent wrong positions | worst silent error [um] | replies late or lost '
+          '| lost | duplicated | stale replies flushed | drains | moves resent | wall [s] |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+    print(f'| {result.moves} | {result.correct} | {result.failed_loudly} | {result.silent_wrong} '
+          f'| {result.worst_silent_error_m * 1e6:.1f} | {result.replies_late} | {result.replies_dropped} '
+          f'| {result.replies_duplicated} | {result.stale_replies} | {result.resyncs} | {result.moves_resent} '
+          f'| {result.seconds:.0f} |')
+    reasons: dict[str, int] = {}
+    for failure in result.failures:
+        reason = failure.split(' on ')[0].split(' after ')[0]
+        reason = 'no valid reply to ' + reason.split()[4].strip("'") if reason.startswith('no valid reply') else reason
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        print('\nLoud failures by kind: ' + ', '.join(f'{n} x {r}' for r, n in sorted(reasons.items())) + '\n')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--commands', type=int, default=300, help='commands of each kind per latency run')
     parser.add_argument('--planes', type=int, default=20, help='random focal planes per objective')
     parser.add_argument('--ros-moves', type=int, default=40, help='MoveStage calls through rclpy')
     parser.add_argument('--ros-autofocus', type=int, default=3, help='Autofocus actions through rclpy')
+    parser.add_argument('--fault-moves', type=int, default=2000, help='waited moves of the fault suite')
+    parser.add_argument('--fault-threads', type=int, default=4, help='emulator/driver pairs run at once')
+    parser.add_argument('--fault-timeout', type=float, default=0.03, help='reply timeout of the fault suite [s]')
+    parser.add_argument('--only', choices=('latency', 'faults', 'autofocus', 'ros'), help='one table only')
     args = parser.parse_args()
 
+    if args.only in (None, 'faults'):
+        print_fault_suite(args.fault_moves, args.fault_threads, args.fault_timeout)
+    if args.only in (None, 'latency'):
+        print_latency(args.commands)
+    if args.only in (None, 'autofocus'):
+        print_autofocus(args.planes)
+    if args.only in (None, 'ros'):
+        print_ros(args.ros_moves, args.ros_autofocus)
+
+
+def print_latency(commands: int) -> None:
     print('## Serial round trip over a pty (ASI MS-2000 protocol, 115200 Bd setting, emulator)\n')
     print('| faults injected | command | n | p50 [ms] | p99 [ms] | max [ms] | retries | resyncs | faults |')
     print('|---|---|---|---|---|---|---|---|---|')
     for label, drop, garbage in (('none', 0.0, 0.0), ('2% lost + 2% garbage', 0.02, 0.02)):
-        run = serial_latency(args.commands, drop, garbage)
+        run = serial_latency(commands, drop, garbage)
         for name, values in run['timings'].items():
             ms = np.array(values) * 1e3
             print(f'| {label} | {name} | {len(ms)} | {np.percentile(ms, 50):.3f} | {np.percentile(ms, 99):.2f} '
                   f'| {ms.max():.1f} | {run["retries"]} | {run["resyncs"]} | {run["faults"]} |')
-    print('\nRetries and resyncs are totals over the run; a lost reply costs one reply timeout (200 ms here).\n')
+    print('\nRetries and resyncs are totals over the run; a lost reply costs one reply timeout (200 ms here) '
+          'and a drain of twice that.\n')
 
+
+def print_autofocus(planes: int) -> None:
     print('## Autofocus on random tilted, curved focal planes (simulated camera, 256x256 px, budget 15 frames)\n')
     print('| objective | search | measure | planes | frames mean | frames max | mean abs(dz)/DOF '
           '| p95 abs(dz)/DOF | max abs(dz)/DOF | within DOF/2 |')
     print('|---|---|---|---|---|---|---|---|---|---|')
     for objective, search_range, centre_error in (('10x', 50e-6, None), ('50x', 8e-6, 3e-6)):
-        rows, dof = autofocus_accuracy(args.planes, objective, search_range, centre_error)
+        rows, dof = autofocus_accuracy(planes, objective, search_range, centre_error)
         where = (f'{search_range * 1e6:.0f} um around z=0' if centre_error is None
                  else f'{search_range * 1e6:.0f} um around a guess off by <= {centre_error * 1e6:.0f} um')
         for name, row in rows.items():
@@ -150,8 +203,9 @@ def main() -> None:
                   f'| {(error <= 0.5).mean() * 100:.0f}% |')
 
 
+def print_ros(moves: int, autofocus_runs: int) -> None:
     print('\n## Through ROS 2 (rclpy, nodes in one process, emulator at real speed, camera 1024x1024)\n')
-    run = ros_round_trips(args.ros_moves, args.ros_autofocus)
+    run = ros_round_trips(moves, autofocus_runs)
     ms = np.array(run['moves']) * 1e3
     print('| operation | n | p50 | p99 | max |')
     print('|---|---|---|---|---|')

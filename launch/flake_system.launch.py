@@ -1,22 +1,18 @@
-"""Bring up the flake scanner on a ROS 2 install: `ros2 launch launch/flake_system.launch.py`.
+"""Bring up one flake scanner: `ros2 launch flake_scanner flake_system.launch.py`.
 
 The nodes, parameter files and remappings come from flake_scanner.graph, the same
-description `flake-system` uses on a pip-only install. Lifecycle (hardware) nodes
-are configured at start and activated once they reach `inactive`.
+description `flake-system` uses. Lifecycle (hardware) nodes are configured at start and
+activated once they reach `inactive`. Several microscopes: launch/facility.launch.py.
 
 Arguments: hardware:=sim|real  params_file:=FILE  namespace:=NS  use_sim_time:=true|false
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler
-from launch.events import matches_action
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import LifecycleNode, Node
-from launch_ros.event_handlers import OnStateTransition
-from launch_ros.events.lifecycle import ChangeState
-from lifecycle_msgs.msg import Transition
 
-from flake_scanner.graph import nodes_for, parameter_files
+from flake_scanner.graph import single_graph
+from flake_scanner.launching import node_actions
 
 
 def _nodes(context):
@@ -24,27 +20,7 @@ def _nodes(context):
     params_file = LaunchConfiguration('params_file').perform(context) or None
     namespace = LaunchConfiguration('namespace').perform(context)
     use_sim_time = LaunchConfiguration('use_sim_time').perform(context).lower() == 'true'
-    actions = []
-    for spec in nodes_for(hardware):
-        parameters = parameter_files(spec, hardware, params_file) + [{'use_sim_time': use_sim_time}]
-        common = dict(package=spec.package, executable=spec.executable, name=spec.name,
-                      namespace=namespace, parameters=parameters, remappings=list(spec.remappings),
-                      output='screen')
-        if not spec.lifecycle:
-            actions.append(Node(**common))
-            continue
-        node = LifecycleNode(**common)
-        actions += [
-            node,
-            RegisterEventHandler(OnStateTransition(
-                target_lifecycle_node=node, goal_state='inactive',
-                entities=[EmitEvent(event=ChangeState(
-                    lifecycle_node_matcher=matches_action(node),
-                    transition_id=Transition.TRANSITION_ACTIVATE))])),
-            EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node),
-                                        transition_id=Transition.TRANSITION_CONFIGURE)),
-        ]
-    return actions
+    return node_actions(single_graph(hardware, namespace, params_file), use_sim_time)
 
 
 def generate_launch_description():

@@ -196,12 +196,13 @@ def test_configure_fails_clearly_without_a_port(ros):
         node.destroy_node()
 
 
-def test_camera_transform_flips_y_and_z_about_the_stage_position():
-    from flake_scanner.nodes.stage_node import _camera_transform
+def test_camera_frames_follow_rep_103():
+    from flake_scanner.nodes.tf_publishing import camera_transform, optical_transform
 
-    state = StageState()
-    state.position = Point(x=0.001, y=0.002, z=3e-6)
-    transform = _camera_transform(state).transform
-    assert (transform.translation.x, transform.translation.y, transform.translation.z) == (0.001, 0.002, 3e-6)
-    q = transform.rotation
+    moved = camera_transform((0.001, 0.002, 3e-6), None).transform
+    assert (moved.translation.x, moved.translation.y, moved.translation.z) == (0.001, 0.002, 3e-6)
+    assert (moved.rotation.x, moved.rotation.y, moved.rotation.z, moved.rotation.w) == (0.0, 0.0, 0.0, 1.0)
+    optical = optical_transform(None)
+    assert (optical.header.frame_id, optical.child_frame_id) == ('camera', 'camera_optical')
+    q = optical.transform.rotation
     assert (q.x, q.y, q.z, q.w) == (1.0, 0.0, 0.0, 0.0)  # half turn about x: y -> -y, z -> -z

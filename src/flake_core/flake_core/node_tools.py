@@ -48,6 +48,10 @@ STATE_QOS = LATCHED_QOS
 SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=200,
                          reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
+# The same for the goal, result and cancel services of an action (server and client):
+# ActionServer(..., **ACTION_QOS), ActionClient(..., **ACTION_QOS).
+ACTION_QOS = {'goal_service_qos_profile': SERVICE_QOS, 'result_service_qos_profile': SERVICE_QOS,
+              'cancel_service_qos_profile': SERVICE_QOS}
 
 
 def image_publisher(node: Any, msg_type: Any, topic: str, qos: QoSProfile = IMAGE_PUBLISHER_QOS) -> Any:

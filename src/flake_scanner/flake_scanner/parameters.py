@@ -175,8 +175,9 @@ class ScanCoordinatorParameters:
     drain_timeout: float = param(300.0,
           'time allowed for detection to catch up after the last frame [s]',
           minimum=0.0, maximum=3600.0)
-    wafer_frames_file: str = param('',
-          "JSON file remembering each chip's wafer frame across restarts; empty = $FLAKE_DATA_DIR/wafer_frames.json")
+    registry_timeout: float = param(10.0,
+          'time allowed for the registry to answer (wafer frames, revisit lists) [s]',
+          minimum=0.1, maximum=600.0)
     hardware_speed: float = param(5e-3, 'stage speed of the hardware timing model [m/s]', minimum=1e-5, maximum=1.0)
     hardware_acceleration: float = param(0.1,
           'stage acceleration of the hardware timing model [m/s^2]',

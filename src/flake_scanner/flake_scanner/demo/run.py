@@ -80,8 +80,13 @@ class ProgressPrinter:
 
 
 def run_scan(region, chip_id: str, corners, objective: str, detector: str, revisit: int,
-             frames_dir: Path, timeout: float, focus_strategy: str = '', namespace: str = ''):
-    """Set the wafer frame, run the Scan action, then read every flake of the scan back."""
+             frames_dir: Path, timeout: float, focus_strategy: str = '', namespace: str = '',
+             registry_namespace: str | None = None):
+    """Set the wafer frame, run the Scan action, then read every flake of the scan back.
+
+    ``registry_namespace``: where the registry is when it is not in ``namespace`` (a facility's
+    microscopes share one at the root: pass '').
+    """
     from geometry_msgs.msg import Point
     import rclpy
     from rclpy.action import ActionClient
@@ -94,6 +99,8 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
     from flake_msgs.srv import GetFlake, QueryFlakes, SetWaferFrame
 
     prefix = ('/' + namespace.strip('/')) if namespace.strip('/') else ''
+    registry = namespace if registry_namespace is None else registry_namespace
+    registry_prefix = ('/' + registry.strip('/')) if registry.strip('/') else ''
     own_context = not rclpy.ok()
     if own_context:
         rclpy.init()
@@ -160,7 +167,7 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
         if not result.success:
             raise RuntimeError(f'scan failed: {result.error_code} {result.message}')
 
-        query = node.create_client(QueryFlakes, f'{prefix}/registry/query_flakes')
+        query = node.create_client(QueryFlakes, f'{registry_prefix}/registry/query_flakes')
         ready(query, 'registry')
         flakes = []
         offset = 0
@@ -173,7 +180,7 @@ def run_scan(region, chip_id: str, corners, objective: str, detector: str, revis
             offset += len(page.flakes)
             if not page.flakes or offset >= page.total:
                 break
-        get = node.create_client(GetFlake, f'{prefix}/registry/get_flake')
+        get = node.create_client(GetFlake, f'{registry_prefix}/registry/get_flake')
         revisit_images = {}
         for flake in flakes:
             record = wait(get.call_async(GetFlake.Request(flake_id=flake.id)), 30, 'GetFlake')

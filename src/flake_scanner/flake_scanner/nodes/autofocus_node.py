@@ -24,7 +24,9 @@ from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
 
 from flake_core.node_tools import (
+    ACTION_QOS,
     IMAGE_SUBSCRIBER_QOS,
+    SERVICE_QOS,
     STATE_QOS,
     FrameWaiters,
     declare_parameters,
@@ -53,8 +55,10 @@ class AutofocusNode(Node):
         super().__init__('autofocus_node', **kwargs)
         self.params = declare_parameters(self, AutofocusNodeParameters)
         self.group = ReentrantCallbackGroup()
-        self.move_client = self.create_client(MoveStage, 'stage/move', callback_group=self.group)
-        self.capture_client = self.create_client(Trigger, 'camera/capture', callback_group=self.group)
+        self.move_client = self.create_client(MoveStage, 'stage/move', qos_profile=SERVICE_QOS,
+                                              callback_group=self.group)
+        self.capture_client = self.create_client(Trigger, 'camera/capture', qos_profile=SERVICE_QOS,
+                                                 callback_group=self.group)
         self.create_subscription(StageState, 'stage/state', self._on_stage_state, STATE_QOS,
                                  callback_group=self.group)
         self.create_subscription(Image, 'camera/image_raw', self._on_image, IMAGE_SUBSCRIBER_QOS,
@@ -69,8 +73,8 @@ class AutofocusNode(Node):
         self.action_server = ActionServer(
             self, Autofocus, 'autofocus', execute_callback=self._execute,
             goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-            callback_group=self.group)
-        self.get_logger().info('autofocus ready: action /autofocus')
+            callback_group=self.group, **ACTION_QOS)
+        self.get_logger().info(f'autofocus ready: action {self.resolve_topic_name("autofocus")}')
 
     def close(self) -> None:
         self._measure_pool.shutdown(wait=True, cancel_futures=True)
@@ -116,7 +120,8 @@ class AutofocusNode(Node):
 
     async def _move_z(self, x: float, y: float, z: float) -> None:
         if not self.move_client.service_is_ready():
-            raise AutofocusError(Autofocus.Result.ERROR_DEVICE, 'stage service /stage/move is not available')
+            raise AutofocusError(Autofocus.Result.ERROR_DEVICE,
+                                 f'stage service {self.move_client.srv_name} is not available')
         request = MoveStage.Request(target=Point(x=x, y=y, z=float(z)), wait=True)
         response = await self._await(self.move_client.call_async(request), self.params.move_timeout,
                                      'stage move')

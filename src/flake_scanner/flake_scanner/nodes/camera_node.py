@@ -25,6 +25,7 @@ from flake_core.node_tools import (
     ERROR,
     IMAGE_PUBLISHER_QOS,
     OK,
+    SERVICE_QOS,
     STATE_QOS,
     declare_parameters,
     diagnostic_status,
@@ -38,6 +39,7 @@ from flake_core.objectives import objective_by_name
 from flake_core.ros_image import numpy_to_image
 from flake_msgs.msg import StageState
 from flake_scanner.camera_sources import CameraError, FolderSource, OpenCVSource, SimulatedSource, StagePose
+from flake_scanner.nodes.tf_publishing import TfPublisher, optical_transform
 from flake_scanner.parameters import CameraNodeParameters
 
 FRAME_ID = 'camera_optical'
@@ -62,10 +64,12 @@ class CameraNode(LifecycleNode):
         self._thread: threading.Thread | None = None
         self.image_publisher = None
         self.info_publisher = None
+        self.tf_static: TfPublisher | None = None
         self.diagnostics = diagnostics_publisher(self)
         self.create_subscription(StageState, 'stage/state', self._on_stage_state, STATE_QOS,
                                  callback_group=self.group)
-        self.create_service(Trigger, 'camera/capture', self._on_capture, callback_group=self.group)
+        self.create_service(Trigger, 'camera/capture', self._on_capture, qos_profile=SERVICE_QOS,
+                            callback_group=self.group)
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state) -> TransitionCallbackReturn:
@@ -82,10 +86,13 @@ class CameraNode(LifecycleNode):
         except (CameraError, ValueError) as error:
             self.get_logger().error(f'cannot configure the camera: {error}')
             return TransitionCallbackReturn.FAILURE
-        # Reliable publisher (REP 2003); subscribers use sensor-data QoS.
+        # Reliable publisher (REP 2003); the scanner's subscribers are reliable too (docs/system.md).
         self.image_publisher = self.create_lifecycle_publisher(Image, 'camera/image_raw', IMAGE_PUBLISHER_QOS)
         self.info_publisher = self.create_lifecycle_publisher(CameraInfo, 'camera/camera_info',
                                                               IMAGE_PUBLISHER_QOS)
+        if self.tf_static is None:
+            self.tf_static = TfPublisher(self, static=True)
+            self.tf_static.send_static(optical_transform(self.get_clock().now().to_msg()))
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name='camera-grab', daemon=True)
         self._thread.start()

@@ -12,10 +12,8 @@ Everything runs as coroutines on one executor thread; no callback blocks.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
+import threading
 import time
 
 from geometry_msgs.msg import Point
@@ -31,8 +29,10 @@ from std_srvs.srv import Trigger
 
 from flake_core.geometry import WaferFrame, pixel_to_wafer
 from flake_core.node_tools import (
+    ACTION_QOS,
     IMAGE_SUBSCRIBER_QOS,
     PIPELINE_QOS,
+    SERVICE_QOS,
     STATE_QOS,
     FrameWaiters,
     declare_parameters,
@@ -43,35 +43,11 @@ from flake_core.node_tools import (
 from flake_core.objectives import objective_by_name
 from flake_msgs.action import Autofocus, Scan
 from flake_msgs.msg import FlakeArray, FlakeImage, ScanFrame, StageState
-from flake_msgs.srv import AddFlakeImage, GetRevisitList, MoveStage, SetWaferFrame
+from flake_msgs.srv import AddFlakeImage, GetRevisitList, GetWaferFrames, MoveStage, SaveWaferFrame, SetWaferFrame
+from flake_scanner.nodes.tf_publishing import TfPublisher, wafer_transform
 from flake_scanner.parameters import FOCUS_STRATEGIES, ScanCoordinatorParameters
 from flake_scanner.scan.planner import EtaEstimator, Region, focus_points, plan_serpentine
 from flake_scanner.scan.session import HardwareModel, ScanProgress
-
-
-def _static_broadcaster(node):
-    """A static tf broadcaster where tf2_ros exists (a ROS 2 install); the pip-only install has none."""
-    try:
-        from tf2_ros import StaticTransformBroadcaster
-    except ImportError:
-        return None
-    return StaticTransformBroadcaster(node)
-
-
-def _wafer_transform(frame: WaferFrame, stamp):
-    """stage -> wafer: the chip's origin corner and its rotation on the stage (REP 103)."""
-    from geometry_msgs.msg import TransformStamped
-
-    wafer_to_stage = frame.wafer_to_stage
-    transform = TransformStamped()
-    transform.header.stamp = stamp
-    transform.header.frame_id = 'stage'
-    transform.child_frame_id = 'wafer'
-    transform.transform.translation.x = wafer_to_stage.c
-    transform.transform.translation.y = wafer_to_stage.f
-    transform.transform.rotation.z = math.sin(frame.rotation / 2.0)
-    transform.transform.rotation.w = math.cos(frame.rotation / 2.0)
-    return transform
 
 
 class ScanError(RuntimeError):
@@ -85,13 +61,16 @@ class ScanCoordinator(Node):
         super().__init__('scan_coordinator')
         self.params = declare_parameters(self, ScanCoordinatorParameters)
         self.group = ReentrantCallbackGroup()
-        self.move_client = self.create_client(MoveStage, 'stage/move', callback_group=self.group)
-        self.capture_client = self.create_client(Trigger, 'camera/capture', callback_group=self.group)
-        self.autofocus_client = ActionClient(self, Autofocus, 'autofocus', callback_group=self.group)
-        self.revisit_client = self.create_client(GetRevisitList, 'registry/get_revisit_list',
-                                                 callback_group=self.group)
-        self.add_image_client = self.create_client(AddFlakeImage, 'registry/add_flake_image',
-                                                   callback_group=self.group)
+        # Every client and server with the deep service QoS: a burst of calls (or a reply sent
+        # while discovery still matches the reply endpoint) must not fall out of a 10-deep queue.
+        client = dict(qos_profile=SERVICE_QOS, callback_group=self.group)
+        self.move_client = self.create_client(MoveStage, 'stage/move', **client)
+        self.capture_client = self.create_client(Trigger, 'camera/capture', **client)
+        self.autofocus_client = ActionClient(self, Autofocus, 'autofocus', callback_group=self.group, **ACTION_QOS)
+        self.revisit_client = self.create_client(GetRevisitList, 'registry/get_revisit_list', **client)
+        self.add_image_client = self.create_client(AddFlakeImage, 'registry/add_flake_image', **client)
+        self.save_frame_client = self.create_client(SaveWaferFrame, 'registry/save_wafer_frame', **client)
+        self.get_frames_client = self.create_client(GetWaferFrames, 'registry/get_wafer_frames', **client)
         camera = self.params.camera_node
         self.camera_params_client = self.create_client(SetParameters, f'{camera}/set_parameters',
                                                        callback_group=self.group)
@@ -108,49 +87,31 @@ class ScanCoordinator(Node):
         self.create_subscription(FlakeArray, 'detections', self._on_detections, PIPELINE_QOS,
                                  callback_group=self.group)
         self.create_service(SetWaferFrame, 'scan/set_wafer_frame', self._on_set_wafer_frame,
-                            callback_group=self.group)
+                            qos_profile=SERVICE_QOS, callback_group=self.group)
         self.action_server = ActionServer(
             self, Scan, 'scan', execute_callback=self._execute,
             goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-            callback_group=self.group)
+            callback_group=self.group, **ACTION_QOS)
         self.stage_state: StageState | None = None
         self.latest_image: Image | None = None
         self._frames = FrameWaiters()
         self.progress: ScanProgress | None = None
+        # Set when a goal is accepted (not when it starts executing), so a second goal that
+        # arrives in between is refused; cleared when the accepted goal ends.
+        self._scan_slot = threading.Lock()
+        self._goal_plans: dict[bytes, tuple] = {}
         self.current_objective = self.params.objective
+        # Chip frames as last read from (or saved to) the registry; the registry is the truth.
         self.wafer_frames: dict[str, WaferFrame] = {}
-        self.wafer_corners: dict[str, list] = {}
-        self._load_wafer_frames()
-        self.tf_broadcaster = _static_broadcaster(self)
-        self.get_logger().info('scan coordinator ready: action /scan, service /scan/set_wafer_frame')
+        self.frame_owners: dict[str, str] = {}
+        self.tf = TfPublisher(self, static=True)
+        self.get_logger().info(
+            f'scan coordinator ready: action {self.resolve_topic_name("scan")}, service '
+            f'{self.resolve_service_name("scan/set_wafer_frame")}; wafer frames kept by '
+            f'{self.resolve_service_name("registry/save_wafer_frame")}')
 
     # ------------------------------------------------------------------ wafer frame
-    def _frames_file(self) -> Path:
-        configured = self.params.wafer_frames_file
-        if configured:
-            return Path(configured)
-        return Path(os.environ.get('FLAKE_DATA_DIR', 'data')) / 'wafer_frames.json'
-
-    def _load_wafer_frames(self) -> None:
-        path = self._frames_file()
-        if not path.exists():
-            return
-        try:
-            stored = json.loads(path.read_text())
-            for chip_id, corners in stored.items():
-                self.wafer_frames[chip_id] = WaferFrame.from_corners(corners, chip_id)
-                self.wafer_corners[chip_id] = corners
-        except (ValueError, OSError) as error:
-            self.get_logger().error(f'ignoring unreadable wafer frames file {path}: {error}')
-
-    def _save_wafer_frames(self) -> None:
-        path = self._frames_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix('.tmp')
-        temporary.write_text(json.dumps(self.wafer_corners, indent=1))
-        os.replace(temporary, path)  # atomic: a crash never leaves half a file
-
-    def _on_set_wafer_frame(self, request, response):
+    async def _on_set_wafer_frame(self, request, response):
         if not request.chip_id:
             response.error_code = response.ERROR_INVALID_ARGUMENT
             response.message = 'chip_id is empty'
@@ -163,22 +124,69 @@ class ScanCoordinator(Node):
             response.error_code = response.ERROR_DEGENERATE if degenerate else response.ERROR_INVALID_ARGUMENT
             response.message = str(error)
             return response
-        self.wafer_frames[request.chip_id] = frame
-        self.wafer_corners[request.chip_id] = [list(c) for c in corners]
-        if self.tf_broadcaster is not None:
-            self.tf_broadcaster.sendTransform(_wafer_transform(frame, self.get_clock().now().to_msg()))
+        note = ''
         try:
-            self._save_wafer_frames()
-        except OSError as error:
-            self.get_logger().warning(f'wafer frame kept in memory only: {error}')
+            saved = await self._call(
+                self.save_frame_client,
+                SaveWaferFrame.Request(chip_id=request.chip_id, corners=list(request.corners),
+                                       measured_by=self.get_fully_qualified_name()),
+                self.params.registry_timeout, 'saving the wafer frame in the registry')
+        except ScanError as error:
+            note = f' (kept in memory only, not in the registry: {error})'
+            self.get_logger().warning(f'wafer frame of {request.chip_id} not saved: {error}')
+        else:
+            if not saved.success:
+                known = (response.ERROR_DEGENERATE, response.ERROR_INVALID_ARGUMENT)
+                response.error_code = saved.error_code if saved.error_code in known else \
+                    response.ERROR_INVALID_ARGUMENT
+                response.message = f'registry refused the wafer frame: {saved.error_code} {saved.message}'
+                return response
+        self._remember_frame(request.chip_id, frame, self.get_fully_qualified_name())
         response.success = True
         response.stage_to_wafer = frame.stage_to_wafer.as_list()
         response.rotation = frame.rotation
         response.residual = frame.residual
         response.message = (f'chip {request.chip_id}: rotation {math.degrees(frame.rotation):.3f} deg, '
-                            f'corner residual {frame.residual * 1e6:.1f} um')
+                            f'corner residual {frame.residual * 1e6:.1f} um{note}')
         self.get_logger().info(response.message)
         return response
+
+    def _remember_frame(self, chip_id: str, frame: WaferFrame, owner: str) -> None:
+        """Cache the frame and broadcast stage -> wafer_<chip> on tf_static (replacing an earlier one)."""
+        changed = chip_id not in self.wafer_frames or \
+            self.wafer_frames[chip_id].stage_to_wafer.as_list() != frame.stage_to_wafer.as_list()
+        self.wafer_frames[chip_id] = frame
+        self.frame_owners[chip_id] = owner
+        if changed and owner == self.get_fully_qualified_name():
+            self.tf.send_static(wafer_transform(frame, chip_id, self.get_clock().now().to_msg()))
+
+    async def _wafer_frame(self, chip_id: str) -> WaferFrame:
+        """The chip's current frame from the registry (another coordinator or an earlier run may
+        have measured it); the cached one when the registry cannot be reached."""
+        try:
+            response = await self._call(self.get_frames_client, GetWaferFrames.Request(chip_ids=[chip_id]),
+                                        self.params.registry_timeout, 'reading wafer frames from the registry')
+        except ScanError as error:
+            response = None
+            if chip_id in self.wafer_frames:
+                self.get_logger().warning(f'using the cached wafer frame of {chip_id}: {error}')
+        if response is not None and response.success:
+            for stored in response.frames:
+                if stored.chip_id == chip_id:
+                    corners = [(p.x, p.y) for p in stored.corners]
+                    self._remember_frame(chip_id, WaferFrame.from_corners(corners, chip_id), stored.measured_by)
+        frame = self.wafer_frames.get(chip_id)
+        if frame is None:
+            raise ScanError(Scan.Result.ERROR_NO_WAFER_FRAME,
+                            f'no wafer frame for chip {chip_id!r}: call '
+                            f'{self.resolve_service_name("scan/set_wafer_frame")} with three corners first')
+        owner = self.frame_owners.get(chip_id, '')
+        if owner and owner != self.get_fully_qualified_name():
+            raise ScanError(Scan.Result.ERROR_NO_WAFER_FRAME,
+                            f'chip {chip_id!r} was last measured by {owner}, so it is mounted on that microscope; '
+                            f'measure its corners here ({self.resolve_service_name("scan/set_wafer_frame")}) '
+                            'after moving it')
+        return frame
 
     # ------------------------------------------------------------------ inputs
     def _on_stage_state(self, msg: StageState) -> None:
@@ -238,7 +246,7 @@ class ScanCoordinator(Node):
                 response = await self._with_timeout(self.capture_client.call_async(Trigger.Request()),
                                                     self.params.capture_timeout, 'camera trigger')
             except TimeoutError as error:
-                raise ScanError(Scan.Result.ERROR_DEVICE, f'{error}: is camera_node active?') from None
+                raise ScanError(Scan.Result.ERROR_DEVICE, f'{error}: is {self.params.camera_node} active?') from None
             if not response.success:
                 raise ScanError(Scan.Result.ERROR_DEVICE, f'camera refused the capture: {response.message}')
         else:
@@ -249,7 +257,7 @@ class ScanCoordinator(Node):
         try:
             return await image
         except TimeoutError as error:
-            raise ScanError(Scan.Result.ERROR_DEVICE, f'{error}: is camera_node active?') from None
+            raise ScanError(Scan.Result.ERROR_DEVICE, f'{error}: is {self.params.camera_node} active?') from None
 
     async def _capture(self) -> Image:
         """The first frame exposed after now, waited for (revisits)."""
@@ -260,7 +268,8 @@ class ScanCoordinator(Node):
             deadline = time.monotonic() + 10.0
             while not self.autofocus_client.server_is_ready():
                 if time.monotonic() > deadline:
-                    raise ScanError(Scan.Result.ERROR_DEVICE, 'autofocus action /autofocus not available')
+                    raise ScanError(Scan.Result.ERROR_DEVICE,
+                                    f'autofocus action {self.resolve_topic_name("autofocus")} not available')
                 await self._sleep(0.05)
         z_before = self._stage_xyz()[2]
         goal = Autofocus.Goal(z_center=float(z_center), use_current=False)
@@ -338,19 +347,27 @@ class ScanCoordinator(Node):
         return p.x, p.y, p.z
 
     # ------------------------------------------------------------------ the action
-    def _on_goal(self, goal) -> GoalResponse:
-        if self.progress is not None:
-            self.get_logger().warning('a scan is already running; goal rejected')
+    async def _on_goal(self, goal) -> GoalResponse:
+        """Accept a goal only when no scan holds the slot and the goal can be carried out; a refusal
+        is logged with its reason (the action protocol carries none)."""
+        if not self._scan_slot.acquire(blocking=False):
+            self.get_logger().warning(f'{self.resolve_topic_name("scan")}: a scan is already running; goal for '
+                                      f'chip {goal.chip_id!r} rejected')
             return GoalResponse.REJECT
+        try:
+            frame = await self._wafer_frame(goal.chip_id)
+            plan = self._validate(goal, frame)
+        except ScanError as error:
+            self._scan_slot.release()
+            self.get_logger().warning(f'{self.resolve_topic_name("scan")}: goal rejected: {error.code}: {error}')
+            return GoalResponse.REJECT
+        except BaseException:
+            self._scan_slot.release()
+            raise
+        self._goal_plans[id(goal)] = plan
         return GoalResponse.ACCEPT
 
-    def _validate(self, goal) -> tuple[WaferFrame, Region, str, float, str, int]:
-        frame = self.wafer_frames.get(goal.chip_id)
-        if frame is None:
-            known = ', '.join(sorted(self.wafer_frames)) or 'none'
-            raise ScanError(Scan.Result.ERROR_NO_WAFER_FRAME,
-                            f'no wafer frame for chip {goal.chip_id!r} (known: {known}); '
-                            f'call /scan/set_wafer_frame with three corners first')
+    def _validate(self, goal, frame: WaferFrame) -> tuple[WaferFrame, Region, str, float, str, int]:
         try:
             region = Region(goal.region_min_x, goal.region_min_y, goal.region_max_x, goal.region_max_y)
             objective = goal.objective or self.params.objective
@@ -370,16 +387,17 @@ class ScanCoordinator(Node):
         return frame, region, objective, overlap, strategy, points
 
     async def _execute(self, goal_handle):
+        try:
+            return await self._run_scan(goal_handle)
+        finally:
+            self._goal_plans.pop(id(goal_handle.request), None)
+            self.progress = None
+            self._scan_slot.release()
+
+    async def _run_scan(self, goal_handle):
         goal = goal_handle.request
         result = Scan.Result()
-        try:
-            frame, region, objective, overlap, strategy, n_points = self._validate(goal)
-        except ScanError as error:
-            goal_handle.abort()
-            result.error_code, result.message = error.code, str(error)
-            self.get_logger().error(result.message)
-            return result
-
+        frame, region, objective, overlap, strategy, n_points = self._goal_plans[id(goal)]
         scan_id = f'{goal.chip_id}-{time.strftime("%Y%m%dT%H%M%S", time.gmtime())}'
         try:
             await self._read_camera_pixel_pitch()
@@ -559,7 +577,8 @@ class ScanCoordinator(Node):
 
     async def _revisit(self, goal_handle, progress: ScanProgress, goal, frame: WaferFrame) -> None:
         if not self.revisit_client.service_is_ready():
-            self.get_logger().warning('registry revisit list not available; skipping revisits')
+            self.get_logger().warning(f'registry revisit list {self.revisit_client.srv_name} not available; '
+                                      'skipping revisits')
             return
         # Let the registry ingest the last detections before asking what to revisit.
         await self._sleep(0.5)

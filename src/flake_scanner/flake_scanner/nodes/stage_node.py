@@ -9,6 +9,7 @@
   absolute/relative moves and homing; serial I/O runs in a worker thread and the async
   callback awaits it, so a waiting move never blocks the executor; every answer, refusals
   included, carries the last measured position;
+- tf: ``stage -> camera`` at the stage position with every state (nodes/tf_publishing.py);
 - ``/diagnostics``: port, position, retries, lost replies, resyncs, reconnects, faults.
 
 All logic lives in flake_scanner.stage; this module converts messages and wires callbacks.
@@ -21,7 +22,7 @@ import queue
 import threading
 import time
 
-from geometry_msgs.msg import Point, TransformStamped
+from geometry_msgs.msg import Point
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.task import Future
@@ -41,6 +42,7 @@ from flake_core.node_tools import (
 )
 from flake_msgs.msg import StageState
 from flake_msgs.srv import MoveStage
+from flake_scanner.nodes.tf_publishing import TfPublisher, camera_transform
 from flake_scanner.parameters import StageNodeParameters
 from flake_scanner.stage.driver import (
     SpeedLimits,
@@ -52,30 +54,6 @@ from flake_scanner.stage.driver import (
     TravelLimits,
 )
 from flake_scanner.stage.emulator import EmulatorConfig, StageEmulator
-
-
-def _tf_broadcaster(node):
-    """A tf broadcaster where tf2_ros exists (a ROS 2 install); the pip-only install has none."""
-    try:
-        from tf2_ros import TransformBroadcaster
-    except ImportError:
-        return None
-    return TransformBroadcaster(node)
-
-
-def _camera_transform(state: StageState):
-    """stage -> camera_optical: the image centre sits at the stage position; optical x is
-    stage +x, optical y is stage -y, optical z looks down into the sample (a half turn about x)."""
-    transform = TransformStamped()
-    transform.header.stamp = state.header.stamp
-    transform.header.frame_id = 'stage'
-    transform.child_frame_id = 'camera_optical'
-    transform.transform.translation.x = state.position.x
-    transform.transform.translation.y = state.position.y
-    transform.transform.translation.z = state.position.z
-    transform.transform.rotation.x = 1.0
-    transform.transform.rotation.w = 0.0
-    return transform
 
 
 class StageNode(LifecycleNode):
@@ -137,7 +115,7 @@ class StageNode(LifecycleNode):
             self._close_devices()
             return TransitionCallbackReturn.FAILURE
         self.state_publisher = self.create_lifecycle_publisher(StageState, 'stage/state', STATE_QOS)
-        self.tf_broadcaster = _tf_broadcaster(self)
+        self.tf_broadcaster = TfPublisher(self, dynamic=True)
         self._stop.clear()
         self._worker = threading.Thread(target=self._work, name='stage-io', daemon=True)
         self._poller = threading.Thread(target=self._poll, name='stage-poll', daemon=True)
@@ -293,7 +271,7 @@ class StageNode(LifecycleNode):
         msg.reconnects = driver.counters.reconnects
         self.state_publisher.publish(msg)
         if self.tf_broadcaster is not None and all(math.isfinite(v) for v in position):
-            self.tf_broadcaster.sendTransform(_camera_transform(msg))
+            self.tf_broadcaster.send(camera_transform(position, msg.header.stamp))
 
     def _publish_diagnostics(self) -> None:
         driver = self.driver
