@@ -49,8 +49,9 @@ from flake_core.materials import LAYER_CLASS_NAMES
 from flake_registry.query import INVALID_ARGUMENT, RegistryError
 from flake_registry.records import Sighting
 from flake_registry.store import FlakeStore
+from flake_registry.web.files import IMAGE_SUFFIXES
+from flake_registry.web.units import LENGTH, UM, parse_quantity
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 UNIT_METRES = {'nm': 1e-9, 'um': 1e-6, 'mm': 1e-3, 'm': 1.0}
 FILE_COLUMNS = ('file', 'image', 'filename')
 ROW_GAP = 100e-6                                # [m] between images laid side by side
@@ -264,13 +265,13 @@ def import_folder(store: FlakeStore, data_dir: Path, images: Sequence[Path], *, 
 
 def parse_length(text: str) -> float:
     """'0.345um', '345 nm', '0.000345mm' -> metres (a bare number is micrometres)."""
-    match = re.fullmatch(r'\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(nm|um|µm|mm|m)?\s*', text or '')
-    if match is None:
-        raise argparse.ArgumentTypeError(f'expected a length such as 0.345um or 345nm, got {text!r}')
-    value = float(match.group(1)) * UNIT_METRES[(match.group(2) or 'um').replace('µ', 'u')]
-    if not (math.isfinite(value) and value > 0):
+    try:
+        value = parse_quantity(text, LENGTH, '--pixel-size')
+    except RegistryError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+    if value is None or value <= 0:
         raise argparse.ArgumentTypeError(f'a length must be positive, got {text!r}')
-    return value
+    return value * UM
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,7 +340,7 @@ def run(args, out=None) -> int:
         raise RegistryError(INVALID_ARGUMENT, '--chip must not be empty')
     images = find_images(folder)
     if not images:
-        raise RegistryError(INVALID_ARGUMENT, f'no images ({", ".join(IMAGE_SUFFIXES)}) in {folder}')
+        raise RegistryError(INVALID_ARGUMENT, f'no images ({", ".join(sorted(IMAGE_SUFFIXES))}) in {folder}')
     if not 0.0 <= args.min_score <= 1.0:
         raise RegistryError(INVALID_ARGUMENT, f'--min-score must be in [0, 1], got {args.min_score}')
     positions, how = _positions(args, images)
