@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 
-from flake_registry.pg_server import PostgresNotInstalledError, TemporaryPostgres
+from flake_registry.pg_server import PostgresNotInstalledError, TemporaryPostgres, memory_folder
 from flake_registry.store import FlakeStore
 
 BACKENDS = ('sqlite', 'postgresql')
@@ -20,7 +20,11 @@ _names = itertools.count()
 @pytest.fixture(scope='session')
 def postgres_server():
     try:
-        server = TemporaryPostgres().start()
+        # Throwaway data, in memory where there is room and without fsync, so that CREATE DATABASE,
+        # commits and the final clean-up never wait for the disk of a busy machine (a crash of the
+        # server machine is not what these tests check).
+        server = TemporaryPostgres(settings={'fsync': 'off', 'full_page_writes': 'off'},
+                                   parent=memory_folder()).start()
     except PostgresNotInstalledError as error:
         pytest.skip(f'PostgreSQL backend not tested: {error}')
     # Every test's database is a copy of one migrated template: CREATE DATABASE ...

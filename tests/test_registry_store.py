@@ -305,6 +305,9 @@ def test_sorting_and_paging(populated):
     pages = [store.query(FlakeQuery(limit=7, offset=offset)) for offset in range(0, 60, 7)]
     assert all(p.total == 60 for p in pages)
     assert [f.id for p in pages for f in p.flakes] == [f.id for f in by_score]
+    past_the_end = store.query(FlakeQuery(limit=5, offset=100))
+    assert (past_the_end.total, past_the_end.flakes) == (60, [])
+    assert store.query(FlakeQuery(chip_id='no-such-chip')).total == 0
 
 
 

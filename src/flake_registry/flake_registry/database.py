@@ -164,7 +164,7 @@ class SQLiteDatabase:
             conn.execute('COMMIT')
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[Transaction]:
+    def snapshot(self, single_statement: bool = False) -> Iterator[Transaction]:
         """A read transaction: several SELECTs see one state of the file."""
         conn = self.db.conn
         conn.execute('BEGIN')
@@ -214,11 +214,25 @@ class PostgresTransaction(Transaction):
     dialect = 'postgresql'
     for_update = ' FOR UPDATE'                  # row locks: concurrent claims of one flake queue here
 
-    def __init__(self, conn: Any, writable: bool):
+    def __init__(self, conn: Any, writable: bool, reconnect=None):
         super().__init__(conn, writable)
         import psycopg
 
         self.integrity_error = psycopg.IntegrityError
+        self._reconnect = reconnect              # for a statement outside a transaction: its first may retry
+
+    def _run(self, work):
+        """``work(conn)``; when the pooled connection had ended, once more on a fresh one."""
+        if self._reconnect is None:
+            return work(self.conn)
+        import psycopg
+
+        reconnect, self._reconnect = self._reconnect, None
+        try:
+            return work(self.conn)
+        except psycopg.OperationalError:
+            self.conn = reconnect()
+            return work(self.conn)
 
     @staticmethod
     def box_overlap(alias: str, min_x: str, min_y: str, max_x: str, max_y: str) -> str:
@@ -228,7 +242,7 @@ class PostgresTransaction(Transaction):
 
     def execute(self, sql: str, params: Params = ()):
         named = isinstance(params, Mapping)
-        return self.conn.execute(_pyformat(sql, named), params if (named or params) else None)
+        return self._run(lambda conn: conn.execute(_pyformat(sql, named), params if (named or params) else None))
 
     def executemany(self, sql: str, rows: Sequence[Params]) -> None:
         if not rows:
@@ -253,10 +267,12 @@ class PostgresTransaction(Transaction):
         from psycopg.rows import tuple_row
 
         named = isinstance(params, Mapping)
-        with self.conn.cursor(row_factory=tuple_row) as cursor:
-            cursor.execute(_pyformat(sql, named), params if (named or params) else None)
-            names = [sys.intern(column.name) for column in cursor.description]
-            return names, cursor.fetchall()
+
+        def work(conn):
+            with conn.cursor(row_factory=tuple_row) as cursor:
+                cursor.execute(_pyformat(sql, named), params if (named or params) else None)
+                return [sys.intern(column.name) for column in cursor.description], cursor.fetchall()
+        return self._run(work)
 
 
 class PostgresDatabase:
@@ -287,9 +303,10 @@ class PostgresDatabase:
             sa_url = sa_url.set(drivername='postgresql+psycopg')
         self.url = sa_url.render_as_string(hide_password=True)
         self.synchronous = synchronous
-        # pre_ping: a connection whose server process was ended is found and replaced
-        # at checkout instead of failing the next transaction.
-        self.engine = create_engine(sa_url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True,
+        # No pre-ping (a round trip before every transaction): a pooled connection whose
+        # server process has ended fails its first statement, which is then tried again
+        # on a fresh connection (_first_statement).
+        self.engine = create_engine(sa_url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=False,
                                     pool_timeout=60, connect_args={'connect_timeout': int(connect_timeout_s),
                                                                    'application_name': 'flake_registry'})
 
@@ -302,41 +319,70 @@ class PostgresDatabase:
             dbapi_connection.row_factory = dict_row
 
     @contextlib.contextmanager
-    def _connection(self) -> Iterator[Any]:
+    def _connection(self, first: str | None) -> Iterator[list]:
+        """[pool entry] whose connection has run ``first`` (BEGIN ...); the list lets a reader swap it."""
         import psycopg
 
-        pooled = self.engine.raw_connection()
-        conn = pooled.driver_connection
+        held = [self._checkout(first)]
         try:
-            yield conn
+            yield held
         except BaseException as error:
+            conn = held[0].driver_connection
             if conn.closed or isinstance(error, psycopg.OperationalError):
-                pooled.invalidate()             # never hand a broken connection to the next caller
+                held[0].invalidate()            # never hand a broken connection to the next caller
             else:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute('ROLLBACK')
             raise
         finally:
-            pooled.close()                      # back to the pool
+            held[0].close()                     # back to the pool
+
+    def _checkout(self, first: str | None):
+        """A pool entry whose connection answered ``first``; ended connections are replaced (3 tries)."""
+        import psycopg
+
+        for attempt in range(3):
+            pooled = self.engine.raw_connection()
+            if first is None:
+                return pooled
+            try:
+                pooled.driver_connection.execute(first)
+                return pooled
+            except psycopg.OperationalError:
+                pooled.invalidate()
+                pooled.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError('unreachable')
 
     @contextlib.contextmanager
     def transaction(self, synchronous: str | None = None) -> Iterator[Transaction]:
         mode = (synchronous or self.synchronous).upper()
         if mode not in SYNCHRONOUS_MODES:
             raise ValueError(f'synchronous modes are {SYNCHRONOUS_MODES}, got {mode!r}')
-        with self._connection() as conn:
-            conn.execute('BEGIN')
+        with self._connection('BEGIN') as held:
+            conn = held[0].driver_connection
             if mode == 'NORMAL':
                 conn.execute('SET LOCAL synchronous_commit = off')
             yield PostgresTransaction(conn, writable=True)
             conn.execute('COMMIT')
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[Transaction]:
-        with self._connection() as conn:
-            conn.execute('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY')
-            yield PostgresTransaction(conn, writable=False)
-            conn.execute('COMMIT')
+    def snapshot(self, single_statement: bool = False) -> Iterator[Transaction]:
+        """Reads that see one state. ``single_statement``: one statement, which sees one state by itself,
+        runs without a transaction of its own (one round trip instead of three)."""
+        if single_statement:
+            with self._connection(None) as held:
+                def reconnect():
+                    held[0].invalidate()
+                    held[0].close()
+                    held[0] = self.engine.raw_connection()
+                    return held[0].driver_connection
+                yield PostgresTransaction(held[0].driver_connection, writable=False, reconnect=reconnect)
+            return
+        with self._connection('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY') as held:
+            yield PostgresTransaction(held[0].driver_connection, writable=False)
+            held[0].driver_connection.execute('COMMIT')
 
     @staticmethod
     def is_transient(error: Exception) -> bool:

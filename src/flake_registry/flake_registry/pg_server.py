@@ -58,11 +58,12 @@ class TemporaryPostgres:
     ``flake`` with trust authentication on 127.0.0.1 only.
     """
 
-    def __init__(self, settings: dict[str, str] | None = None, user: str = SERVER_USER):
+    def __init__(self, settings: dict[str, str] | None = None, user: str = SERVER_USER, parent: str | None = None):
         self.bin = find_bin_dir()
         self.settings = {'max_connections': '200', 'shared_buffers': '256MB', 'fsync': 'on',
                          'listen_addresses': '127.0.0.1', **(settings or {})}
         self.run_as = user if os.geteuid() == 0 else None
+        self.parent = parent                    # where the temporary folder is made (default: the temp dir)
         self.folder: Path | None = None
         self.process: subprocess.Popen | None = None
         self.port = 0
@@ -72,7 +73,7 @@ class TemporaryPostgres:
         return ['runuser', '-u', self.run_as, '--', *command] if self.run_as else command
 
     def start(self, timeout: float = 60.0) -> TemporaryPostgres:
-        self.folder = Path(tempfile.mkdtemp(prefix='flake-postgres-'))
+        self.folder = Path(tempfile.mkdtemp(prefix='flake-postgres-', dir=self.parent))
         if self.run_as:
             entry = pwd.getpwnam(self.run_as)
             os.chown(self.folder, entry.pw_uid, entry.pw_gid)
@@ -90,7 +91,8 @@ class TemporaryPostgres:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f'postgres stopped at start: {self.log_tail()}')
-            if subprocess.run([str(self.bin / 'pg_isready'), '-h', '127.0.0.1', '-p', str(self.port), '-q'],
+            if subprocess.run([str(self.bin / 'pg_isready'), '-h', '127.0.0.1', '-p', str(self.port), '-U', 'flake',
+                               '-d', 'postgres', '-q'],
                               check=False).returncode == 0:
                 return self
             time.sleep(0.1)
@@ -117,8 +119,8 @@ class TemporaryPostgres:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            # SIGINT: "fast" shutdown, clients are disconnected and the server exits.
-            os.killpg(self.process.pid, signal.SIGINT)
+            # SIGQUIT: immediate shutdown, no checkpoint: the data directory is removed next.
+            os.killpg(self.process.pid, signal.SIGQUIT)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -134,6 +136,15 @@ class TemporaryPostgres:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def memory_folder(min_free: int = 2 << 30) -> str | None:
+    """/dev/shm when it has ``min_free`` bytes free: throwaway test data never waits for a busy disk."""
+    try:
+        stats = os.statvfs('/dev/shm')
+    except OSError:
+        return None
+    return '/dev/shm' if stats.f_bavail * stats.f_frsize >= min_free and os.access('/dev/shm', os.W_OK) else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -294,7 +294,8 @@ class FlakeQuery:
             clauses.append(f'({EFFECTIVE_STATUS_SQL}) IN ({", ".join(names)})')
         return (' AND '.join(clauses) or '1 = 1'), params
 
-    def order_sql(self) -> str:
+    def sort_key_sql(self) -> tuple[str, str]:
+        """The SQL expression the answer is sorted by, and 'ASC' or 'DESC'."""
         ascending = self.ascending
         if ascending is None:
             ascending = self.sort_by == 'distance'
@@ -306,5 +307,9 @@ class FlakeQuery:
         else:
             key = {'score': 'f.score', 'area': 'f.area', 'thickness': 'f.thickness_nm',
                    'created': 'f.pk', 'layers': 'f.layers'}[self.sort_by]  # pk: insertion order
+        return key, direction
+
+    def order_sql(self) -> str:
+        key, direction = self.sort_key_sql()
         # pk breaks ties so that paging with offset is stable.
         return f'{key} {direction}, f.pk {direction}'

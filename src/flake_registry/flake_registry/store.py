@@ -103,9 +103,13 @@ class FlakeStore:
         """
         return self.database.transaction(synchronous)
 
-    def snapshot(self) -> contextlib.AbstractContextManager[Transaction]:
-        """A read transaction: several statements see one consistent state."""
-        return self.database.snapshot()
+    def snapshot(self, single_statement: bool = False) -> contextlib.AbstractContextManager[Transaction]:
+        """A read transaction: several statements see one consistent state.
+
+        ``single_statement``: the block runs one statement only (it sees one state by
+        itself); on PostgreSQL that saves the round trips of BEGIN and COMMIT.
+        """
+        return self.database.snapshot(single_statement)
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -261,7 +265,7 @@ class FlakeStore:
         ``contours=False`` leaves every record's outline empty (not read from the database).
         """
         now = self.clock()
-        with self.snapshot() as tx:
+        with self.snapshot(single_statement=True) as tx:
             return reading.query(tx, query, now, contours)
 
     def iter_flakes(self, chip_id: str = '', scan_id: str = '', page: int = 1000) -> Iterator[FlakeRecord]:
