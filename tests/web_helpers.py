@@ -32,6 +32,7 @@ REVISIT_SIZE = (480, 360)
 SUBSTRATE_BGR = (120, 70, 90)       # violet of SiO2 on Si, as the simulator draws it
 # How far a flake's colour moves from the substrate towards its material's tint, by layer class.
 TINT_BY_CLASS = {0: 0.5, 1: 0.3, 2: 0.5, 3: 0.75, 4: 1.0}
+FAST_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 0]  # test pictures: written fast, read once
 MATERIAL_TINTS = {'graphene': (150, 90, 110), 'hbn': (200, 160, 120), 'mos2': (90, 60, 150), 'wte2': (80, 130, 90),
                   'unknown': (60, 150, 180)}
 
@@ -93,8 +94,8 @@ def flake_colour(material: str, layer_class: int) -> tuple[int, int, int]:
 def render(flakes, to_pixels: Affine2D, width: int, height: int, seed: int) -> np.ndarray:
     """A micrograph-like picture: noisy substrate, each flake filled in its tint with a soft edge."""
     rng = np.random.default_rng(seed)
-    canvas = np.clip(np.array(SUBSTRATE_BGR, np.float64) + rng.normal(0, 3, (height, width, 3)), 0, 255)
-    canvas = canvas.astype(np.uint8)
+    noise = rng.integers(-5, 6, (height, width, 1), dtype=np.int16)
+    canvas = (np.array(SUBSTRATE_BGR, np.int16) + noise).astype(np.uint8)
     for flake in flakes:
         points = to_pixels.apply_points(np.asarray(flake.contour, dtype=np.float64))
         cv2.fillPoly(canvas, [np.round(points * 8).astype(np.int32)], flake_colour(flake.material, flake.layer_class),
@@ -107,7 +108,7 @@ def write_mosaic(data_dir: Path, store: FlakeStore, scan_id: str = SCAN_ID) -> P
     canvas = render(list(store.iter_flakes(scan_id=scan_id)), WAFER_TO_MOSAIC, 200, 200, seed=3)
     folder = data_dir / 'scans' / scan_id
     folder.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / 'mosaic.png'), canvas)
+    cv2.imwrite(str(folder / 'mosaic.png'), canvas, FAST_PNG)
     (folder / 'mosaic.json').write_text(json.dumps({
         'scan_id': scan_id, 'metres_per_pixel': MOSAIC_METRES_PER_PIXEL,
         'wafer_to_mosaic': WAFER_TO_MOSAIC.as_list(), 'bounds_wafer': [0.0, 0.0, 2e-3, 2e-3]}))
@@ -124,7 +125,7 @@ def write_frames(data_dir: Path, store: FlakeStore, scan_id: str = SCAN_ID, revi
         to_wafer = Affine2D(FRAME_METRES_PER_PIXEL, 0, x0, 0, -FRAME_METRES_PER_PIXEL, y0 + TILE_SIDE)
         pixels = render(flakes, to_wafer.inverse(), FRAME_PIXELS, FRAME_PIXELS, seed=tile)
         relative = f'scans/{scan_id}/frames/{tile:05d}.png'
-        cv2.imwrite(str(data_dir / relative), pixels)
+        cv2.imwrite(str(data_dir / relative), pixels, FAST_PNG)
         store.record_frame(scan_id, tile, to_wafer.as_list(), FRAME_PIXELS, FRAME_PIXELS,
                            pixel_size=FRAME_METRES_PER_PIXEL, stamp=1.7e9 + tile, path=relative)
     revisit_dir = data_dir / 'revisits'
@@ -133,7 +134,7 @@ def write_frames(data_dir: Path, store: FlakeStore, scan_id: str = SCAN_ID, revi
         width, height = REVISIT_SIZE
         to_wafer = pixel_to_wafer(flake.x, flake.y, REVISIT_METRES_PER_PIXEL, width, height, Affine2D(1, 0, 0, 0, 1, 0))
         path = revisit_dir / f'{flake.id}_50x.png'
-        cv2.imwrite(str(path), render(flakes, to_wafer.inverse(), width, height, seed=7))
+        cv2.imwrite(str(path), render(flakes, to_wafer.inverse(), width, height, seed=7), FAST_PNG)
         store.add_image(flake.id, 'revisit', path.relative_to(data_dir).as_posix(), objective='50x',
                         pixel_size=REVISIT_METRES_PER_PIXEL)
 

@@ -27,6 +27,7 @@ from flake_registry.query import LAYER_NAMES, STATUS_NAMES
 from flake_registry.store import FlakeDetail, FlakeRecord
 from flake_registry.web import drawing, pictures
 from flake_registry.web.context import WebContext
+from flake_registry.web.summaries import scan_scope
 from flake_registry.web.units import UM, UM2, local_time
 
 SPOOL_BYTES = 8 * 1024 * 1024
@@ -67,16 +68,6 @@ def people_record(flake: FlakeRecord, detail: FlakeDetail | None = None) -> dict
                              'pixel_size_um': round(i.pixel_size / UM, 5) if i.pixel_size else None,
                              'local_time': local_time(i.stamp)} for i in detail.images]
     return record
-
-
-def write_csv(flakes: Iterable[FlakeRecord], out: IO[str]) -> int:
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
-    count = 0
-    for flake in flakes:
-        writer.writerow(people_row(flake))
-        count += 1
-    return count
 
 
 def _stream(archive_file: IO[bytes]) -> Iterator[bytes]:
@@ -147,7 +138,7 @@ def _mosaics(ctx: WebContext, archive: zipfile.ZipFile, scan_ids: Iterable[str],
         archive.write(meta['path'], f'mosaic_{scan_id}.png')
         pixels = drawing.read_image(meta['path'])
         if pixels is not None:
-            flakes = ctx.store.iter_flakes(scan_id=scan_id)
+            flakes = ctx.store.iter_flakes(**scan_scope(ctx.store, scan_id))
             _put_png(archive, f'mosaic_{scan_id}_annotated.png',
                      drawing.annotated_mosaic(pixels, meta['to_mosaic'], meta.get('metres_per_pixel')
                                               or 1 / meta['to_mosaic'].scale, flakes))
@@ -156,20 +147,28 @@ def _mosaics(ctx: WebContext, archive: zipfile.ZipFile, scan_ids: Iterable[str],
 
 
 def flakes_zip(ctx: WebContext, *, scan_id: str = '', chip_id: str = '') -> Iterator[bytes]:
-    """All flakes of a scan or a chip, with the scan mosaics."""
+    """All flakes of a scan or a chip, with the scan mosaics; the registry is read once."""
     spool, archive = _archive()
     what = f'scan {scan_id}' if scan_id else f'chip {chip_id}'
+    scope = scan_scope(ctx.store, scan_id) if scan_id else {'chip_id': chip_id}
     contents = ['flakes.csv: one row per flake, units in the column names',
                 'flakes.json: the same with outlines [um]']
-    with archive:
+    with archive, tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode='w+') as records:
+        records.write(f'{{"{"scan_id" if scan_id else "chip_id"}": {json.dumps(scan_id or chip_id)}, '
+                      f'"units": {json.dumps(UNITS_NOTE)}, "flakes": [\n')
+        count = 0
         with archive.open('flakes.csv', 'w') as raw, io.TextIOWrapper(raw, encoding='utf-8', newline='') as text:
-            count = write_csv(ctx.store.iter_flakes(chip_id=chip_id, scan_id=scan_id), text)
+            writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            for flake in ctx.store.iter_flakes(**scope):
+                writer.writerow(people_row(flake))
+                records.write((',\n' if count else '') + json.dumps(people_record(flake)))
+                count += 1
+        records.write('\n]}\n')
+        records.seek(0)
         with archive.open('flakes.json', 'w') as raw, io.TextIOWrapper(raw, encoding='utf-8') as text:
-            text.write(f'{{"{"scan_id" if scan_id else "chip_id"}": {json.dumps(scan_id or chip_id)}, '
-                       f'"units": {json.dumps(UNITS_NOTE)}, "flakes": [\n')
-            for number, flake in enumerate(ctx.store.iter_flakes(chip_id=chip_id, scan_id=scan_id)):
-                text.write((',\n' if number else '') + json.dumps(people_record(flake)))
-            text.write('\n]}\n')
+            while chunk := records.read(CHUNK_BYTES):
+                text.write(chunk)
         scans = [scan_id] if scan_id else [s['id'] for s in ctx.store.scans(chip_id)]
         _mosaics(ctx, archive, scans, contents)
         archive.writestr('README.txt', f'{count} flakes of {what}\n\n{UNITS_NOTE}\n\n' + '\n'.join(contents) + '\n')

@@ -1,24 +1,44 @@
-"""The thin flakes people hunt, first: monolayers, then few-layer flakes, per material."""
+"""The thin flakes people hunt, first: monolayers, then few-layer flakes, per material.
+
+Every count and list here is a query on one material and one layer class, which the
+registry answers from its (material, layer class, score) index in well under a
+millisecond at 100 000 flakes, so the pages that lead with thin flakes stay fast.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-from flake_core.materials import FLAKE_MATERIALS, LAYER_FEW, LAYER_MONO
+from flake_core.materials import LAYER_FEW, LAYER_MONO, MATERIAL_NAMES
 from flake_registry.query import FlakeQuery
 from flake_registry.store import FlakeRecord, FlakeStore
 
-# Thin flakes are rare; up to this many are read in one query and counted here.
-THIN_READ_LIMIT = 1000
+THIN_CLASSES = (LAYER_MONO, LAYER_FEW)
+# A scan of a chip scanned several times is filtered through its observations: one read of
+# at most this many thin flakes, counted here (the counts are lower bounds beyond it).
+SCAN_READ_LIMIT = 1000
+
+
+def scan_scope(store: FlakeStore, scan_id: str) -> dict[str, str]:
+    """The filter that selects a scan's flakes fastest: its chip, when the chip has no other scan.
+
+    A scan filter joins the observations of the scan for every query (~0.4 s at 100 000
+    flakes); a chip scanned once holds exactly the flakes of that scan.
+    """
+    if not scan_id:
+        return {}
+    chips = [s['chip_id'] for s in store.scans() if s['id'] == scan_id]
+    if len(chips) == 1 and len(store.scans(chips[0])) == 1:
+        return {'chip_id': chips[0]}
+    return {'scan_id': scan_id}
 
 
 @dataclass
 class ThinSummary:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)   # material -> {'mono': n, 'few': n}
-    leading: list[FlakeRecord] = field(default_factory=list)           # thinnest first, best score among equals
-    total: int = 0
-    exact: bool = True
+    leading: list[FlakeRecord] = field(default_factory=list)           # monolayers first, best score first
+    exact: bool = True                                                 # False: counts are lower bounds
 
     @property
     def materials(self) -> list[str]:
@@ -26,28 +46,37 @@ class ThinSummary:
         return sorted(self.counts, key=lambda m: (-self.counts[m]['mono'], -self.counts[m]['few'], m))
 
 
-def thin_summary(store: FlakeStore, *, scan_id: str = '', chip_id: str = '', leading: int = 12) -> ThinSummary:
-    """Mono- and few-layer flakes of a scan (or chip, or the registry), counted per material.
+def thin_first(store: FlakeStore, limit: int, scope: dict[str, str] | None = None) -> list[FlakeRecord]:
+    """Up to ``limit`` thin flakes: every material's monolayers (best score first), then few-layer ones."""
+    chosen: list[FlakeRecord] = []
+    for layer_class in THIN_CLASSES:
+        found = []
+        for material in MATERIAL_NAMES:
+            found += store.query(FlakeQuery(materials=(material,), layer_classes=(layer_class,), limit=limit,
+                                            **(scope or {})), contours=False).flakes
+        chosen += sorted(found, key=lambda f: -f.score)[:limit - len(chosen)]
+        if len(chosen) >= limit:
+            break
+    return chosen
 
-    ``leading`` flakes are kept, monolayers first (then by layer count, then score).
-    """
-    query = FlakeQuery(scan_id=scan_id, chip_id=chip_id, layer_classes=(LAYER_MONO, LAYER_FEW), sort_by='layers',
-                       ascending=True, limit=THIN_READ_LIMIT)
-    result = store.query(query, contours=False)
-    summary = ThinSummary(total=result.total, exact=result.total <= THIN_READ_LIMIT)
-    if summary.exact:
-        counts = Counter((f.material, f.layer_class) for f in result.flakes)
-    else:
-        counts = Counter()
-        for material in FLAKE_MATERIALS:
-            for layer_class in (LAYER_MONO, LAYER_FEW):
-                counts[material, layer_class] = store.query(FlakeQuery(
-                    scan_id=scan_id, chip_id=chip_id, materials=(material,), layer_classes=(layer_class,),
-                    limit=1), contours=False).total
-    for (material, layer_class), count in counts.items():
-        if count:
-            entry = summary.counts.setdefault(material, {'mono': 0, 'few': 0})
-            entry['mono' if layer_class == LAYER_MONO else 'few'] += count
-    ranked = sorted(result.flakes, key=lambda f: (f.layer_class, round(f.layers), -f.score))
-    summary.leading = ranked[:leading]
+
+def thin_summary(store: FlakeStore, *, scan_id: str = '', leading: int = 12) -> ThinSummary:
+    """Mono- and few-layer flakes of a scan (or of the registry), counted per material, and the leading ones."""
+    scope = scan_scope(store, scan_id)
+    summary = ThinSummary()
+    if 'scan_id' in scope:
+        result = store.query(FlakeQuery(layer_classes=THIN_CLASSES, limit=SCAN_READ_LIMIT, **scope), contours=False)
+        summary.exact = result.total <= SCAN_READ_LIMIT
+        counted = Counter((f.material, f.layer_class) for f in result.flakes)
+        for material in sorted({f.material for f in result.flakes}):
+            summary.counts[material] = {'mono': counted[material, LAYER_MONO], 'few': counted[material, LAYER_FEW]}
+        summary.leading = sorted(result.flakes, key=lambda f: (f.layer_class, -f.score))[:leading]
+        return summary
+    for material in MATERIAL_NAMES:
+        counts = {name: store.query(FlakeQuery(materials=(material,), layer_classes=(layer_class,), limit=1,
+                                               **scope), contours=False).total
+                  for name, layer_class in (('mono', LAYER_MONO), ('few', LAYER_FEW))}
+        if counts['mono'] or counts['few']:
+            summary.counts[material] = counts
+    summary.leading = thin_first(store, leading, scope) if summary.counts else []
     return summary

@@ -17,7 +17,7 @@ from flake_registry.web.context import NavEntry, require_read, web
 from flake_registry.web.files import resolve_inside
 from flake_registry.web.forms import check_name
 from flake_registry.web.rendering import LAYER_STYLES, page
-from flake_registry.web.summaries import thin_summary
+from flake_registry.web.summaries import scan_scope, thin_summary
 
 NAV = NavEntry('chipmap', 'Chip map', '/')
 router = APIRouter(dependencies=[Depends(require_read)])
@@ -67,7 +67,8 @@ def chip_map_data(request: Request, scan_id: str = Query(..., min_length=1, max_
     ctx = web(request)
     check_name(scan_id, 'scan id')
     meta = pictures.read_mosaic_meta(ctx, scan_id)
-    base = FlakeQuery.from_mapping({'scan_id': scan_id, 'sort_by': 'score', 'limit': MAX_LIMIT, 'region': region})
+    base = FlakeQuery.from_mapping({**scan_scope(ctx.store, scan_id), 'sort_by': 'score', 'limit': MAX_LIMIT,
+                                    'region': region})
     flakes, total, offset = [], None, 0
     while offset < ctx.max_markers:
         result = ctx.store.query(replace(base, offset=offset, limit=min(MAX_LIMIT, ctx.max_markers - offset)),

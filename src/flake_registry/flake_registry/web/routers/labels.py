@@ -7,12 +7,12 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 
-from flake_core.materials import LAYER_FEW, LAYER_MONO
 from flake_registry import labelling
-from flake_registry.query import INVALID_ARGUMENT, FlakeQuery, RegistryError
+from flake_registry.query import INVALID_ARGUMENT, MAX_LIMIT, FlakeQuery, RegistryError
 from flake_registry.web.context import NavEntry, require_read, require_write, web
 from flake_registry.web.forms import WHO_MAX, ControlIn, LabelBatchIn, LabelIn, RetrainIn, check_flake_id
 from flake_registry.web.rendering import page
+from flake_registry.web.summaries import thin_first
 
 NAV = NavEntry('labels', 'Labelling', '/labels')
 router = APIRouter(dependencies=[Depends(require_read)])
@@ -44,8 +44,7 @@ def labels_page(request: Request, who: str = Query('', max_length=WHO_MAX)):
     labelled_flakes = {r['flake_id'] for r in latest if r['flake_id']}
     labelled_crops = {r['crop_path'] for r in latest if r['crop_path']}
     # Thin flakes first: they are the ones worth a person's look.
-    thin = ctx.store.query(FlakeQuery(layer_classes=(LAYER_MONO, LAYER_FEW), sort_by='layers', ascending=True,
-                                      limit=200), contours=False).flakes
+    thin = thin_first(ctx.store, min(QUEUE_SIZE + len(labelled_flakes), MAX_LIMIT))
     rest = ctx.store.query(FlakeQuery(sort_by='score', limit=300), contours=False).flakes
     seen: set[str] = set()
     queue = []
