@@ -1,9 +1,12 @@
-"""``flake-defects``: simulate STEM images, train the networks, analyse images.
+"""``flake-defects``: simulate ADF-STEM images, train the networks, analyse images.
 
-    flake-defects simulate OUT.png [--size 2048] [--seed 0] [--dose 5 20] [--truth OUT.json]
-    flake-defects train-cells --target hex|unit --out PATH [--steps N] [--seed S]
-    flake-defects train-classifier --channels 2|1 --input-size 224 --out PATH [--steps N]
-    flake-defects analyze IMAGE --report DIR [--pixel-size M] [--detector PT] [--classifier PT]
+    flake-defects simulate OUT.(png|tif|emd|npy) [--material wse2] [--detector 68-280] [--size 2048] [--seed 0]
+    flake-defects train-cells --target hex|unit --out PATH [--steps N] [--seed S] [--materials a,b]
+    flake-defects train-classifier --out PATH [--steps N] [--no-calibration] [--materials a,b]
+    flake-defects analyze FILE --report DIR [--material wse2] [--detector haadf|INNER-OUTER] [--pixel-size M]
+
+FILE: .dm3/.dm4, .emd, .ser, .tif (pixel size and detector from the file's metadata) or
+.png/.jpg/.npy (give --pixel-size).
 """
 
 from __future__ import annotations
@@ -17,59 +20,80 @@ import sys
 
 import numpy as np
 
-from . import CLASS_NAMES
+from flake_core.materials import STEM_MATERIALS, parse_materials
 
 
 def _command_line(argv) -> str:
     return 'flake-defects ' + ' '.join(shlex.quote(a) for a in argv)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='flake-defects', description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command', required=True)
+    materials = ', '.join(STEM_MATERIALS)
 
-    sim = sub.add_parser('simulate', help='render a HAADF-STEM image of 2H-MoTe2 with ground truth')
-    sim.add_argument('out', type=Path, help='16-bit PNG (or .npy) to write')
-    sim.add_argument('--size', type=int, default=2048, help='image side [px] (512 to 2048 typical)')
+    sim = sub.add_parser('simulate', help='render an ADF-STEM image of a 2H monolayer with ground truth')
+    sim.add_argument('out', type=Path, help='image to write: .tif or .emd carry the pixel size; .png or .npy do not')
+    sim.add_argument('--material', default='mote2', help=f'one of {materials}')
+    sim.add_argument('--detector', default='haadf', help='haadf, maadf, laadf or INNER-OUTER in mrad')
+    sim.add_argument('--pixel-size', type=float, default=0.0, help='[m/px]; 0: the lattice constant spans 120 px')
+    sim.add_argument('--size', type=_positive_int, default=2048, help='image side [px]')
     sim.add_argument('--seed', type=int, default=0)
+    sim.add_argument('--rotation', type=float, default=0.0, help='lattice rotation in the image [degrees]')
     sim.add_argument('--dose', type=float, nargs=2, default=(5.0, 20.0), metavar=('LOW', 'HIGH'),
-                     help='Poisson lambda range: counts at a Te2 column peak')
+                     help='Poisson lambda range: counts at the brighter column peak')
+    sim.add_argument('--contamination', type=float, default=0.0, help='share of the frame under contamination')
     sim.add_argument('--defects', type=float, nargs=5, default=None,
-                     metavar=('V_TE1', 'V_TE2', 'V_MO', 'V_TE1_V_MO', 'V_TE2_V_MO'),
+                     metavar=('V_X', 'V_X2', 'V_M', 'V_M_V_X', 'V_M_V_X2'),
                      help='probability of each defect class per unit cell')
     sim.add_argument('--truth', type=Path, default=None, help='ground-truth JSON (default: OUT.json)')
 
     cells = sub.add_parser('train-cells', help='train CNN-1 (hexagonal cells) or the direct unit-cell detector')
     cells.add_argument('--target', choices=('hex', 'unit'), default='hex')
     cells.add_argument('--out', type=Path, required=True)
-    cells.add_argument('--steps', type=int, default=300)
-    cells.add_argument('--batch', type=int, default=2)
-    cells.add_argument('--crop', type=int, default=192, help='training crop at the detector scale [px]')
-    cells.add_argument('--images', type=int, default=24, help='simulated training images')
+    cells.add_argument('--steps', type=_positive_int, default=800)
+    cells.add_argument('--batch', type=_positive_int, default=2)
+    cells.add_argument('--crop', type=_positive_int, default=192, help='training crop in the networks\' frame [px]')
+    cells.add_argument('--images', type=_positive_int, default=32, help='simulated training frames')
     cells.add_argument('--lr', type=float, default=1e-4)
     cells.add_argument('--seed', type=int, default=0)
-    cells.add_argument('--threads', type=int, default=1)
+    cells.add_argument('--threads', type=_positive_int, default=1)
+    cells.add_argument('--materials', default=','.join(STEM_MATERIALS), help='materials of the training frames')
     cells.add_argument('--no-pretrained', action='store_true', help='random init instead of ImageNet weights')
 
     cls = sub.add_parser('train-classifier', help='train CNN-2 (ResNet-18 defect classifier)')
     cls.add_argument('--channels', type=int, choices=(1, 2), default=2)
-    cls.add_argument('--input-size', type=int, default=224, help='side of each input channel [px]')
+    cls.add_argument('--input-size', type=_positive_int, default=32, help='side of each input channel [px]')
+    cls.add_argument('--no-calibration', action='store_true',
+                     help='percentile-normalised input instead of the self-calibrated one (the comparison)')
     cls.add_argument('--out', type=Path, required=True)
-    cls.add_argument('--steps', type=int, default=400)
-    cls.add_argument('--batch', type=int, default=32)
-    cls.add_argument('--images', type=int, default=40, help='balanced simulated training images')
+    cls.add_argument('--steps', type=_positive_int, default=400)
+    cls.add_argument('--batch', type=_positive_int, default=64)
+    cls.add_argument('--images', type=_positive_int, default=48, help='balanced simulated training frames')
     cls.add_argument('--lr', type=float, default=1e-3)
     cls.add_argument('--seed', type=int, default=0)
-    cls.add_argument('--threads', type=int, default=1)
+    cls.add_argument('--threads', type=_positive_int, default=1)
+    cls.add_argument('--materials', default=','.join(STEM_MATERIALS), help='materials of the training frames')
 
-    analyze = sub.add_parser('analyze', help='count and map point defects in a HAADF-STEM image')
-    analyze.add_argument('image', type=Path, help='PNG/TIFF (8 or 16 bit) or .npy')
+    analyze = sub.add_parser('analyze', help='count and map point defects in an ADF-STEM image')
+    analyze.add_argument('image', type=Path, help='.dm3/.dm4, .emd, .ser, .tif, or .png/.jpg/.npy with --pixel-size')
     analyze.add_argument('--report', type=Path, required=True, help='directory for overlay PNG, CSV, JSON')
+    analyze.add_argument('--material', default='mote2', help=f'one of {materials}')
+    analyze.add_argument('--detector', default='',
+                         help='annular detector: haadf, maadf, laadf or INNER-OUTER in mrad; default: the file\'s '
+                              'metadata, else any detector (metal and chalcogen told apart by the image)')
     analyze.add_argument('--pixel-size', type=float, default=0.0,
-                         help='[m/px]; 0 uses seed 003 scale (lattice constant = 120 px)')
-    analyze.add_argument('--detector', type=Path, default=None)
-    analyze.add_argument('--classifier', type=Path, default=None)
-    analyze.add_argument('--threads', type=int, default=1)
+                         help='[m/px]; replaces the file\'s calibration (required for files without one)')
+    analyze.add_argument('--detector-checkpoint', type=Path, default=None, help='CNN-1 checkpoint')
+    analyze.add_argument('--classifier', type=Path, default=None, help='CNN-2 checkpoint')
+    analyze.add_argument('--threads', type=_positive_int, default=1)
     return parser
 
 
@@ -84,27 +108,39 @@ def main(argv=None) -> int:
         if args.command == 'train-classifier':
             return _train_classifier(args, argv)
         return _analyze(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, OSError) as error:
         print(f'flake-defects {args.command}: error: {error}', file=sys.stderr)
         return 2
 
 
 def _simulate(args) -> int:
-    from .report import save_image
+    from flake_core.materials import stem_lattice
+
+    from . import class_names
+    from .adf import detector_from
+    from .io import write_image
     from .simulate import StemSimConfig, simulate, to_uint16
-    config = StemSimConfig(height=args.size, width=args.size, dose=tuple(args.dose))
+    lattice = stem_lattice(args.material)
+    adf = detector_from(args.detector)
+    pixel_size = args.pixel_size or lattice.lattice_a / 120.0
+    config = StemSimConfig(material=args.material, height=args.size, width=args.size, pixel_size=pixel_size,
+                           dose=tuple(args.dose), rotation_deg=(args.rotation, args.rotation),
+                           detector_inner_mrad=(adf.inner_mrad, adf.inner_mrad),
+                           contamination=(args.contamination, args.contamination))
     if args.defects is not None:
         config = replace(config, defect_probabilities=(0.0, *args.defects))
     sample = simulate(config, seed=args.seed)
-    save_image(args.out, to_uint16(sample.image))
-    truth = {'seed': args.seed, 'pixel_size_m': sample.pixel_size, 'params': sample.params,
-             'class_names': list(CLASS_NAMES), 'counts': sample.class_counts.tolist(),
-             'unit_boxes': np.round(sample.unit_boxes, 2).tolist(), 'unit_classes': sample.unit_classes.tolist(),
+    write_image(args.out, to_uint16(sample.image), sample.pixel_size, detector=adf)
+    names = class_names(args.material)
+    truth = {'seed': args.seed, 'material': args.material, 'pixel_size_m': sample.pixel_size,
+             'detector': adf.label, 'params': sample.params, 'class_names': list(names),
+             'counts': sample.class_counts.tolist(), 'unit_boxes': np.round(sample.unit_boxes, 2).tolist(),
+             'unit_classes': sample.unit_classes.tolist(), 'unit_clean': sample.unit_clean.tolist(),
              'hex_boxes': np.round(sample.hex_boxes, 2).tolist()}
     truth_path = args.truth or args.out.with_suffix('.json')
     truth_path.write_text(json.dumps(truth) + '\n')
     print(f'wrote {args.out} and {truth_path}: {len(sample.unit_boxes)} unit cells, counts '
-          + ', '.join(f'{n}={c}' for n, c in zip(CLASS_NAMES, sample.class_counts)))
+          + ', '.join(f'{n}={c}' for n, c in zip(names, sample.class_counts)))
     return 0
 
 
@@ -112,7 +148,7 @@ def _train_cells(args, argv) -> int:
     from .train import DetectorTraining, train_detector
     options = DetectorTraining(target=args.target, steps=args.steps, batch=args.batch, crop=args.crop,
                                lr=args.lr, images=args.images, seed=args.seed, threads=args.threads,
-                               pretrained=not args.no_pretrained)
+                               pretrained=not args.no_pretrained, materials=parse_materials(args.materials))
     card = train_detector(options, args.out, _command_line(argv))
     print(json.dumps(card['metrics']))
     return 0
@@ -120,24 +156,44 @@ def _train_cells(args, argv) -> int:
 
 def _train_classifier(args, argv) -> int:
     from .train import ClassifierTraining, train_classifier
-    options = ClassifierTraining(channels=args.channels, input_size=args.input_size, steps=args.steps,
-                                 batch=args.batch, images=args.images, lr=args.lr, seed=args.seed,
-                                 threads=args.threads)
+    options = ClassifierTraining(channels=args.channels, input_size=args.input_size,
+                                 calibrated=not args.no_calibration, steps=args.steps, batch=args.batch,
+                                 images=args.images, lr=args.lr, seed=args.seed, threads=args.threads,
+                                 materials=parse_materials(args.materials))
     _, card = train_classifier(options, args.out, _command_line(argv))
     print(json.dumps(card['metrics']))
     return 0
 
 
 def _analyze(args) -> int:
-    from .analyze import DefectAnalyzer, prepare_input
-    from .report import load_image, write_report
-    image = load_image(args.image)
-    pixels, pixel_size = prepare_input(image, args.pixel_size or None)  # fail fast, before loading models
-    analyzer = DefectAnalyzer(args.detector, args.classifier, threads=args.threads)
-    analysis = analyzer.analyze(pixels, pixel_size)
-    paths = write_report(args.report, image, analysis, image_id=args.image.stem)
-    counts = ', '.join(f'{n}={c}' for n, c in zip(CLASS_NAMES, analysis.counts))
-    print(f'{len(analysis.classes)} unit cells in {analysis.processing_time:.1f} s: {counts}')
+    from flake_core.materials import stem_lattice
+
+    from .analyze import DefectAnalyzer
+    from .io import read_image
+    from .report import write_report
+    stem_lattice(args.material)                       # an unknown material fails before the file is read
+    frame = read_image(args.image)
+    pixel_size = args.pixel_size or frame.pixel_size
+    if args.detector:
+        detector, source = args.detector, 'request'
+    elif frame.detector is not None:
+        detector, source = frame.detector, 'file'
+    else:
+        detector, source = None, 'default'
+    analyzer = DefectAnalyzer(args.detector_checkpoint, args.classifier, threads=args.threads)
+
+    def progress(done: int, total: int) -> None:
+        if total > 1:
+            print(f'tile {done}/{total}', file=sys.stderr, flush=True)
+
+    analysis = analyzer.analyze(frame.pixels, pixel_size, args.material, detector, source, progress)
+    paths = write_report(args.report, frame.pixels, analysis, image_id=args.image.stem,
+                         source={'file': args.image.name, **frame.metadata})
+    for warning in frame.warnings + analysis.warnings:
+        print(f'warning: {warning}', file=sys.stderr)
+    counts = ', '.join(f'{n}={c}' for n, c in zip(analysis.class_names, analysis.counts))
+    print(f'{analysis.summary()["cells_total"]} unit cells of {analysis.summary()["material_label"]} '
+          f'analysed in {analysis.processing_time:.1f} s: {counts}')
     for path in paths:
         print(f'wrote {path}')
     return 0

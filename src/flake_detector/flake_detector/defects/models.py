@@ -1,11 +1,18 @@
-"""The networks of seed 003 and the image preparation they share.
+"""The networks of Yang et al. (2024) and the image preparation they share.
 
 CNN-1: Faster R-CNN on a MobileNetV2 feature extractor that finds hexagonal cells
 (anchors 8-128 px, ratios 0.5/1/2, up to 800 detections). The same architecture
 trained on unit-cell boxes is the direct unit-cell detector (the comparison).
 CNN-2: ResNet-18 with a 512 x N fully connected layer over six classes, fed the
-2-channel input (Te2-column half and Mo-column half of a unit cell, each resized to
-a square) or, as the comparison, the 1-channel whole unit cell.
+2-channel input (chalcogen-column half and metal-column half of a unit cell, each
+resized to a square) or, as the comparison, the 1-channel whole unit cell. Its input
+is either self-calibrated (calibrate.calibrated_crops: each half divided by its
+sublattice's reference measured on the image) or, for the comparison, the image
+normalised by its percentiles alone (``calibrated=False``).
+
+Both networks work in the lattice's own frame (lattice.py): the image turned so a
+lattice vector runs along x and resampled so the lattice constant spans
+``CANONICAL_LATTICE_PX`` pixels.
 
 Checkpoints are dicts {'kind', 'config', 'state_dict'} with fp16 tensors; the
 MobileNetV2 ImageNet weights come from the optional package
@@ -30,8 +37,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from . import CLASS_NAMES
-from .simulate import LATTICE_A
+from . import CLASS_COUNT
+from .lattice import CANONICAL_LATTICE_PX
 
 MODELS_DIR = Path(__file__).resolve().parent / 'models'
 ANCHOR_SIZES = (8, 16, 32, 64, 128)
@@ -39,8 +46,8 @@ ASPECT_RATIOS = (0.5, 1.0, 2.0)
 MAX_DETECTIONS = 800
 DETECTOR_INPUT = 512
 # The detector sees images resampled so that the lattice constant spans this many pixels
-# (a quarter of seed 003's 20 M scale: a 2048 px image becomes one 512 px input).
-DETECTOR_LATTICE_PX = 30.0
+# (a quarter of Yang et al.'s 20 M scale: a 2048 px image becomes one 512 px input).
+DETECTOR_LATTICE_PX = CANONICAL_LATTICE_PX
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -56,8 +63,9 @@ class DetectorConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    channels: int = 2              # 2: Te2 half + Mo half; 1: whole unit cell
-    input_size: int = 224          # seed 003 resizes each half to 224 x 224
+    channels: int = 2              # 2: chalcogen half + metal half; 1: whole unit cell
+    input_size: int = 224          # Yang et al. (2024) resizes each half to 224 x 224
+    calibrated: bool = True        # self-calibrated input (False: percentile-normalised image)
 
 
 class _KeepSizeTransform(GeneralizedRCNNTransform):
@@ -102,7 +110,7 @@ def build_detector(config: DetectorConfig = DetectorConfig(), pretrained: bool =
 
 
 def build_classifier(config: ClassifierConfig = ClassifierConfig()) -> nn.Module:
-    model = torchvision.models.resnet18(weights=None, num_classes=len(CLASS_NAMES))
+    model = torchvision.models.resnet18(weights=None, num_classes=CLASS_COUNT)
     model.conv1 = nn.Conv2d(config.channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model
 
@@ -137,27 +145,25 @@ def load_checkpoint(path: Path):
 @torch.no_grad()
 def classify(model, inputs: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """Class probabilities (N, 6)."""
+    inputs = torch.as_tensor(inputs)
     if len(inputs) == 0:
-        return torch.zeros(0, len(CLASS_NAMES))
+        return torch.zeros(0, CLASS_COUNT)
     return torch.cat([functional.softmax(model(inputs[i:i + batch]), 1) for i in range(0, len(inputs), batch)])
 
 
 # ---------------------------------------------------------------- image preparation
 
-def normalise(image: np.ndarray) -> np.ndarray:
-    """Counts -> float32 with background ~0 and Te2 column peaks ~1.
+def normalise(image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Counts -> float32 with background ~0 and the brightest columns ~1 (the image's percentiles).
 
-    Percentiles are taken on a blurred copy so shot noise does not set the scale.
+    Percentiles are taken on a blurred copy (over ``valid`` pixels when given) so shot noise
+    does not set the scale.
     """
     image = np.asarray(image, dtype=np.float32)
     smooth = cv2.GaussianBlur(image, (0, 0), 3.0)
-    low, high = np.percentile(smooth, [1.0, 99.5])
+    values = smooth[valid] if valid is not None and valid.any() else smooth
+    low, high = np.percentile(values, [1.0, 99.5])
     return (image - low) / max(float(high - low), 1e-6)
-
-
-def detector_scale(pixel_size: float, lattice_px: float = DETECTOR_LATTICE_PX) -> float:
-    """Resampling factor from the image to the detector's pixel scale."""
-    return lattice_px * pixel_size / LATTICE_A
 
 
 def to_detector_tensor(normalised: np.ndarray) -> torch.Tensor:
@@ -167,10 +173,10 @@ def to_detector_tensor(normalised: np.ndarray) -> torch.Tensor:
 
 
 def crop_unit_cells(normalised: np.ndarray, boxes: np.ndarray, channels: int, size: int) -> torch.Tensor:
-    """Classifier input for each unit-cell box: (N, channels, size, size).
+    """Uncalibrated classifier input for each unit-cell box: (N, channels, size, size).
 
-    2 channels: the left (Te2 column) and right (Mo column) halves of the box along x,
-    each resized to size x size; 1 channel: the whole box resized.
+    2 channels: the left and right halves of the box along x, each resized to size x size;
+    1 channel: the whole box resized.
     """
     H, W = normalised.shape
     out = np.zeros((len(boxes), channels, size, size), dtype=np.float32)
