@@ -219,7 +219,7 @@ _CLIENTS: list[RegistryClient] = []
 
 def _client() -> RegistryClient:
     if not _CLIENTS:
-        _CLIENTS.append(RegistryClient(robot_id='property-robot'))
+        _CLIENTS.append(RegistryClient(robot_id='property-robot', timeout=120.0))  # the timeout: a hang guard
     return _CLIENTS[0]
 
 
