@@ -82,7 +82,7 @@ def test_backend_tiles_a_frame_and_labels_every_flake_with_the_model_version(tmp
     path = tmp_path / 'tiny.pt'
     card = save_checkpoint(path, model, config, {'command': 'test'})
     detector = make_detector('maskrcnn', model_path=str(path), score_threshold=0.0, overlap_px=16,
-                             refine_thickness=True, min_area_px=1)
+                             refine_thickness=True, min_area_px=1, tile_size=64, runtime='torch')
     assert isinstance(detector, MaskRCNNDetector)
     assert detector.model_version == card['model_version']
     frame = np.full((90, 150, 3), (150, 140, 160), np.uint8)

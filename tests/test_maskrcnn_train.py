@@ -75,7 +75,7 @@ def test_dataset_geometry_dropping_and_augmentation(tmp_path):
     plain = CocoFlakeDataset(annotations, input_size=128, pixel_scale=0.0)
     image, target = plain[0]
     assert image.shape == (3, 128, 128)
-    # Seed 001 resize: 96 px image scaled to 128, nothing left to pad for a square image.
+    # Masubuchi et al. (2020) resize: 96 px image scaled to 128, nothing left to pad for a square image.
     assert float(image[:, -1, -1].sum()) > 0
     assert target['masks'].shape[1:] == (128, 128) and len(target['labels']) == 2
     assert plain.total_annotations == 12
@@ -160,7 +160,7 @@ def test_cli_checkpoints_card_resume_and_export(tmp_path, capsys):
     final = json.loads((out / 'final.json').read_text())
     assert [h['trainable'] for h in final['history']] == ['heads', 'all']
     model, config, version = train.model_from_checkpoint(tmp_path / 'ship.pt')
-    assert config.input_size == 96 and version.startswith('maskrcnn-mobilenet_v2_fpn-96-soft-')
+    assert config.input_size == 96 and version.startswith('maskrcnn-mobilenet_v2_fpn-96-mxc-soft-')
     shipped = torch.load(tmp_path / 'ship.pt', weights_only=False)
     assert shipped['model']['roi_heads.box_predictor.cls_score.weight'].dtype == torch.float16
     # Bad input is reported, not a traceback.
@@ -197,3 +197,60 @@ def test_per_material_transfer_starts_from_the_all_material_weights(tmp_path):
     assert card['materials'] == ['hbn'] and card['init'].endswith('(0 tensors not matched)')
     hbn_annotations = sum(a['category_id'] == 2 for a in json.loads(annotations.read_text())['annotations'])
     assert card['data_annotations'] == hbn_annotations > 0
+
+
+def shipped_design(**overrides):
+    """The shipped model's design (Makefile MASKRCNN_MODEL) at test size."""
+    values = dict(input_size=SIZE, pixel_scale=1.0, fpn_channels=32, box_head_dim=64, mask_head_channels=(32,),
+                  class_agnostic=True, anchor_sizes='12/16/24,28/36/48,64/80/96,128/160/192', anchor_offsets=2,
+                  rpn_fg_iou=0.5, rpn_bg_iou=0.3, embedding_dim=16, rpn_proposals_train=100,
+                  rpn_proposals_test=50, roi_batch_per_image=32, soft_labels={'enabled': False})
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def test_a_few_training_steps_lower_the_loss_of_the_class_agnostic_design(tmp_path):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dataset = CocoFlakeDataset(make_dataset(tmp_path), input_size=SIZE, pixel_scale=1.0, seed=0, class_agnostic=True)
+    images, targets = collate([dataset[i] for i in range(2)])
+    assert all(set(t['labels'].tolist()) == {1} for t in targets)  # one class: every flake
+    # The shipped initialisation: the offline ImageNet MobileNetV2 (a dependency of the project).
+    model = build_model(shipped_design(), pretrained_backbone=None)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2
+    set_trainable(model, 'all')
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9,
+                                weight_decay=1e-4)
+
+    def losses_now():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return {name: float(value) for name, value in model(list(images), list(targets)).items()}
+
+    before = losses_now()
+    for iteration in range(40):
+        model.rpn.iteration = iteration
+        train.train_step(model, optimizer, images, targets)
+    after = losses_now()
+    # The two terms the class-agnostic design changes (one class, dense small anchors) learn first.
+    for name in ('loss_objectness', 'loss_classifier'):
+        assert after[name] < 0.8 * before[name], (name, before, after)
+
+
+def test_model_config_expresses_the_cpu_design_and_rejects_nonsense():
+    config = shipped_design()
+    assert config.anchor_sizes == ((12, 16, 24), (28, 36, 48), (64, 80, 96), (128, 160, 192))
+    assert config.anchors_per_location == 3 * 3 * 4  # sizes x aspect ratios x offsets^2
+    assert config.class_names == ('background', 'flake')
+    again = ModelConfig.from_dict(config.to_dict())
+    assert again == config and not again.embedding_relu
+    # A checkpoint written before the linear embedding keeps its ReLU.
+    legacy = {k: v for k, v in config.to_dict().items() if k != 'embedding_relu'}
+    assert ModelConfig.from_dict(legacy).embedding_relu
+    model = build_model(config, pretrained_backbone=False)
+    assert model.rpn.proposal_matcher.high_threshold == 0.5 and model.rpn.proposal_matcher.low_threshold == 0.3
+    assert model.rpn.head.embedding.out_channels == 36 * 16
+    for bad in (dict(rpn_fg_iou=0.2, rpn_bg_iou=0.3), dict(anchor_sizes='12/16,28'), dict(anchor_offsets=0),
+                dict(class_agnostic=True, class_names=('background', 'a', 'b')), dict(embedding_dim=0)):
+        with pytest.raises(ValueError):
+            build_model(shipped_design(**bad), pretrained_backbone=False)

@@ -219,7 +219,7 @@ _CLIENTS: list[RegistryClient] = []
 
 def _client() -> RegistryClient:
     if not _CLIENTS:
-        _CLIENTS.append(RegistryClient(robot_id='property-robot', timeout=120.0))  # the timeout: a hang guard
+        _CLIENTS.append(RegistryClient(robot_id='property-robot'))
     return _CLIENTS[0]
 
 

@@ -1,4 +1,4 @@
-"""Soft-label RPN (seed 002): attention soft labels from hand-made embeddings, and the loss."""
+"""Soft-label RPN (Nguyen et al. (2022)): attention soft labels from hand-made embeddings, and the loss."""
 
 import numpy as np
 import pytest
@@ -133,3 +133,48 @@ def test_embedding_order_matches_objectness_order():
     anchor_ids = torch.arange(flat.shape[1]) % 3
     recomputed = (flat * weight[anchor_ids]).sum(-1) + bias[anchor_ids]
     torch.testing.assert_close(recomputed.flatten(), objectness.flatten(), rtol=1e-5, atol=1e-6)
+
+
+def test_soft_labels_wait_for_the_warm_up_then_t_falls_to_its_value():
+    config = SoftLabelConfig(threshold=0.8, warmup_iterations=100, ramp_iterations=50)
+    assert config.threshold_at(0) is None and config.threshold_at(99) is None
+    assert config.threshold_at(100) == pytest.approx(1.0)
+    assert config.threshold_at(125) == pytest.approx(0.9)
+    assert config.threshold_at(150) == pytest.approx(0.8) and config.threshold_at(10_000) == pytest.approx(0.8)
+    assert SoftLabelConfig(enabled=False).threshold_at(10_000) is None
+    with pytest.raises(ValueError):
+        SoftLabelConfig(warmup_iterations=-1)
+
+
+def test_rpn_gives_no_soft_label_during_the_warm_up():
+    torch.manual_seed(0)
+    built = build_model(ModelConfig(input_size=64, fpn_channels=16, embedding_dim=D,
+                                    soft_labels={'threshold': 0.8, 'temperature': 0.1, 'warmup_iterations': 10}),
+                        pretrained_backbone=False)
+    rpn = built.rpn
+    labels = [torch.tensor([1.0, 1.0, 0.0, 0.0])]
+    box = torch.tensor([10.0, 10.0, 30.0, 30.0])
+    matched = [torch.stack([box, box, torch.zeros(4), torch.zeros(4)])]
+    # The first negative looks exactly like the flake: after the warm-up it is softened.
+    embeddings = torch.stack([unit(1, 0, 0), unit(1, 0.01, 0), unit(1, 0.01, 0), unit(0, 0, 1)]).unsqueeze(0)
+    args = (torch.zeros(4), torch.zeros(4, 4), labels, [torch.zeros(4, 4)], matched, embeddings)
+    rpn.iteration = 9
+    rpn.soft_label_loss(*args)
+    assert rpn.last_soft_fraction == 0.0
+    rpn.iteration = 10
+    rpn.soft_label_loss(*args)
+    assert rpn.last_soft_fraction == pytest.approx(0.5)
+
+
+def test_fused_objectness_equals_the_embedding_path():
+    torch.manual_seed(2)
+    head = EmbeddingRPNHead(in_channels=6, num_anchors=4, embedding_dim=5)
+    for layer in head.modules():  # away from the tiny initialisation, so the check means something
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.normal_(layer.weight)
+            torch.nn.init.normal_(layer.bias)
+    features = [torch.randn(2, 6, 5, 4), torch.randn(2, 6, 3, 3)]
+    logits, deltas, _ = head(features)
+    fused_logits, fused_deltas = head.dense(features, head.fused_objectness())
+    for a, b in zip(logits + deltas, fused_logits + fused_deltas, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

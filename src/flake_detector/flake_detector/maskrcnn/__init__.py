@@ -1,4 +1,4 @@
-"""Mask R-CNN flake detector (seed 001) with the soft-label RPN of seed 002.
+"""Mask R-CNN flake detector (Masubuchi et al. (2020)) with the soft-label RPN of Nguyen et al. (2022).
 
 Importing this package registers the ``maskrcnn`` detector backend.
 """

@@ -5,14 +5,14 @@ mos2/wte2 with ``attributes.layers`` / ``layer_class``), or a lab's export from 
 CVAT or labelme converted to COCO, where the layer class may instead be part of the
 category name (``graphene_mono``, ``hBN few``, ``MoS2-thick``) or an annotation attribute.
 
-Labels are material x {mono, few, thick} (seed 001). Regions that are bulk (> 40 layers),
+Labels are material x {mono, few, thick} (Masubuchi et al. (2020)). Regions that are bulk (> 40 layers),
 contaminants (tape residue, dust), or of unknown material/thickness are not targets:
 the network learns them as background, which is what a flake search wants.
 
 Geometry: an image is scaled by the model's ``pixel_scale`` and a square window of
 ``input_size`` is cut from it, zero padded where the image ends. ``pixel_scale = 0``
-is seed 001's recipe instead: the whole image resized so its longest side is
-``input_size`` (aspect ratio kept, remainder zero padded). Augmentation (seed 001):
+is Masubuchi et al.'s recipe instead: the whole image resized so its longest side is
+``input_size`` (aspect ratio kept, remainder zero padded). Augmentation (Masubuchi et al. (2020)):
 colour-channel multiplication, rotation, horizontal/vertical flips and shifts, all
 folded into one affine warp per image so masks and image stay aligned.
 """
@@ -89,7 +89,7 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Ranges of seed 001's online augmentation, each applied with probability ``probability``."""
+    """Ranges of Masubuchi et al.'s online augmentation, each applied with probability ``probability``."""
 
     probability: float = 0.5
     intensity: tuple[float, float] = (0.4, 1.2)   # common factor of the colour multiplication
@@ -114,7 +114,7 @@ class CocoFlakeDataset(torch.utils.data.Dataset):
     def __init__(self, annotation_file: str | Path, image_root: str | Path | None = None,
                  input_size: int = 1024, pixel_scale: float = 0.0, augment: Augmentation | None = None,
                  drop_fraction: float = 0.0, materials: tuple[str, ...] | None = None, seed: int = 0,
-                 min_area_px: int = 4, object_crop_probability: float = 0.8):
+                 min_area_px: int = 4, object_crop_probability: float = 0.8, class_agnostic: bool = False):
         annotation_file = Path(annotation_file)
         if not annotation_file.is_file():
             raise FileNotFoundError(f'COCO annotation file not found: {annotation_file}')
@@ -140,7 +140,8 @@ class CocoFlakeDataset(torch.utils.data.Dataset):
             material = MATERIALS[(label - 1) // len(LAYER_CLASSES)]
             if materials and material not in materials:
                 continue
-            by_image.setdefault(ann['image_id'], []).append((label, ann))
+            # The class-agnostic model has one class: every flake of 1-40 layers.
+            by_image.setdefault(ann['image_id'], []).append((1 if class_agnostic else label, ann))
         self.total_annotations = sum(len(v) for v in by_image.values())
         self.dropped = self._drop(by_image, drop_fraction, seed)
         self.entries = []
@@ -156,7 +157,7 @@ class CocoFlakeDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _drop(by_image: dict, fraction: float, seed: int) -> set[int]:
-        """Remove ``fraction`` of all flake annotations at random (seed 002's missing labels)."""
+        """Remove ``fraction`` of all flake annotations at random (Nguyen et al.'s missing labels)."""
         if fraction <= 0:
             return set()
         keys = [(image_id, i) for image_id, anns in by_image.items() for i in range(len(anns))]

@@ -1,11 +1,11 @@
-"""Region proposal network with per-anchor embeddings and attention soft labels (seed 002).
+"""Region proposal network with per-anchor embeddings and attention soft labels (Nguyen et al. 2022).
 
 Missing annotations turn real flakes into "negative" anchors, and a plain RPN is then
-trained to call them background. Seed 002 gives every anchor an embedding; negatives
+trained to call them background. Nguyen et al. give every anchor an embedding; negatives
 whose embedding attends strongly to a positive one get that attention score as a soft
 objectness target instead of 0.
 
-Head layout (seed 002, eq. 4): ``G_share`` (3x3 conv) -> ``G_reg`` (box deltas) and
+Head layout (eq. 4 of the paper): ``G_share`` (3x3 conv) -> ``G_reg`` (box deltas) and
 ``G_e`` (one D-dimensional embedding per anchor) -> ``G_cls`` (a grouped 1x1 conv, so
 each anchor's objectness is read from its own embedding only).
 
@@ -23,6 +23,17 @@ choices the paper leaves open are made here, both configurable:
 
 Attention is computed on detached embeddings: the soft target must not be something the
 network can raise by moving embeddings together.
+
+An untrained embedding says nothing: with random embeddings about a fifth of the sampled
+background anchors pass t and the objectness loss stalls. Soft labels are therefore off for
+``warmup_iterations`` (the RPN learns objectness as the plain baseline does), and t then falls
+linearly from 1 to its value over ``ramp_iterations``, so only the negatives that attend to a
+flake almost certainly are softened first. The trainer tells the RPN its iteration.
+
+The embedding is linear (no activation): signed embeddings spread their cosine similarities
+over [-1, 1] instead of crowding near 1, and ``G_cls`` after a linear ``G_e`` folds into one
+1x1 convolution for inference (``fused_objectness``), so the D channels per anchor cost
+nothing once training is over.
 """
 
 from __future__ import annotations
@@ -44,18 +55,33 @@ class SoftLabelConfig:
     temperature: float = 0.1
     instance_prototypes: bool = True
     background_key: bool = True
+    # Soft labels start after this many training iterations, with t falling from 1 to
+    # ``threshold`` over the next ``ramp_iterations``.
+    warmup_iterations: int = 0
+    ramp_iterations: int = 0
 
     def __post_init__(self):
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f'soft-label threshold t must be in (0, 1], got {self.threshold}')
         if self.temperature <= 0.0:
             raise ValueError(f'attention temperature must be > 0, got {self.temperature}')
+        if self.warmup_iterations < 0 or self.ramp_iterations < 0:
+            raise ValueError('warmup_iterations and ramp_iterations must be >= 0')
+
+    def threshold_at(self, iteration: int) -> float | None:
+        """t at a training iteration; None while soft labels are off (disabled or warming up)."""
+        if not self.enabled or iteration < self.warmup_iterations:
+            return None
+        if self.ramp_iterations <= 0:
+            return self.threshold
+        progress = min(1.0, (iteration - self.warmup_iterations) / self.ramp_iterations)
+        return 1.0 - (1.0 - self.threshold) * progress
 
 
 def attention_soft_labels(negative_embeddings: Tensor, positive_embeddings: Tensor,
                           positive_groups: Tensor | None = None, threshold: float = 0.8,
                           temperature: float = 1.0, background_key: bool = False) -> Tensor:
-    """Soft objectness targets for negative anchors (seed 002, eq. 5 and the L_neg rule).
+    """Soft objectness targets for negative anchors (Nguyen et al. (2022), eq. 5 and the L_neg rule).
 
     ``negative_embeddings`` (N_neg x D), ``positive_embeddings`` (N_pos x D);
     ``positive_groups`` (N_pos, int) merges positives of the same instance into one key.
@@ -82,10 +108,12 @@ def attention_soft_labels(negative_embeddings: Tensor, positive_embeddings: Tens
 class EmbeddingRPNHead(nn.Module):
     """RPN head with a D-dimensional embedding per anchor from which objectness is read."""
 
-    def __init__(self, in_channels: int, num_anchors: int, embedding_dim: int = 256):
+    def __init__(self, in_channels: int, num_anchors: int, embedding_dim: int = 256, embedding_relu: bool = False):
         super().__init__()
         self.num_anchors = num_anchors
         self.embedding_dim = embedding_dim
+        # Checkpoints from before the linear embedding had a ReLU after G_e; they load as they were.
+        self.embedding_relu = embedding_relu
         self.shared = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
         self.embedding = nn.Conv2d(in_channels, num_anchors * embedding_dim, kernel_size=1)
@@ -94,16 +122,46 @@ class EmbeddingRPNHead(nn.Module):
             if isinstance(layer, nn.Conv2d):
                 nn.init.normal_(layer.weight, std=0.01)
                 nn.init.zeros_(layer.bias)
+        # Objectness is the product of G_e and G_cls: with both at torchvision's std 0.01 each
+        # one's gradient is scaled by the other's tiny weights and objectness hardly learns.
+        # G_e starts variance-preserving instead, so G_cls learns as a plain RPN's classifier does.
+        nn.init.normal_(self.embedding.weight, std=in_channels ** -0.5)
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         logits, deltas, embeddings = [], [], []
         for feature in features:
             shared = functional.relu(self.shared(feature))
-            embedding = functional.relu(self.embedding(shared))
+            embedding = self.embedding(shared)
+            if self.embedding_relu:
+                embedding = functional.relu(embedding)
             logits.append(self.cls_logits(embedding))
             deltas.append(self.bbox_pred(shared))
             embeddings.append(embedding)
         return logits, deltas, embeddings
+
+    def fused_objectness(self) -> nn.Module:
+        """``G_cls`` after ``G_e`` as one 1x1 convolution (exact: both are linear); the two
+        layers as they are for a legacy head with a ReLU between them."""
+        if self.embedding_relu:
+            return nn.Sequential(self.embedding, nn.ReLU(), self.cls_logits)
+        a, d = self.num_anchors, self.embedding_dim
+        channels = self.embedding.in_channels
+        embed_w = self.embedding.weight.view(a, d, channels)
+        cls_w = self.cls_logits.weight.view(a, d)
+        fused = nn.Conv2d(channels, a, kernel_size=1)
+        with torch.no_grad():
+            fused.weight.copy_(torch.einsum('ad,adc->ac', cls_w, embed_w).view(a, channels, 1, 1))
+            fused.bias.copy_((cls_w * self.embedding.bias.view(a, d)).sum(dim=1) + self.cls_logits.bias)
+        return fused
+
+    def dense(self, features: list[Tensor], fused: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """Inference outputs (objectness, box deltas per level) through the fused objectness."""
+        logits, deltas = [], []
+        for feature in features:
+            shared = functional.relu(self.shared(feature))
+            logits.append(fused(shared))
+            deltas.append(self.bbox_pred(shared))
+        return logits, deltas
 
 
 def flatten_embeddings(embeddings: list[Tensor], num_anchors: int) -> Tensor:
@@ -117,23 +175,31 @@ def flatten_embeddings(embeddings: list[Tensor], num_anchors: int) -> Tensor:
 
 
 class SoftLabelRPN(RegionProposalNetwork):
-    """torchvision's RPN with the seed-002 loss; with soft labels off it trains as the baseline."""
+    """torchvision's RPN with the soft-label loss; with soft labels off it trains as the baseline."""
 
     def __init__(self, *args, soft_labels: SoftLabelConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.soft_labels = soft_labels or SoftLabelConfig()
         # Fraction of sampled negatives that received a soft label in the last step (for logs).
         self.last_soft_fraction = 0.0
+        # Training iteration, set by the trainer: drives the warm-up and the schedule on t.
+        self.iteration = 0
+
+    def proposals_from_dense(self, images, feature_maps: list[Tensor], logits: list[Tensor],
+                             deltas: list[Tensor]):
+        """Proposals from the head's outputs, wherever they were computed (torch or ONNX Runtime);
+        also the anchors and the flattened objectness and deltas the loss needs."""
+        anchors = self.anchor_generator(images, feature_maps)
+        anchors_per_level = [o[0].numel() for o in logits]
+        objectness, box_deltas = concat_box_prediction_layers(logits, deltas)
+        proposals = self.box_coder.decode(box_deltas.detach(), anchors).view(len(anchors), -1, 4)
+        boxes, _scores = self.filter_proposals(proposals, objectness, images.image_sizes, anchors_per_level)
+        return boxes, anchors, objectness, box_deltas
 
     def forward(self, images, features: dict[str, Tensor], targets=None):
         feature_maps = list(features.values())
         logits, deltas, embeddings = self.head(feature_maps)
-        anchors = self.anchor_generator(images, feature_maps)
-        num_images = len(anchors)
-        anchors_per_level = [o[0].numel() for o in logits]
-        objectness, box_deltas = concat_box_prediction_layers(logits, deltas)
-        proposals = self.box_coder.decode(box_deltas.detach(), anchors).view(num_images, -1, 4)
-        boxes, _scores = self.filter_proposals(proposals, objectness, images.image_sizes, anchors_per_level)
+        boxes, anchors, objectness, box_deltas = self.proposals_from_dense(images, feature_maps, logits, deltas)
         losses = {}
         if self.training:
             if targets is None:
@@ -155,18 +221,19 @@ class SoftLabelRPN(RegionProposalNetwork):
         logits_per_image = objectness.view(len(labels), -1)
         sampled_logits, sampled_targets, positive_deltas, positive_targets = [], [], [], []
         soft_count, negative_count = 0, 0
+        threshold = self.soft_labels.threshold_at(self.iteration)
         for i, (pos_mask, neg_mask) in enumerate(zip(positive_masks, negative_masks, strict=True)):
             pos = torch.where(pos_mask)[0]
             neg = torch.where(neg_mask)[0]
             neg_targets = logits_per_image.new_zeros(len(neg))
-            if self.soft_labels.enabled and len(pos) and len(neg):
+            if threshold is not None and len(pos) and len(neg):
                 groups = None
                 if self.soft_labels.instance_prototypes:
                     _, groups = torch.unique(matched_boxes[i][pos], dim=0, return_inverse=True)
                 with torch.no_grad():
                     neg_targets = attention_soft_labels(
                         anchor_embeddings[i, neg].detach(), anchor_embeddings[i, pos].detach(), groups,
-                        self.soft_labels.threshold, self.soft_labels.temperature,
+                        threshold, self.soft_labels.temperature,
                         self.soft_labels.background_key)
                 soft_count += int((neg_targets > 0).sum())
             negative_count += len(neg)

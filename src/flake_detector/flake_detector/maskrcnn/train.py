@@ -1,4 +1,4 @@
-"""flake-train-maskrcnn: train the flake Mask R-CNN on a COCO dataset (seed 001 recipe).
+"""flake-train-maskrcnn: train the flake Mask R-CNN on a COCO dataset (Masubuchi et al. (2020) recipe).
 
     flake-train-maskrcnn --data data/sim_train --out runs/maskrcnn            # all materials
     flake-train-maskrcnn --data data/sim_train --out runs/graphene \\
@@ -6,7 +6,7 @@
     flake-train-maskrcnn --data data/sim_train --out runs/maskrcnn --resume   # continue after a crash
 
 SGD (momentum 0.9, weight decay 1e-4), loss weights class 0.6 / box 1.0 / mask 1.0, and
-the staged schedule of seed 001: heads at 1e-3, backbone from its last stage up at 1e-3,
+the staged schedule of Masubuchi et al. (2020): heads at 1e-3, backbone from its last stage up at 1e-3,
 then everything at 1e-4 and 1e-5. A checkpoint and its model card (command, data, seed,
 metrics, commit) are written after every epoch; ``--resume`` restarts from the last one.
 """
@@ -32,10 +32,17 @@ import torch
 from tqdm import tqdm
 
 from flake_detector.maskrcnn.data import Augmentation, CocoFlakeDataset, collate
-from flake_detector.maskrcnn.model import BACKBONES, MATERIALS, ModelConfig, build_model, set_trainable
+from flake_detector.maskrcnn.model import (
+    BACKBONES,
+    MATERIALS,
+    ModelConfig,
+    build_model,
+    parse_anchor_sizes,
+    set_trainable,
+)
 
 CHECKPOINT_FORMAT = 'flake-maskrcnn/1'
-# Seed 001: L = 0.6 L_cls + 1.0 L_box + 1.0 L_mask; the RPN terms keep weight 1.
+# Masubuchi et al. (2020): L = 0.6 L_cls + 1.0 L_box + 1.0 L_mask; the RPN terms keep weight 1.
 LOSS_WEIGHTS = {'loss_classifier': 0.6, 'loss_box_reg': 1.0, 'loss_mask': 1.0,
                 'loss_objectness': 1.0, 'loss_rpn_box_reg': 1.0}
 SEED001_STAGES = 'heads:1e-3,layer4:1e-3,all:1e-4,all:1e-5'
@@ -105,7 +112,8 @@ def model_version(config: ModelConfig, state: dict) -> str:
         digest.update(name.encode())
         digest.update(state[name].detach().cpu().float().numpy().tobytes())
     soft = 'soft' if config.soft_labels.get('enabled') else 'base'
-    return f'maskrcnn-{config.backbone}-{config.input_size}-{soft}-{digest.hexdigest()[:10]}'
+    heads = 'flake' if config.class_agnostic else 'mxc'
+    return f'maskrcnn-{config.backbone}-{config.input_size}-{heads}-{soft}-{digest.hexdigest()[:10]}'
 
 
 def git_commit() -> str:
@@ -172,6 +180,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _pair(text: str, option: str, kind):
+    try:
+        first, second = (kind(v) for v in str(text).split(','))
+    except ValueError:
+        raise ValueError(f'{option} needs two comma-separated numbers, got {text!r}') from None
+    return first, second
+
+
+def _reseed(parts: list[CocoFlakeDataset], seed: int) -> None:
+    """Augmentation streams from one saved seed, so a resumed run draws what it would have."""
+    for k, part in enumerate(parts):
+        part.rng = np.random.default_rng([seed, k])
+
+
 def _resolve_data(path: Path) -> Path:
     return path / 'annotations.json' if path.is_dir() else path
 
@@ -179,26 +201,47 @@ def _resolve_data(path: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='flake-train-maskrcnn', description=__doc__.split('\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', type=Path, required=True,
-                        help='COCO annotations.json, or a directory holding one (flake-sim dataset output)')
+    parser.add_argument('--data', type=Path, required=True, nargs='+',
+                        help='COCO annotations.json, or a directory holding one (flake-sim dataset output); '
+                             'several are trained on together')
     parser.add_argument('--images', type=Path, default=None, help='image root (default: next to the json)')
     parser.add_argument('--val', type=Path, default=None, help='held-out COCO data for the validation loss')
     parser.add_argument('--out', type=Path, required=True, help='output directory for checkpoints and cards')
     parser.add_argument('--backbone', choices=BACKBONES, default='mobilenet_v2_fpn')
-    parser.add_argument('--input-size', type=int, default=1024, help='square model input [px] (seed 001: 1024)')
+    parser.add_argument('--input-size', type=int, default=1024,
+                        help='square model input [px] (Masubuchi et al. 2020: 1024)')
     parser.add_argument('--pixel-scale', type=float, default=0.0,
-                        help='model px per camera px; 0 = resize whole image to --input-size (seed 001)')
+                        help='model px per camera px; 0 = resize whole image to --input-size (Masubuchi et al. (2020))')
     parser.add_argument('--fpn-channels', type=int, default=None, help='default 128 (MobileNetV2), 256 (ResNet)')
-    parser.add_argument('--anchor-sizes', default='16,32,64,128,256', help='one per pyramid level [px]')
+    parser.add_argument('--anchor-sizes', default='16,32,64,128,256',
+                        help='anchor sizes [px] per pyramid level, levels by commas, sizes of a level by / '
+                             '(e.g. 12/16/24,28/36/48,64/80/96,128/160/192)')
+    parser.add_argument('--anchor-offsets', type=int, default=1,
+                        help='anchor centres per feature cell along each axis (2: every half stride)')
+    parser.add_argument('--rpn-iou', default='0.7,0.3',
+                        help='RPN anchor IoU: positive from the first, negative below the second')
+    parser.add_argument('--class-agnostic', action='store_true',
+                        help="one 'flake' class; material and layers from the optical estimator at inference")
+    parser.add_argument('--embedding-dim', type=int, default=256, help='D of the anchor embeddings')
+    parser.add_argument('--proposals', default='600,300', help='RPN proposals kept after NMS: training,inference')
+    parser.add_argument('--roi-batch', type=int, default=128, help='RoIs sampled per image for the box head')
     parser.add_argument('--soft-labels', action=argparse.BooleanOptionalAction, default=True,
-                        help='seed 002 soft-label RPN (--no-soft-labels = baseline)')
-    parser.add_argument('--soft-threshold', type=float, default=0.8, help='attention threshold t (seed 002)')
+                        help='soft-label RPN of Nguyen et al. 2022 (--no-soft-labels = baseline)')
+    parser.add_argument('--soft-threshold', type=float, default=0.8, help='attention threshold t')
     parser.add_argument('--soft-temperature', type=float, default=0.1, help='attention softmax temperature')
+    parser.add_argument('--soft-warmup', type=int, default=0,
+                        help='iterations before soft labels start (the embeddings learn first)')
+    parser.add_argument('--soft-ramp', type=int, default=0,
+                        help='iterations over which t falls from 1 to --soft-threshold after the warm-up')
+    parser.add_argument('--warmup-iterations', type=int, default=0,
+                        help='linear learning-rate warm-up at the start of training')
+    parser.add_argument('--keep-epochs', action='store_true',
+                        help='also keep every epoch as OUT/epoch_NNN.pt (float16, for learning curves)')
     parser.add_argument('--stages', default=SEED001_STAGES, help='comma list of heads|layer4|all:<lr>')
     parser.add_argument('--epochs-per-stage', type=int, default=30)
     parser.add_argument('--iterations-per-epoch', type=int, default=500)
     parser.add_argument('--batch-size', type=int, default=2)
-    parser.add_argument('--no-augment', action='store_true', help='switch off seed 001 augmentation')
+    parser.add_argument('--no-augment', action='store_true', help='switch off Masubuchi et al. (2020) augmentation')
     parser.add_argument('--drop-annotations', type=float, default=0.0,
                         help='remove this fraction of flake annotations at random (missing-label study)')
     parser.add_argument('--materials', default='', help='comma list: train on these materials only (transfer)')
@@ -234,20 +277,30 @@ def run(args, argv: list[str]) -> int:
             raise ValueError(f'unknown material {material!r}; known: {", ".join(MATERIALS)}')
     fpn = args.fpn_channels or (128 if args.backbone == 'mobilenet_v2_fpn' else 256)
     config = ModelConfig(backbone=args.backbone, input_size=args.input_size, pixel_scale=args.pixel_scale,
-                         fpn_channels=fpn, anchor_sizes=tuple(int(s) for s in args.anchor_sizes.split(',')),
+                         fpn_channels=fpn, anchor_sizes=parse_anchor_sizes(args.anchor_sizes),
+                         anchor_offsets=args.anchor_offsets,
+                         rpn_fg_iou=_pair(args.rpn_iou, '--rpn-iou', float)[0],
+                         rpn_bg_iou=_pair(args.rpn_iou, '--rpn-iou', float)[1],
+                         class_agnostic=args.class_agnostic, embedding_dim=args.embedding_dim,
+                         rpn_proposals_train=_pair(args.proposals, '--proposals', int)[0],
+                         rpn_proposals_test=_pair(args.proposals, '--proposals', int)[1],
+                         roi_batch_per_image=args.roi_batch,
                          soft_labels={'enabled': args.soft_labels, 'threshold': args.soft_threshold,
                                       'temperature': args.soft_temperature,
-                                      'instance_prototypes': True, 'background_key': True})
-    data_file = _resolve_data(args.data)
-    dataset = CocoFlakeDataset(data_file, args.images, config.input_size, config.pixel_scale,
-                               None if args.no_augment else Augmentation(), args.drop_annotations,
-                               materials, args.seed)
+                                      'instance_prototypes': True, 'background_key': True,
+                                      'warmup_iterations': args.soft_warmup, 'ramp_iterations': args.soft_ramp})
+    data_files = [_resolve_data(path) for path in args.data]
+    parts = [CocoFlakeDataset(data_file, args.images, config.input_size, config.pixel_scale,
+                              None if args.no_augment else Augmentation(), args.drop_annotations,
+                              materials, args.seed + k, class_agnostic=config.class_agnostic)
+             for k, data_file in enumerate(data_files)]
+    dataset = torch.utils.data.ConcatDataset(parts)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(args.seed))
     val_loader = None
     if args.val is not None:
         val_set = CocoFlakeDataset(_resolve_data(args.val), None, config.input_size, config.pixel_scale,
-                                   None, 0.0, materials, args.seed + 1)
+                                   None, 0.0, materials, args.seed + 1, class_agnostic=config.class_agnostic)
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, collate_fn=collate)
     model = build_model(config, pretrained_backbone=False if args.no_imagenet else None)
     init_note = 'imagenet-mobilenet_v2' if (args.backbone == 'mobilenet_v2_fpn' and not args.no_imagenet) \
@@ -270,11 +323,12 @@ def run(args, argv: list[str]) -> int:
         start_stage, start_epoch, history = state['stage'], state['epoch'], state['history']
         optimizer_state = state['optimizer']
         torch.set_rng_state(state['torch_rng'])
-        dataset.rng = np.random.default_rng(state['data_seed'])
+        _reseed(parts, state['data_seed'])
         print(f'resuming at stage {start_stage + 1} epoch {start_epoch + 1}', flush=True)
     card_base = {
         'command': 'flake-train-maskrcnn ' + ' '.join(argv),
-        'data': str(data_file), 'data_images': len(dataset), 'data_annotations': dataset.total_annotations,
+        'data': [str(f) for f in data_files], 'data_images': len(dataset),
+        'data_annotations': sum(p.total_annotations for p in parts),
         'dropped_annotation_fraction': args.drop_annotations, 'materials': list(materials or MATERIALS),
         'seed': args.seed, 'init': init_note, 'commit': git_commit(),
         'stages': [f'{s.trainable}:{s.learning_rate:g}:{s.epochs or args.epochs_per_stage}' for s in stages],
@@ -282,7 +336,10 @@ def run(args, argv: list[str]) -> int:
         'batch_size': args.batch_size, 'loss_weights': LOSS_WEIGHTS, 'augmentation': not args.no_augment,
         'input_size': config.input_size, 'pixel_scale': config.pixel_scale, 'backbone': config.backbone,
         'soft_labels': config.soft_labels, 'class_names': list(config.class_names),
+        'warmup_iterations': args.warmup_iterations, 'threads': args.threads,
     }
+    cpu_started = time.process_time()
+    cpu_before = history[-1].get('cpu_seconds', 0.0) if history else 0.0
     stage_epochs = [s.epochs or args.epochs_per_stage for s in stages]
     total_epochs = sum(stage_epochs)
     for stage_index in range(start_stage, len(stages)):
@@ -297,23 +354,27 @@ def run(args, argv: list[str]) -> int:
             global_epoch = sum(stage_epochs[:stage_index]) + epoch + 1
             metrics = _run_epoch(model, optimizer, loader, args.iterations_per_epoch,
                                  f'stage {stage_index + 1}/{len(stages)} {stage.trainable} '
-                                 f'epoch {global_epoch}/{total_epochs}', args.device)
+                                 f'epoch {global_epoch}/{total_epochs}', args.device,
+                                 (global_epoch - 1) * args.iterations_per_epoch, args.warmup_iterations)
             if val_loader is not None:
                 metrics['val_loss'] = validation_loss(model, val_loader)
             metrics.update(stage=stage_index + 1, trainable=stage.trainable, lr=stage.learning_rate,
-                           epoch=global_epoch)
+                           epoch=global_epoch, iterations=global_epoch * args.iterations_per_epoch,
+                           cpu_seconds=round(time.process_time() - cpu_started + cpu_before, 1))
             history.append(metrics)
             next_stage, next_epoch = (stage_index, epoch + 1)
             if next_epoch >= stage_epochs[stage_index]:
                 next_stage, next_epoch = stage_index + 1, 0
-            data_seed = int(dataset.rng.integers(2 ** 63))
-            dataset.rng = np.random.default_rng(data_seed)
+            data_seed = int(parts[0].rng.integers(2 ** 63))
+            _reseed(parts, data_seed)
             training_state = {'stage': next_stage, 'epoch': next_epoch, 'history': history,
                               'optimizer': optimizer.state_dict() if next_stage == stage_index else None,
                               'torch_rng': torch.get_rng_state(), 'data_seed': data_seed}
             card = dict(card_base, created=dt.datetime.now(dt.UTC).isoformat(timespec='seconds'),
                         epochs_done=global_epoch, metrics=metrics, history=history)
             save_checkpoint(last, model, config, card, training_state=training_state)
+            if args.keep_epochs:
+                save_checkpoint(out / f'epoch_{global_epoch:03d}.pt', model, config, card, half=True)
             print(f'epoch {global_epoch}/{total_epochs}: loss {metrics["loss"]:.4f}'
                   + (f' val {metrics["val_loss"]:.4f}' if 'val_loss' in metrics else '')
                   + f' soft-labelled negatives {metrics["soft_fraction"]:.3%}', flush=True)
@@ -329,8 +390,10 @@ def run(args, argv: list[str]) -> int:
     return 0
 
 
-def _run_epoch(model, optimizer, loader, iterations: int, description: str, device: str) -> dict:
+def _run_epoch(model, optimizer, loader, iterations: int, description: str, device: str,
+               first_iteration: int = 0, warmup_iterations: int = 0) -> dict:
     sums: dict[str, float] = {}
+    base_rates = [group['lr'] for group in optimizer.param_groups]
     soft = 0.0
     started = time.monotonic()
     progress = tqdm(total=iterations, desc=description, unit='it', leave=False, file=sys.stderr,
@@ -340,6 +403,11 @@ def _run_epoch(model, optimizer, loader, iterations: int, description: str, devi
         for images, targets in loader:
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            iteration = first_iteration + done
+            model.rpn.iteration = iteration
+            ramp = min(1.0, (iteration + 1) / warmup_iterations) if warmup_iterations > 0 else 1.0
+            for group, rate in zip(optimizer.param_groups, base_rates, strict=True):
+                group['lr'] = rate * ramp
             losses = train_step(model, optimizer, images, targets)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -353,6 +421,8 @@ def _run_epoch(model, optimizer, loader, iterations: int, description: str, devi
             if done >= iterations:
                 break
     progress.close()
+    for group, rate in zip(optimizer.param_groups, base_rates, strict=True):
+        group['lr'] = rate
     metrics = {name: value / max(done, 1) for name, value in sums.items()}
     metrics['loss'] = metrics.pop('total', math.nan)
     metrics['soft_fraction'] = soft / max(done, 1)
