@@ -70,8 +70,11 @@ def launched(ros, tmp_path_factory):
     environment = dict(os.environ, FLAKE_DATA_DIR=str(folder / 'data'))
     log = (folder / 'launch.log').open('w')
     process = subprocess.Popen(
+        # Generous stop timeouts (launch's default is 5 s before SIGTERM): a loaded machine stops
+        # eight processes at once, and a node escalated to SIGTERM would not have stopped cleanly.
         ['ros2', 'launch', 'flake_scanner', 'flake_system.launch.py', f'namespace:={NAMESPACE}',
-         f'params_file:={params}'], stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+         f'params_file:={params}', 'sigterm_timeout:=60', 'sigkill_timeout:=30'],
+        stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
     try:
         _wait_until_up(ros, process, folder / 'launch.log')
         yield process, folder, params
@@ -79,7 +82,7 @@ def launched(ros, tmp_path_factory):
         if process.poll() is None:
             process.send_signal(signal.SIGINT)  # what Ctrl-C in the launch terminal sends
             try:
-                process.wait(timeout=90)
+                process.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
@@ -150,7 +153,7 @@ def test_scan_and_reservation_through_the_ros2_command_line(launched):
 
     # SIGINT, as Ctrl-C in the launch terminal: every node stops, cleanly.
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=90) == 0
+    assert process.wait(timeout=120) == 0
     log = (folder / 'launch.log').read_text()
     for sign in ('Traceback', 'context is invalid', 'RCLError', 'failed to send response'):
         assert sign not in log, f'{sign!r} in the launch output'

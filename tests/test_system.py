@@ -190,3 +190,36 @@ def _spin_until(executor, predicate, timeout):
     while time.monotonic() < deadline and not predicate():
         executor.spin_once(timeout_sec=0.1)
     return predicate()
+
+
+def test_goals_are_checked_when_they_arrive(system):
+    """Two goals sent together: exactly one is accepted (the slot is taken at acceptance, not when
+    the scan starts); a chip without a wafer frame is rejected at once, not accepted then aborted."""
+    running, node, executor, folder, _params = system
+    from rclpy.action import ActionClient
+
+    from flake_core.node_tools import ACTION_QOS
+    from flake_msgs.action import Scan
+
+    action = ActionClient(node, Scan, f'{NAMESPACE}/scan', **ACTION_QOS)
+    try:
+        assert _spin_until(executor, action.server_is_ready, 60)
+        goal = Scan.Goal(chip_id='system-chip', region_min_x=REGION[0], region_min_y=REGION[1],
+                         region_max_x=REGION[2], region_max_y=REGION[3], focus_strategy='fixed')
+        futures = [action.send_goal_async(goal) for _ in range(2)]
+        assert _spin_until(executor, lambda: all(f.done() for f in futures), 120)
+        handles = [f.result() for f in futures]
+        assert sum(h.accepted for h in handles) == 1
+        accepted = next(h for h in handles if h.accepted)
+        cancel = accepted.cancel_goal_async()
+        result = accepted.get_result_async()
+        assert _spin_until(executor, lambda: cancel.done() and result.done(), 300)
+
+        unknown = action.send_goal_async(Scan.Goal(chip_id='no-such-chip', region_max_x=1e-3, region_max_y=1e-3))
+        assert _spin_until(executor, unknown.done, 120)
+        assert not unknown.result().accepted
+    finally:
+        action.destroy()
+    log = (folder / 'logs' / 'scan_coordinator.log').read_text()
+    assert 'a scan is already running' in log
+    assert "goal rejected: NO_WAFER_FRAME: no wafer frame for chip 'no-such-chip'" in log

@@ -90,10 +90,13 @@ class Placement:
     hardware: str = 'sim'
     params_files: tuple[str, ...] = ()
     remappings: tuple[tuple[str, str], ...] = ()
+    in_facility: bool = False
 
     @property
     def key(self) -> str:
         """A unique label: the node name, with its namespace in a facility (``scope1/stage_node``)."""
+        if not self.in_facility:
+            return self.spec.name
         return f'{self.namespace.strip("/")}/{self.spec.name}'.lstrip('/')
 
     @property
@@ -131,14 +134,14 @@ def facility_graph(microscopes: list[Microscope], params_file: str | None = None
     if len(set(names)) != len(names):
         raise ValueError(f'microscope names must differ, got {names}')
     files = (params_file,) if params_file else ()
-    placements = [Placement(spec, '', 'sim', files, spec.remappings)
+    placements = [Placement(spec, '', 'sim', files, spec.remappings, in_facility=True)
                   for spec in GRAPH if spec.name not in MICROSCOPE_NODES and (only is None or spec.name in only)]
     shared = tuple((name, f'/{name}') for name in SHARED_NAMES)
     for microscope in microscopes:
         own = files + ((microscope.params_file,) if microscope.params_file else ())
         for spec in nodes_for(microscope.hardware, set(MICROSCOPE_NODES) & (only or set(MICROSCOPE_NODES))):
             placements.append(Placement(spec, f'/{microscope.name}', microscope.hardware, own,
-                                        spec.remappings + shared))
+                                        spec.remappings + shared, in_facility=True))
     return placements
 
 
