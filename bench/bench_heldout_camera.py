@@ -8,13 +8,16 @@ inside intervals the randomiser never draws, so a cascade trained with ``--rando
 meets them here for the first time; the shipped cascade before it was trained on the default
 camera alone. Every look renders the same chip (seed 7, a seed no training or threshold choice
 used; all four materials, half the flakes forced to 1-10 layers) at the same stage positions,
-so the rows compare like with like.
+so the rows compare like with like. A last row draws a new random look every 5 frames from seed
+7 (inside the training ranges, but looks and chips no training drew).
 
 Scored: graphene flakes of 1-10 layers (the cascade's ``graphene-1-10L`` target) of at least
 60 px. Recall: the share of them matched by a detection (mask IoU >= 0.5, one to one, by
 score); precision: the share of detections that match one. The optical detector looks for all
 four materials up to 10 layers, is told the oxide, and its graphene detections of 1-10 layers
-count; the cascade's detections all count. "decoded" feeds the optical detector the frames
+count; the cascade's detections all count. In brackets for the cascade, the nets alone: the
+share of good candidates (as training labels them) accepted, and the share of accepted
+candidates that are good. "decoded" feeds the optical detector the frames
 with the true camera's black level and gamma undone (``CameraResponse.decode``): what an exact
 calibration of the camera gives it.
 
@@ -52,7 +55,8 @@ def _truth_entries(truth) -> list[dict]:
 class Score:
     def __init__(self):
         self.truth = self.predictions = self.matched = 0
-        self.seconds = 0.0
+        # The nets alone: good candidates, those accepted, all accepted.
+        self.good = self.good_accepted = self.accepted = 0
 
     def add(self, truth: list[dict], predictions: list[dict], height: int, width: int) -> None:
         from flake_detector.evaluation import match_image
@@ -61,10 +65,20 @@ class Score:
         self.predictions += len(predictions)
         self.matched += len(match_image(truth, predictions, height, width, 0.5))
 
+    def add_candidates(self, labels: np.ndarray, accepted: np.ndarray) -> None:
+        self.good += int(labels.sum())
+        self.good_accepted += int((accepted & (labels == 1)).sum())
+        self.accepted += int(accepted.sum())
+
     def cell(self) -> str:
         recall = self.matched / max(1, self.truth)
         precision = self.matched / self.predictions if self.predictions else float('nan')
-        return f'{recall:.2f} / {precision:.2f}'
+        text = f'{recall:.2f} / {precision:.2f}'
+        if self.good:
+            kept = self.good_accepted / self.good
+            share = self.good_accepted / self.accepted if self.accepted else float('nan')
+            text += f' ({kept:.2f} / {share:.2f})'
+        return text
 
 
 def _graphene_thin(predictions: list[dict]) -> list[dict]:
@@ -76,43 +90,48 @@ def run(frames: int, cascades: list[tuple[str, Path]]) -> list[str]:
     import torch
 
     from flake_detector.cascade import Cascade, CascadeDetector
-    from flake_detector.cascade_train import simulated_frames
+    from flake_detector.cascade_train import label_candidates, simulated_frames
     from flake_detector.evaluation import detections_to_predictions
     from flake_detector.optical import OpticalDetector
-    from flake_scanner.sim.randomise import default_look, held_out_looks
+    from flake_scanner.sim.randomise import SimLook, default_look, held_out_looks, look_groups
 
     torch.set_num_threads(1)
     loaded = [(label, Cascade.load(path)) for label, path in cascades]
     header = ['look', 'graphene 1-10L', 'optical', 'optical, decoded'] + [f'cascade {label}' for label, _ in loaded]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     notes = []
-    for look in [default_look(), *held_out_looks()]:
+    rows = [(look.name, look.description or 'the simulator default camera, 90 nm SiO2', [(look, EVAL_SEED, frames)])
+            for look in [default_look(), *held_out_looks()]]
+    rows.append((f'random (seed {EVAL_SEED})', f'a new random look every 5 frames (`random_look([{EVAL_SEED}, g])`, '
+                 'inside the training ranges but never drawn for training), each on its own chip',
+                 look_groups(EVAL_SEED, frames, 5)))
+    for name, description, groups in rows:
         started = time.perf_counter()
-        oxide = look.oxide_nm
-        optical = OpticalDetector(materials='graphene,hbn,mos2,wte2', oxide_nm=oxide, calibration='auto',
-                                  max_layers=10, min_area_px=40, work_size=0)
-        detectors = [CascadeDetector(cascade=cascade, oxide_nm=oxide) for _, cascade in loaded]
-        scores = [Score() for _ in range(2 + len(detectors))]
-        for image, _, truth in simulated_frames(EVAL_SEED, frames, 1024, 0.5, 90.0, '10x', chip_mm=3.0,
-                                                look=look, with_truth=True):
-            h, w = image.shape[:2]
-            gt = _truth_entries(truth)
-            result = optical.detect(image)
-            scores[0].add(gt, _graphene_thin(detections_to_predictions(0, result.detections, h, w)), h, w)
+        scores = [Score() for _ in range(2 + len(loaded))]
+        for look, wafer_seed, count in groups:
+            look = look or SimLook('default')
+            optical = OpticalDetector(materials='graphene,hbn,mos2,wte2', oxide_nm=look.oxide_nm, calibration='auto',
+                                      max_layers=10, min_area_px=40, work_size=0)
+            detectors = [CascadeDetector(cascade=cascade, oxide_nm=look.oxide_nm) for _, cascade in loaded]
             response = _response(look)
-            decoded = np.clip(np.round(255.0 * response.decode(image)), 0, 255).astype(np.uint8)
-            result = optical.detect(decoded)
-            scores[1].add(gt, _graphene_thin(detections_to_predictions(0, result.detections, h, w)), h, w)
-            for score, detector in zip(scores[2:], detectors, strict=True):
-                result = detector.detect(image, truth.pixel_to_wafer)
-                score.add(gt, detections_to_predictions(0, result.detections, h, w), h, w)
-        lines.append(f'| {look.name} | {scores[0].truth} | ' + ' | '.join(s.cell() for s in scores) + ' |')
-        notes.append(f'- `{look.name}`: {look.description or "the simulator default camera, 90 nm SiO2"}')
-        print(f'[bench] {look.name}: {time.perf_counter() - started:.0f} s', file=sys.stderr, flush=True)
+            for image, objects, truth in simulated_frames(wafer_seed, count, 1024, 0.5, 90.0, '10x', chip_mm=3.0,
+                                                    look=look, with_truth=True):
+                h, w = image.shape[:2]
+                gt = _truth_entries(truth)
+                result = optical.detect(image)
+                scores[0].add(gt, _graphene_thin(detections_to_predictions(0, result.detections, h, w)), h, w)
+                decoded = np.clip(np.round(255.0 * response.decode(image)), 0, 255).astype(np.uint8)
+                result = optical.detect(decoded)
+                scores[1].add(gt, _graphene_thin(detections_to_predictions(0, result.detections, h, w)), h, w)
+                for score, detector in zip(scores[2:], detectors, strict=True):
+                    result = detector.detect(image, truth.pixel_to_wafer)
+                    score.add(gt, detections_to_predictions(0, result.detections, h, w), h, w)
+                    candidates, accepted, _, _ = detector.classify(image, truth.pixel_to_wafer)
+                    score.add_candidates(label_candidates(candidates, objects, detector.cascade.target), accepted)
+        lines.append(f'| {name} | {scores[0].truth} | ' + ' | '.join(s.cell() for s in scores) + ' |')
+        notes.append(f'- `{name}`: {description}')
+        print(f'[bench] {name}: {time.perf_counter() - started:.0f} s', file=sys.stderr, flush=True)
     return lines + ['', *notes]
-
-
-_RESPONSES: dict = {}
 
 
 def _response(look):
@@ -120,10 +139,8 @@ def _response(look):
     from flake_scanner.sim.camera import CameraModel
     from flake_scanner.sim.wafer import VirtualWafer
 
-    if look.name not in _RESPONSES:
-        wafer = VirtualWafer.generate(look.wafer_config(seed=EVAL_SEED, chip_width_m=1e-3, chip_height_m=1e-3))
-        _RESPONSES[look.name] = CameraModel(wafer, look.camera_settings()).response
-    return _RESPONSES[look.name]
+    wafer = VirtualWafer.generate(look.wafer_config(seed=EVAL_SEED, chip_width_m=1e-3, chip_height_m=1e-3))
+    return CameraModel(wafer, look.camera_settings()).response
 
 
 def main() -> int:

@@ -3,7 +3,7 @@
     flake-sim render --seed 3 --x 6.2 --y 4.1 --objective 20x --out frame.png --truth truth.json
     flake-sim dataset --seed 3 --frames 200 --objective 10x --out data/sim_train --thin-fraction 0.5
     flake-sim dataset --seed 3 --frames 200 --randomise-camera --out data/sim_random
-    flake-sim render --seed 3 --x 6.2 --y 4.1 --look all155 --out frame.png
+    flake-sim render --seed 3 --x 6.2 --y 4.1 --look all235 --out frame.png
     flake-sim compare --real real_285nm.jpg real_90nm.jpg --out docs/img/sim_vs_real.png
     flake-sim looks --out docs/img/sim_looks.png
 """

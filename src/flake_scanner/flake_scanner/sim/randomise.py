@@ -29,8 +29,9 @@ from flake_core.camera_response import HELD_OUT, RANGES, CameraRanges, CameraRes
 from flake_scanner.sim.camera import CameraSettings
 from flake_scanner.sim.wafer import WaferConfig
 
-# Oxide thicknesses no training chip is drawn with [nm].
-HELD_OUT_OXIDE_NM = (140.0, 170.0)
+# Oxide thicknesses no training chip is drawn with [nm]: where thin graphene shows in blue
+# alone (between the green-red contrast of 90 nm and 285 nm; 130-190 nm hides it entirely).
+HELD_OUT_OXIDE_NM = (225.0, 245.0)
 # Randomised sets draw a new look every few frames; the chip of look g of seed s has wafer seed
 # s * LOOKS_PER_SEED + g, so seeds kept apart for training and evaluation keep their chips apart.
 LOOKS_PER_SEED = 1000
@@ -159,7 +160,7 @@ def held_out_looks() -> list[SimLook]:
                 description='white balance set for 4600 K under the 3200 K halogen lamp (a warm cast)'),
         SimLook('gamma185', camera={'gamma': 1.85, 'substrate_level': 0.6},
                 description='a gamma-encoded colour camera (gamma 1.85), substrate at 60 % (linear)'),
-        SimLook('oxide155', wafer={'oxide_nm': 155.0}, description='155 nm of SiO2, default camera'),
+        SimLook('oxide235', wafer={'oxide_nm': 235.0}, description='235 nm of SiO2, default camera'),
     ]
     # Everything at once: a 4600 K LED, broad shifted bands, gamma 1.85, JPEG, shading and dirt.
     bands = optics.SpectralResponse((466.0, 530.0, 602.0), (32.0, 35.0, 30.0), 11)
@@ -168,8 +169,8 @@ def held_out_looks() -> list[SimLook]:
                   'white_balance_gains': white_balance_for(4600.0, bands), 'gamma': 1.85, 'black_level_dn': 6.0,
                   'jpeg_quality': 85, 'substrate_level': 0.5, 'vignetting': 0.25, 'flat_field_error': 0.04,
                   'illumination_gradient': 0.1, 'optics_dirt': 3, 'substrate_texture': 0.01}
-    looks.append(SimLook('all155', wafer={'oxide_nm': 155.0}, camera=everything,
-                         description='155 nm SiO2, 4600 K LED, broad shifted bands, gamma 1.85, black level 6, '
+    looks.append(SimLook('all235', wafer={'oxide_nm': 235.0}, camera=everything,
+                         description='235 nm SiO2, 4600 K LED, broad shifted bands, gamma 1.85, black level 6, '
                                      'JPEG 85, shading and dirt on the optics'))
     return looks
 
