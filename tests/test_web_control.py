@@ -16,8 +16,10 @@ from web_helpers import SCAN_ID, add_unknown_candidates, make_registry, web_app,
 from flake_core import materials
 from flake_registry import labelling
 from flake_registry.query import FlakeQuery
+from flake_registry.store import Sighting
 from flake_registry.web import drawing
 from flake_registry.web.rendering import contrast_text
+from flake_registry.web.summaries import chip_scope, scan_scope
 from flake_registry.web.units import local_time, local_zone
 
 
@@ -280,3 +282,23 @@ def test_api_docs_page_lists_the_json_api(client):
     for path in ('/api/flakes', '/api/labels/batch', '/api/flakes/{flake_id}/release',
                  '/api/stacks/{recipe_id}/release', '/api/retrain'):
         assert path in page
+
+
+def test_a_scan_is_selected_by_the_fastest_exact_filter(registry):
+    store = registry[2]
+
+    def ids(**scope):
+        return sorted(f.id for f in store.iter_flakes(**scope))
+
+    assert scan_scope(store, SCAN_ID) == {}                      # the scan saw every flake of the registry
+    assert chip_scope(store, 'chip-web') == {}
+    contour = [(1.9e-3, 1.9e-3), (1.91e-3, 1.9e-3), (1.9e-3, 1.91e-3)]
+    store.ingest([Sighting(chip_id='chip-2', scan_id='scan-2', x=1.9e-3, y=1.9e-3, material='hbn',
+                           contour=contour, area=5e-11, score=0.5)])
+    assert scan_scope(store, SCAN_ID) == {'chip_id': 'chip-web'}  # its chip's only scan
+    assert chip_scope(store, 'chip-web') == {'chip_id': 'chip-web'}
+    store.ingest([Sighting(chip_id='chip-web', scan_id='scan-web-2', x=1.5e-3, y=1.5e-3, material='hbn',
+                           contour=[(x - 4e-4, y - 4e-4) for x, y in contour], area=5e-11, score=0.5)])
+    assert scan_scope(store, SCAN_ID) == {'scan_id': SCAN_ID}     # the chip was scanned again
+    for scan in (SCAN_ID, 'scan-2', 'scan-web-2'):
+        assert ids(**scan_scope(store, scan)) == ids(scan_id=scan)

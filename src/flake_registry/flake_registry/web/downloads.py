@@ -27,7 +27,7 @@ from flake_registry.query import LAYER_NAMES, STATUS_NAMES
 from flake_registry.store import FlakeDetail, FlakeRecord
 from flake_registry.web import drawing, pictures
 from flake_registry.web.context import WebContext
-from flake_registry.web.summaries import scan_scope
+from flake_registry.web.summaries import chip_scope, scan_scope
 from flake_registry.web.units import UM, UM2, local_time
 
 SPOOL_BYTES = 8 * 1024 * 1024
@@ -150,7 +150,7 @@ def flakes_zip(ctx: WebContext, *, scan_id: str = '', chip_id: str = '') -> Iter
     """All flakes of a scan or a chip, with the scan mosaics; the registry is read once."""
     spool, archive = _archive()
     what = f'scan {scan_id}' if scan_id else f'chip {chip_id}'
-    scope = scan_scope(ctx.store, scan_id) if scan_id else {'chip_id': chip_id}
+    scope = scan_scope(ctx.store, scan_id) if scan_id else chip_scope(ctx.store, chip_id)
     contents = ['flakes.csv: one row per flake, units in the column names',
                 'flakes.json: the same with outlines [um]']
     with archive, tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode='w+') as records:

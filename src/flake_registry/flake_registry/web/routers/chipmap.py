@@ -25,9 +25,9 @@ router = APIRouter(dependencies=[Depends(require_read)])
 MAX_OUTLINES = 1500
 
 
-def known_scans(request: Request) -> list[str]:
+def known_scans(request: Request, scan_rows: list[dict]) -> list[str]:
     ctx = web(request)
-    names = {s['id'] for s in ctx.store.scans() if s['id']}
+    names = {s['id'] for s in scan_rows if s['id']}
     scans_dir = ctx.data_dir / 'scans'
     if scans_dir.is_dir():
         names.update(p.name for p in scans_dir.iterdir() if (p / 'mosaic.json').is_file())
@@ -42,16 +42,17 @@ def known_scans(request: Request) -> list[str]:
 
 @router.get('/', response_class=HTMLResponse, include_in_schema=False)
 def chip_map(request: Request, scan_id: str = Query('', max_length=128)):
-    scans = known_scans(request)
+    scan_rows = web(request).store.scans()
+    scans = known_scans(request, scan_rows)
     if scan_id:
         check_name(scan_id, 'scan id')
         if scan_id not in scans:
             raise RegistryError(UNKNOWN_ID, f'no scan {scan_id!r}')
     chosen = scan_id or (scans[-1] if scans else '')
-    scan_rows = {s['id']: s for s in web(request).store.scans()}
-    thin = thin_summary(web(request).store, scan_id=chosen) if chosen else None
+    thin = thin_summary(web(request).store, scan_id=chosen, scans=scan_rows) if chosen else None
+    chip_id = next((s['chip_id'] for s in scan_rows if s['id'] == chosen), '')
     return page(request, 'chipmap.html', {'page': 'chipmap', 'scans': scans, 'scan_id': chosen, 'thin': thin,
-                                          'chip_id': (scan_rows.get(chosen) or {}).get('chip_id', '')})
+                                          'chip_id': chip_id})
 
 
 @router.get('/api/chipmap')
