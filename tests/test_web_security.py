@@ -284,3 +284,17 @@ def test_flake_web_refuses_a_mistyped_or_foreign_database(site, tmp_path, capsys
     assert 'is not a folder' in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.sqlite', 'other.sqlite']
     assert not Path(db_path).with_name('regsitry.sqlite').exists()
+
+
+@pytest.mark.parametrize('target', ['//evil.example', '/\\evil.example', '/\t/evil.example', 'http://evil.example',
+                                    'javascript:alert(1)'])
+def test_redirects_stay_on_this_site(site, target):
+    db_path, data_dir, store, _ = site
+    with web_client(web_app(db_path, data_dir, store)) as client:
+        login = client.post('/login', data={'token': 'x', 'next': target}, follow_redirects=False)
+        assert login.status_code == 303 and login.headers['location'] == '/'
+        label = client.post('/api/labels', json={'who': 'ada', 'verdict': 'accept', 'material': 'hbn',
+                                                 'layer_class': 'few', 'flake_id': 'F0000006'}).json()['id']
+        withdrawn = client.post(f'/labels/{label}/withdraw', data={'who': 'ada', 'back': target},
+                                follow_redirects=False)
+        assert withdrawn.status_code == 303 and withdrawn.headers['location'] == '/'

@@ -15,7 +15,11 @@ router = APIRouter(include_in_schema=False)
 
 def safe_next(target: str) -> str:
     """A same-site path to go back to after logging in (never another site)."""
-    return target if target.startswith('/') and not target.startswith('//') and '\\' not in target else '/'
+    # Browsers drop tabs and newlines from URLs and read a backslash as a slash: '/\t/x' is '//x'.
+    cleaned = ''.join(c for c in target if c >= ' ')
+    if not target.startswith('/') or cleaned.startswith('//') or '\\' in target or cleaned != target:
+        return '/'
+    return target
 
 
 @router.get('/login', response_class=HTMLResponse)

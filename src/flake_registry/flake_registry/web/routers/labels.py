@@ -12,6 +12,7 @@ from flake_registry.query import INVALID_ARGUMENT, MAX_LIMIT, FlakeQuery, Regist
 from flake_registry.web.context import NavEntry, require_read, require_write, web
 from flake_registry.web.forms import WHO_MAX, ControlIn, LabelBatchIn, LabelIn, RetrainIn, check_flake_id
 from flake_registry.web.rendering import page
+from flake_registry.web.routers.auth import safe_next
 from flake_registry.web.summaries import thin_first
 
 NAV = NavEntry('labels', 'Labelling', '/labels')
@@ -102,8 +103,7 @@ def label_crop_form(request: Request, crop_path: str = Form(..., max_length=512)
 def withdraw_form(request: Request, label_id: int, who: str = Form(..., max_length=WHO_MAX),
                   back: str = Form('/labels', max_length=200)):
     labelling.withdraw_label(web(request).store, label_id, who)
-    target = back if back.startswith('/') and not back.startswith('//') else '/labels'
-    return RedirectResponse(target, status_code=303)
+    return RedirectResponse(safe_next(back), status_code=303)
 
 
 @router.post('/api/labels', status_code=201, dependencies=[Depends(require_write)])
