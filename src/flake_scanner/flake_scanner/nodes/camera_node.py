@@ -70,6 +70,7 @@ class CameraNode(LifecycleNode):
                                  callback_group=self.group)
         self.create_service(Trigger, 'camera/capture', self._on_capture, qos_profile=SERVICE_QOS,
                             callback_group=self.group)
+        self.context.on_shutdown(self._on_context_shutdown)
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state) -> TransitionCallbackReturn:
@@ -121,6 +122,12 @@ class CameraNode(LifecycleNode):
         self.active = False
         self.close()
         return TransitionCallbackReturn.SUCCESS
+
+    def _on_context_shutdown(self) -> None:
+        # Ctrl-C shuts the context down before the node is closed: stop grabbing and publishing first.
+        self.active = False
+        self._stop.set()
+        self._wake.set()
 
     def close(self) -> None:
         self._stop.set()
@@ -230,7 +237,7 @@ class CameraNode(LifecycleNode):
             elif waiters:
                 with self._waiters_lock:
                     self._waiters = waiters + self._waiters
-            if now - last_diagnostics >= self.params.diagnostics_period:
+            if now - last_diagnostics >= self.params.diagnostics_period and self.context.ok():
                 self._publish_diagnostics()
                 last_diagnostics = now
 
@@ -248,6 +255,8 @@ class CameraNode(LifecycleNode):
             self.image_publisher.publish(msg)
             self.info_publisher.publish(info)
         except Exception as error:  # noqa: BLE001 - a bad frame must not end the grab loop
+            if not self.context.ok():
+                return  # shutting down: the publishers are gone
             self.failures += 1
             self.last_error = str(error)
             self.get_logger().error(f'frame not published: {error}', throttle_duration_sec=5.0)

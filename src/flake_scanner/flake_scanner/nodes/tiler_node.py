@@ -96,9 +96,13 @@ class TilerNode(Node):
                 frame, pixels = self._work.get(timeout=0.2)
             except queue.Empty:
                 continue
+            if not self.context.ok():
+                break  # Ctrl-C: the publishers are going away
             try:
                 self._add_to_mosaic(frame, pixels)
             except Exception as error:  # noqa: BLE001 - the worker must outlive one bad frame
+                if not self.context.ok():
+                    break
                 self.get_logger().error(f'mosaic of {frame.scan_id}: {error}')
 
     def _add_to_mosaic(self, frame: ScanFrame, pixels) -> None:
