@@ -9,7 +9,9 @@ A calibration says how flakes look through one microscope:
 - ``materials``: per material, layer classes measured on this microscope (a Gaussian per
   layer count of the physical contrast ``C = R_flake / R_substrate - 1``, R, G, B order),
   which replace the thin-film model for the layer counts they cover;
-- ``model_sigma``: the spread of real flakes around the thin-film model [contrast];
+- ``model_sigma`` and ``relative_sigma``: the spread of real flakes around the thin-film
+  model, ``sqrt(model_sigma^2 + (relative_sigma * C)^2)`` per channel [contrast] (camera
+  curves and lamps that are not exactly the model's add an error that grows with C);
 - ``images`` and ``fit``: what ``flake-calibrate`` measured and how well the model fits
   (substrate colour, white balance and exposure per image; residuals; counts).
 
@@ -110,6 +112,7 @@ class Calibration:
     camera: CameraResponse = field(default_factory=CameraResponse)
     materials: Mapping[str, tuple[MeasuredClass, ...]] = field(default_factory=dict)
     model_sigma: float = MODEL_SIGMA
+    relative_sigma: float = 0.0
     name: str = 'model'
     source: str = 'thin-film model (flake_core.optics)'
     images: tuple[dict, ...] = ()
@@ -121,6 +124,8 @@ class Calibration:
             raise ValueError(f'oxide thickness must lie within 1..2000 nm, got {self.oxide_nm}')
         if not (math.isfinite(self.model_sigma) and 1e-4 <= self.model_sigma <= 1.0):
             raise ValueError(f'model_sigma must lie within 1e-4..1, got {self.model_sigma}')
+        if not (math.isfinite(self.relative_sigma) and 0.0 <= self.relative_sigma <= 1.0):
+            raise ValueError(f'relative_sigma must lie within 0..1, got {self.relative_sigma}')
         measured = {}
         for name, classes in dict(self.materials).items():
             key = materials.material(name).name
@@ -131,6 +136,7 @@ class Calibration:
         object.__setattr__(self, 'oxide_nm', round(oxide, 1))
         object.__setattr__(self, 'materials', measured)
         object.__setattr__(self, 'model_sigma', float(self.model_sigma))
+        object.__setattr__(self, 'relative_sigma', float(self.relative_sigma))
         object.__setattr__(self, 'images', tuple(self.images))
         object.__setattr__(self, 'fit', dict(self.fit))
 
@@ -156,7 +162,8 @@ class Calibration:
             wanted = sorted(set(wanted) | set(measured))
         layer_array = np.array(wanted, dtype=np.float64)
         means = self.model_contrast_rgb(entry.name, layer_array) if len(wanted) else np.zeros((0, 3))
-        covs = np.repeat((np.eye(3) * self.model_sigma ** 2)[None], len(wanted), axis=0)
+        variances = self.model_sigma ** 2 + (self.relative_sigma * means) ** 2
+        covs = variances[:, :, None] * np.eye(3)[None]
         for k, n in enumerate(wanted):
             if n in measured:
                 means[k] = measured[n].contrast_rgb
@@ -193,6 +200,7 @@ class Calibration:
     def as_dict(self) -> dict:
         out = {'format': FORMAT, 'name': self.name, 'source': self.source, 'oxide_nm': self.oxide_nm,
                'camera': self.camera.as_dict(), 'model_sigma': self.model_sigma,
+               'relative_sigma': self.relative_sigma,
                'materials': {m: {'classes': [c.as_dict() for c in classes]}
                              for m, classes in self.materials.items()}}
         if self.images:
@@ -213,7 +221,8 @@ class Calibration:
             raise ValueError('a calibration is a JSON object')
         if data.get('format') != FORMAT:
             raise ValueError(f'not a calibration file of format {FORMAT!r} (format: {data.get("format")!r})')
-        known = {'format', 'name', 'source', 'oxide_nm', 'camera', 'model_sigma', 'materials', 'images', 'fit'}
+        known = {'format', 'name', 'source', 'oxide_nm', 'camera', 'model_sigma', 'relative_sigma', 'materials',
+                 'images', 'fit'}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f'unknown calibration fields {sorted(unknown)}; known: {sorted(known)}')
@@ -228,6 +237,7 @@ class Calibration:
         return cls(oxide_nm=float(data.get('oxide_nm', 90.0)),
                    camera=CameraResponse.from_dict(dict(data.get('camera') or {})),
                    materials=measured, model_sigma=float(data.get('model_sigma', MODEL_SIGMA)),
+                   relative_sigma=float(data.get('relative_sigma', 0.0)),
                    name=str(data.get('name', 'calibration')), source=str(data.get('source', '')),
                    images=tuple(data.get('images') or ()), fit=dict(data.get('fit') or {}))
 
@@ -242,7 +252,7 @@ class Calibration:
             raise ValueError(f'cannot read calibration {path}: {exc}') from None
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _model_table(material: str, layers: tuple[float, ...], oxide_nm: float,
                  response: optics.SpectralResponse) -> np.ndarray:
     thickness = np.asarray(layers) * optics.layer_thickness_nm(material)

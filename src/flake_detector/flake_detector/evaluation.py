@@ -2,7 +2,7 @@
 
 - COCO AP, AP50 and AP75 for boxes and masks (pycocotools), over all flakes and per
   material; a material's AP treats its flakes as one class.
-- Per-image precision and recall as seed 001 defines them: an image is a true
+- Per-image precision and recall as Masubuchi et al. (2020) defines them: an image is a true
   positive when at least one flake in it is correctly detected (IoU >= 0.5), a
   false positive when it has detections but none is correct, a false negative when
   it holds a flake and none is correctly detected.
@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
+import re
 from typing import Any
 
 import numpy as np
@@ -188,7 +190,7 @@ def match_image(truth: list[dict], predictions: list[dict], height: int, width: 
 
 def per_image_precision_recall(gt: dict, truth: list[dict], predictions: list[dict],
                                score_threshold: float = 0.5, iou_threshold: float = 0.5) -> dict[str, Any]:
-    """Seed 001's image-level precision and recall."""
+    """Masubuchi et al.'s image-level precision and recall."""
     tp = fp = fn = 0
     by_image_truth = _group(truth)
     by_image_pred = _group([p for p in predictions if float(p.get('score', 1.0)) >= score_threshold])
@@ -241,6 +243,82 @@ def layer_confusion(gt: dict, truth: list[dict], predictions: list[dict], score_
                 table['spurious'][cls] += 1
     return {'table': table, 'matched': matched, 'exact_layers': exact,
             'exact_layer_fraction': exact / matched if matched else None}
+
+
+_LAYER_NAME = re.compile(r'^\s*(>=|>|<=|<)?\s*(\d+)\s*(l|layers?)?\s*$', re.IGNORECASE)
+
+
+def layer_range_of_name(name: str) -> tuple[float, float] | None:
+    """Layer range of a label name as labelling tools write them: '3L' -> (3, 3), '>5L' ->
+    (6, inf), '>=5L' -> (5, inf), '<3' -> (1, 2); None when the name is not a layer count."""
+    match = _LAYER_NAME.match(str(name))
+    if not match:
+        return None
+    op, n = match.group(1), int(match.group(2))
+    return {None: (n, n), '>': (n + 1, math.inf), '>=': (n, math.inf), '<': (1, n - 1), '<=': (1, n)}[op]
+
+
+def with_layer_labels(coco: dict, material: str) -> dict:
+    """A COCO file whose categories name layer counts ('3L', '>5L', as labelling tools write
+    them) with ``attributes`` the evaluation reads: material, layers (the lower bound),
+    layers_max (None: no bound) and the label. Annotations of other categories are dropped."""
+    categories = {int(c['id']): str(c['name']) for c in coco.get('categories', [])}
+    out = {**coco, 'annotations': []}
+    for ann in coco.get('annotations', []):
+        name = categories.get(int(ann.get('category_id', -1)), '')
+        span = layer_range_of_name(name)
+        if span is None:
+            continue
+        attributes = {**(ann.get('attributes') or {}), 'material': material, 'layers': span[0],
+                      'layers_max': span[1] if math.isfinite(span[1]) else None, 'label': name}
+        out['annotations'].append({**ann, 'attributes': attributes})
+    return out
+
+
+def annotation_layer_range(annotation: dict) -> tuple[float, float]:
+    """(lowest, highest) layer count an annotation allows (an exact count gives (n, n))."""
+    attributes = annotation.get('attributes') or {}
+    low = annotation_layers(annotation)
+    high = attributes.get('layers_max', low) if 'layers_max' in attributes else low
+    return low, (math.inf if high is None else float(high))
+
+
+def instance_precision_recall(gt: dict, truth: list[dict], predictions: list[dict], score_threshold: float = 0.5,
+                              iou_threshold: float = 0.5) -> dict[str, Any]:
+    """Flake-level precision and recall: each flake matched one-to-one (greedy by score, mask
+    IoU >= ``iou_threshold``) to a detection scoring at least ``score_threshold``; recall per
+    label (``attributes.label``, or the layer class), and the share of matched flakes whose
+    detected layer count lies within the flake's layer range (layer-label accuracy)."""
+    by_image_truth = _group(truth)
+    by_image_pred = _group([p for p in predictions if float(p.get('score', 1.0)) >= score_threshold])
+    per_label: dict[str, list[int]] = {}
+    matched = right = predicted = 0
+    for image in gt['images']:
+        t = by_image_truth.get(image['id'], [])
+        p = by_image_pred.get(image['id'], [])
+        predicted += len(p)
+        matches = match_image(t, p, image['height'], image['width'], iou_threshold)
+        hit = {ti: pi for ti, pi, _ in matches}
+        for ti, ann in enumerate(t):
+            label = (ann.get('attributes') or {}).get('label') or layer_class_name(annotation_layers(ann))
+            counts = per_label.setdefault(label, [0, 0, 0])
+            counts[0] += 1
+            if ti in hit:
+                counts[1] += 1
+                matched += 1
+                layers = p[hit[ti]].get('layers')
+                low, high = annotation_layer_range(ann)
+                ok = layers is not None and low - 0.5 <= float(layers) < high + 0.5
+                counts[2] += ok
+                right += ok
+    total = sum(c[0] for c in per_label.values())
+    return {'flakes': total, 'detections': predicted, 'matched': matched,
+            'recall': matched / total if total else None,
+            'precision': matched / predicted if predicted else None,
+            'layer_accuracy': right / matched if matched else None,
+            'per_label': {label: {'flakes': c[0], 'found': c[1], 'recall': c[1] / c[0] if c[0] else None,
+                                  'layers_right': c[2]} for label, c in sorted(per_label.items())},
+            'score_threshold': score_threshold, 'iou_threshold': iou_threshold}
 
 
 def _group(items: list[dict]) -> dict[int, list[dict]]:

@@ -68,6 +68,9 @@ MODEL_SIGMA = 0.02
 # What the rim of a clipped flake tells of its colour's direction at best (radians):
 # the blend with a neighbour the substrate test lets through.
 DIRECTION_FLOOR = 0.01
+# Where a flake's outline is drawn: the share of its own contrast a pixel must show (half:
+# the edge of a blurred step; see _half_contrast_edge).
+EDGE_FRACTION = 0.5
 # Variance added to a channel the substrate saturates: the Gaussian classes become their
 # marginals over the other channels.
 BLIND_VARIANCE = 1e4
@@ -594,19 +597,18 @@ class OpticalDetector:
                 component = labels[y:y + bh, x:x + bw] == index
                 magnitude = np.sqrt(magnitude_sq[y:y + bh, x:x + bw])
                 beside = off_chip[y0 + y:y0 + y + bh, x0 + x:x0 + x + bw]
-                class_map = np.full(component.shape, -1, dtype=np.int32)
-                class_map[component] = classifier.classify(
-                    window[component], None if censored is None else censored[component])
-                class_map = self._settle_edges(class_map, component, min_area, scale, window, censored,
-                                               classifier)
-                found = self._regions(class_map, window, censored, (x0 + x, y0 + y), noise, min_area, tables)
+                region_map, region_class, core = self._segments(window, component, censored, classifier, noise,
+                                                                min_area, scale)
+                found = self._regions(region_map, region_class, core, window, censored, (x0 + x, y0 + y), noise,
+                                      min_area, tables)
                 if censored is not None and self.rim_direction:
                     found += self._clipped_regions(component, window, censored, (x0 + x, y0 + y),
                                                    noise, threshold, min_area, tables)
                 kept = []
                 for det in found:
-                    local = _local_mask(det, (x0 + x, y0 + y), component.shape)
-                    if _is_rim(local, component, magnitude, beside, window, noise, self.rim_width_px * scale):
+                    offset = (det.bbox[0] - x0 - x, det.bbox[1] - y0 - y)
+                    if _is_rim(det.mask, offset, component, magnitude, beside, window, noise,
+                               self.rim_width_px * scale):
                         rims += 1
                     else:
                         kept.append(det)
@@ -703,105 +705,199 @@ class OpticalDetector:
                 saturated[..., blind_rgb] = False
         return contrast, saturated
 
-    def _settle_edges(self, class_map: np.ndarray, component: np.ndarray, min_area: int, scale: float,
-                      window: np.ndarray, censored: np.ndarray | None,
-                      classifier: _PixelClassifier) -> np.ndarray:
-        """Give the blurred rim of a flake, and specks too small to be a terrace, the
-        class of the nearest interior region: across an edge the smoothed contrast
-        passes through the classes in between, which are not there."""
-        interior = cv2.erode(component.astype(np.uint8), np.ones((3, 3), np.uint8),
-                             iterations=max(1, round(self.edge_px * scale))) > 0
-        labelled = np.where(interior, class_map, -1)
-        side = 2 * self.edge_px - 1 if scale > 0.75 else 3
-        kernel = np.ones((side, side), np.uint8)
-        for cls in np.unique(labelled[labelled >= 0]):
-            region = (labelled == cls).astype(np.uint8)
-            # Opening removes the thin rings that intermediate classes form along edges.
-            thin = (region > 0) & (cv2.morphologyEx(region, cv2.MORPH_OPEN, kernel) == 0)
-            labelled[thin] = -1
-            region[thin] = 0
-            count, labels, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
-            small = np.nonzero(stats[1:, cv2.CC_STAT_AREA] < min_area // 2)[0] + 1
-            if len(small):
-                labelled[np.isin(labels, small)] = -1
-        if not (labelled >= 0).any():
-            # A sliver too thin for an interior: one class for the whole of it, from the
-            # pixels deepest inside (least mixed with the substrate).
+    def _segments(self, window: np.ndarray, component: np.ndarray, censored: np.ndarray | None,
+                  classifier: _PixelClassifier, noise: float, min_area: int,
+                  scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The regions of a component and their classes: ``region_map`` (region id per pixel,
+        -1 outside any), ``region_class`` (class per id, -1 for none) and ``core`` (the
+        plateau pixels of each region, without the edge that joined it).
+
+        The component is cut along its edges: plateaus (flat parts, where the contrast of a
+        copy smoothed once more changes by less than the noise plus 5 % of its value per
+        pixel) seed a watershed flood over the colour, and so does the substrate around the
+        component, so that every boundary (flake to substrate, terrace to terrace, flake to
+        flake across a crack) falls on the steepest change, as the eye places it, however
+        wide the blur and the halo of the optics are. Each part gets the class of its
+        plateau's median colour: pixel by pixel, layer counts whose colours differ little
+        against the noise (3 and 4 layers of a dark material through a JPEG camera) would
+        cut a flake into salt and pepper. Neighbouring parts of one class are one region;
+        parts whose colour fits no class stay out (bulk crystals, residue). A sliver too thin
+        for any plateau gets one class from its deepest pixels.
+        """
+        smooth = cv2.GaussianBlur(window, (0, 0), 1.5)
+        magnitude = np.sqrt(np.einsum('ijk,ijk->ij', smooth, smooth))
+        slope = np.zeros(component.shape, np.float32)
+        for c in range(3):
+            channel = np.ascontiguousarray(smooth[..., c])
+            slope = np.maximum(slope, np.abs(cv2.Sobel(channel, cv2.CV_32F, 1, 0, ksize=3))
+                               + np.abs(cv2.Sobel(channel, cv2.CV_32F, 0, 1, ksize=3)))
+        # The smoothed noise's slope stays under the noise of the box-smoothed contrast 99 % of the
+        # time; a flake's own shading adds a little in proportion to its contrast.
+        flat = component & (slope / 8.0 <= noise + 0.02 * magnitude)
+        count, seeds, stats, _ = cv2.connectedComponentsWithStats(flat.astype(np.uint8), connectivity=4)
+        smallest = max(8, min_area // 4)
+        large = np.nonzero(stats[1:, cv2.CC_STAT_AREA] >= smallest)[0] + 1
+        if not len(large):
+            # A sliver too thin for a plateau: one class for the whole of it, from the pixels
+            # deepest inside (least mixed with the substrate).
             depth = cv2.distanceTransform(component.astype(np.uint8), cv2.DIST_L2, 3)
             deep = component & (depth >= depth.max() - 1.0)
             flags = None if censored is None else (censored[deep].mean(axis=0) > 0.5)[None]
             best = int(classifier.classify(np.median(window[deep], axis=0), flags)[0])
-            if best < 0:
-                return np.full_like(class_map, -1)
-            return np.where(component, best, -1).astype(class_map.dtype)
-        _, (iy, ix) = ndimage.distance_transform_edt(labelled < 0, return_indices=True)
-        settled = labelled[iy, ix]
-        # Pixels that fit no class stay out (residue, or a bulk crystal touching a flake),
-        # except on the rim of a flake that clips a channel itself: there the blend of the
-        # clipped channel and the substrate fits nothing, though it is the flake's edge.
-        out = ~component | (class_map < 0)
-        if censored is not None:
-            rim = out & component & ~interior & (settled >= 0) & (censored.sum(axis=2) == 1)
-            if rim.any():
-                clipped = censored[rim]
-                reading = window[rim][clipped]
-                expected = self._means[settled[rim]][clipped]
-                out[np.nonzero(rim)[0][expected >= reading], np.nonzero(rim)[1][expected >= reading]] = False
-        settled[out] = -1
-        return settled
+            return np.where(component, 0, -1).astype(np.int32), np.array([best], dtype=np.int32), deep
+        # Seeds: 1 the substrate round the component, 2.. the plateaus.
+        markers = np.zeros(component.shape, np.int32)
+        markers[~cv2.dilate(component.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)] = 1
+        keep = np.zeros(count, np.int32)
+        keep[large] = np.arange(2, len(large) + 2)
+        markers = np.where(keep[seeds] > 0, keep[seeds], markers)
+        if not (markers == 1).any():
+            markers = np.pad(markers, 1, constant_values=1)
+            padded = True
+        else:
+            padded = False
+        low, high = float(smooth.min()), float(smooth.max())
+        picture = np.clip((smooth - low) * (255.0 / max(high - low, 1e-6)), 0, 255).astype(np.uint8)
+        if padded:
+            picture = np.pad(picture, ((1, 1), (1, 1), (0, 0)), mode='edge')
+        cv2.watershed(np.ascontiguousarray(picture), markers)
+        if padded:
+            markers = markers[1:-1, 1:-1]
+        pairs = _touching_parts(markers)
+        # The flood's boundary lines (-1) run on the steepest change: a flake's own edge pixel
+        # goes to the flake (the half-contrast trim below decides), a line between two parts
+        # to the larger id.
+        lines = markers == -1
+        if lines.any():
+            grown = cv2.dilate(markers.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int32)
+            markers = np.where(lines, grown, markers)
+        # Each part's class from its plateau (the seed), then parts of one class merged.
+        index = seeds.ravel()
+        order = np.argsort(index, kind='stable')
+        bounds = np.searchsorted(index[order], np.concatenate([large, large + 1]))
+        values = smooth.reshape(-1, 3)
+        flags = None if censored is None else censored.reshape(-1, 3)
+        medians, votes = [], []
+        for k in range(len(large)):
+            members = order[bounds[k]:bounds[k + len(large)]]
+            medians.append(np.median(values[members], axis=0))
+            if flags is not None:
+                votes.append(flags[members].mean(axis=0) > 0.5)
+        part_class = np.full(len(large) + 2, -1, dtype=np.int32)
+        part_class[2:] = classifier.classify(np.array(medians), None if flags is None else np.array(votes))
+        # Neighbouring parts are one region when they share a class and their colours agree
+        # (a flake cut by a wrinkle or by noise); touching flakes of distinctly different
+        # colour stay apart even when the calibration puts them in one class.
+        part_median = np.zeros((len(large) + 2, 3))
+        part_median[2:] = medians
+        group = np.arange(len(large) + 2)
 
-    def _regions(self, class_map: np.ndarray, window: np.ndarray, censored: np.ndarray | None, origin,
-                 noise: float, min_area: int, tables: _FrameTables) -> list[Detection]:
-        out = []
-        for material_index, calibration in enumerate(self.calibrations):
-            in_material = (class_map >= 0) & (self._owner[np.maximum(class_map, 0)] == material_index)
-            if in_material.sum() < min_area:
+        def root(k):
+            while group[k] != k:
+                group[k] = group[group[k]]
+                k = group[k]
+            return k
+
+        for a, b in pairs:
+            if part_class[a] < 0 or part_class[a] != part_class[b]:
                 continue
-            in_material = self._without_lines(in_material)
-            layer_map = np.where(in_material, class_map, -1)
-            for cls in np.unique(layer_map[layer_map >= 0]):
-                region = (layer_map == cls).astype(np.uint8)
-                count, labels, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
-                for i in range(1, count):
-                    if stats[i, cv2.CC_STAT_AREA] < min_area:
+            difference = float(np.linalg.norm(part_median[a] - part_median[b]))
+            if difference <= 2.0 * noise + 0.03 + 0.05 * float(np.linalg.norm(part_median[a])):
+                group[root(a)] = root(b)
+        merged = np.array([root(k) for k in range(len(group))])
+        parts = np.where((markers >= 2) & component, merged[np.maximum(markers, 0)], -1)
+        core = (keep[seeds] > 0) & (parts >= 0) & (part_class[np.maximum(parts, 0)] >= 0)
+        region_map = np.full(component.shape, -1, dtype=np.int32)
+        classes = []
+        for part in np.unique(parts[parts >= 0]):
+            if part_class[part] < 0:
+                continue
+            region_count, labels = cv2.connectedComponents((parts == part).astype(np.uint8), connectivity=4)
+            for i in range(1, region_count):
+                region_map[labels == i] = len(classes)
+                classes.append(int(part_class[part]))
+        return region_map, np.array(classes, dtype=np.int32), core
+
+    def _regions(self, region_map: np.ndarray, region_class: np.ndarray, core: np.ndarray, window: np.ndarray,
+                 censored: np.ndarray | None, origin, noise: float, min_area: int,
+                 tables: _FrameTables) -> list[Detection]:
+        out = []
+        present = np.unique(region_map[region_map >= 0])
+        present = present[region_class[present] >= 0]
+        if not len(present):
+            return out
+        objects = ndimage.find_objects(np.where(region_map >= 0, region_map + 1, 0))
+        for material_index, calibration in enumerate(self.calibrations):
+            mine = present[self._owner[region_class[present]] == material_index]
+            if not len(mine):
+                continue
+            in_material = self._without_lines(np.isin(region_map, mine))
+            for region_id in mine:
+                box = objects[region_id]
+                if box is None:
+                    continue
+                sub = (region_map[box] == region_id) & in_material[box]
+                area = int(sub.sum())
+                if area < min_area:
+                    continue
+                ry, rx = box[0].start, box[1].start
+                crop = window[box]
+                inner = sub & core[box]
+                mask = _half_contrast_edge(sub, crop, crop[inner] if inner.sum() >= 8 else None)
+                # The trimmed edge may part flakes that touched through their blurred rims.
+                pieces, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+                for i in range(1, pieces):
+                    px, py, pw, ph, piece_area = stats[i]
+                    if piece_area < min_area:
                         continue
-                    rx, ry, rw, rh, area = stats[i]
-                    mask = labels[ry:ry + rh, rx:rx + rw] == i
-                    mask = _half_contrast_edge(mask, window[ry:ry + rh, rx:rx + rw])
-                    deep, depth = _deep_pixels(mask)
-                    if mask.sum() > self.max_elongation * (2.0 * depth) ** 2:
-                        continue  # a thin line (tape residue) or the ring round a bright crystal
-                    values = window[ry:ry + rh, rx:rx + rw][deep]
-                    flags = None
-                    if censored is not None:
-                        flags = censored[ry:ry + rh, rx:rx + rw][deep].mean(axis=0) > 0.5
-                        if flags.sum() >= 2:
-                            continue  # one channel left: any material reaches its value somewhere
-                    median = np.median(values, axis=0)
-                    estimate = estimate_from_contrast(calibration, median, int(area), noise, flags,
-                                                      tables.blind_rgb)
-                    if estimate.mahalanobis > self.gate_sigma:
-                        continue  # the region as a whole fits no class of this calibration
-                    material_probability, thicker = self._weigh_alternatives(median, flags, material_index,
-                                                                             tables)
-                    if thicker:
-                        continue  # a thicker flake (of any material) explains the colour best
-                    quality = region_quality(mask, window[ry:ry + rh, rx:rx + rw])
-                    fit = math.exp(-0.5 * max(0.0, estimate.mahalanobis - 1.0) ** 2 / 4.0)
-                    size = 1.0 - math.exp(-area / (4.0 * min_area))
-                    out.append(Detection(
-                        bbox=(origin[0] + rx, origin[1] + ry, rw, rh), mask=mask,
-                        material=calibration.material, layers=estimate.layers, layers_std=estimate.layers_std,
-                        thickness_nm=estimate.thickness_nm, thickness_nm_std=estimate.thickness_nm_std,
-                        score=float(np.clip(estimate.probability * fit * size * material_probability,
-                                            0.0, 1.0)),
-                        detector=self.name, model_version=calibration.version,
-                        contrast=estimate.contrast, homogeneity=quality['homogeneity'],
-                        edge_straightness=quality['edge_straightness'],
-                        extra={'mahalanobis': estimate.mahalanobis, 'probability': estimate.probability,
-                               'material_probability': material_probability,
-                               'saturated_channels': int(0 if flags is None else flags.sum())}))
+                    piece = (slice(py, py + ph), slice(px, px + pw))
+                    found = self._region_detection(calibration, material_index, labels[piece] == i, inner[piece],
+                                                   crop[piece], None if censored is None else censored[box][piece],
+                                                   (origin[0] + rx + px, origin[1] + ry + py), noise, min_area,
+                                                   tables)
+                    if found is not None:
+                        out.append(found)
         return out
+
+    def _region_detection(self, calibration: LayerClasses, material_index: int, mask: np.ndarray,
+                          inner: np.ndarray, crop: np.ndarray, censored: np.ndarray | None, origin, noise: float,
+                          min_area: int, tables: _FrameTables) -> Detection | None:
+        """The detection of one region of a material's class (``mask`` over ``crop`` at
+        ``origin``), or None when its shape or colour says it is no flake of it."""
+        area = int(mask.sum())
+        deep, depth = _deep_pixels(mask)
+        if area > self.max_elongation * (2.0 * depth) ** 2:
+            return None  # a thin line (tape residue) or the ring round a bright crystal
+        # The plateau's own pixels, deep inside: the edge blends in the neighbour.
+        measured = deep & inner if (deep & inner).sum() >= 5 else deep
+        values = crop[measured]
+        flags = None
+        if censored is not None:
+            flags = censored[measured].mean(axis=0) > 0.5
+            if flags.sum() >= 2:
+                return None  # one channel left: any material reaches its value somewhere
+        median = np.median(values, axis=0)
+        estimate = estimate_from_contrast(calibration, median, area, noise, flags, tables.blind_rgb)
+        if estimate.mahalanobis > self.gate_sigma:
+            return None  # the region as a whole fits no class of this calibration
+        material_probability, thicker = self._weigh_alternatives(median, flags, material_index, tables)
+        if thicker:
+            return None  # a thicker flake (of any material) explains the colour best
+        quality = region_quality(mask, crop)
+        fit = math.exp(-0.5 * max(0.0, estimate.mahalanobis - 1.0) ** 2 / 4.0)
+        size = 1.0 - math.exp(-area / (4.0 * min_area))
+        rh, rw = mask.shape
+        return Detection(
+            bbox=(origin[0], origin[1], rw, rh), mask=mask,
+            material=calibration.material, layers=estimate.layers, layers_std=estimate.layers_std,
+            thickness_nm=estimate.thickness_nm, thickness_nm_std=estimate.thickness_nm_std,
+            score=float(np.clip(fit * size * material_probability, 0.0, 1.0)),
+            detector=self.name, model_version=calibration.version,
+            contrast=estimate.contrast, homogeneity=quality['homogeneity'],
+            edge_straightness=quality['edge_straightness'],
+            extra={'mahalanobis': estimate.mahalanobis, 'probability': estimate.probability,
+                   'material_probability': material_probability,
+                   'saturated_channels': int(0 if flags is None else flags.sum())})
 
     def _clipped_regions(self, component: np.ndarray, window: np.ndarray, censored: np.ndarray, origin,
                          noise: float, threshold: float, min_area: int, tables: _FrameTables) -> list[Detection]:
@@ -892,9 +988,14 @@ class OpticalDetector:
         """The parts of a foreground component that no reported region covers and whose colour
         no class of any listed material (thicker ones included) explains within the gate:
         material ``unknown``, with their contrast, unless they are lines or rims."""
+        covered = sum(det.area_px for det in kept)
+        if np.count_nonzero(component) - covered < min_area:
+            return []
         rest = component & ~beside
         for det in kept:
-            rest &= ~_local_mask(det, origin, component.shape)
+            x, y, w, h = det.bbox
+            x, y = x - origin[0], y - origin[1]
+            rest[y:y + h, x:x + w] &= ~det.mask
         rest = cv2.morphologyEx(rest.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
         count, labels, stats, _ = cv2.connectedComponentsWithStats(rest, connectivity=8)
         out = []
@@ -909,14 +1010,14 @@ class OpticalDetector:
                 continue  # too small or too thin to have an inside: a speck, a scratch
             if mask.sum() > self.max_elongation * (2.0 * depth) ** 2:
                 continue  # a line: residue, the ring round a crystal
-            local = np.zeros(component.shape, dtype=bool)
-            local[ry:ry + rh, rx:rx + rw] = mask
-            if _is_rim(local, component, magnitude, beside, window, noise, self.rim_width_px * scale):
+            if _is_rim(mask, (rx, ry), component, magnitude, beside, window, noise, self.rim_width_px * scale):
                 continue
             flags = np.zeros(3, dtype=bool)
             if censored is not None:
                 flags = censored[ry:ry + rh, rx:rx + rw][deep].mean(axis=0) > 0.5
             median = np.median(region_window[deep], axis=0)
+            if _flat_share(mask, region_window, median, noise) < 0.5:
+                continue  # no plateau: a speck, a smear, a gradient - not a flake of any colour
             d2 = censored_mahalanobis_sq(median, self._all_means, tables.all_precisions, flags)[0]
             nearest = int(np.argmin(d2))
             if math.sqrt(float(d2[nearest])) <= self.gate_sigma:
@@ -989,20 +1090,25 @@ def _rim_direction(values: np.ndarray, min_pixels: int = 12) -> tuple[np.ndarray
     return direction, residual_var / float(np.sum(along[keep] ** 2)) + DIRECTION_FLOOR ** 2
 
 
-def _local_mask(detection: Detection, origin, shape: tuple[int, int]) -> np.ndarray:
-    """A detection's mask in the coordinates of the window at ``origin`` of ``shape``."""
-    out = np.zeros(shape, dtype=bool)
-    x, y, w, h = detection.bbox
-    x, y = x - origin[0], y - origin[1]
-    x0, y0, x1, y1 = max(0, x), max(0, y), min(shape[1], x + w), min(shape[0], y + h)
-    if x1 > x0 and y1 > y0:
-        out[y0:y1, x0:x1] = detection.mask[y0 - y:y1 - y, x0 - x:x1 - x]
-    return out
+def _touching_parts(markers: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs of watershed parts (ids >= 2) that meet across a boundary pixel (-1)."""
+    line = markers[1:-1, 1:-1] == -1
+    pairs: set[tuple[int, int]] = set()
+    if not line.any():
+        return pairs
+    m = markers
+    for first, second in ((m[1:-1, :-2], m[1:-1, 2:]), (m[:-2, 1:-1], m[2:, 1:-1]),
+                          (m[:-2, :-2], m[2:, 2:]), (m[:-2, 2:], m[2:, :-2])):
+        a, b = first[line], second[line]
+        ok = (a >= 2) & (b >= 2) & (a != b)
+        pairs.update(zip(np.minimum(a[ok], b[ok]).tolist(), np.maximum(a[ok], b[ok]).tolist(), strict=True))
+    return pairs
 
 
-def _is_rim(region: np.ndarray, component: np.ndarray, magnitude: np.ndarray, beside: np.ndarray,
-            window: np.ndarray, noise: float, rim_width: float) -> bool:
-    """Whether ``region`` is the rim of a stronger neighbour rather than a flake.
+def _is_rim(mask: np.ndarray, offset: tuple[int, int], component: np.ndarray, magnitude: np.ndarray,
+            beside: np.ndarray, window: np.ndarray, noise: float, rim_width: float) -> bool:
+    """Whether a region (``mask`` at ``offset`` (x, y) in the component's window) is the rim of
+    a stronger neighbour rather than a flake.
 
     The optics blur the edge of a thick crystal (or of the chip) over a few pixels, and on
     its way from the crystal's colour to the substrate's the rim passes through the colours
@@ -1012,12 +1118,20 @@ def _is_rim(region: np.ndarray, component: np.ndarray, magnitude: np.ndarray, be
     px across) or all slope: under a third of its inner pixels lie on a plateau, where a
     flake of its own, whatever its size, has a flat inside.
     """
-    values = window[region]
+    pad = 3
+    h, w = mask.shape
+    ox, oy = offset
+    x0, y0 = max(0, ox - pad), max(0, oy - pad)
+    x1, y1 = min(component.shape[1], ox + w + pad), min(component.shape[0], oy + h + pad)
+    region = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    region[oy - y0:oy - y0 + h, ox - x0:ox - x0 + w] = mask
+    crop = window[y0:y1, x0:x1]
+    values = crop[region]
     if not len(values):
         return False
     median = np.median(values, axis=0)
     strength = float(np.linalg.norm(median))
-    stronger = (component & ~region & (magnitude > 1.5 * strength)) | beside
+    stronger = (component[y0:y1, x0:x1] & ~region & (magnitude[y0:y1, x0:x1] > 1.5 * strength)) | beside[y0:y1, x0:x1]
     if not stronger.any():
         return False
     region_u8 = region.astype(np.uint8)
@@ -1028,14 +1142,24 @@ def _is_rim(region: np.ndarray, component: np.ndarray, magnitude: np.ndarray, be
     depth = cv2.distanceTransform(np.pad(region_u8, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
     if 2.0 * float(depth.max()) <= rim_width:
         return True
+    return _flat_share(region, crop, median, noise, depth) < 0.3
+
+
+def _flat_share(region: np.ndarray, window: np.ndarray, median: np.ndarray, noise: float,
+                depth: np.ndarray | None = None) -> float:
+    """Share of a region's inner pixels (1.5 px or more inside) that lie on a plateau: where the
+    contrast along the region's own colour changes by less than 3 noise sigmas plus 5 % of
+    its value per pixel. A flake is flat inside; a rim, a blurred speck or a gradient is not."""
+    strength = float(np.linalg.norm(median))
+    if depth is None:
+        depth = cv2.distanceTransform(np.pad(region.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
     inner = region & (depth >= 1.5)
     if strength < 1e-6 or not inner.any():
-        return True
+        return 0.0
     profile = np.ascontiguousarray(window @ (median / strength), dtype=np.float32)
     slope = np.hypot(cv2.Sobel(profile, cv2.CV_32F, 1, 0, ksize=3),
                      cv2.Sobel(profile, cv2.CV_32F, 0, 1, ksize=3)) / 8.0
-    flat = slope[inner] <= 3.0 * noise + 0.05 * strength
-    return float(flat.mean()) < 0.3
+    return float((slope[inner] <= 3.0 * noise + 0.05 * strength).mean())
 
 
 def _deep_pixels(mask: np.ndarray, depth_px: float = 2.0) -> tuple[np.ndarray, float]:
@@ -1050,18 +1174,23 @@ def _deep_pixels(mask: np.ndarray, depth_px: float = 2.0) -> tuple[np.ndarray, f
     return deep, deepest
 
 
-def _half_contrast_edge(mask: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Trim a region to where its contrast reaches half the region's own: the edge of a
-    blurred step sits at half height, while a noise threshold lets the blur tail in."""
-    values = window[mask]
+def _half_contrast_edge(mask: np.ndarray, window: np.ndarray, reference: np.ndarray | None = None,
+                        fraction: float | None = None) -> np.ndarray:
+    """Trim a region to where its contrast reaches ``fraction`` (``EDGE_FRACTION``) of the
+    region's own (the median of ``reference`` values when given, e.g. its flat core): the
+    edge of a blurred step sits at half height, while a noise threshold lets the blur tail
+    in. (People tend to outline a flake inside the blur, where it shows its own colour; at
+    150x, with a blur of 8-10 px, that is a few pixels inside the half-height edge.)"""
+    fraction = EDGE_FRACTION if fraction is None else fraction
+    values = window[mask] if reference is None else reference
     if len(values) < 8:
         return mask
     mean = np.median(values, axis=0)
     norm = float(mean @ mean)
     if norm < 1e-8:
         return mask
-    trimmed = mask & ((window @ mean) / norm >= 0.5)
-    return trimmed if trimmed.sum() >= 0.5 * mask.sum() else mask
+    trimmed = mask & ((window @ mean) / norm >= fraction)
+    return trimmed if trimmed.sum() >= 0.25 * mask.sum() else mask
 
 
 def _rescale(detection: Detection, factor: float, shape: tuple[int, int]) -> Detection:

@@ -15,7 +15,9 @@ hold on the frames a real scan meets, not only on a clean centred one:
   from it do not pull the fit.
 - **Vignetting and uneven illumination.** The surface is quadratic plus r^4 (vignetting);
   the fit starts from pixels close to the dominant colour and grows to every pixel close
-  to the surface, so corners that are 15-30 % darker still join it.
+  to the surface, so corners that are 15-30 % darker still join it. What the quadratic
+  does not follow (a hot spot off centre, a flat-field that is not quite flat) is taken up
+  by a smooth correction averaged from the substrate pixels around each point.
 - **Saturated substrate.** A channel in which the substrate itself sits at the camera's
   full scale carries no contrast at all (a flake darker than the substrate may still read
   full scale); it is reported as ``blind`` so detectors leave it out instead of reading
@@ -114,6 +116,20 @@ def estimate_substrate(image_bgr: np.ndarray, step: int = 8, tolerance: float = 
             break
         keep = near
         surface = _fit_surface(small, keep, basis)
+    # Illumination that a quadratic surface does not follow (a hot spot off centre, a lamp's
+    # filament image, a flat-field that is not quite flat): a smooth correction from the
+    # substrate pixels around each point (normalised convolution), then the substrate again.
+    sigma = max(sh, sw) / 10.0
+    for _ in range(2):
+        weight = cv2.GaussianBlur(keep.astype(np.float32), (0, 0), sigma)
+        ratio = np.where(keep[..., None], small / surface, 0.0).astype(np.float32)
+        correction = cv2.GaussianBlur(ratio, (0, 0), sigma) / np.maximum(weight, 1e-6)[..., None]
+        correction = np.where(weight[..., None] > 0.05, correction, 1.0)
+        surface = np.maximum(surface * correction, 1.0).astype(np.float32)
+        near = np.all(np.abs(small - surface) <= np.maximum(2.0, tolerance * surface), axis=2) & lit
+        if near.sum() < 20:
+            break
+        keep = near
     colour = np.median(small[keep], axis=0)
     blind = np.zeros(3, dtype=bool)
     if np.isfinite(top):
