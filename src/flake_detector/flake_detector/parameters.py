@@ -72,6 +72,26 @@ class DetectorNodeParameters:
     diagnostics_period: float = param(1.0, 'seconds between /diagnostics messages', minimum=0.1, maximum=60.0)
 
 
+def _stem_material_error(name: str) -> str | None:
+    from flake_core.materials import stem_lattice
+    try:
+        stem_lattice(name)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _adf_detector_error(spec: str) -> str | None:
+    from flake_detector.defects.adf import detector_from
+    if not spec:
+        return None
+    try:
+        detector_from(spec)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 @dataclass(frozen=True)
 class DefectAnalyzerNodeParameters:
     """Parameters of the ``defect_analyzer_node`` node."""
@@ -90,6 +110,15 @@ class DefectAnalyzerNodeParameters:
     alpha: float = param(0.65, 'hexagonal-net casting W_U / W_H', minimum=0.3, maximum=1.0)
     beta: float = param(0.5, 'hexagonal-net casting H_U / H_H', minimum=0.3, maximum=1.0)
     diagnostics_period: float = param(1.0, 'seconds between /diagnostics messages', minimum=0.1, maximum=60.0)
+    material: str = param('mote2', '2H material of topic images and of requests that name none',
+                          validator=_stem_material_error)
+    detector: str = param('', 'annular detector of topic images and of requests that name none: haadf, maadf, '
+                          'laadf or INNER-OUTER mrad; empty = any (sublattices told apart by the image)',
+                          validator=_adf_detector_error)
+    files_dir: str = param('', 'folder that request.file paths are read from; empty = $FLAKE_DATA_DIR/stem',
+                           read_only=True)
+    max_queued_megabytes: int = param(512, 'decoded image bytes waiting for analysis before new work is refused',
+                                      minimum=16, maximum=65536, read_only=True)
 
 
 # Node name -> schema, for docs/parameters.md and the checks of config/*.yaml.
