@@ -17,6 +17,7 @@ from flake_core.node_tools import declare_parameters, run_node
 from flake_msgs.msg import StackLayer
 from flake_msgs.srv import GetStackRecipe
 from flake_registry import stacks
+from flake_registry.client import SERVICE_QOS
 from flake_registry.nodes.request_limits import check_message
 from flake_registry.parameters import StackRecipeNodeParameters
 from flake_registry.query import INTERNAL_ERROR, RegistryError
@@ -56,12 +57,12 @@ def answer_stack_recipe(store: FlakeStore, request: GetStackRecipe.Request, resp
     return response
 
 
-def add_stack_recipe_service(node: Node, store: FlakeStore, name: str = SERVICE_NAME, qos_profile=None):
-    """Serve GetStackRecipe on ``node`` from ``store``; returns the service."""
-    extra = {} if qos_profile is None else {'qos_profile': qos_profile}
+def add_stack_recipe_service(node: Node, store: FlakeStore, name: str = SERVICE_NAME, qos_profile=SERVICE_QOS):
+    """Serve GetStackRecipe on ``node`` from ``store`` with the registry's deep service QoS; returns the service."""
     return node.create_service(GetStackRecipe, name,
                                lambda request, response: answer_stack_recipe(store, request, response,
-                                                                             node.get_logger()), **extra)
+                                                                             node.get_logger()),
+                               qos_profile=qos_profile)
 
 
 class StackRecipeNode(Node):
