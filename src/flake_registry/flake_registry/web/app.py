@@ -40,7 +40,8 @@ from flake_registry.web.security import (
 )
 
 __all__ = ['create_app', 'is_loopback', 'main']
-MAX_MARKERS = 5000
+# The chip map's overview shows the best this many flakes; zooming in loads the visible region's best.
+MAX_MARKERS = 2000
 
 
 def create_app(db_path: str | os.PathLike, data_dir: str | os.PathLike, token: str | None = None, *,

@@ -6,7 +6,7 @@ from dataclasses import replace
 import math
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 import numpy as np
 
 from flake_core import materials
@@ -98,13 +98,14 @@ def chip_map_data(request: Request, scan_id: str = Query(..., min_length=1, max_
     minimum_radius = 0.004 * extent
     send_outlines = outlines and len(flakes) <= MAX_OUTLINES
     markers = []
-    for f in flakes:
-        u, v = to_view.apply(f.x, f.y)
+    scale = to_view.scale
+    centres = to_view.apply_points(np.array([(f.x, f.y) for f in flakes], dtype=np.float64).reshape(-1, 2))
+    for f, (u, v) in zip(flakes, np.round(centres, 2).tolist(), strict=True):
         name = LAYER_NAMES[f.layer_class]
-        marker = {'id': f.id, 'u': round(u, 2), 'v': round(v, 2), 'material': f.material,
+        marker = {'id': f.id, 'u': u, 'v': v, 'material': f.material,
                   'layer_class': f.layer_class, 'layer_name': name, 'score': f.score,
                   'thickness_nm': round(f.thickness_nm, 2),
-                  'r': round(max(math.sqrt(max(f.area, 0) / math.pi) * to_view.scale, minimum_radius), 2),
+                  'r': round(max(math.sqrt(max(f.area, 0) / math.pi) * scale, minimum_radius), 2),
                   'colour': materials.colour(f.material),
                   'fill': LAYER_STYLES[name]['fill'], 'stroke': LAYER_STYLES[name]['stroke']}
         if send_outlines and len(f.contour) >= 3:
@@ -115,9 +116,11 @@ def chip_map_data(request: Request, scan_id: str = Query(..., min_length=1, max_
     if meta is not None:
         mosaic = {'url': f'/scans/{scan_id}/mosaic.png', 'width': meta['width'], 'height': meta['height'],
                   'metres_per_pixel': meta.get('metres_per_pixel')}
-    return {'scan_id': scan_id, 'total': total or 0, 'markers': markers, 'mosaic': mosaic, 'view': view,
-            'to_view': to_view.as_list(), 'metres_per_view_unit': 1 / to_view.scale,
-            'region': list(base.region) if base.region else None, 'outlines': send_outlines}
+    # Plain JSON values throughout: a JSONResponse skips FastAPI's encoder, which took most of
+    # the time of 5 000 markers.
+    return JSONResponse({'scan_id': scan_id, 'total': total or 0, 'markers': markers, 'mosaic': mosaic, 'view': view,
+                         'to_view': to_view.as_list(), 'metres_per_view_unit': 1 / to_view.scale,
+                         'region': list(base.region) if base.region else None, 'outlines': send_outlines})
 
 
 @router.get('/scans/{scan_id}/mosaic.png', include_in_schema=False)

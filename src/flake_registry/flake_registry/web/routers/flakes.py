@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from flake_core import materials
 from flake_registry import labelling
@@ -68,8 +68,8 @@ def flakes_api(request: Request):
     """Flakes matching the browser's filters (areas in µm², distances in µm, thickness in nm; units accepted)."""
     query, _ = browser_query(request.query_params)
     result = web(request).store.query(query, contours=False)
-    return {'total': result.total, 'offset': query.offset, 'limit': query.limit,
-            'flakes': [flake_json(f) for f in result.flakes]}
+    return JSONResponse({'total': result.total, 'offset': query.offset, 'limit': query.limit,
+                         'flakes': [flake_json(f) for f in result.flakes]})
 
 
 def flake_history(request: Request, flake: FlakeRecord) -> list[dict[str, Any]]:
