@@ -54,6 +54,12 @@ def facility(region_mm: tuple[float, float, float, float]) -> int:
             microscopes.append(Microscope.parse(f'{name}:sim:{own}'))
 
         def scan(microscope):
+            try:
+                run(microscope)
+            except Exception as error:  # noqa: BLE001 - reported below
+                outcomes[microscope.name] = error
+
+        def run(microscope):
             camera = camera_parameters([config_dir() / 'camera_node.yaml', shared, Path(microscope.params_file)])
             wafer = sim_wafer(camera)
             corners = wafer.corner_positions_stage(noise_m=2e-6, seed=1)
@@ -62,7 +68,8 @@ def facility(region_mm: tuple[float, float, float, float]) -> int:
                                          registry_namespace='')
             outcomes[microscope.name] = (result, flakes, wafer)
 
-        with running_system(microscopes=microscopes, params_file=str(shared), log_dir=folder / 'logs', echo=False,
+        logs = Path(os.environ.get('FLAKE_BENCH_LOGS', folder / 'logs'))
+        with running_system(microscopes=microscopes, params_file=str(shared), log_dir=logs, echo=False,
                             only={'stage_node', 'camera_node', 'autofocus_node', 'scan_coordinator', 'tiler_node',
                                   'detector_node', 'registry_node'}):
             threads = [threading.Thread(target=scan, args=(m,)) for m in microscopes]
@@ -77,6 +84,9 @@ def facility(region_mm: tuple[float, float, float, float]) -> int:
           '| matched | precision | recall | thin (1-10 layers) matched/true | layer class right |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for microscope, seed in zip(microscopes, (7, 11), strict=True):
+        if isinstance(outcomes.get(microscope.name), Exception):
+            print(f'| /{microscope.name} | chip-{microscope.name} ({seed}) | failed: {outcomes[microscope.name]} |')
+            continue
         result, flakes, wafer = outcomes[microscope.name]
         truth, too_small = targets_in_region(wafer, *region)
         score = score_scan([FoundFlake(f.flake_id, f.material, f.layer_class, f.centre, f.area) for f in flakes],
