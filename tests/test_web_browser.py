@@ -103,7 +103,7 @@ def test_filter_then_flake_page_then_label(served, page):
     page.goto(f'{base}/flakes')
     assert page.locator('#thin-flakes .card').first.get_attribute('data-flake')  # thin flakes lead the page
     images_loaded(page)
-    shot(page, 'browser_thin_first')
+    shot(page, 'browser_thin_first', full_page=False)
     page.select_option('#f-material', 'hbn')
     page.check('input[name=layer_classes][value=few]')
     page.select_option('#f-sort', 'area')
@@ -228,6 +228,8 @@ def test_keyboard_labelling_grid_remembers_the_labeller(served, page):
     assert verdicts[ids[1]][0].startswith('reject:') and verdicts[ids[2]][0].endswith(':few')
     page.keyboard.press('u')                       # undo the last one
     page.wait_for_selector(f'.grid-card[data-flake="{ids[2]}"]:not(.labelled)')
+    undone = page.locator(f'.grid-card[data-flake="{ids[2]}"]')
+    assert undone.get_attribute('data-layer') == undone.locator('.card-layer').inner_text() != 'few'
     assert ids[2] not in {r['flake_id'] for r in labelling.latest_labels(store)}
     # Select two with the space bar, then reject both at once.
     page.keyboard.press('ArrowRight')
@@ -237,6 +239,7 @@ def test_keyboard_labelling_grid_remembers_the_labeller(served, page):
     page.keyboard.press('r')
     page.wait_for_function("() => document.getElementById('grid-message').textContent.startsWith('2 labels')")
     images_loaded(page)
+    page.evaluate('() => window.scrollTo(0, 0)')
     shot(page, 'labelling_grid', full_page=False)
     # The labeller is remembered on the next visit.
     page.goto(f'{base}/labels')

@@ -62,7 +62,11 @@
       card.classList.add('labelled');
       card.dataset.verdict = verdict;
       card.dataset.labelId = body.ids[i];
-      if (layerName) { card.dataset.layer = layerName; card.querySelector('.card-layer').textContent = layerName; }
+      if (layerName) {
+        if (!card.dataset.shownLayer) card.dataset.shownLayer = card.dataset.layer;
+        card.dataset.layer = layerName;
+        card.querySelector('.card-layer').textContent = layerName;
+      }
       card.querySelector('.verdict').textContent = `${verdict} · ${items[i].material} · ${items[i].layer_class}`;
       card.classList.toggle('verdict-reject', verdict === 'reject');
     });
@@ -80,6 +84,11 @@
       if (!response.ok) { say(window.flakeErrorText(await response.json()), true); return; }
     }
     for (const card of last.cards) {
+      if (card.dataset.shownLayer) {
+        card.dataset.layer = card.dataset.shownLayer;
+        card.querySelector('.card-layer').textContent = card.dataset.shownLayer;
+        delete card.dataset.shownLayer;
+      }
       card.classList.remove('labelled', 'verdict-reject');
       card.querySelector('.verdict').textContent = 'label withdrawn';
       delete card.dataset.labelId;
