@@ -106,7 +106,8 @@ class DetectorNode(Node):
         tmp = path.with_suffix('.part')
         tmp.write_bytes(serialize_message(msg))
         tmp.replace(path)  # a crash leaves either a whole file or a .part, never half a frame
-        self.get_logger().warn(f'detector queue full: frame spilled to {path}', throttle_duration_sec=5.0)
+        if self.context.ok():  # after Ctrl-C (close() spills the queue) there is no rosout to log to
+            self.get_logger().warn(f'detector queue full: frame spilled to {path}', throttle_duration_sec=5.0)
 
     def _on_change(self, changes: dict) -> None:
         if any(name in changes for name in ('backend', 'backend_params', *sum(BACKEND_PARAMS.values(), ()))):
@@ -141,6 +142,8 @@ class DetectorNode(Node):
             try:
                 self._process(msg)
             except Exception as exc:  # noqa: BLE001 - counted and reported, the node keeps going
+                if not self.context.ok():
+                    break  # Ctrl-C: the publisher is gone with the context
                 with self._lock:
                     self.counts['failed'] += 1
                     self.last_error = f'{type(exc).__name__}: {exc}'
