@@ -68,6 +68,8 @@ MODEL_SIGMA = 0.02
 # What the rim of a clipped flake tells of its colour's direction at best (radians):
 # the blend with a neighbour the substrate test lets through.
 DIRECTION_FLOOR = 0.01
+# Beyond this many foreground windows a frame is processed in one piece.
+BUSY_WINDOWS = 12
 # Where a flake's outline is drawn: the share of its own contrast a pixel must show (half:
 # the edge of a blurred step; see _half_contrast_edge).
 EDGE_FRACTION = 0.5
@@ -543,7 +545,9 @@ class OpticalDetector:
         coarse = work if factor == 1 else cv2.resize(work, (ww // factor, hw // factor),
                                                      interpolation=cv2.INTER_AREA)
         if background is None:
-            substrate = estimate_substrate(work, step=max(1, round(self.background_step * scale)), raw=raw_work)
+            # A smooth surface needs no more than ~160 coarse pixels a side, whatever the frame.
+            step = max(1, round(self.background_step * scale), math.ceil(max(hw, ww) / 160))
+            substrate = estimate_substrate(work, step=step, raw=raw_work)
             if not substrate.found:
                 return FrameResult([], funnel=[FunnelStage('no substrate in view', 0)],
                                    timings={'contrast': time.perf_counter() - t0})
@@ -575,6 +579,13 @@ class OpticalDetector:
         min_area = max(4, int(self.min_area_px * scale * scale))
         windows = self._foreground_windows(coarse, coarse_background, factor, (hw, ww), threshold, min_area,
                                            substrate.blind, off_chip)
+        if len(windows) > BUSY_WINDOWS:
+            # A busy frame (real chips carry debris everywhere): one pass over the whole frame
+            # costs less than many windows.
+            owned = np.zeros((hw, ww), dtype=bool)
+            for x0, y0, x1, y1, part in windows:
+                owned[y0:y1, x0:x1] |= part
+            windows = [(0, 0, ww, hw, owned)]
         t1 = time.perf_counter()
         detections: list[Detection] = []
         pixel_cov = np.eye(3) * noise ** 2
@@ -587,10 +598,17 @@ class OpticalDetector:
             foreground = ((magnitude_sq > threshold * threshold) & inside).astype(np.uint8)
             foreground = cv2.morphologyEx(foreground, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
             count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
-            for index in range(1, count):
-                if stats[index, cv2.CC_STAT_AREA] < min_area:
+            areas = stats[:, cv2.CC_STAT_AREA]
+            valid = np.nonzero(areas[1:] >= min_area)[0] + 1
+            candidates += len(valid)
+            small = valid[areas[valid] < 4 * min_area]
+            # Small components (most are debris) are settled together: one class each from their
+            # deepest pixels; those of no class that clip nothing are done with.
+            small_class = self._small_classes(labels, small, foreground, contrast, saturated, classifier)
+            for index in valid:
+                known = small_class.get(int(index))
+                if known is not None and known[0] < 0 and not known[1]:
                     continue
-                candidates += 1
                 x, y, bw, bh, _ = stats[index]
                 window = contrast[y:y + bh, x:x + bw]
                 censored = None if saturated is None else saturated[y:y + bh, x:x + bw]
@@ -614,8 +632,8 @@ class OpticalDetector:
                         kept.append(det)
                 detections.extend(kept)
                 if self.report_unknown:
-                    new = self._unknown_regions(component, kept, window, censored, magnitude, beside,
-                                                (x0 + x, y0 + y), noise, min_area, scale, tables)
+                    new = self._unknown_regions(region_map, region_class, core, component, window, censored,
+                                                magnitude, beside, (x0 + x, y0 + y), noise, min_area, scale, tables)
                     unknown += len(new)
                     detections.extend(new)
         if scale < 1.0:
@@ -724,6 +742,8 @@ class OpticalDetector:
         parts whose colour fits no class stay out (bulk crystals, residue). A sliver too thin
         for any plateau gets one class from its deepest pixels.
         """
+        if np.count_nonzero(component) < 4 * min_area:
+            return self._one_region(window, component, censored, classifier)
         smooth = cv2.GaussianBlur(window, (0, 0), 1.5)
         magnitude = np.sqrt(np.einsum('ijk,ijk->ij', smooth, smooth))
         slope = np.zeros(component.shape, np.float32)
@@ -738,13 +758,7 @@ class OpticalDetector:
         smallest = max(8, min_area // 4)
         large = np.nonzero(stats[1:, cv2.CC_STAT_AREA] >= smallest)[0] + 1
         if not len(large):
-            # A sliver too thin for a plateau: one class for the whole of it, from the pixels
-            # deepest inside (least mixed with the substrate).
-            depth = cv2.distanceTransform(component.astype(np.uint8), cv2.DIST_L2, 3)
-            deep = component & (depth >= depth.max() - 1.0)
-            flags = None if censored is None else (censored[deep].mean(axis=0) > 0.5)[None]
-            best = int(classifier.classify(np.median(window[deep], axis=0), flags)[0])
-            return np.where(component, 0, -1).astype(np.int32), np.array([best], dtype=np.int32), deep
+            return self._one_region(window, component, censored, classifier)
         # Seeds: 1 the substrate round the component, 2.. the plateaus.
         markers = np.zeros(component.shape, np.int32)
         markers[~cv2.dilate(component.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)] = 1
@@ -798,32 +812,96 @@ class OpticalDetector:
                 k = group[k]
             return k
 
+        # A part smaller than the smallest flake, or narrower than a rim, is a transition (a strip
+        # along a fold or a terrace step that happened to be flat): it joins the neighbour
+        # nearest in colour, so that what it parted comes together again.
+        sizes = np.bincount(np.maximum(markers, 0).ravel(), minlength=len(large) + 2)
+        # Width of each part: twice its deepest pixel's distance to another part or the outside.
+        inside = np.zeros(markers.shape, np.uint8)
+        centre = markers[1:-1, 1:-1]
+        inside[1:-1, 1:-1] = ((centre == markers[:-2, 1:-1]) & (centre == markers[2:, 1:-1])
+                              & (centre == markers[1:-1, :-2]) & (centre == markers[1:-1, 2:]))
+        depth = cv2.distanceTransform(inside, cv2.DIST_L2, 3)
+        deepest = np.zeros(len(large) + 2, np.float32)
+        np.maximum.at(deepest, np.maximum(markers, 0).ravel(), depth.ravel())
+        width = 2.0 * deepest + 1.0
+        minor = (sizes < min_area) | (width <= self.rim_width_px * max(scale, 0.5))
+        neighbours: dict[int, list[int]] = {}
         for a, b in pairs:
-            if part_class[a] < 0 or part_class[a] != part_class[b]:
+            neighbours.setdefault(a, []).append(b)
+            neighbours.setdefault(b, []).append(a)
+        for part in np.argsort(sizes):
+            if part < 2 or not minor[part] or part not in neighbours:
+                continue
+            major = [n for n in neighbours[part] if not minor[n]]
+            if major:
+                nearest = min(major, key=lambda n: float(np.linalg.norm(part_median[n] - part_median[part])))
+                group[root(part)] = root(nearest)
+        for a, b in pairs:
+            a, b = root(a), root(b)
+            if a == b or part_class[a] != part_class[b]:
                 continue
             difference = float(np.linalg.norm(part_median[a] - part_median[b]))
             if difference <= 2.0 * noise + 0.03 + 0.05 * float(np.linalg.norm(part_median[a])):
                 group[root(a)] = root(b)
         merged = np.array([root(k) for k in range(len(group))])
         parts = np.where((markers >= 2) & component, merged[np.maximum(markers, 0)], -1)
-        core = (keep[seeds] > 0) & (parts >= 0) & (part_class[np.maximum(parts, 0)] >= 0)
+        core = (keep[seeds] > 0) & (parts >= 0)
         region_map = np.full(component.shape, -1, dtype=np.int32)
         classes = []
         for part in np.unique(parts[parts >= 0]):
-            if part_class[part] < 0:
-                continue
             region_count, labels = cv2.connectedComponents((parts == part).astype(np.uint8), connectivity=4)
             for i in range(1, region_count):
                 region_map[labels == i] = len(classes)
                 classes.append(int(part_class[part]))
         return region_map, np.array(classes, dtype=np.int32), core
 
+    @staticmethod
+    def _small_classes(labels: np.ndarray, small: np.ndarray, foreground: np.ndarray, contrast: np.ndarray,
+                       saturated: np.ndarray | None, classifier: _PixelClassifier) -> dict[int, tuple[int, bool]]:
+        """(class, clips two or more channels) of each small component, from the median of its
+        deepest pixels, all components at once."""
+        if not len(small):
+            return {}
+        depth = cv2.distanceTransform(foreground, cv2.DIST_L2, 3)
+        deepest = np.zeros(int(labels.max()) + 1, np.float32)
+        np.maximum.at(deepest, labels.ravel(), depth.ravel())  # ufunc.at: far faster than a sort
+        chosen = np.zeros(len(deepest), dtype=bool)
+        chosen[small] = True
+        deep = chosen[labels] & (depth >= deepest[labels] - 1.0)
+        ids = labels[deep]
+        order = np.argsort(ids, kind='stable')
+        ids = ids[order]
+        values = contrast[deep][order]
+        flags = None if saturated is None else saturated[deep][order]
+        starts = np.searchsorted(ids, small)
+        ends = np.searchsorted(ids, small, side='right')
+        medians = np.array([np.median(values[a:b], axis=0) for a, b in zip(starts, ends, strict=True)])
+        votes = None
+        clipped = np.zeros(len(small), dtype=bool)
+        if flags is not None:
+            votes = np.array([flags[a:b].mean(axis=0) > 0.5 for a, b in zip(starts, ends, strict=True)])
+            clipped = votes.sum(axis=1) >= 2
+        classes = classifier.classify(medians, votes)
+        return {int(k): (int(c), bool(b)) for k, c, b in zip(small, classes, clipped, strict=True)}
+
+    @staticmethod
+    def _one_region(window: np.ndarray, component: np.ndarray, censored: np.ndarray | None,
+                    classifier: _PixelClassifier) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A component as one region, of the class of its deepest pixels (least mixed with the
+        substrate): a sliver too thin for a plateau, or a speck too small for two terraces."""
+        depth = cv2.distanceTransform(component.astype(np.uint8), cv2.DIST_L2, 3)
+        deep = component & (depth >= depth.max() - 1.0)
+        flags = None if censored is None else (censored[deep].mean(axis=0) > 0.5)[None]
+        best = int(classifier.classify(np.median(window[deep], axis=0), flags)[0])
+        return np.where(component, 0, -1).astype(np.int32), np.array([best], dtype=np.int32), deep
+
     def _regions(self, region_map: np.ndarray, region_class: np.ndarray, core: np.ndarray, window: np.ndarray,
                  censored: np.ndarray | None, origin, noise: float, min_area: int,
                  tables: _FrameTables) -> list[Detection]:
         out = []
         present = np.unique(region_map[region_map >= 0])
-        present = present[region_class[present] >= 0]
+        present = present[region_class[present] >= 0]  # regions of no class: _unknown_regions
         if not len(present):
             return out
         objects = ndimage.find_objects(np.where(region_map >= 0, region_map + 1, 0))
@@ -982,55 +1060,59 @@ class OpticalDetector:
                        'saturated_channels': int(flags.sum()), 'rim_pixels': int(rim.sum())}))
         return out
 
-    def _unknown_regions(self, component: np.ndarray, kept: list[Detection], window: np.ndarray,
-                         censored: np.ndarray | None, magnitude: np.ndarray, beside: np.ndarray, origin,
-                         noise: float, min_area: int, scale: float, tables: _FrameTables) -> list[Detection]:
-        """The parts of a foreground component that no reported region covers and whose colour
-        no class of any listed material (thicker ones included) explains within the gate:
-        material ``unknown``, with their contrast, unless they are lines or rims."""
-        covered = sum(det.area_px for det in kept)
-        if np.count_nonzero(component) - covered < min_area:
-            return []
-        rest = component & ~beside
-        for det in kept:
-            x, y, w, h = det.bbox
-            x, y = x - origin[0], y - origin[1]
-            rest[y:y + h, x:x + w] &= ~det.mask
-        rest = cv2.morphologyEx(rest.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(rest, connectivity=8)
+    def _unknown_regions(self, region_map: np.ndarray, region_class: np.ndarray, core: np.ndarray,
+                         component: np.ndarray, window: np.ndarray, censored: np.ndarray | None,
+                         magnitude: np.ndarray, beside: np.ndarray, origin, noise: float, min_area: int,
+                         scale: float, tables: _FrameTables) -> list[Detection]:
+        """Regions of a component whose colour no class of any listed material (thicker ones
+        included) explains within the gate: material ``unknown``, with their contrast, when
+        they look like a flake of some material: flat inside, not a line, not the rim of a
+        crystal, not beside the chip, and in a component at least four times the smallest
+        flake (a speck of unknown colour cannot be told from dust)."""
         out = []
-        for i in range(1, count):
-            if stats[i, cv2.CC_STAT_AREA] < min_area:
+        if np.count_nonzero(component) < 4 * min_area or not (region_class < 0).any():
+            return out
+        rim_width = self.rim_width_px * scale
+        for region_id in np.nonzero(region_class < 0)[0]:
+            where = region_map == region_id
+            if np.count_nonzero(where) < min_area:
                 continue
-            rx, ry, rw, rh, _ = stats[i]
-            region_window = window[ry:ry + rh, rx:rx + rw]
-            mask = _half_contrast_edge(labels[ry:ry + rh, rx:rx + rw] == i, region_window)
+            ys, xs = np.nonzero(where)
+            ry, rx = int(ys.min()), int(xs.min())
+            box = (slice(ry, int(ys.max()) + 1), slice(rx, int(xs.max()) + 1))
+            inner = where[box] & core[box]
+            crop = window[box]
+            mask = _half_contrast_edge(where[box] & ~beside[box], crop, crop[inner] if inner.sum() >= 8 else None)
+            area = int(mask.sum())
+            if area < min_area:
+                continue
             deep, depth = _deep_pixels(mask)
-            if mask.sum() < min_area or 2.0 * depth <= self.rim_width_px * scale:
-                continue  # too small or too thin to have an inside: a speck, a scratch
-            if mask.sum() > self.max_elongation * (2.0 * depth) ** 2:
-                continue  # a line: residue, the ring round a crystal
-            if _is_rim(mask, (rx, ry), component, magnitude, beside, window, noise, self.rim_width_px * scale):
-                continue
+            if 2.0 * depth <= rim_width or area > self.max_elongation * (2.0 * depth) ** 2:
+                continue  # too thin to have an inside, or a line: a scratch, residue, a crystal's ring
+            measured = deep & inner if (deep & inner).sum() >= 5 else deep
             flags = np.zeros(3, dtype=bool)
             if censored is not None:
-                flags = censored[ry:ry + rh, rx:rx + rw][deep].mean(axis=0) > 0.5
-            median = np.median(region_window[deep], axis=0)
-            if _flat_share(mask, region_window, median, noise) < 0.5:
-                continue  # no plateau: a speck, a smear, a gradient - not a flake of any colour
+                flags = censored[box][measured].mean(axis=0) > 0.5
+            median = np.median(crop[measured], axis=0)
             d2 = censored_mahalanobis_sq(median, self._all_means, tables.all_precisions, flags)[0]
             nearest = int(np.argmin(d2))
             if math.sqrt(float(d2[nearest])) <= self.gate_sigma:
                 continue  # a known class explains it (thicker than reported, or dropped for its shape)
-            area = int(mask.sum())
-            quality = region_quality(mask, region_window)
+            if inner.sum() < max(8, min_area // 4) and _flat_share(mask, crop, median, noise) < 0.5:
+                continue  # no plateau: a speck, a smear, a gradient - not a flake of any colour
+            if _is_rim(mask, (rx, ry), component, magnitude, beside, window, noise, rim_width):
+                continue
+            # Homogeneity from the pixels already measured (candidates are many on a real chip).
+            values = crop[measured]
+            strength = float(np.linalg.norm(median))
+            homogeneity = float(np.clip(1.0 - float(np.linalg.norm(values.std(axis=0))) / max(strength, 1e-6), 0, 1))
             size = 1.0 - math.exp(-area / (4.0 * min_area))
             owner = int(self._all_owner[nearest])
+            rh, rw = mask.shape
             out.append(Detection(
                 bbox=(origin[0] + rx, origin[1] + ry, rw, rh), mask=mask, material=materials.UNKNOWN,
                 score=float(0.5 * size), detector=self.name, model_version=self.model_version,
-                contrast=tuple(float(v) for v in median), homogeneity=quality['homogeneity'],
-                edge_straightness=quality['edge_straightness'],
+                contrast=tuple(float(v) for v in median), homogeneity=homogeneity,
                 extra={'mahalanobis': math.sqrt(float(d2[nearest])),
                        'nearest_material': self.calibrations[owner].material if owner >= 0 else 'thicker',
                        'saturated_channels': int(flags.sum()),

@@ -150,21 +150,21 @@ def _basis(sh: int, sw: int) -> np.ndarray:
 
 
 def _fit_surface(small: np.ndarray, keep: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    """Quadratic + r^4 surface per channel through the ``keep`` pixels, refitted on inliers."""
+    """Quadratic + r^4 surface per channel through the ``keep`` pixels, refitted on the
+    pixels that lie within 3 sigmas of it in every channel (one solve for all three)."""
     a = basis[keep].astype(np.float64)
     # With few or clustered pixels (a frame mostly off the chip), the r^4 and quadratic terms
     # are poorly pinned: a small ridge keeps them from swinging.
     ridge = 1e-9 if keep.mean() > 0.2 else 1e-3 * len(a)
-    surface = np.empty_like(small)
-    for c in range(3):
-        b = small[..., c][keep].astype(np.float64)
-        coef = _least_squares(a, b, ridge)
-        residual = np.abs(a @ coef - b)
-        inliers = residual <= max(1.0, 3.0 * 1.4826 * float(np.median(residual)))
-        if inliers.sum() >= 20:
-            coef = _least_squares(a[inliers], b[inliers], ridge)
-        surface[..., c] = basis @ coef.astype(np.float32)
-    return np.maximum(surface, 1.0)
+    b = small[keep].astype(np.float64)  # (N, 3)
+    coef = _least_squares(a, b, ridge)
+    residual = np.abs(a @ coef - b)
+    limit = np.maximum(1.0, 3.0 * 1.4826 * np.median(residual, axis=0))
+    inliers = np.all(residual <= limit, axis=1)
+    if inliers.sum() >= 20:
+        coef = _least_squares(a[inliers], b[inliers], ridge)
+    surface = (basis.reshape(-1, basis.shape[-1]) @ coef.astype(np.float32)).reshape(small.shape)
+    return np.maximum(surface, 1.0).astype(np.float32)
 
 
 def _least_squares(a: np.ndarray, b: np.ndarray, ridge: float) -> np.ndarray:
