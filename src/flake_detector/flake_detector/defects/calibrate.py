@@ -15,7 +15,7 @@ is decided on the image:
 3. otherwise the nearer expected ratio is assumed and the decision is reported as uncertain.
 
 Because the perfect lattice dominates, the typical signal of each sublattice's full columns
-(``filled_level``: the median above three quarters of the 90th percentile, which is the plain
+(``filled_level``: a median in a window about the full columns' level, which is the plain
 median when most columns are full) over a neighbourhood of about six lattice constants is the
 reference of that sublattice there;
 every column is divided by it, so a perfect cell reads (1, 1), a single chalcogen vacancy
@@ -148,17 +148,26 @@ def _decision(site, basis, p_ref, q_ref, expected, certain) -> SublatticeDecisio
 
 
 def filled_level(values: np.ndarray) -> float:
-    """Typical signal of a full column: the median of the values above 0.75 of the 90th percentile.
+    """Typical signal of a full column.
 
-    Equal to the plain median where the perfect lattice dominates, and still the full column's
-    level where many columns are empty or half-filled (the classifier's balanced training frames).
+    Start from the median of the values above 0.6 of the upper quartile (which skips empty and
+    half-filled columns even where they are many, as in the classifier's balanced training
+    frames), then take the median within +-40 % of it until it settles: a window symmetric about
+    the answer, so shot noise on faint columns does not bias it upwards.
     """
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return float('nan')
-    top = float(np.percentile(values, 90))
-    full = values[values >= 0.75 * top] if top > 0 else values
-    return float(np.median(full)) if len(full) else float(np.median(values))
+    top = float(np.percentile(values, 75))
+    if top <= 0:
+        return float(np.median(values))
+    centre = float(np.median(values[values >= 0.6 * top]))
+    for _ in range(4):
+        window = values[(values > 0.6 * centre) & (values < 1.4 * centre)]
+        if len(window) < 3:
+            break
+        centre = float(np.median(window))
+    return centre
 
 
 def _half_share(normalised: np.ndarray) -> float:
