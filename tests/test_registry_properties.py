@@ -17,12 +17,18 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+# Imported with the module, not inside a test: importing it mid-run (pytest rewrites
+# hypothesis's modules) met CPython 3.11's "AST constructor recursion depth mismatch"
+# about one run in eight, when the garbage collector ran finalisers during the parse.
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, rule
 import numpy as np
 import pytest
 from rclpy.serialization import serialize_message
 from registry_helpers import running_registry
 
 from flake_core.ros_image import numpy_to_image
+from flake_msgs.srv import MarkFlakeUsed, ReleaseFlake, ReserveFlake
 from flake_registry.client import RegistryClient, RegistryServiceError
 from flake_registry.store import FlakeStore, Sighting
 
@@ -219,7 +225,7 @@ _CLIENTS: list[RegistryClient] = []
 
 def _client() -> RegistryClient:
     if not _CLIENTS:
-        _CLIENTS.append(RegistryClient(robot_id='property-robot'))
+        _CLIENTS.append(RegistryClient(robot_id='property-robot', timeout=120.0))  # the timeout: a hang guard
     return _CLIENTS[0]
 
 
@@ -239,10 +245,6 @@ def test_the_registry_is_whole_afterwards(registry):
 
 
 def test_reserve_release_and_mark_used_follow_the_model(registry):
-    from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, rule
-
-    from flake_msgs.srv import MarkFlakeUsed, ReleaseFlake, ReserveFlake
-
     services = {name: callback for name, _, callback in registry_services(registry)}
     runs = iter(range(10_000))
 
@@ -268,7 +270,7 @@ def test_reserve_release_and_mark_used_follow_the_model(registry):
             flake = self.flakes[index]
             response = self.call('reserve_flake', ReserveFlake, flake_id=flake, robot_id=robot, lease=600.0)
             expected = {None: '', 'used': 'ALREADY_USED'}.get(self.state[flake], 'ALREADY_RESERVED')
-            assert response.error_code == expected
+            assert response.error_code == expected, (flake, self.state, response.message)
             if response.success:
                 self.state[flake] = response.token
             return response.token or 'forged'
@@ -279,7 +281,7 @@ def test_reserve_release_and_mark_used_follow_the_model(registry):
             held = self.state[flake]
             response = self.call('release_flake', ReleaseFlake, flake_id=flake, token=token)
             expected = 'NOT_RESERVED' if held in (None, 'used') else ('' if token == held else 'WRONG_TOKEN')
-            assert response.error_code == expected
+            assert response.error_code == expected, (flake, self.state, response.message)
             if response.success:
                 self.state[flake] = None
 
@@ -289,7 +291,7 @@ def test_reserve_release_and_mark_used_follow_the_model(registry):
             held = self.state[flake]
             response = self.call('mark_flake_used', MarkFlakeUsed, flake_id=flake, token=token, note='stack')
             expected = {None: 'NOT_RESERVED', 'used': 'ALREADY_USED'}.get(held, '' if token == held else 'WRONG_TOKEN')
-            assert response.error_code == expected
+            assert response.error_code == expected, (flake, self.state, response.message)
             if response.success:
                 self.state[flake] = 'used'
 
