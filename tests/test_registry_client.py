@@ -31,6 +31,8 @@ from flake_registry.store import FlakeStore, Sighting
 pytestmark = pytest.mark.ros
 
 UM = 1e-6
+# Calls wait this long before a test calls them hung: a guard, not a speed limit (loaded CI hosts).
+HANG_GUARD = 120.0
 DOC = Path(__file__).resolve().parents[1] / 'docs' / 'registry.md'
 SCRIPT_MARKER = '<!-- robot script: run as written by tests/test_registry_client.py -->'
 
@@ -53,7 +55,7 @@ def registry(ros, tmp_path_factory):
                      + [Sighting('chip-C', 'scan-C', x=i * 300 * UM, y=600 * UM, material=('hbn', 'mos2')[i % 2],
                                   layer_class=2, layers=4.0, score=0.5 + 0.01 * i, area=50 * UM * UM)
                         for i in range(50)])
-    with running_registry(path) as node, RegistryClient(robot_id='test-robot') as client:
+    with running_registry(path) as node, RegistryClient(robot_id='test-robot', timeout=HANG_GUARD) as client:
         yield node, client
 
 

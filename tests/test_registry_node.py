@@ -37,6 +37,8 @@ from flake_registry.client import (
 pytestmark = pytest.mark.ros
 
 UM = 1e-6
+# Calls wait this long before a test calls them hung: a guard, not a speed limit (loaded CI hosts).
+HANG_GUARD = 120.0
 MATERIALS = ('graphene', 'hbn', 'mos2')
 
 
@@ -74,7 +76,7 @@ class Listener:
 def registry(ros, tmp_path_factory):
     folder = tmp_path_factory.mktemp('registry')
     with running_registry(folder / 'registry.sqlite', diagnostics_period=0.2) as node, \
-            RegistryClient(robot_id='arm-1') as robot:
+            RegistryClient(robot_id='arm-1', timeout=HANG_GUARD) as robot:
         listener = Listener(ros, 'registry_test_listener')
         # Twelve flakes 200 um apart; the thirteenth is flake 0 again from the next tile,
         # the fourteenth has no finite position and is refused.
@@ -257,7 +259,7 @@ def test_eight_robots_racing_for_the_same_flakes_never_share_one(registry):
     contested = flake_ids(registry, material='mos2') + flake_ids(registry, material='graphene',
                                                                   statuses=['available'])
     assert len(contested) >= 6
-    robots = [RegistryClient(robot_id=f'robot-{i}') for i in range(8)]
+    robots = [RegistryClient(robot_id=f'robot-{i}', timeout=HANG_GUARD) for i in range(8)]
     results = [[] for _ in robots]
     start = threading.Barrier(len(robots))
 
