@@ -84,7 +84,7 @@ def populated(store):
 # -- schema -------------------------------------------------------------------
 
 def test_new_registry_has_current_schema(store):
-    assert store.schema_version == SCHEMA_VERSION == 6
+    assert store.schema_version == SCHEMA_VERSION == 7
     tables = set(store.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
             'labels', 'schema_version', 'flake_boxes', 'stack_recipes', 'wafer_frames'} <= tables
@@ -96,7 +96,7 @@ def test_new_registry_has_current_schema(store):
 
 def test_new_file_has_current_schema_wal_and_full_sync(tmp_path):
     store = FlakeStore(tmp_path / 'registry.sqlite')
-    assert store.schema_version == SCHEMA_VERSION == 6
+    assert store.schema_version == SCHEMA_VERSION == 7
     tables = set(store.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
             'labels', 'schema_version', 'flake_boxes', 'stack_recipes', 'wafer_frames'} <= tables
@@ -127,6 +127,7 @@ def test_version_1_file_is_migrated_and_keeps_its_flakes(tmp_path):
     with FlakeStore(path) as new:
         assert new.schema_version == SCHEMA_VERSION
         assert new.get_flake(flake_id).flake.area == pytest.approx(1e-10)
+        assert new.query(FlakeQuery()).total == new.query(FlakeQuery(chip_id='chip-1')).total == 1
         label_id = new.add_label('monolayer', 'alice', flake_id=flake_id)
         assert new.labels(flake_id) == [{'id': label_id, 'flake_id': flake_id, 'crop_path': None,
                                          'label': 'monolayer', 'labelled_by': 'alice',
@@ -257,6 +258,10 @@ def test_nearby_distinct_flakes_other_chips_and_bad_input_stay_apart(store):
     assert 'x is not finite' in outcomes[3].error and 'material' in outcomes[4].error
     assert outcomes[5].flake_id == outcomes[0].flake_id
     assert len({o.flake_id for o in outcomes if o.flake_id}) == 3
+    # Totals of unfiltered and chip-only queries come from the chips' counts of flakes.
+    assert store.query(FlakeQuery()).total == store.count() == 3
+    assert [store.query(FlakeQuery(chip_id=chip)).total for chip in ('chip-1', 'chip-2', 'none')] == [2, 1, 0]
+    assert [c['flakes'] for c in store.chips()] == [2, 1]
     assert store.count() == 3
 
 

@@ -305,7 +305,7 @@ class PostgresDatabase:
         self.synchronous = synchronous
         # No pre-ping (a round trip before every transaction): a pooled connection whose
         # server process has ended fails its first statement, which is then tried again
-        # on a fresh connection (_first_statement).
+        # on a fresh connection (_checkout, PostgresTransaction._run).
         self.engine = create_engine(sa_url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=False,
                                     pool_timeout=60, connect_args={'connect_timeout': int(connect_timeout_s),
                                                                    'application_name': 'flake_registry'})

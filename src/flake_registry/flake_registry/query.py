@@ -218,6 +218,11 @@ class FlakeQuery:
         return replace(self, materials=materials, layer_classes=tuple(int(v) for v in self.layer_classes),
                        statuses=tuple(int(v) for v in self.statuses))
 
+    def filters_only_chip(self) -> bool:
+        """True when nothing but ``chip_id`` (or nothing at all) narrows the matches."""
+        return self == FlakeQuery(chip_id=self.chip_id, sort_by=self.sort_by, ascending=self.ascending,
+                                  limit=self.limit, offset=self.offset, near=self.near)
+
     def where_sql(self, now: float, dialect: str = 'sqlite') -> tuple[str, dict[str, Any]]:
         """The WHERE clause (without the keyword) and its named parameters, for SQLite or PostgreSQL."""
         clauses: list[str] = []

@@ -147,8 +147,15 @@ def _migration_6(tx: Transaction) -> None:
     tx.execute('ALTER TABLE chips DROP COLUMN stage_to_wafer')
 
 
+
+def _migration_7(tx: Transaction) -> None:
+    """Flakes per chip kept with the chip: exact totals of unfiltered and chip-only queries without a count."""
+    tx.execute('ALTER TABLE chips ADD COLUMN n_flakes INTEGER NOT NULL DEFAULT 0')
+    tx.execute('UPDATE chips SET n_flakes = (SELECT COUNT(*) FROM flakes f WHERE f.chip_id = chips.id)')
+
+
 MIGRATIONS: tuple[Callable[[Transaction], None], ...] = (
-    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6)
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6, _migration_7)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -218,8 +218,7 @@ class FlakeStore:
     def chips(self) -> list[dict[str, Any]]:
         """Every chip: id, note, times, number of flakes."""
         with self.snapshot() as tx:
-            rows = tx.all('SELECT c.id, c.note, c.created, c.updated, '
-                          '(SELECT COUNT(*) FROM flakes f WHERE f.chip_id = c.id) AS flakes FROM chips c ORDER BY c.id')
+            rows = tx.all('SELECT id, note, created, updated, n_flakes AS flakes FROM chips ORDER BY id')
         return [dict(row) for row in rows]
 
     def record_frame(self, scan_id: str, tile_index: int, pixel_to_wafer: Sequence[float], width: int,
@@ -255,7 +254,8 @@ class FlakeStore:
         """Store one batch in one transaction, merging sightings of flakes already known (see ``ingest``)."""
         sightings = list(sightings)
         with self.transaction(self.ingest_synchronous) as tx:
-            return ingest_module.ingest(tx, sightings, self.merge_rule, self.clock())
+            return ingest_module.ingest(tx, sightings, self.merge_rule, self.clock(),
+                                        count_per_chip=self.schema_version >= 7)
 
     # -- reading --------------------------------------------------------------------
 

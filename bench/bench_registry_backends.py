@@ -1,0 +1,436 @@
+"""Flake registry on SQLite and on PostgreSQL, side by side in one run.
+
+Prints Markdown tables:
+- ingest flakes/s with 1 and with 4 scanners writing at once (each its own process and
+  chip, real merging; target >= 2000 flakes/s per scanner);
+- reservations with 8 robots racing for the same flakes (each its own process): claims
+  per second and one winner per flake;
+- queries of 100-flake answers at 100 000 and 1 000 000 flakes: FlakeStore.query in
+  process, and QueryFlakes through registry_node's ROS service (target p99 < 20 ms).
+
+The large registries are filled by one SQL statement per 100 000 rows (the same rows
+ingest would write, without merging), since ingesting a million flakes through the
+merge path twice would take most of an hour on two cores; ingest is measured on its own.
+PostgreSQL is Debian's server started by flake_registry.pg_server in a temporary folder.
+
+Usage: python bench/bench_registry_backends.py [--sizes 100000,1000000] [--calls 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+from pathlib import Path
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from flake_core.materials import LAYER_FEW, LAYER_MONO, LAYER_THICK
+from flake_registry.pg_server import TemporaryPostgres
+from flake_registry.query import FlakeQuery, RegistryError
+from flake_registry.store import FlakeStore, Sighting
+
+UM, MM = 1e-6, 1e-3
+CHIP_SIZE = 10 * MM
+MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2')
+FLAKES_PER_CHIP = 5000  # as bench_registry.py: 5000 flakes on a 1 cm^2 chip, dense yet realistic
+
+QUERIES = {
+    'material + layer class, by score': dict(materials=('graphene',), layer_classes=(LAYER_MONO,)),
+    'material + layers 2-5, by score': dict(materials=('hbn',), layers_min=2.0, layers_max=5.0),
+    'chip + min score, by score': dict(chip_id='chip-1', min_score=0.9),
+    'chip + region 1 x 1 mm': dict(chip_id='chip-1', region=(4 * MM, 4 * MM, 5 * MM, 5 * MM)),
+    'chip + within 300 um, by distance': dict(chip_id='chip-1', near=(5 * MM, 5 * MM), max_distance=300 * UM,
+                                              sort_by='distance'),
+    'everything, by score': dict(),
+}
+
+
+def sightings(count: int, seed: int, chip: str) -> list[Sighting]:
+    """Flakes spread over one 10 mm chip with 8-point outlines, thin flakes rare (as bench_registry.py)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        x, y = rng.uniform(0, CHIP_SIZE), rng.uniform(0, CHIP_SIZE)
+        radius = rng.uniform(2, 40) * UM
+        layers = max(1.0, round(rng.lognormvariate(2.5, 1.2)))
+        layer_class = LAYER_MONO if layers == 1 else LAYER_FEW if layers <= 10 else LAYER_THICK
+        contour = [(x + radius * math.cos(a) * rng.uniform(0.7, 1.0), y + radius * math.sin(a) * rng.uniform(0.7, 1.0))
+                   for a in (k * math.pi / 4 for k in range(8))]
+        out.append(Sighting(chip_id=chip, scan_id=f'scan-{chip}', tile_index=i // 100, x=x, y=y,
+                            material=MATERIALS[rng.randrange(4)], layer_class=layer_class, layers=layers,
+                            layers_std=0.3, thickness_nm=0.34 * layers, score=rng.random(), detector='contrast',
+                            model_version='bench', contour=contour, area=2.6 * radius * radius,
+                            bbox_px=(rng.randrange(2000), rng.randrange(2000), 40, 40), homogeneity=rng.random(),
+                            stamp=time.time()))
+    return out
+
+
+# -- worker processes ------------------------------------------------------------------
+
+
+def worker_ingest(url: str, chip: str, count: int, seed: int) -> None:
+    batch = sightings(count, seed, chip)
+    with FlakeStore(url) as store:
+        print('READY', flush=True)
+        sys.stdin.readline()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i in range(0, len(batch), 100):
+            store.ingest(batch[i:i + 100])
+        print('DONE', len(batch), time.perf_counter() - wall, time.process_time() - cpu, flush=True)
+
+
+def worker_reserve(url: str, robot: str, seed: int) -> None:
+    with FlakeStore(url) as store:
+        with store.snapshot() as tx:
+            flake_ids = [row['id'] for row in tx.all("SELECT id FROM flakes WHERE chip_id = 'race' ORDER BY pk")]
+        random.Random(seed).shuffle(flake_ids)
+        print('READY', flush=True)
+        sys.stdin.readline()
+        won, wall, cpu = [], time.perf_counter(), time.process_time()
+        for flake_id in flake_ids:
+            try:
+                won.append(store.reserve(flake_id, robot, 600.0).flake_id)
+            except RegistryError:
+                pass
+        print('DONE', len(flake_ids), time.perf_counter() - wall, time.process_time() - cpu, *won, flush=True)
+
+
+def run_workers(commands: list[list[str]]) -> list[list[str]]:
+    """Start worker processes, release them together, return each one's DONE line (split)."""
+    processes = [subprocess.Popen([sys.executable, __file__, *command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True) for command in commands]
+    for process in processes:
+        assert process.stdout.readline().strip() == 'READY'
+    for process in processes:
+        process.stdin.write('go\n')
+        process.stdin.flush()
+    results = []
+    for process in processes:
+        line = process.stdout.readline().split()
+        assert line and line[0] == 'DONE', line
+        results.append(line[1:])
+        process.wait(timeout=600)
+    return results
+
+
+# -- registries --------------------------------------------------------------------------
+
+
+class Backends:
+    """A fresh registry on either backend for each measurement."""
+
+    def __init__(self, folder: Path, server: TemporaryPostgres):
+        self.folder, self.server, self.count = folder, server, 0
+
+    def new(self, backend: str) -> str:
+        self.count += 1
+        if backend == 'sqlite':
+            return str(self.folder / f'registry_{self.count}.sqlite')
+        return self.server.create_database(f'registry_{self.count}')
+
+
+def fill(url: str, flakes: int, seed: int) -> None:
+    """Add ``flakes`` flakes, 5000 per chip, with one INSERT ... SELECT per 100 000 rows."""
+    chips = max(1, flakes // FLAKES_PER_CHIP)
+    with FlakeStore(url) as store:
+        postgres = store.dialect == 'postgresql'
+        done = 0
+        while done < flakes:
+            chunk = min(100_000, flakes - done)
+            with store.transaction('NORMAL') as tx:
+                first = int(tx.scalar('SELECT COALESCE(MAX(pk), 0) FROM flakes')) + 1
+                if postgres:
+                    tx.execute(f"SELECT setval('flake_pk_seq', {first + chunk})")
+                    series = f'SELECT g AS pk, random() AS r1, random() AS r2, random() AS r3, random() AS r4, ' \
+                             f'random() AS r5 FROM generate_series({first}, {first + chunk - 1}) AS g'
+                    lpad = "'F' || lpad(pk::text, 7, '0')"
+                    mod = 'mod(pk, {n})'
+                else:
+                    rnd = '((random() + 9223372036854775808.0) / 18446744073709551616.0)'
+                    series = (f'WITH RECURSIVE s(pk) AS (SELECT {first} UNION ALL SELECT pk + 1 FROM s '
+                              f'WHERE pk < {first + chunk - 1}) SELECT pk, {rnd} AS r1, {rnd} AS r2, {rnd} AS r3, '
+                              f'{rnd} AS r4, {rnd} AS r5 FROM s')
+                    lpad = "printf('F%07d', pk)"
+                    mod = '(pk % {n})'
+                whole = 'floor({})' if postgres else 'CAST({} AS INTEGER)'
+                layers = (f'CASE WHEN r4 < 0.15 THEN 1 WHEN r4 < 0.5 THEN 2 + {whole.format("r4 * 16")} '
+                          f'ELSE 11 + {whole.format("r4 * 90")} END')
+                chip = "'chip-' || " + (f"({mod.format(n=chips)})::text" if postgres
+                                        else f"CAST({mod.format(n=chips)} AS TEXT)")
+                material = ("(ARRAY['graphene','hbn','mos2','wte2'])[1 + " + mod.format(n=4) + ']' if postgres else
+                            "CASE " + mod.format(n=4) + " WHEN 0 THEN 'graphene' WHEN 1 THEN 'hbn' WHEN 2 THEN 'mos2' "
+                            "ELSE 'wte2' END")
+                tx.execute(
+                    'INSERT INTO flakes (pk, id, chip_id, scan_id, tile_index, material, layer_class, layers, '
+                    'layers_std, thickness_nm, thickness_nm_std, score, detector, model_version, x, y, contour, area, '
+                    'bbox_px, homogeneity, isolation_distance, edge_straightness, status, n_observations, created, '
+                    'updated, detected_at) '
+                    f'SELECT pk, {lpad}, {chip}, {chip}, 0, {material}, '
+                    f'CASE WHEN ({layers}) = 1 THEN {LAYER_MONO} WHEN ({layers}) <= 10 THEN {LAYER_FEW} '
+                    f'ELSE {LAYER_THICK} END, {layers}, 0.3, 0.34 * ({layers}), 0.1, r3, \'contrast\', \'fill\', '
+                    f'r1 * {CHIP_SIZE}, r2 * {CHIP_SIZE}, NULL, (2 + 38 * r5) * (2 + 38 * r5) * 2.6e-12, '
+                    "'[0, 0, 40, 40]', r5, 0.0, 0.0, 1, 1, 0.0, 0.0, 0.0 FROM (" + series + ') AS rows')
+                # Half the side of the flake's square: (2 + 38 r5) um * 0.8 (homogeneity holds r5).
+                half = '(2 + 38 * homogeneity) * 0.8e-6'
+                tx.execute(f'INSERT INTO flake_boxes (id, min_x, max_x, min_y, max_y) SELECT pk, x - {half}, '
+                           f'x + {half}, y - {half}, y + {half} FROM flakes WHERE pk >= ?', (first,))
+            done += chunk
+        with store.transaction() as tx:
+            tx.execute('INSERT INTO chips (id, created, updated, n_flakes) SELECT chip_id, 0.0, 0.0, COUNT(*) '
+                       'FROM flakes GROUP BY chip_id ON CONFLICT (id) DO UPDATE SET n_flakes = excluded.n_flakes')
+            if not postgres:
+                tx.execute('ANALYZE')
+    if postgres:
+        import psycopg
+
+        # What autovacuum does after a bulk load: statistics and the visibility map
+        # (index-only scans read no table pages).
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute('VACUUM ANALYZE')
+
+
+def measure_ingest(backends: Backends, backend: str, writers: int, count: int) -> tuple[float, float, float, float]:
+    """Per scanner flakes/s (wall, slowest), all scanners flakes/s (wall), and CPU ms per 1000 flakes
+    of the scanners' processes and of the database server (PostgreSQL; SQLite runs inside the scanners)."""
+    url = backends.new(backend)
+    FlakeStore(url).close()  # migrated before the writers start
+    server_before = server_cpu(backends.server) if backend == 'postgresql' else 0.0
+    results = run_workers([['ingest', url, f'scanner-{i}', str(count), str(i)] for i in range(writers)])
+    server_ms = ((server_cpu(backends.server) - server_before) if backend == 'postgresql' else 0.0) * 1e3
+    walls = [float(r[1]) for r in results]
+    client_ms = sum(float(r[2]) for r in results) * 1e3
+    flakes = writers * count
+    return count / max(walls), flakes / max(walls), client_ms / flakes * 1e3, server_ms / flakes * 1e3
+
+
+def measure_reservations(backends: Backends, backend: str, robots: int, flakes: int) -> tuple[float, float, bool,
+                                                                                            float]:
+    """(claim attempts per second over all robots, won reservations per second, one winner per flake,
+    CPU ms per attempt of robots and server together)."""
+    url = backends.new(backend)
+    with FlakeStore(url) as store:
+        store.ingest([Sighting('race', 'race', x=i * 100 * UM, y=0.0, material='graphene', area=1e-10)
+                      for i in range(flakes)])
+    server_before = server_cpu(backends.server) if backend == 'postgresql' else 0.0
+    results = run_workers([['reserve', url, f'robot-{i}', str(i)] for i in range(robots)])
+    server_s = (server_cpu(backends.server) - server_before) if backend == 'postgresql' else 0.0
+    wall = max(float(r[1]) for r in results)
+    client_s = sum(float(r[2]) for r in results)
+    won = [flake for r in results for flake in r[3:]]
+    one_each = len(won) == len(set(won)) == flakes
+    with FlakeStore(url) as store:
+        holders = {r['flake_id'] for r in store.reservations()}
+    attempts = robots * flakes
+    return attempts / wall, len(won) / wall, one_each and holders == set(won), (client_s + server_s) / attempts * 1e3
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a process so far (Linux /proc); with its reaped children's."""
+    try:
+        fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
+    return ticks / os.sysconf('SC_CLK_TCK')
+
+
+def server_cpu(server: TemporaryPostgres) -> float:
+    """CPU seconds of the whole PostgreSQL server so far: postmaster, its live processes, the ended ones."""
+    postmaster = int(Path(server.folder, 'data', 'postmaster.pid').read_text().split()[0])
+    total = cpu_seconds(postmaster, children=True)
+    for entry in Path('/proc').iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / 'stat').read_text().rsplit(')', 1)[1].split()[1]) == postmaster:
+                    total += cpu_seconds(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return total
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(math.ceil(q * len(values))) - 1)]
+
+
+def store_latencies(url: str, calls: int, server: TemporaryPostgres) -> dict[str, tuple[float, float, int, float]]:
+    """Per query: p50, p99 [ms] of FlakeStore.query (no outlines, as the node asks), matches, and CPU ms
+    per call of this process plus, on PostgreSQL, of the server process that answered."""
+    out = {}
+    with FlakeStore(url) as store:
+        backend_pid = None
+        if store.dialect == 'postgresql':
+            with store.snapshot(single_statement=True) as tx:
+                backend_pid = tx.scalar('SELECT pg_backend_pid()')
+        for name, fields in QUERIES.items():
+            query = FlakeQuery(limit=100, **fields)
+            store.query(query, contours=False)
+            latencies = []
+            cpu, server_before = time.process_time(), cpu_seconds(backend_pid) if backend_pid else 0.0
+            for _ in range(calls):
+                start = time.perf_counter()
+                result = store.query(query, contours=False)
+                latencies.append((time.perf_counter() - start) * 1e3)
+            cpu = time.process_time() - cpu + ((cpu_seconds(backend_pid) - server_before) if backend_pid else 0.0)
+            out[name] = (statistics.median(latencies), percentile(latencies, 0.99), result.total, cpu / calls * 1e3)
+    return out
+
+
+def service_latencies(url: str, calls: int, server_pg: TemporaryPostgres) -> dict[str, tuple[float, float, float]]:
+    """Per query: p50, p99 [ms] of QueryFlakes round trips to registry_node in its own process, and CPU ms per
+    call of registry_node and of the database server (PostgreSQL)."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    from flake_msgs.srv import QueryFlakes
+    from flake_registry.client import SERVICE_QOS
+
+    where = f'database_url:={url}' if url.startswith('postgresql') else f'database_path:={url}'
+    server = subprocess.Popen([sys.executable, '-m', 'flake_registry.nodes.registry_node', '--ros-args', '-p', where,
+                               '-p', 'diagnostics_period:=5.0'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rclpy.init()
+    node = rclpy.create_node('bench_backends_client')
+    client = node.create_client(QueryFlakes, '/registry/query_flakes', qos_profile=SERVICE_QOS)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+
+    def call(request):
+        future = client.call_async(request)
+        executor.spin_until_future_complete(future, timeout_sec=20.0)
+        if not future.done():
+            client.remove_pending_request(future)
+            return None
+        return future.result()
+
+    out = {}
+    try:
+        assert client.wait_for_service(timeout_sec=120.0), 'registry_node did not come up'
+        for _ in range(20):
+            if call(QueryFlakes.Request(limit=1)) is not None:
+                break
+        gc.freeze()  # as docs/registry.md advises Python robot clients
+        for name, fields in QUERIES.items():
+            request = QueryFlakes.Request(limit=100)
+            if 'materials' in fields:
+                request.material = fields['materials'][0]
+            for key in ('chip_id', 'min_score', 'layers_min', 'layers_max', 'sort_by', 'max_distance'):
+                if key in fields:
+                    setattr(request, key, fields[key])
+            request.layer_classes = list(fields.get('layer_classes', ()))
+            if 'region' in fields:
+                request.use_region = True
+                request.region_min_x, request.region_min_y, request.region_max_x, request.region_max_y = \
+                    fields['region']
+            if 'near' in fields:
+                request.use_distance = True
+                request.near.x, request.near.y = fields['near']
+            call(request)
+            latencies = []
+            postgres = url.startswith('postgresql')
+            cpu = cpu_seconds(server.pid) + (server_cpu(server_pg) if postgres else 0.0)
+            for _ in range(calls):
+                start = time.perf_counter()
+                response = call(request)
+                latencies.append((time.perf_counter() - start) * 1e3)
+                assert response is not None and response.success, (name, response and response.message)
+            cpu = cpu_seconds(server.pid) + (server_cpu(server_pg) if postgres else 0.0) - cpu
+            out[name] = (statistics.median(latencies), percentile(latencies, 0.99), cpu / calls * 1e3)
+    finally:
+        gc.unfreeze()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--sizes', default='100000,1000000', help='registry sizes for the query tables')
+    parser.add_argument('--calls', type=int, default=100, help='calls per query kind')
+    parser.add_argument('--ingest', type=int, default=10_000, help='sightings per scanner in the ingest tables')
+    parser.add_argument('--skip-service', action='store_true', help='leave out the ROS service round trips')
+    args = parser.parse_args()
+    sizes = [int(v) for v in args.sizes.split(',') if v]
+    backends_names = ('sqlite', 'postgresql')
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix='bench_backends_') as folder, TemporaryPostgres() as server:
+        backends = Backends(Path(folder), server)
+        print('ingest ...', file=sys.stderr, flush=True)
+        ingest = {}
+        for writers in (1, 4):
+            for backend in backends_names:  # interleaved: both backends see the same machine load
+                ingest[(backend, writers)] = measure_ingest(backends, backend, writers, args.ingest)
+        print('reservations ...', file=sys.stderr, flush=True)
+        races = {backend: measure_reservations(backends, backend, 8, 300) for backend in backends_names}
+        queries = {}
+        for size in sizes:
+            for backend in backends_names:
+                print(f'{backend}: filling {size} flakes ...', file=sys.stderr, flush=True)
+                url = backends.new(backend)
+                fill_start = time.perf_counter()
+                fill(url, size, seed=size)
+                fill_s = time.perf_counter() - fill_start
+                core = store_latencies(url, args.calls, server)
+                service = {} if args.skip_service else service_latencies(url, args.calls, server)
+                queries[(backend, size)] = (core, service, fill_s)
+                load.append(os.getloadavg()[0])
+
+    print('\n### Flake registry: SQLite and PostgreSQL side by side\n')
+    print(f'Load average (1 min) {min(load):.1f}-{max(load):.1f} during the run, on {os.cpu_count()} CPUs '
+          f'(shared machine); PostgreSQL {server.bin.parent.name} on the same machine.\n')
+    print(f'| ingest ({args.ingest} sightings per scanner, batches of 100) | backend | flakes/s per scanner '
+          '(wall, slowest) | flakes/s all scanners (wall) | CPU ms per 1000 flakes: scanners | CPU ms per 1000 '
+          'flakes: server | flakes per CPU second (scanners + server) |')
+    print('|---|---|---:|---:|---:|---:|---:|')
+    for (backend, writers), (per, total, client_ms, server_ms) in ingest.items():
+        print(f'| {writers} scanner{"s" if writers > 1 else ""} at once | {backend} | {per:.0f} | {total:.0f} | '
+              f'{client_ms:.0f} | {server_ms:.0f} | {1e6 / (client_ms + server_ms):.0f} |')
+    print('\n| 8 robots racing for the same 300 flakes (own processes, FlakeStore.reserve) | backend | attempts/s '
+          '| reservations won/s | one winner per flake | CPU ms per attempt (robots + server) |')
+    print('|---|---|---:|---:|---|---:|')
+    for backend, (attempts, won, one_each, cpu_ms) in races.items():
+        print(f'| 2400 attempts | {backend} | {attempts:.0f} | {won:.0f} | {"yes" if one_each else "NO"} | '
+              f'{cpu_ms:.2f} |')
+    for size in sizes:
+        print(f'\n| {size} flakes: 100-flake answers ({args.calls} calls) | matches | store p50 / p99 ms SQLite '
+              '| store p50 / p99 ms PostgreSQL | store CPU ms/call SQLite | store CPU ms/call PostgreSQL (client + '
+              'server) | QueryFlakes p50 / p99 ms SQLite | QueryFlakes p50 / p99 ms PostgreSQL | registry CPU '
+              'ms/call SQLite | registry CPU ms/call PostgreSQL (node + server) |')
+        print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+        sq_core, sq_service, _ = queries[('sqlite', size)]
+        pg_core, pg_service, _ = queries[('postgresql', size)]
+
+        def pair(values):
+            return f'{values[0]:.2f} / {values[1]:.2f}' if values else '-'
+
+        def cpu(values):
+            return f'{values[-1]:.2f}' if values else '-'
+        for name in QUERIES:
+            print(f'| {name} | {sq_core[name][2]} | {pair(sq_core[name])} | {pair(pg_core[name])} | '
+                  f'{cpu(sq_core[name])} | {cpu(pg_core[name])} | {pair(sq_service.get(name))} | '
+                  f'{pair(pg_service.get(name))} | {cpu(sq_service.get(name))} | {cpu(pg_service.get(name))} |')
+        print(f'\nFilled by SQL in {queries[("sqlite", size)][2]:.0f} s (SQLite) and '
+              f'{queries[("postgresql", size)][2]:.0f} s (PostgreSQL).')
+    return 0
+
+
+if __name__ == '__main__':
+    if len(sys.argv) > 1 and sys.argv[1] == 'ingest':
+        worker_ingest(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif len(sys.argv) > 1 and sys.argv[1] == 'reserve':
+        worker_reserve(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        sys.exit(main())
