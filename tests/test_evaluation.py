@@ -69,7 +69,7 @@ def test_ap_drops_when_localisation_is_poor():
     assert ap['AP75'] == pytest.approx(0.0)
 
 
-def test_per_image_precision_recall_as_seed_001_defines_it():
+def test_per_image_precision_recall_as_masubuchi_2020_defines_it():
     gt = _gt([_gt_ann(1, 1, (10, 10, 20, 20)),  # image 1: found
               _gt_ann(2, 2, (10, 10, 20, 20)),  # image 2: detection in the wrong place
               _gt_ann(3, 3, (10, 10, 20, 20))],  # image 3: nothing detected

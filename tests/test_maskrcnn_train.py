@@ -119,7 +119,7 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
-def test_weighted_loss_uses_seed_001_weights():
+def test_weighted_loss_uses_masubuchi_2020_weights():
     losses = {'loss_classifier': torch.tensor(1.0), 'loss_box_reg': torch.tensor(2.0),
               'loss_mask': torch.tensor(3.0), 'loss_objectness': torch.tensor(4.0)}
     assert float(train.weighted_loss(losses)) == pytest.approx(0.6 + 2 + 3 + 4)
