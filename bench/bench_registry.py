@@ -102,8 +102,8 @@ def service_latencies(path: Path, calls: int, seed: int, cache_size: int,
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
+    from flake_core.node_tools import SERVICE_QOS
     from flake_msgs.srv import QueryFlakes
-    from flake_registry.nodes.registry_node import SERVICE_QOS
 
     server = subprocess.Popen([sys.executable, '-m', 'flake_registry.nodes.registry_node', '--ros-args',
                                '-p', f'database_path:={path}', '-p', 'diagnostics_period:=5.0',

@@ -289,8 +289,8 @@ def service_latencies(url: str, calls: int, server_pg: TemporaryPostgres) -> dic
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
+    from flake_core.node_tools import SERVICE_QOS
     from flake_msgs.srv import QueryFlakes
-    from flake_registry.client import SERVICE_QOS
 
     where = f'database_url:={url}' if url.startswith('postgresql') else f'database_path:={url}'
     server = subprocess.Popen([sys.executable, '-m', 'flake_registry.nodes.registry_node', '--ros-args', '-p', where,

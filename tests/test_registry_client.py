@@ -10,10 +10,10 @@ import threading
 import pytest
 from registry_helpers import running_registry
 
+from flake_core.node_tools import SERVICE_QOS
 from flake_msgs.msg import Flake
 from flake_registry import stacks
 from flake_registry.client import (
-    SERVICE_QOS,
     AlreadyReservedError,
     AlreadyUsedError,
     InvalidArgumentError,
@@ -59,12 +59,15 @@ def registry(ros, tmp_path_factory):
         yield node, client
 
 
-def test_client_uses_the_registry_service_qos(registry):
+def test_client_and_registry_use_the_one_deep_service_qos(registry):
     node, client = registry
     assert SERVICE_QOS.depth >= 40
     client.get('F0000001')
     for name, service_client in client._clients.items():
         assert service_client.qos_profile == SERVICE_QOS, name
+    served = {service.srv_name.lstrip('/'): service.qos_profile for service in node.services}
+    for name in ('query_flakes', 'reserve_flake', 'get_stack_recipe', 'save_wafer_frame', 'get_wafer_frames'):
+        assert served[f'registry/{name}'] == SERVICE_QOS, (name, sorted(served))
 
 
 def test_the_documented_robot_script_reserves_and_marks_a_flake_used(registry):

@@ -10,8 +10,9 @@ from rclpy.parameter import Parameter
 from ros_helpers import spin_future
 
 from flake_core.geometry import WaferFrame
+from flake_core.node_tools import SERVICE_QOS
 from flake_msgs.srv import GetWaferFrames, SaveWaferFrame
-from flake_registry.nodes.registry_node import SERVICE_QOS, RegistryNode
+from flake_registry.nodes.registry_node import RegistryNode
 from flake_registry.store import FlakeStore
 
 pytestmark = pytest.mark.ros

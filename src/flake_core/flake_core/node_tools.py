@@ -44,7 +44,9 @@ LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
 # use it too, or a volatile subscription would not be handed the stored message.
 STATE_QOS = LATCHED_QOS
 # Services that robots and coordinators call in bursts: a deep request and reply history,
-# so no call is dropped from a full queue (the rmw default keeps 10).
+# so no call is dropped from a full queue. Servers and clients both use it: many replies
+# may be in flight to one process, and with the rmw default depth of 10 a busy registry
+# client lost its own reply and waited forever (one call in ~80 with 8 robots on a loaded host).
 SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=200,
                          reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)

@@ -28,7 +28,8 @@ Two ways to run it:
   executor: the answer could not be processed while the callback waits.
 
 The service QoS is part of the client: replies are kept in a deep reliable queue
-(``SERVICE_QOS``), so a burst of calls from one process never loses one.
+(``flake_core.node_tools.SERVICE_QOS``, the profile the registry serves with), so a
+burst of calls from one process never loses one.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from typing import Any
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from flake_core.node_tools import SERVICE_QOS
 from flake_msgs.msg import Flake, FlakeImage, FlakeObservation, StackLayer
 from flake_msgs.srv import (
     AddFlakeImage,
@@ -71,12 +72,6 @@ from flake_registry.query import (
     parse_layer_class,
     parse_status,
 )
-
-# Many replies may be in flight to one process (several clients, a burst of calls):
-# with the default depth of 10 a busy client lost its own reply and waited forever
-# (one call in ~80 with 8 robots on a loaded host). registry_node serves with the same profile.
-SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=200, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.VOLATILE)
 
 SERVICES = {
     'query_flakes': QueryFlakes,

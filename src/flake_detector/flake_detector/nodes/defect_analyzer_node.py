@@ -32,6 +32,7 @@ from flake_core.node_tools import (
     OK,
     PIPELINE_QOS,
     SENSOR_SUBSCRIBER_QOS,
+    SERVICE_QOS,
     WARN,
     declare_parameters,
     diagnostic_status,
@@ -136,7 +137,7 @@ class DefectAnalyzerNode(Node):
         self._worker.start()
         group = ReentrantCallbackGroup()
         self.service = self.create_service(AnalyzeDefects, 'defects/analyze', self._on_request,
-                                           callback_group=group)
+                                           qos_profile=SERVICE_QOS, callback_group=group)
         self.report_pub = self.create_publisher(DefectReport, 'defects/report', PIPELINE_QOS)
         if self.params.topic_mode:
             self.image_sub = self.create_subscription(Image, 'stem/image_raw', self._on_image,

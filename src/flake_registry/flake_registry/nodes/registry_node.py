@@ -27,6 +27,7 @@ from flake_core.node_tools import (
     ERROR,
     OK,
     PIPELINE_QOS,
+    SERVICE_QOS,
     WARN,
     declare_parameters,
     diagnostic_status,
@@ -46,7 +47,6 @@ from flake_msgs.srv import (
     ReleaseFlake,
     ReserveFlake,
 )
-from flake_registry.client import SERVICE_QOS
 from flake_registry.nodes.conversions import (
     FlakeMessageCache,
     detection_from_msg,
@@ -106,9 +106,9 @@ class RegistryNode(Node):
                 (AddFlakeImage, 'add_flake_image', self._add_flake_image)):
             self.create_service(srv_type, f'registry/{name}', callback, qos_profile=SERVICE_QOS)
         # Stack recipes planned in the lab web app, for the assembly robot (flake_registry.stacks).
-        add_stack_recipe_service(self, self.store, qos_profile=SERVICE_QOS)
+        add_stack_recipe_service(self, self.store)
         # Chip wafer frames for every scan coordinator (SaveWaferFrame, GetWaferFrames).
-        add_wafer_frame_services(self, self.store, qos_profile=SERVICE_QOS)
+        add_wafer_frame_services(self, self.store)
         self._diagnostics = diagnostics_publisher(self)
         self._diagnostics_timer = self.create_timer(self.params.diagnostics_period, self._publish_diagnostics)
 

@@ -13,11 +13,10 @@ from pathlib import Path
 
 from rclpy.node import Node
 
-from flake_core.node_tools import declare_parameters, run_node
+from flake_core.node_tools import SERVICE_QOS, declare_parameters, run_node
 from flake_msgs.msg import StackLayer
 from flake_msgs.srv import GetStackRecipe
 from flake_registry import stacks
-from flake_registry.client import SERVICE_QOS
 from flake_registry.nodes.request_limits import check_message
 from flake_registry.parameters import StackRecipeNodeParameters
 from flake_registry.query import INTERNAL_ERROR, RegistryError

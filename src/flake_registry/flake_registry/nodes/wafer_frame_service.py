@@ -14,6 +14,7 @@ import math
 from geometry_msgs.msg import Point
 from rclpy.node import Node
 
+from flake_core.node_tools import SERVICE_QOS
 from flake_msgs.msg import WaferFrame
 from flake_msgs.srv import GetWaferFrames, SaveWaferFrame
 from flake_registry.nodes.conversions import to_time
@@ -76,13 +77,14 @@ def answer_get(store: FlakeStore, request: GetWaferFrames.Request, response: Get
     return response
 
 
-def add_wafer_frame_services(node: Node, store: FlakeStore, qos_profile=None) -> list:
-    """Serve SaveWaferFrame and GetWaferFrames on ``node`` from ``store``; returns the services."""
-    extra = {} if qos_profile is None else {'qos_profile': qos_profile}
+def add_wafer_frame_services(node: Node, store: FlakeStore, qos_profile=SERVICE_QOS) -> list:
+    """Serve SaveWaferFrame and GetWaferFrames on ``node`` from ``store`` (deep service QoS); returns the services."""
     logger = node.get_logger()
     return [
         node.create_service(SaveWaferFrame, SAVE_SERVICE,
-                            lambda request, response: answer_save(store, request, response, logger), **extra),
+                            lambda request, response: answer_save(store, request, response, logger),
+                            qos_profile=qos_profile),
         node.create_service(GetWaferFrames, GET_SERVICE,
-                            lambda request, response: answer_get(store, request, response, logger), **extra),
+                            lambda request, response: answer_get(store, request, response, logger),
+                            qos_profile=qos_profile),
     ]
