@@ -1,4 +1,4 @@
-"""Seed 000 cascade: a tiny cascade trains in seconds and beats chance on a fresh seed;
+"""Greplova et al. (2020) cascade: a tiny cascade trains in seconds and beats chance on a fresh seed;
 targets, augmentation, model files and the detector backend."""
 
 import json
@@ -221,3 +221,24 @@ def test_a_new_operating_point_on_folded_nets_is_a_further_bias_shift(tiny_data)
     assert np.array_equal(trained.run(fresh.crops)[0], accepted)
     with pytest.raises(ValueError):
         refold_thresholds(shipped, fresh, recall=0.9, folded=[0.5, 0.5])
+
+
+def test_candidates_on_flakes_no_camera_sees_are_left_unlabelled():
+    from flake_detector.cascade_train import choose_thresholds
+
+    finder = CandidateFinder()
+    image, truths = make_frame(5, 256, flakes=[('graphene', 2), ('graphene', 3)], clutter=False)
+    candidates = finder.find(image)
+    objects = [TruthObject('graphene', t.layers, t.layers * 0.335, float(t.mask.sum()), t.centre, visible=False)
+               for t in truths]
+    labels = label_candidates(candidates, objects, TARGET)
+    assert sorted(set(labels.tolist())) == [-1]
+    data = CropSet(finder.crops(image, candidates), labels)
+    assert data.good == 0 and data.bad == 0
+    # Threshold choice and funnels leave them out.
+    mixed = CropSet(np.concatenate([data.crops, data.crops, data.crops]),
+                    np.concatenate([labels, np.ones_like(labels), np.zeros_like(labels)]))
+    cascade = train_cascade(mixed, TARGET, nets=1, seed=0, width=0.125, crop_size=80, net_input=20, batch=8,
+                            max_steps=2, stop_accuracy=0.0, eval_every=1)
+    _, report = choose_thresholds(cascade, mixed, 0.9)
+    assert report['candidates'] == 2 * len(labels) and report['good'] == len(labels)

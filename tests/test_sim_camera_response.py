@@ -206,3 +206,13 @@ def test_held_out_looks_lie_where_training_never_draws():
     with pytest.raises(ValueError, match='unknown look'):
         look_by_name('nonsense')
     assert look_by_name('random:7') == random_look(7)
+
+
+def test_thin_graphene_vanishes_on_oxide_between_the_usual_two():
+    visible = {}
+    for oxide in (90.0, 155.0, 235.0, 285.0):
+        wafer = VirtualWafer.generate(WaferConfig(seed=1, chip_width_m=1e-3, chip_height_m=1e-3, oxide_nm=oxide,
+                                                  **CLEAN))
+        flake = wafer.add_object('flake', 'graphene', [[0, 0], [2e-5, 0], [0, 2e-5]], layers=1)
+        visible[oxide] = float(np.abs(CameraModel(wafer, CameraSettings(width=32, height=32)).contrast(flake)).max())
+    assert visible[155.0] < 0.02 < 0.05 < min(visible[90.0], visible[235.0], visible[285.0])

@@ -68,16 +68,27 @@ class TruthObject:
     thickness_nm: float
     area_px: float
     centre_px: tuple[float, float]
+    # False where no camera could see it: its physical contrast is below VISIBLE_CONTRAST in every
+    # channel (thin graphene on 130-190 nm of oxide). Candidates on such a flake are not labelled.
+    visible: bool = True
+
+
+# Smallest physical contrast (any channel) at which a flake counts as seen.
+VISIBLE_CONTRAST = 0.03
 
 
 @dataclass
 class CropSet:
     crops: np.ndarray  # (N, S, S, 3) uint8
-    labels: np.ndarray  # (N,) 1 = good
+    labels: np.ndarray  # (N,) 1 = good, 0 = bad, -1 = not labelled (an invisible good flake)
 
     @property
     def good(self) -> int:
-        return int(self.labels.sum())
+        return int((self.labels == 1).sum())
+
+    @property
+    def bad(self) -> int:
+        return int((self.labels == 0).sum())
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -86,7 +97,8 @@ class CropSet:
 def label_candidates(candidates: list[Candidate], truths: list[TruthObject], target: Target,
                      slack_px: int = 3, min_share: float = 0.2) -> np.ndarray:
     """1 where a flake the target accepts has its centroid in the candidate's region box
-    (grown by ``slack_px``) and covers at least ``min_share`` of the region.
+    (grown by ``slack_px``) and covers at least ``min_share`` of the region; -1 (not
+    labelled) where the only such flakes are invisible (``TruthObject.visible``).
 
     The share stands for Greplova et al.'s "isolated": a thin flake on the rim of a bulk
     crystal puts its centroid in the crystal's candidate, but that crop shows the
@@ -101,8 +113,9 @@ def label_candidates(candidates: list[Candidate], truths: list[TruthObject], tar
             u, v = t.centre_px
             if (x - slack_px <= u < x + w + slack_px and y - slack_px <= v < y + h + slack_px
                     and t.area_px >= min_share * region):
-                labels[k] = 1
-                break
+                labels[k] = 1 if t.visible else -1
+                if t.visible:
+                    break
     return labels
 
 
@@ -148,7 +161,9 @@ def simulated_frames(seed: int, count: int, size: int = 1024, thin_fraction: flo
         x, y = wafer.wafer_to_stage.apply(float(centre[0]), float(centre[1]))
         truth = camera.ground_truth(x, y)
         objects = [TruthObject(o.material, float(o.layers), float(o.thickness_nm), float(o.area_px),
-                               _mask_centre(o.mask)) for o in truth.flakes]
+                               _mask_centre(o.mask),
+                               bool(np.abs(camera.contrast(wafer.object_by_id(o.object_id))).max() >= VISIBLE_CONTRAST))
+                   for o in truth.flakes]
         yield camera.render(x, y), objects, truth if with_truth else truth.pixel_to_wafer
 
 
@@ -349,7 +364,7 @@ def train_cascade(data: CropSet, target: Target, nets: int = 3, seed: int = 0, w
         rng = np.random.default_rng([seed, k])
         train, evaluation = split(data, eval_fraction, rng)
         if log:
-            log(f'net {k + 1}/{nets}: {train.good} good and {len(train) - train.good} bad training crops, '
+            log(f'net {k + 1}/{nets}: {train.good} good and {train.bad} bad training crops, '
                 f'evaluation batch {len(evaluation)}')
         net, report = train_net(train, evaluation, seed=seed * 100 + k, width=width, net_input=net_input,
                                 log=log, **train_kwargs)
@@ -380,7 +395,7 @@ def choose_thresholds(cascade: Cascade, validation: CropSet, recall: float) -> t
     Returns the thresholds and the validation funnel they give."""
     per_net = recall ** (1.0 / len(cascade.nets))
     good = validation.labels == 1
-    alive = np.ones(len(validation), dtype=bool)
+    alive = validation.labels >= 0
     thresholds, funnel = [], [[int(alive.sum()), int(good.sum())]]
     for k in range(len(cascade.nets)):
         p = cascade.probabilities(validation.crops[alive], k)
@@ -388,8 +403,8 @@ def choose_thresholds(cascade: Cascade, validation: CropSet, recall: float) -> t
         idx = np.nonzero(alive)[0]
         alive[idx[p < thresholds[-1]]] = False
         funnel.append([int(alive.sum()), int((alive & good).sum())])
-    bad = int((~good).sum())
-    report = {'candidates': len(validation), 'good': int(good.sum()), 'recall_target': recall,
+    bad = validation.bad
+    report = {'candidates': int((validation.labels >= 0).sum()), 'good': int(good.sum()), 'recall_target': recall,
               'funnel': funnel, 'good_kept': round(funnel[-1][1] / max(1, funnel[0][1]), 4),
               'bad_removed': round(1.0 - (funnel[-1][0] - funnel[-1][1]) / max(1, bad), 4)}
     return thresholds, report
@@ -569,9 +584,9 @@ def main(argv: list[str] | None = None) -> int:
                                       **randomise)
     for k, target in enumerate(targets):
         data = CropSet(crops, np.concatenate([p[k].labels for p in parts]))
-        if data.good < 5 or len(data) - data.good < 5:
+        if data.good < 5 or data.bad < 5:
             raise SystemExit(f'flake-train-cascade: error: too few examples for {target.name} ({data.good} good, '
-                             f'{len(data) - data.good} bad); add frames or lower the target')
+                             f'{data.bad} bad); add frames or lower the target')
         trained = time.perf_counter()
         cascade = train_cascade(data, target, nets=args.nets, seed=args.seed, width=args.width,
                                 crop_size=args.crop_size, log=log, batch=args.batch, max_steps=args.max_steps,
@@ -594,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                          'looks': 'flake_scanner.sim.randomise.random_look([seed, group]), held-out cameras '
                                   'excluded'} if args.randomise_camera else {'oxide_nm': args.oxide}),
                      'coco': [str(p) for p in args.coco], 'crops': [str(p) for p in args.crops],
-                     'candidates': len(data), 'good': data.good},
+                     'candidates': len(data), 'good': data.good, 'bad': data.bad,
+                     'not_labelled_invisible': int((data.labels < 0).sum())},
             'training': {'batch': args.batch, 'max_steps': args.max_steps, 'stop_accuracy': args.stop_accuracy,
                          'seed': args.seed, 'data_seconds': round(trained - started, 1),
                          'train_seconds': round(time.perf_counter() - trained, 1)},

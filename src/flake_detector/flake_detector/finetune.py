@@ -114,15 +114,13 @@ def finetune_cascade(cascade: Cascade, train: CropSet, steps: int = 150, lr: flo
                      seed: int = 0, gamma_jitter: float = 0.3, evaluation: CropSet | None = None,
                      log=None) -> list[dict]:
     """Go on training every net of ``cascade`` on ``train`` (in place); one report per net."""
-    if train.good == 0 or train.good == len(train):
-        raise ValueError(f'fine-tuning needs good and bad examples; have {train.good} good, '
-                         f'{len(train) - train.good} bad')
+    if train.good == 0 or train.bad == 0:
+        raise ValueError(f'fine-tuning needs good and bad examples; have {train.good} good, {train.bad} bad')
     evaluation = evaluation if evaluation is not None and len(evaluation) else train
     reports = []
     for k, net in enumerate(cascade.nets):
         if log:
-            log(f'net {k + 1}/{len(cascade.nets)}: {steps} steps on {train.good} good and '
-                f'{len(train) - train.good} bad crops')
+            log(f'net {k + 1}/{len(cascade.nets)}: {steps} steps on {train.good} good and {train.bad} bad crops')
         _, report = train_net(train, evaluation, seed=seed * 100 + k, batch=batch, max_steps=steps, lr=lr,
                               eval_every=max(1, steps // 5), net_input=cascade.net_input, net=net,
                               gamma_jitter=gamma_jitter, log=log)
@@ -270,8 +268,8 @@ def _cascade(args, argv: list[str], log) -> int:
         held_sets.append(held)
         log(f'{folder}: {len(train)} training crops ({train.good} good), {len(held)} held out ({held.good} good)')
     train, held = concat(train_sets, cascade.crop_size), concat(held_sets, cascade.crop_size)
-    if train.good < 1 or len(train) - train.good < 1:
-        raise ValueError(f'the training part has {train.good} good and {len(train) - train.good} bad candidates '
+    if train.good < 1 or train.bad < 1:
+        raise ValueError(f'the training part has {train.good} good and {train.bad} bad candidates '
                          f'for target {target.name}; label more flakes or check --material/--layers')
     before = funnel(cascade, held)
     data_seconds = time.perf_counter() - started

@@ -334,6 +334,11 @@ class CameraModel:
         self._colour_cache[key] = value
         return value
 
+    def contrast(self, obj: WaferObject) -> np.ndarray:
+        """Physical contrast (B, G, R) of ``obj`` against the bare substrate through this camera's
+        bands: what decides whether any camera can see it."""
+        return self._reflectance(obj) / self._reflectance(None) - 1.0
+
     def _flake_contrast(self, material: str, layers: int, oxide: float) -> np.ndarray:
         """The optics' contrast of a flake, from one table per material (a new field of view
         meets dozens of new flakes; asking the optics for each costs a table each)."""
