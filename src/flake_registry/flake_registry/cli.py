@@ -18,7 +18,7 @@ from pathlib import Path
 import sys
 import tempfile
 
-from flake_registry import labelling
+from flake_registry import control, labelling
 from flake_registry.export import EXPORTERS, FORMATS, data_folder, flake_dict, write_flake_csv
 from flake_registry.query import (
     INVALID_ARGUMENT,
@@ -31,7 +31,6 @@ from flake_registry.query import (
     parse_layer_class,
 )
 from flake_registry.store import FlakeStore, default_database_path
-from flake_registry.web import control
 from flake_registry.web.units import AREA, LENGTH, THICKNESS, UM, UM2, local_time, parse_point, parse_quantity
 
 
@@ -360,17 +359,9 @@ def run(args, out=None) -> int:
 
 
 def _correct_label(store: FlakeStore, args) -> str:
-    """A new label on the old one's flake or crop (the newest label counts; the old stays in the history)."""
-    old = next((r for r in store.labels() if r['id'] == args.label_id
-                and labelling.decode_label(r['label']) is not None), None)
-    if old is None:
-        raise RegistryError(UNKNOWN_ID, f'no label {args.label_id}')
-    if args.label_id in labelling.withdrawn_ids(store.labels()):
-        raise RegistryError(INVALID_ARGUMENT, f'label {args.label_id} was withdrawn; label the flake anew instead')
     label = labelling.make_label(args.verdict, args.material, args.layer_class)
-    who = labelling.check_who(args.by)
-    new_id = store.add_label(label.encode(), who, flake_id=old['flake_id'] or '', crop_path=old['crop_path'] or '')
-    return f'label {args.label_id} {old["label"]!r} corrected to {label.encode()!r} (label {new_id})'
+    old, new_id = labelling.correct_label(store, args.label_id, label, args.by)
+    return f'label {args.label_id} {old!r} corrected to {label.encode()!r} (label {new_id})'
 
 
 def main(argv=None) -> int:

@@ -111,6 +111,17 @@ def withdrawn_ids(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return withdrawn
 
 
+def _standing_label(store: FlakeStore, label_id: int, withdrawn_message: str) -> dict[str, Any]:
+    """The row of a label that exists and was not withdrawn; UNKNOWN_ID, or INVALID_ARGUMENT with the message."""
+    rows = store.labels()
+    row = next((r for r in rows if r['id'] == label_id and decode_label(r['label']) is not None), None)
+    if row is None:
+        raise RegistryError(UNKNOWN_ID, f'no label {label_id}')
+    if label_id in withdrawn_ids(rows):
+        raise RegistryError(INVALID_ARGUMENT, f'label {label_id} {withdrawn_message}')
+    return row
+
+
 def withdraw_label(store: FlakeStore, label_id: int, who: str) -> int:
     """Delete a label from the training set, keeping the history: a row that says who withdrew it, and when.
 
@@ -118,14 +129,18 @@ def withdraw_label(store: FlakeStore, label_id: int, who: str) -> int:
     a label that does not exist and INVALID_ARGUMENT for one already withdrawn.
     """
     who = check_who(who)
-    rows = store.labels()
-    row = next((r for r in rows if r['id'] == label_id and decode_label(r['label']) is not None), None)
-    if row is None:
-        raise RegistryError(UNKNOWN_ID, f'no label {label_id}')
-    if label_id in withdrawn_ids(rows):
-        raise RegistryError(INVALID_ARGUMENT, f'label {label_id} was already withdrawn')
+    row = _standing_label(store, label_id, 'was already withdrawn')
     return store.add_label(f'{WITHDRAWN}:{label_id}', who, flake_id=row['flake_id'] or '',
                            crop_path=row['crop_path'] or '')
+
+
+def correct_label(store: FlakeStore, label_id: int, label: Label, who: str) -> tuple[str, int]:
+    """A new label on the flake or crop of label ``label_id`` (the newest label counts; the old one stays in
+    the history); returns the old label's text and the new label's id. A withdrawn label is not corrected."""
+    who = check_who(who)
+    row = _standing_label(store, label_id, 'was withdrawn; label the flake anew instead')
+    new_id = store.add_label(label.encode(), who, flake_id=row['flake_id'] or '', crop_path=row['crop_path'] or '')
+    return row['label'], new_id
 
 
 def latest_labels(store: FlakeStore) -> list[dict[str, Any]]:

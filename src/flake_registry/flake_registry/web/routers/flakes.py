@@ -10,10 +10,10 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from flake_core import materials
-from flake_registry import labelling
+from flake_registry import control, labelling
 from flake_registry.query import LAYER_NAMES, MAX_LIMIT, SORT_KEYS, STATUS_NAMES, RegistryError
 from flake_registry.store import FlakeRecord
-from flake_registry.web import control, drawing, pictures
+from flake_registry.web import drawing, pictures
 from flake_registry.web.context import NavEntry, require_read, require_write, web
 from flake_registry.web.forms import FLAKE_ID_PATTERN, NOTE_MAX, WHO_MAX, ControlIn, browser_query, check_flake_id
 from flake_registry.web.rendering import page

@@ -7,9 +7,9 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
-from flake_registry import stacks
+from flake_registry import control, stacks
 from flake_registry.query import INVALID_ARGUMENT, RegistryError
-from flake_registry.web import control, drawing
+from flake_registry.web import drawing
 from flake_registry.web.context import NavEntry, require_read, require_write, web
 from flake_registry.web.forms import WHO_MAX, ControlIn, StackIn, StackPreviewIn
 from flake_registry.web.rendering import HTTP_STATUS_OF_CODE, page

@@ -1,9 +1,11 @@
-"""Undo and control from the web app: release, mark used, unreserve a stack, withdraw or correct a label.
+"""Undo and control by people: release, mark used, unreserve a stack.
 
-Every action goes through the registry's own paths and checks (the reservation token
-of the live reservation, the flake's status) inside its transactions, so the registry's
-history records it: a released reservation ends with outcome ``released``, a used flake
-keeps who used it and a note naming the person, a withdrawn label stays in the labels
+The web app and ``flake-registry`` both act through these functions; labels are
+withdrawn and corrected through ``flake_registry.labelling``. Every action goes
+through the registry's own paths and checks (the reservation token of the live
+reservation, the flake's status) inside its transactions, so the registry's history
+records it: a released reservation ends with outcome ``released``, a used flake keeps
+who used it and a note naming the person, a withdrawn label stays in the labels
 table with who withdrew it and when.
 """
 
