@@ -342,7 +342,7 @@ class _Objective:
 
 # Widths of the colour bands tried (1 sigma) [nm], and regions fitted at most.
 WIDTH_RANGE_NM = (15.0, 60.0)
-MAX_FIT_REGIONS = 600
+MAX_FIT_REGIONS = 400
 
 
 def _refine(objective: _Objective, start: dict, free: tuple[str, ...], bounds: dict) -> tuple[dict, float]:
@@ -370,8 +370,8 @@ def _refine(objective: _Objective, start: dict, free: tuple[str, ...], bounds: d
 
 def fit_camera(samples: list[RegionSample], material_names: tuple[str, ...], camera: CameraResponse | None = None,
                oxide_range: tuple[float, float] = OXIDE_RANGE_NM, gamma_range: tuple[float, float] = GAMMA_RANGE,
-               fit_black: bool = False, fit_bands: bool = True, oxide_step: float = 5.0,
-               gamma_step: float = 0.1) -> dict:
+               fit_black: bool = False, fit_bands: bool = True, oxide_step: float = 10.0,
+               gamma_step: float = 0.15) -> dict:
     """Oxide, gamma, the bands' width (and black level) that put the regions on the ladder:
     a grid over oxide, gamma and width, then the best three grid points refined together.
     Returns the best and the runner-up that lies apart from it (another oxide)."""
@@ -384,7 +384,7 @@ def fit_camera(samples: list[RegionSample], material_names: tuple[str, ...], cam
     objective = _Objective(samples, ladder, camera)
     oxides = np.arange(oxide_range[0], oxide_range[1] + 1e-9, oxide_step)
     gammas = np.arange(gamma_range[0], gamma_range[1] + 1e-9, gamma_step)
-    widths = [20.0, 30.0, 40.0, 50.0] if fit_bands else [None]
+    widths = [20.0, 32.0, 45.0] if fit_bands else [None]
     grid = np.array([[[objective(ox, g, 0.0, w) for w in widths] for g in gammas] for ox in oxides])
     order = np.argsort(grid, axis=None)
     starts = []
@@ -463,7 +463,7 @@ def fit_calibration(image_samples: list[ImageSample], samples: list[RegionSample
     rungs = ladder_contrast(objective.ladder, oxide, camera.spectral)
     model_sigma, relative_sigma = _spread(contrast - rungs[nearest], rungs[nearest],
                                           objective.use & ~objective.saturated, inliers)
-    measured = _measured_classes(samples, contrast, objective, nearest, model_sigma)
+    measured = _measured_classes(samples, contrast, objective, nearest, oxide, model_sigma, relative_sigma)
     per_image = []
     for info in image_samples:
         per_image.append(_image_camera(info, camera, oxide))
@@ -510,23 +510,36 @@ def _spread(residual: np.ndarray, rung: np.ndarray, use: np.ndarray, inliers: np
     return sigma, float(np.clip(relative, 0.0, 0.5))
 
 
-def _measured_classes(samples, contrast, objective: _Objective, nearest, model_sigma) -> dict:
-    """Layer counts with two or more labelled flakes of an exact count: their mean physical
-    contrast and a covariance no tighter than the model's spread (R, G, B)."""
+def _measured_classes(samples, contrast, objective: _Objective, nearest, oxide: float, model_sigma: float,
+                      relative_sigma: float) -> dict:
+    """Classes measured on labelled flakes, one per (material, rung): each labelled flake goes
+    to its own layer count, or (a range such as '>5L') to the rung of its range that fits it
+    best. The class mean is the flakes' mean physical contrast per channel where they measure
+    it (channels the substrate or the flake saturates are left out); a channel no flake of the
+    class measures keeps the model's value with four times its variance. The variance is no
+    tighter than the model's spread (R, G, B)."""
+    rungs = ladder_contrast(objective.ladder, oxide, objective.camera.spectral)
     groups: dict[tuple[str, int], list[int]] = {}
     for i, s in enumerate(samples):
-        if s.label is None or s.label.layers[0] != s.label.layers[1] or s.blind.any() or s.saturated.any():
+        if s.label is None:
             continue
-        groups.setdefault((vocabulary.material(s.label.material).name, int(s.label.layers[0])), []).append(i)
+        k = int(nearest[i])
+        groups.setdefault((vocabulary.material(s.label.material).name, int(objective.ladder.layers[k])), []).append(i)
     out: dict[str, list[MeasuredClass]] = {}
     for (material, layers), members in sorted(groups.items()):
-        if len(members) < 2:
-            continue
-        values = contrast[members][:, ::-1]  # R, G, B
-        mean = values.mean(axis=0)
-        cov = np.cov(values.T) if len(members) > 2 else np.zeros((3, 3))
-        cov = 0.5 * (cov + cov.T) + np.eye(3) * (0.5 * model_sigma) ** 2
-        out.setdefault(material, []).append(MeasuredClass(layers, tuple(mean), tuple(map(tuple, cov)), len(members)))
+        k = int(nearest[members[0]])
+        model = rungs[k][::-1]  # R, G, B
+        model_var = model_sigma ** 2 + (relative_sigma * model) ** 2
+        values = contrast[members][:, ::-1]
+        usable = (objective.use & ~objective.saturated)[members][:, ::-1]
+        mean, var = model.copy(), 4.0 * model_var
+        for c in range(3):
+            seen = values[usable[:, c], c]
+            if len(seen):
+                mean[c] = float(seen.mean())
+                var[c] = max(float(seen.var()) if len(seen) > 1 else 0.0, 0.25 * model_var[c])
+        out.setdefault(material, []).append(MeasuredClass(layers, tuple(mean), tuple(map(tuple, np.diag(var))),
+                                                          len(members)))
     return {m: tuple(v) for m, v in out.items()}
 
 

@@ -38,6 +38,7 @@ saturates carries no contrast and is left out of the frame (``flake_detector.sub
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 import math
 import time
 
@@ -450,7 +451,7 @@ class OpticalDetector:
                  foreground_sigma: float = 4.0, min_contrast: float = 0.03, smooth: int = 3,
                  background_step: int = 8, edge_px: int = 2, work_size: int = 512,
                  max_elongation: float = 5.0, rim_direction: bool = True, min_clipped_probability: float = 0.9,
-                 report_unknown: bool = True, rim_width_px: float = 6.0):
+                 report_unknown: bool = True, rim_width_px: float = 6.0, score_map=None):
         names = parse_materials(materials)
         self.microscope: Calibration = load_microscope(calibration, oxide_nm)
         oxide_nm = self.microscope.oxide_nm
@@ -475,6 +476,9 @@ class OpticalDetector:
         self.rim_direction = bool(rim_direction)
         self.min_clipped_probability = float(min_clipped_probability)
         self.report_unknown = bool(report_unknown)
+        # Raw scores to probabilities (flake_detector.score_calibration); an object of your own
+        # (a ScoreMap) or None for the shipped map.
+        self.score_map = score_map if score_map is not None else _shipped_score_map()
         self.rim_width_px = float(rim_width_px)
         self.model_version = '+'.join(c.version for c in self.calibrations)
         # One stacked class table across materials: (material index, layers) per class.
@@ -759,11 +763,28 @@ class OpticalDetector:
         large = np.nonzero(stats[1:, cv2.CC_STAT_AREA] >= smallest)[0] + 1
         if not len(large):
             return self._one_region(window, component, censored, classifier)
+        # Each plateau's class from its median colour.
+        index = seeds.ravel()
+        order = np.argsort(index, kind='stable')
+        bounds = np.searchsorted(index[order], np.concatenate([large, large + 1]))
+        values = smooth.reshape(-1, 3)
+        flags = None if censored is None else censored.reshape(-1, 3)
+        medians, votes = [], []
+        for k in range(len(large)):
+            members = order[bounds[k]:bounds[k + len(large)]]
+            medians.append(np.median(values[members], axis=0))
+            if flags is not None:
+                votes.append(flags[members].mean(axis=0) > 0.5)
+        part_class = np.full(len(large) + 2, -1, dtype=np.int32)
+        part_class[2:] = classifier.classify(np.array(medians), None if flags is None else np.array(votes))
+        keep = np.zeros(count, np.int32)
+        keep[large] = np.arange(2, len(large) + 2)
+        if (part_class < 0).all():
+            # No plateau of any class (a bulk crystal, debris): one region of no class, no flood.
+            return np.where(component, 0, -1).astype(np.int32), np.array([-1], dtype=np.int32), keep[seeds] > 0
         # Seeds: 1 the substrate round the component, 2.. the plateaus.
         markers = np.zeros(component.shape, np.int32)
         markers[~cv2.dilate(component.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)] = 1
-        keep = np.zeros(count, np.int32)
-        keep[large] = np.arange(2, len(large) + 2)
         markers = np.where(keep[seeds] > 0, keep[seeds], markers)
         if not (markers == 1).any():
             markers = np.pad(markers, 1, constant_values=1)
@@ -785,20 +806,6 @@ class OpticalDetector:
         if lines.any():
             grown = cv2.dilate(markers.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int32)
             markers = np.where(lines, grown, markers)
-        # Each part's class from its plateau (the seed), then parts of one class merged.
-        index = seeds.ravel()
-        order = np.argsort(index, kind='stable')
-        bounds = np.searchsorted(index[order], np.concatenate([large, large + 1]))
-        values = smooth.reshape(-1, 3)
-        flags = None if censored is None else censored.reshape(-1, 3)
-        medians, votes = [], []
-        for k in range(len(large)):
-            members = order[bounds[k]:bounds[k + len(large)]]
-            medians.append(np.median(values[members], axis=0))
-            if flags is not None:
-                votes.append(flags[members].mean(axis=0) > 0.5)
-        part_class = np.full(len(large) + 2, -1, dtype=np.int32)
-        part_class[2:] = classifier.classify(np.array(medians), None if flags is None else np.array(votes))
         # Neighbouring parts are one region when they share a class and their colours agree
         # (a flake cut by a wrinkle or by noise); touching flakes of distinctly different
         # colour stay apart even when the calibration puts them in one class.
@@ -969,11 +976,12 @@ class OpticalDetector:
             bbox=(origin[0], origin[1], rw, rh), mask=mask,
             material=calibration.material, layers=estimate.layers, layers_std=estimate.layers_std,
             thickness_nm=estimate.thickness_nm, thickness_nm_std=estimate.thickness_nm_std,
-            score=float(np.clip(fit * size * material_probability, 0.0, 1.0)),
+            score=self.score_map(float(np.clip(fit * size * material_probability, 0.0, 1.0))),
             detector=self.name, model_version=calibration.version,
             contrast=estimate.contrast, homogeneity=quality['homogeneity'],
             edge_straightness=quality['edge_straightness'],
             extra={'mahalanobis': estimate.mahalanobis, 'probability': estimate.probability,
+                   'raw_score': float(np.clip(fit * size * material_probability, 0.0, 1.0)),
                    'material_probability': material_probability,
                    'saturated_channels': int(0 if flags is None else flags.sum())})
 
@@ -1051,7 +1059,7 @@ class OpticalDetector:
                 bbox=(origin[0] + rx, origin[1] + ry, rw, rh), mask=mask,
                 material=calibration.material, layers=best_layers, layers_std=std,
                 thickness_nm=best_layers * calibration.layer_nm, thickness_nm_std=std * calibration.layer_nm,
-                score=float(np.clip(probability * size * material_probability, 0.0, 1.0)),
+                score=self.score_map(float(np.clip(probability * size * material_probability, 0.0, 1.0))),
                 detector=self.name, model_version=calibration.version,
                 contrast=tuple(float(v) for v in reading), homogeneity=quality['homogeneity'],
                 edge_straightness=quality['edge_straightness'],
@@ -1147,6 +1155,13 @@ class OpticalDetector:
         posterior = np.exp(loglik - loglik.max())
         material_probability = float(posterior[self._all_owner == material_index].sum() / posterior.sum())
         return material_probability, bool(self._all_owner[int(np.argmax(loglik))] < 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_score_map():
+    from flake_detector.score_calibration import SHIPPED, ScoreMap
+
+    return ScoreMap.load(SHIPPED) if SHIPPED.is_file() else ScoreMap.identity()
 
 
 def _rim_direction(values: np.ndarray, min_pixels: int = 12) -> tuple[np.ndarray | None, float]:

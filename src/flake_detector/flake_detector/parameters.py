@@ -24,6 +24,16 @@ def _materials_error(text: str) -> str | None:
     return None
 
 
+def _calibration_error(text: str) -> str | None:
+    from pathlib import Path
+
+    from flake_core.calibration import SOURCES
+
+    if text in SOURCES or Path(text).is_file():
+        return None
+    return f'calibration must be one of {", ".join(SOURCES)} or a calibration file; no such file: {text}'
+
+
 def _json_object_error(text: str) -> str | None:
     try:
         value = json.loads(text)
@@ -48,7 +58,8 @@ class DetectorNodeParameters:
     materials: str = param('graphene', 'contrast backend: comma-separated materials to match',
                            validator=_materials_error)
     oxide_nm: float = param(90.0, 'SiO2 thickness of the chips [nm]', minimum=1.0, maximum=2000.0)
-    calibration: str = param('auto', 'contrast calibration source', choices=('auto', 'measured', 'model'))
+    calibration: str = param('auto', 'microscope calibration every backend reads: auto, measured, model, or a '
+                             'calibration file written by flake-calibrate', validator=_calibration_error)
     min_area_px: int = param(60, 'smallest flake reported [px]', minimum=1, maximum=10_000_000)
     max_layers: float = param(40.0, 'contrast backend: thickest flake reported [layers]', minimum=1.0, maximum=10000.0)
     max_elongation: float = param(5.0,
