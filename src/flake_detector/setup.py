@@ -23,6 +23,7 @@ setup(
         'console_scripts': [
             'flake-detect = flake_detector.cli:main',
             'flake-eval = flake_detector.evaluation_cli:main',
+            'flake-calibrate = flake_detector.calibrate:main',
             'flake-train-cascade = flake_detector.cascade_train:main',
             'flake-finetune = flake_detector.finetune:main',
             'flake-train-maskrcnn = flake_detector.maskrcnn.train:main',
