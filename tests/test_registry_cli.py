@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from flake_core.units import local_time
 from flake_registry import labelling, stacks
 from flake_registry.cli import build_parser, main, run
 from flake_registry.store import FlakeStore, Sighting
-from flake_registry.web.units import local_time
 
 UM = 1e-6
 

@@ -14,13 +14,13 @@ import pytest
 from web_helpers import SCAN_ID, add_unknown_candidates, make_registry, web_app, web_client
 
 from flake_core import materials
+from flake_core.units import local_time, local_zone
 from flake_registry import labelling
 from flake_registry.query import FlakeQuery
 from flake_registry.store import Sighting
 from flake_registry.web import drawing
 from flake_registry.web.rendering import contrast_text
 from flake_registry.web.summaries import chip_scope, scan_scope
-from flake_registry.web.units import local_time, local_zone
 
 
 @pytest.fixture()

@@ -18,6 +18,7 @@ from pathlib import Path
 import sys
 import tempfile
 
+from flake_core.units import AREA, LENGTH, THICKNESS, UM, UM2, UnitError, local_time, parse_point, parse_quantity
 from flake_registry import control, labelling
 from flake_registry.export import EXPORTERS, FORMATS, data_folder, flake_dict, write_flake_csv
 from flake_registry.query import (
@@ -31,7 +32,6 @@ from flake_registry.query import (
     parse_layer_class,
 )
 from flake_registry.store import FlakeStore, default_database_path
-from flake_registry.web.units import AREA, LENGTH, THICKNESS, UM, UM2, local_time, parse_point, parse_quantity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,6 +370,9 @@ def main(argv=None) -> int:
         return run(args)
     except RegistryError as error:
         print(f'error: {error.code}: {error.message}', file=sys.stderr)
+        return 2
+    except UnitError as error:
+        print(f'error: {INVALID_ARGUMENT}: {error.message}', file=sys.stderr)
         return 2
     except BrokenPipeError:  # `| head`
         return 0

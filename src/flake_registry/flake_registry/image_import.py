@@ -46,11 +46,11 @@ import numpy as np
 
 from flake_core.geometry import Affine2D, pixel_to_wafer
 from flake_core.materials import LAYER_CLASS_NAMES
+from flake_core.units import LENGTH, UM, UnitError, parse_quantity
 from flake_registry.query import INVALID_ARGUMENT, RegistryError
 from flake_registry.records import Sighting
 from flake_registry.store import FlakeStore
 from flake_registry.web.files import IMAGE_SUFFIXES
-from flake_registry.web.units import LENGTH, UM, parse_quantity
 
 UNIT_METRES = {'nm': 1e-9, 'um': 1e-6, 'mm': 1e-3, 'm': 1.0}
 FILE_COLUMNS = ('file', 'image', 'filename')
@@ -267,7 +267,7 @@ def parse_length(text: str) -> float:
     """'0.345um', '345 nm', '0.000345mm' -> metres (a bare number is micrometres)."""
     try:
         value = parse_quantity(text, LENGTH, '--pixel-size')
-    except RegistryError as error:
+    except UnitError as error:
         raise argparse.ArgumentTypeError(error.message) from None
     if value is None or value <= 0:
         raise argparse.ArgumentTypeError(f'a length must be positive, got {text!r}')

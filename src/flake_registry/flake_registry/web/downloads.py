@@ -23,12 +23,12 @@ import time
 from typing import IO, Any
 import zipfile
 
+from flake_core.units import UM, UM2, local_time
 from flake_registry.query import LAYER_NAMES, STATUS_NAMES
 from flake_registry.store import FlakeDetail, FlakeRecord
 from flake_registry.web import drawing, pictures
 from flake_registry.web.context import WebContext
 from flake_registry.web.summaries import chip_scope, scan_scope
-from flake_registry.web.units import UM, UM2, local_time
 
 SPOOL_BYTES = 8 * 1024 * 1024
 CHUNK_BYTES = 256 * 1024

@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from flake_core import materials
 from flake_core.geometry import Affine2D
+from flake_core.units import length_label, with_uncertainty
 from flake_registry.query import LAYER_NAMES
-from flake_registry.web.units import length_label, with_uncertainty
 
 # A larger file than this is not decoded by the app (a scan mosaic of a whole chip is ~100 MB).
 MAX_IMAGE_BYTES = 256 * 1024 * 1024

@@ -1,8 +1,10 @@
 """What the web app accepts: JSON bodies, form fields and the flake browser's filters, all validated.
 
 The browser's filters are in the units people read (µm, µm², nm) and may carry other
-units (``1.2 mm``); they become a ``FlakeQuery`` in SI units. A bad value is refused
-with the registry's error codes and a message in the unit the person typed.
+units (``1.2 mm``, read by ``flake_core.units``); they become a ``FlakeQuery`` in SI
+units. A bad value is refused with the registry's error codes (a unit of the wrong
+kind as INVALID_ARGUMENT, by the app's error handler) and a message in the unit the
+person typed.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.datastructures import QueryParams
 
+from flake_core.units import AREA, LENGTH, THICKNESS, UM, UM2, parse_point, parse_quantity
 from flake_registry import stacks
 from flake_registry.query import DEFAULT_LIMIT, INVALID_ARGUMENT, INVALID_RANGE, FlakeQuery, RegistryError
-from flake_registry.web.units import AREA, LENGTH, THICKNESS, UM, UM2, parse_point, parse_quantity
 
 FLAKE_ID_PATTERN = r'^[A-Za-z0-9_.\-]{1,64}$'
 NAME_PATTERN = re.compile(r'^[A-Za-z0-9_.\-]{1,128}$')  # scan, chip and report names

@@ -13,10 +13,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException
 
-from flake_core import materials
+from flake_core import materials, units
 from flake_core.materials import LAYER_CLASS_MAX_LAYERS, MATERIAL_NAMES
 from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, STATUS_NAMES, RegistryError
-from flake_registry.web import units
 from flake_registry.web.context import web
 
 log = logging.getLogger('flake_web')
@@ -119,6 +118,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RegistryError)
     async def registry_error(request: Request, exc: RegistryError):
         return error(request, HTTP_STATUS_OF_CODE.get(exc.code, 400), exc.code, exc.message)
+
+    @app.exception_handler(units.UnitError)
+    async def unit_error(request: Request, exc: units.UnitError):
+        return error(request, HTTP_STATUS_OF_CODE.get(INVALID_ARGUMENT, 400), INVALID_ARGUMENT, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from flake_core import materials
+from flake_core.units import UM, local_time
 from flake_registry import control, labelling
 from flake_registry.query import LAYER_NAMES, MAX_LIMIT, SORT_KEYS, STATUS_NAMES, RegistryError
 from flake_registry.store import FlakeRecord
@@ -18,7 +19,6 @@ from flake_registry.web.context import NavEntry, require_read, require_write, we
 from flake_registry.web.forms import FLAKE_ID_PATTERN, NOTE_MAX, WHO_MAX, ControlIn, browser_query, check_flake_id
 from flake_registry.web.rendering import page
 from flake_registry.web.summaries import thin_summary
-from flake_registry.web.units import UM, local_time
 
 NAV = NavEntry('flakes', 'Flakes', '/flakes')
 router = APIRouter(dependencies=[Depends(require_read)])

@@ -1,11 +1,12 @@
-"""Units for people: every page and export speaks um, um^2, nm and local time.
+"""Units for people: what a person reads is in um, um^2, nm and the lab's local time, and what
+a person types is read in the unit its field states (or the unit typed with the number).
 
-The registry and the topics keep SI units (m, m^2, s since the epoch); this module is
-the one place where the web app turns them into what a person reads, and reads back
-what a person types. An input field has a unit (its label says which), and a typed
-value may carry another one: ``1.2 mm`` in a um field is 1200 um. A unit that is not
-a length (or area, or thickness) is refused with a message in the field's unit, never
-silently read as 0.
+Topics, the registry and every file meant for programs keep SI units (m, m^2, s since the
+epoch); pages, pictures, command-line output and export headers turn them into these, and
+read inputs back, through this one module. An input field has a unit (its label says
+which), and a typed value may carry another one: ``1.2 mm`` in a um field is 1200 um. A
+unit that is not a length (or area, or thickness) is refused with a message in the field's
+unit, never silently read as 0.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import math
 import re
 import time
 
-from flake_registry.query import INVALID_ARGUMENT, RegistryError
+
+class UnitError(ValueError):
+    """A typed value that is not a quantity of the field's kind; ``message`` names the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
 
 UM = 1e-6                   # [m]
 UM2 = 1e-12                 # [m^2]
@@ -53,8 +62,8 @@ def parse_quantity(text: str, kind: Kind, field: str) -> float | None:
     """The value typed into ``field`` in the field's display unit; None when the field is empty.
 
     Accepts a bare number (in the display unit) or a number with a unit of the same kind
-    (``1.2 mm``, ``300 um^2``, ``0.01 µm``). Raises RegistryError(INVALID_ARGUMENT) naming
-    the field, what was typed and the units it accepts.
+    (``1.2 mm``, ``300 um^2``, ``0.01 µm``). Raises UnitError naming the field, what was
+    typed and the units it accepts.
     """
     if text is None:
         return None
@@ -64,18 +73,18 @@ def parse_quantity(text: str, kind: Kind, field: str) -> float | None:
     accepted = ', '.join(sorted({u for u in kind.factors if u.isascii() and len(u) <= 3}))
     match = _NUMBER.match(text)
     if match is None:
-        raise RegistryError(INVALID_ARGUMENT, f'{field}: {text!r} is not a {kind.name}; type a number in '
+        raise UnitError(field, f'{field}: {text!r} is not a {kind.name}; type a number in '
                                               f'{kind.unit}, or a number with a unit ({accepted})')
     number = float(match.group(1))
     unit = match.group(2)
     if unit:
         factor = kind.factors.get(_unit_key(unit))
         if factor is None:
-            raise RegistryError(INVALID_ARGUMENT, f'{field}: {unit.strip()!r} in {text!r} is not a unit of '
+            raise UnitError(field, f'{field}: {unit.strip()!r} in {text!r} is not a unit of '
                                                   f'{kind.name}; use {kind.unit} or one of {accepted}')
         number *= factor
     if not math.isfinite(number):
-        raise RegistryError(INVALID_ARGUMENT, f'{field}: {text!r} is not a finite {kind.name}')
+        raise UnitError(field, f'{field}: {text!r} is not a finite {kind.name}')
     return number
 
 
@@ -85,7 +94,7 @@ def parse_point(text: str, field: str) -> tuple[float, float] | None:
         return None
     parts = [p for p in re.split(r'[,;]', str(text)) if p.strip()]
     if len(parts) != 2:
-        raise RegistryError(INVALID_ARGUMENT, f'{field}: {text!r} needs two lengths x, y (in µm, or with a unit '
+        raise UnitError(field, f'{field}: {text!r} needs two lengths x, y (in µm, or with a unit '
                                               'such as 1.2 mm, 0.4 mm)')
     x, y = (parse_quantity(p, LENGTH, field) for p in parts)
     return x, y
@@ -111,6 +120,10 @@ def um(metres: float | None, digits: int = 1) -> str:
 
 def um2(square_metres: float | None, digits: int = 0) -> str:
     return '' if square_metres is None else f'{square_metres / UM2:.{digits}f}'
+
+
+def nm(metres: float | None, digits: int = 1) -> str:
+    return '' if metres is None else f'{metres / NM:.{digits}f}'
 
 
 def with_uncertainty(value: float, std: float, unit: str, digits: int = 2) -> str:
