@@ -15,7 +15,7 @@ from web_helpers import SCAN_ID, add_unknown_candidates, make_registry, web_app,
 
 from flake_core import materials
 from flake_core.units import local_time, local_zone
-from flake_registry import labelling
+from flake_registry import export, labelling
 from flake_registry.query import FlakeQuery
 from flake_registry.store import Sighting
 from flake_registry.web import drawing
@@ -174,6 +174,7 @@ def test_scan_and_chip_zips_carry_units_in_their_headers(client, registry):
             rows = list(csv.DictReader(io.StringIO(archive.read('flakes.csv').decode())))
             assert len(rows) == 24
             header = list(rows[0])
+            assert header == list(export.CSV_COLUMNS)    # the rows of flake-registry export
             assert {'area_um2', 'x_um', 'y_um', 'thickness_nm', 'thickness_std_nm', 'isolation_um',
                     'detected_local_time'} <= set(header)
             assert not {'area', 'x', 'y', 'created'} & set(header)

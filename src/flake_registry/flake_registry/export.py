@@ -64,13 +64,24 @@ def people_row(flake: FlakeRecord) -> dict[str, Any]:
             'revisited_local_time': local_time(flake.revisited_at)}
 
 
-def people_record(detail: FlakeDetail) -> dict[str, Any]:
-    """The whole record of one flake (outline, observations, images, lease) in people's units."""
-    flake = detail.flake
+def outline_um(flake: FlakeRecord) -> list[list[float]]:
+    """The flake's outline in the wafer frame [um]."""
+    return [[round(x / UM, 3), round(y / UM, 3)] for x, y in flake.contour]
+
+
+def csv_row(flake: FlakeRecord) -> dict[str, Any]:
+    """One flake as a row of ``CSV_COLUMNS`` (the outline as JSON text)."""
+    return dict(people_row(flake), outline_um=json.dumps(outline_um(flake)))
+
+
+def people_record(flake: FlakeRecord, detail: FlakeDetail | None = None) -> dict[str, Any]:
+    """One flake in people's units: its row, outline and lease; with its ``detail``, observations and images too."""
     record = people_row(flake)
-    record['outline_um'] = [[round(x / UM, 3), round(y / UM, 3)] for x, y in flake.contour]
+    record['outline_um'] = outline_um(flake)
     record['lease_expires_local_time'] = local_time(flake.lease_expires)
     record['used_local_time'] = local_time(flake.used_at)
+    if detail is None:
+        return record
     record['observations'] = [{'scan_id': o.scan_id, 'tile_index': o.tile_index, 'local_time': local_time(o.stamp),
                                'x_um': round(o.x / UM, 3), 'y_um': round(o.y / UM, 3), 'bbox_px': list(o.bbox_px),
                                'score': round(o.score, 4), 'detector': o.detector, 'overlap': round(o.iou, 3)}
@@ -82,7 +93,8 @@ def people_record(detail: FlakeDetail) -> dict[str, Any]:
 
 
 def flake_dict(store: FlakeStore, flake_id: str) -> dict[str, Any]:
-    return people_record(store.get_flake(flake_id))
+    detail = store.get_flake(flake_id)
+    return people_record(detail.flake, detail)
 
 
 def export_json(store: FlakeStore, out: IO[str], chip_id: str = '', scan_id: str = '', **_) -> int:
@@ -100,9 +112,7 @@ def write_flake_csv(flakes: Iterable[FlakeRecord], out: IO[str]) -> int:
     writer.writeheader()
     count = 0
     for flake in flakes:
-        row = people_row(flake)
-        row['outline_um'] = json.dumps([[round(x / UM, 3), round(y / UM, 3)] for x, y in flake.contour])
-        writer.writerow(row)
+        writer.writerow(csv_row(flake))
         count += 1
     return count
 

@@ -5,7 +5,8 @@ A flake's zip holds its record (``flake.json``), its outline (``outline.csv`` in
 full-resolution cut-out with outline, scale bar and legend), every image stored with
 it (revisits, crops) as stored and annotated, and a README naming the units. A scan's
 or chip's zip holds ``flakes.csv`` and ``flakes.json`` for all their flakes and the scan
-mosaics, plain and annotated. Column names carry their unit (``area_um2``,
+mosaics, plain and annotated. Rows and records are those of ``flake_registry.export``
+(``flake-registry export``): column names carry their unit (``area_um2``,
 ``thickness_nm``, ``x_um``); times are the lab's local time with the zone.
 
 Zips are written to a temporary file that spills to disk beyond a few MB, so a chip of
@@ -20,54 +21,19 @@ import io
 import json
 import tempfile
 import time
-from typing import IO, Any
+from typing import IO
 import zipfile
 
-from flake_core.units import UM, UM2, local_time
-from flake_registry.query import LAYER_NAMES, STATUS_NAMES
-from flake_registry.store import FlakeDetail, FlakeRecord
+from flake_registry.export import CSV_COLUMNS, UNITS, csv_row, outline_um, people_record
 from flake_registry.web import drawing, pictures
 from flake_registry.web.context import WebContext
 from flake_registry.web.summaries import chip_scope, scan_scope
 
 SPOOL_BYTES = 8 * 1024 * 1024
 CHUNK_BYTES = 256 * 1024
-CSV_COLUMNS = ('id', 'chip_id', 'scan_id', 'material', 'layer_class', 'layers', 'layers_std', 'thickness_nm',
-               'thickness_std_nm', 'area_um2', 'x_um', 'y_um', 'score', 'homogeneity', 'isolation_um',
-               'edge_straightness', 'status', 'reserved_by', 'used_by', 'n_observations',
-               'detected_local_time')
 UNITS_NOTE = ('Lengths in micrometres (um), areas in square micrometres (um2), thicknesses in nanometres (nm), '
               'times in the lab\'s local time with its zone. Positions are the flake centre in the wafer frame of '
               'its chip (origin at the chip corner the scan was aligned to, x along the chip edge, y up).')
-
-
-def people_row(flake: FlakeRecord) -> dict[str, Any]:
-    return {'id': flake.id, 'chip_id': flake.chip_id, 'scan_id': flake.scan_id, 'material': flake.material,
-            'layer_class': LAYER_NAMES[flake.layer_class], 'layers': round(flake.layers, 3),
-            'layers_std': round(flake.layers_std, 3), 'thickness_nm': round(flake.thickness_nm, 3),
-            'thickness_std_nm': round(flake.thickness_nm_std, 3), 'area_um2': round(flake.area / UM2, 2),
-            'x_um': round(flake.x / UM, 2), 'y_um': round(flake.y / UM, 2), 'score': round(flake.score, 4),
-            'homogeneity': round(flake.homogeneity, 4), 'isolation_um': round(flake.isolation_distance / UM, 2),
-            'edge_straightness': round(flake.edge_straightness, 4), 'status': STATUS_NAMES[flake.status],
-            'reserved_by': flake.reserved_by, 'used_by': flake.used_by, 'n_observations': flake.n_observations,
-            'detected_local_time': local_time(flake.detected_at or flake.created)}
-
-
-def people_record(flake: FlakeRecord, detail: FlakeDetail | None = None) -> dict[str, Any]:
-    """A flake for people and their scripts: the CSV row plus its outline and history, units in the names."""
-    record = people_row(flake)
-    record['outline_um'] = [[round(x / UM, 3), round(y / UM, 3)] for x, y in flake.contour]
-    if flake.used_at:
-        record.update(used_local_time=local_time(flake.used_at), used_note=flake.used_note)
-    if detail is not None:
-        record['observations'] = [{'scan_id': o.scan_id, 'tile_index': o.tile_index,
-                                   'local_time': local_time(o.stamp), 'x_um': round(o.x / UM, 2),
-                                   'y_um': round(o.y / UM, 2), 'score': round(o.score, 4),
-                                   'detector': o.detector} for o in detail.observations]
-        record['images'] = [{'role': i.role, 'objective': i.objective,
-                             'pixel_size_um': round(i.pixel_size / UM, 5) if i.pixel_size else None,
-                             'local_time': local_time(i.stamp)} for i in detail.images]
-    return record
 
 
 def _stream(archive_file: IO[bytes]) -> Iterator[bytes]:
@@ -98,8 +64,8 @@ def flake_zip(ctx: WebContext, flake_id: str) -> Iterator[bytes]:
         archive.writestr('flake.json', json.dumps(people_record(flake, detail), indent=1))
         buffer = io.StringIO()
         buffer.write('x_um,y_um\n')
-        for x, y in flake.contour:
-            buffer.write(f'{x / UM:.3f},{y / UM:.3f}\n')
+        for x, y in outline_um(flake):
+            buffer.write(f'{x:.3f},{y:.3f}\n')
         archive.writestr('outline.csv', buffer.getvalue())
         _put_png(archive, 'outline.png', pictures.outline_picture(flake))
         source = pictures.frame_source(ctx, flake)
@@ -155,13 +121,13 @@ def flakes_zip(ctx: WebContext, *, scan_id: str = '', chip_id: str = '') -> Iter
                 'flakes.json: the same with outlines [um]']
     with archive, tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode='w+') as records:
         records.write(f'{{"{"scan_id" if scan_id else "chip_id"}": {json.dumps(scan_id or chip_id)}, '
-                      f'"units": {json.dumps(UNITS_NOTE)}, "flakes": [\n')
+                      f'"units": {json.dumps(UNITS)}, "flakes": [\n')
         count = 0
         with archive.open('flakes.csv', 'w') as raw, io.TextIOWrapper(raw, encoding='utf-8', newline='') as text:
             writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             for flake in ctx.store.iter_flakes(**scope):
-                writer.writerow(people_row(flake))
+                writer.writerow(csv_row(flake))
                 records.write((',\n' if count else '') + json.dumps(people_record(flake)))
                 count += 1
         records.write('\n]}\n')
