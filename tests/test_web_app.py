@@ -271,6 +271,19 @@ def test_bad_stacks_are_refused_with_json_errors(client, registry, body):
     assert registry[2].reservations() == []
 
 
+def test_a_stack_takes_the_robot_ids_a_single_reservation_takes(client, registry):
+    store = registry[2]
+    recipe = client.post('/api/stacks', json={'name': 'pair', 'reserve': False,
+                                              'layers': [{'flake_id': 'F0000001'}, {'flake_id': 'F0000002'}]}).json()
+    refused = client.post(f'/api/stacks/{recipe["id"]}/reserve', params={'robot_id': 'arm 1'})
+    assert refused.status_code == 422 and 'without spaces' in refused.json()['error']['message']
+    single = store.reserve('F0000003', 'lab#2/arm', 60)      # a robot id the registry takes for one flake ...
+    store.release('F0000003', single.token)
+    reserved = client.post(f'/api/stacks/{recipe["id"]}/reserve', params={'robot_id': 'lab#2/arm'})
+    assert reserved.status_code == 200                       # ... it takes for a stack too
+    assert {r['robot_id'] for r in store.reservations()} == {'lab#2/arm'}
+
+
 def test_stack_preview_coverage(client, registry):
     store = registry[2]
     body = client.post('/api/stacks/preview', json={'layers': [{'flake_id': 'F0000002'},

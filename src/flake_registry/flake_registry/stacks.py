@@ -21,14 +21,13 @@ import secrets
 from typing import Any
 
 from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, UNKNOWN_ID, RegistryError
-from flake_registry.reservations import reserve_in
+from flake_registry.reservations import check_robot_id, reserve_in
 from flake_registry.stack_geometry import place_outline, stack_overlap
 from flake_registry.store import FlakeStore
 
 MAX_LAYERS = 12
 MAX_OFFSET = 1e-3                               # [m]; a stack is a few hundred micrometres across
 NAME_PATTERN = re.compile(r'^[A-Za-z0-9_.:/ +\-]{1,80}$')
-ROBOT_PATTERN = re.compile(r'^[A-Za-z0-9_.\-]{1,64}$')
 RECIPE_ID_PATTERN = re.compile(r'^S[0-9a-f]{12}$')
 
 
@@ -171,8 +170,7 @@ def reserve_recipe(store: FlakeStore, recipe_id: str, robot_id: str, lease_s: fl
     Raises the store's RegistryError (ALREADY_RESERVED, ALREADY_USED, ...) naming the
     first flake that could not be reserved; then no flake of the recipe is reserved.
     """
-    if not ROBOT_PATTERN.match(robot_id or ''):
-        raise RegistryError(INVALID_ARGUMENT, 'robot_id must be 1-64 letters, digits or _.-')
+    check_robot_id(robot_id)
     recipe = get_recipe(store, recipe_id)
     lease_s = store.lease_seconds(lease_s)
     now = store.clock()

@@ -19,6 +19,7 @@ from starlette.datastructures import QueryParams
 from flake_core.units import AREA, LENGTH, THICKNESS, UM, UM2, parse_point, parse_quantity
 from flake_registry import stacks
 from flake_registry.query import DEFAULT_LIMIT, INVALID_ARGUMENT, INVALID_RANGE, FlakeQuery, RegistryError
+from flake_registry.reservations import ROBOT_ID_MAX, check_robot_id
 
 FLAKE_ID_PATTERN = r'^[A-Za-z0-9_.\-]{1,64}$'
 NAME_PATTERN = re.compile(r'^[A-Za-z0-9_.\-]{1,128}$')  # scan, chip and report names
@@ -122,15 +123,18 @@ class StackPreviewIn(BaseModel):
 
 class StackIn(StackPreviewIn):
     name: str = Field(min_length=1, max_length=80, pattern=stacks.NAME_PATTERN.pattern)
-    robot_id: str = Field('', max_length=64)
+    robot_id: str = Field('', max_length=ROBOT_ID_MAX)
     lease_s: float = Field(0.0, ge=0.0, le=7 * 86400.0)
     reserve: bool = True
 
     @field_validator('robot_id')
     @classmethod
     def _robot(cls, value: str) -> str:
-        if value and not stacks.ROBOT_PATTERN.match(value):
-            raise ValueError('robot_id must be 1-64 letters, digits or _.-')
+        if value:
+            try:
+                check_robot_id(value)
+            except RegistryError as refused:
+                raise ValueError(refused.message) from None
         return value
 
 

@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from flake_registry import control, stacks
 from flake_registry.query import INVALID_ARGUMENT, RegistryError
+from flake_registry.reservations import ROBOT_ID_MAX
 from flake_registry.web import drawing
 from flake_registry.web.context import NavEntry, require_read, require_write, web
 from flake_registry.web.forms import WHO_MAX, ControlIn, StackIn, StackPreviewIn
@@ -56,7 +57,7 @@ def stack_create(request: Request, body: StackIn):
 
 
 @router.post('/api/stacks/{recipe_id}/reserve', dependencies=[Depends(require_write)])
-def stack_reserve(request: Request, recipe_id: str, robot_id: str = Query(..., min_length=1, max_length=64),
+def stack_reserve(request: Request, recipe_id: str, robot_id: str = Query(..., min_length=1, max_length=ROBOT_ID_MAX),
                   lease_s: float = Query(0.0, ge=0.0, le=7 * 86400.0)):
     """Reserve a saved recipe's flakes, all or none."""
     return stacks.reserve_recipe(web(request).store, recipe_id, robot_id, lease_s).as_dict(include_tokens=True)
