@@ -11,6 +11,7 @@ from flake_core.geometry import (
     WaferFrame,
     pixel_to_stage,
     pixel_to_wafer,
+    polygon_area,
 )
 
 
@@ -80,3 +81,11 @@ def test_wafer_transform_for_tf_matches_the_frame():
     assert (transform.translation.x, transform.translation.y) == pytest.approx((2e-3, 1e-3))
     angle = 2 * math.atan2(transform.rotation.z, transform.rotation.w)
     assert angle == pytest.approx(math.atan2(0.5e-3, 10e-3))
+
+
+def test_polygon_area_of_either_winding_and_any_point_type():
+    square = [(45.0, 45.0), (55.0, 45.0), (55.0, 55.0), (45.0, 55.0)]
+    assert polygon_area(square) == 100.0 and polygon_area(square[::-1]) == 100.0
+    triangle = np.array([[0.0, 0.0], [4e-6, 0.0], [0.0, 3e-6]])
+    assert polygon_area(triangle) == pytest.approx(6e-12, rel=1e-12)
+    assert polygon_area([(0, 0), (1, 1)]) == 0.0

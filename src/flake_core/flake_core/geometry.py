@@ -163,3 +163,10 @@ def pixel_to_wafer(stage_x: float, stage_y: float, pixel_size: float, width: int
     """Map from pixel (u, v) to the wafer frame [m], the ``ScanFrame.pixel_to_wafer`` map."""
     return pixel_to_stage(stage_x, stage_y, pixel_size, width, height, camera_rotation).then(
         stage_to_wafer)
+
+
+def polygon_area(points: Any) -> float:
+    """Area of a simple polygon from its (N, 2) vertices (shoelace), in the square of their unit."""
+    xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))

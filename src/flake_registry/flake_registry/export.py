@@ -26,7 +26,7 @@ from pathlib import Path
 import time
 from typing import IO, Any
 
-from flake_core.geometry import Affine2D
+from flake_core.geometry import Affine2D, polygon_area
 from flake_core.materials import MATERIAL_NAMES
 from flake_core.units import UM, UM2, local_time
 from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, STATUS_NAMES, RegistryError
@@ -130,13 +130,6 @@ def coco_categories() -> list[dict[str, Any]]:
     return [{'id': i + 1, 'name': f'{m}_{layer}', 'supercategory': m} for i, (m, layer) in enumerate(names)]
 
 
-def _polygon_area(points: list[tuple[float, float]]) -> float:
-    total = 0.0
-    for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]):
-        total += x0 * y1 - x1 * y0
-    return abs(total) / 2
-
-
 def data_folder(store: FlakeStore) -> Path:
     """The folder of the registry's files: next to its SQLite file, else $FLAKE_DATA_DIR."""
     path = getattr(store, 'path', None)
@@ -202,7 +195,7 @@ def build_coco(store: FlakeStore, chip_id: str = '', scan_id: str = '', data_dir
         annotations.append({
             'id': len(annotations) + 1, 'image_id': image['id'],
             'category_id': category_ids[f'{flake.material}_{LAYER_NAMES[flake.layer_class]}'],
-            'bbox': [round(v, 2) for v in bbox], 'area': _polygon_area(polygon),
+            'bbox': [round(v, 2) for v in bbox], 'area': polygon_area(polygon),
             'segmentation': [[round(v, 2) for point in polygon for v in point]], 'iscrowd': 0,
             'flake_id': flake.id, 'score': score})
 

@@ -14,6 +14,8 @@ import math
 import cv2
 import numpy as np
 
+from flake_core.geometry import polygon_area
+
 # Raster size along the longer side of the stack; 1024 px keeps the area error
 # well under 1 % for outlines of a few hundred vertices.
 RASTER_PIXELS = 1024
@@ -41,12 +43,6 @@ def place_outline(contour, centre, rotation: float, offset=(0.0, 0.0)) -> np.nda
     rotated = np.stack([cos * relative[:, 0] - sin * relative[:, 1],
                         sin * relative[:, 0] + cos * relative[:, 1]], axis=1)
     return rotated + np.asarray(offset, dtype=np.float64).reshape(1, 2)
-
-
-def polygon_area(points: np.ndarray) -> float:
-    """Shoelace area of a simple polygon [m^2]."""
-    x, y = points[:, 0], points[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
 @dataclass(frozen=True)
