@@ -81,7 +81,7 @@ def render_frames(seed: int, count: int, intensities=(1.0,), size: int = 1024, l
 
 
 def merge_sets(sets):
-    """One COCO dict and frame list from several (gt, frames) pairs, image ids renumbered."""
+    """One COCO dict and frame list from several (gt, list of frames) pairs, image ids renumbered."""
     gt = {'images': [], 'annotations': [], 'categories': sets[0][0]['categories']}
     frames = []
     for coco, rendered in sets:
@@ -144,29 +144,25 @@ def material_accuracy(gt, predictions, score_threshold=0.5) -> tuple[int, int, i
     return matched, right, unknown
 
 
-def proposal_recall(detector, gt, frames, top=300, iou=0.5) -> float:
-    """Share of scored flakes with a proposal at IoU >= ``iou`` among the network's first ``top``."""
+def predictions_and_recall(detector, gt, frames, top=300, iou=0.5) -> tuple[list[dict], float]:
+    """COCO predictions of every frame, and the share of scored flakes with a proposal at IoU >= ``iou``
+    among the network's first ``top`` (from the same pass)."""
     from torchvision.ops import box_iou
 
+    from flake_detector.evaluation import detections_to_predictions
+
     truth = scored_truth(gt)
-    hit = total = 0
+    predictions, hit, total = [], 0, 0
+    scale = detector.input_scale or detector.config.pixel_scale or 1.0
     for image_id, frame in enumerate(frames, start=1):
+        predictions += detections_to_predictions(image_id, detector.detect(frame).detections, *frame.shape[:2])
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in
                               (a['bbox'] for a in truth if a['image_id'] == image_id)], dtype=torch.float32)
-        if not len(boxes):
-            continue
-        scale = detector.input_scale or detector.config.pixel_scale or 1.0
-        rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-        if abs(scale - 1.0) > 1e-6:
-            rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        height, width = rgb.shape[:2]
-        tensor = torch.zeros(1, 3, -(-height // 32) * 32, -(-width // 32) * 32)
-        tensor[0, :, :height, :width] = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
-        _, proposals = detector.run_network(tensor)
-        found = proposals[0][:top] / scale
+        found = torch.cat([p[:top] for p in detector.last_proposals]) / scale
         total += len(boxes)
-        hit += int((box_iou(boxes, found).max(dim=1).values >= iou).sum()) if len(found) else 0
-    return hit / max(total, 1)
+        if len(boxes) and len(found):
+            hit += int((box_iou(boxes, found).max(dim=1).values >= iou).sum())
+    return predictions, hit / max(total, 1)
 
 
 def _pct(value) -> str:
@@ -192,10 +188,9 @@ def ap_section(frames: int, model: str, before: Path) -> str:
         detector = MaskRCNNDetector(path, score_threshold=0.01, threads=2)
         version = detector.model_version
         for seed, (gt, rendered) in sets.items():
-            predictions = predictions_of(detector, rendered[1.0])
+            predictions, recall = predictions_and_recall(detector, gt, rendered[1.0])
             metrics = agnostic_ap(gt, predictions)
             box, segm = metrics['bbox'], metrics['segm']
-            recall = proposal_recall(detector, gt, rendered[1.0])
             lines.append(f'| {name} ({version}) | {seed} | {metrics["ground_truth"]} | {_pct(box["AP50"])} | '
                          f'{_pct(box["AP75"])} | {_pct(box["AP"])} | {_pct(segm["AP50"])} | {_pct(segm["AP75"])} | '
                          f'{_pct(segm["AP"])} | {_pct(recall)} |')
@@ -222,7 +217,7 @@ def curve_section(frames: int, run: Path) -> str:
     checkpoints = sorted(run.glob('epoch_*.pt'))
     if not checkpoints:
         return f'No epoch checkpoints in {run} (make train-maskrcnn keeps them).\n'
-    gt, rendered = merge_sets([render_frames(seed, frames) for seed in AP_SEEDS])
+    gt, rendered = merge_sets([(g, f[1.0]) for g, f in (render_frames(seed, frames) for seed in AP_SEEDS)])
     lines = [f'Box and mask AP50 (class-agnostic, flakes of 1-{MAX_LAYERS} layers, >= {MIN_AREA_PX} px) on seeds '
              f'{", ".join(map(str, AP_SEEDS))}, {frames} frames each, of every kept epoch of {run.name}; CPU-minutes '
              'are the training process\'s CPU time (all its threads).', '',
@@ -232,7 +227,7 @@ def curve_section(frames: int, run: Path) -> str:
         card = json.loads(path.with_suffix('.json').read_text())
         metrics = card['metrics']
         detector = MaskRCNNDetector(path, score_threshold=0.01, threads=2, refine_thickness=False)
-        result = agnostic_ap(gt, predictions_of(detector, rendered[1.0]))
+        result = agnostic_ap(gt, predictions_of(detector, rendered))
         lines.append(f'| {card["epochs_done"]} | {metrics.get("iterations", "-")} | '
                      f'{metrics.get("cpu_seconds", 0) / 60:.1f} | {metrics["loss"]:.3f} | '
                      f'{metrics.get("val_loss", float("nan")):.3f} | {_pct(result["bbox"]["AP50"])} | '
@@ -277,13 +272,13 @@ def ablation_section(frames: int) -> str:
              'Ours (t = 0.8)': sorted(RUNS.glob('soft30-s*/final.pt'))}
     if not all(kinds.values()):
         return 'Ablation skipped: no runs in data/maskrcnn/runs (make train-maskrcnn-ablation).\n'
-    gt, rendered = merge_sets([render_frames(seed, frames) for seed in ABLATION_SEEDS])
+    gt, rendered = merge_sets([(g, f[1.0]) for g, f in (render_frames(seed, frames) for seed in ABLATION_SEEDS)])
     results = {}
     soft_share = {}
     for kind, paths in kinds.items():
         for path in paths:
             detector = MaskRCNNDetector(path, score_threshold=0.01, threads=2)
-            predictions = predictions_of(detector, rendered[1.0])
+            predictions = predictions_of(detector, rendered)
             run = {m: material_ap(gt, predictions, m) for m in MATERIALS}
             run['all'] = agnostic_ap(gt, predictions)
             results.setdefault(kind, []).append(run)
@@ -315,7 +310,7 @@ def ablation_section(frames: int) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def illumination_section(frames: int, model: str) -> str:
+def illumination_section(frames: int, model: str, which: tuple[str, ...] = ('maskrcnn', 'contrast', 'cascade')) -> str:
     from flake_detector.detection import make_detector
 
     gt, rendered = render_frames(ILLUMINATION_SEED, frames, INTENSITIES)
@@ -331,6 +326,8 @@ def illumination_section(frames: int, model: str) -> str:
              + ' | '.join(f'graphene, I = {s:.1f}' for s in INTENSITIES) + ' |',
              '|---|' + '---|' * (2 * len(INTENSITIES))]
     for name, build in detectors:
+        if name.split()[0] not in which and not (name.startswith('optical') and 'contrast' in which):
+            continue
         try:
             detector = build()
         except (FileNotFoundError, ValueError) as exc:
@@ -481,13 +478,16 @@ def main(argv=None) -> int:
     parser.add_argument('--real-threshold', type=float, default=0.5, help='score cut for the real overlays')
     parser.add_argument('--only', choices=('ap', 'curve', 'speed', 'ablation', 'illumination', 'real'),
                         default=None)
+    parser.add_argument('--detectors', default='maskrcnn,contrast,cascade',
+                        help='illumination table: which detectors (comma list)')
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     sections = {'ap': lambda: ap_section(args.frames, args.model, args.before),
                 'curve': lambda: curve_section(args.curve_frames, args.run),
                 'speed': lambda: speed_section(args.speed_frames, args.model, args.threads),
                 'ablation': lambda: ablation_section(args.frames),
-                'illumination': lambda: illumination_section(args.frames, args.model),
+                'illumination': lambda: illumination_section(args.frames, args.model,
+                                                             tuple(args.detectors.split(','))),
                 'real': lambda: real_section(args.model, args.real_threshold)}
     for name, section in sections.items():
         if args.only and name != args.only:

@@ -159,6 +159,10 @@ def test_cli_checkpoints_card_resume_and_export(tmp_path, capsys):
     assert 'resuming at stage 2 epoch 1' in capsys.readouterr().out
     final = json.loads((out / 'final.json').read_text())
     assert [h['trainable'] for h in final['history']] == ['heads', 'all']
+    assert '--resume' in final['command'] and '--resume' not in final['first_command']
+    assert final['history'][-1]['iterations'] == 2 and final['history'][-1]['cpu_seconds'] > 0
+    card = train.annotate_card(tmp_path / 'ship.pt', validation_seeds=[12])
+    assert json.loads((tmp_path / 'ship.json').read_text())['validation_seeds'] == [12] == card['validation_seeds']
     model, config, version = train.model_from_checkpoint(tmp_path / 'ship.pt')
     assert config.input_size == 96 and version.startswith('maskrcnn-mobilenet_v2_fpn-96-mxc-soft-')
     shipped = torch.load(tmp_path / 'ship.pt', weights_only=False)

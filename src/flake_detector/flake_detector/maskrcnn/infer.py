@@ -293,6 +293,8 @@ class MaskRCNNDetector:
         windows = self.tile_windows(height, width)
         frame = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1).float() / 255.0
         found: list[TileDetection] = []
+        # The RPN's proposals of the last frame, in frame pixels at model scale (for recall benches).
+        self.last_proposals: list[torch.Tensor] = []
         for start in range(0, len(windows), self.batch_tiles):
             batch = windows[start:start + self.batch_tiles]
             # Zero padding past the frame edge, as Masubuchi et al. (2020) pad their input.
@@ -301,9 +303,10 @@ class MaskRCNNDetector:
             tensor = frame.new_zeros((len(batch), 3, pad_h, pad_w))
             for k, (x0, y0, x1, y1) in enumerate(batch):
                 tensor[k, :, :y1 - y0, :x1 - x0] = frame[:, y0:y1, x0:x1]
-            outputs, _ = self.run_network(tensor)
-            for window, output in zip(batch, outputs, strict=True):
+            outputs, proposals = self.run_network(tensor)
+            for window, output, boxes in zip(batch, outputs, proposals, strict=True):
                 found += self._tile_detections(output, window)
+                self.last_proposals.append(boxes + torch.tensor(window[:2] * 2, dtype=boxes.dtype))
         return found, len(windows)
 
     def _tile_detections(self, output: dict, window) -> list[TileDetection]:
@@ -346,8 +349,10 @@ class MaskRCNNDetector:
         timings['stitch'] = time.perf_counter() - started - timings['network']
         detections = [self._to_frame(d, scale, (height, width)) for d in merged]
         detections = [d for d in detections if d is not None]
+        optics_started = time.perf_counter()
         if detections and (self.config.class_agnostic or self.refine_thickness):
             self._optical(image_bgr, detections)
+        timings['optics'] = time.perf_counter() - optics_started
         timings['total'] = time.perf_counter() - started
         funnel = [FunnelStage('tile detections', len(raw)), FunnelStage('stitched', len(merged)),
                   FunnelStage('reported', len(detections))]

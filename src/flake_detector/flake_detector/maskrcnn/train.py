@@ -148,6 +148,19 @@ def save_checkpoint(path: Path, model, config: ModelConfig, card: dict, half: bo
     return card
 
 
+def annotate_card(path: str | Path, **fields) -> dict:
+    """Add ``fields`` (evaluation results, data provenance) to a checkpoint's model card, in the
+    checkpoint and in the JSON beside it; weights and version stay as they are."""
+    path = Path(path)
+    payload = load_checkpoint(path)
+    payload['card'] = dict(payload['card'], **fields)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _atomic_write(path, buffer.getvalue())
+    _atomic_write(path.with_suffix('.json'), (json.dumps(payload['card'], indent=2, default=str) + '\n').encode())
+    return payload['card']
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     temporary = path.with_name(path.name + '.tmp')
     temporary.write_bytes(data)
@@ -325,6 +338,10 @@ def run(args, argv: list[str]) -> int:
         torch.set_rng_state(state['torch_rng'])
         _reseed(parts, state['data_seed'])
         print(f'resuming at stage {start_stage + 1} epoch {start_epoch + 1}', flush=True)
+    first_command = None
+    if args.resume:
+        earlier = payload.get('card', {})
+        first_command = earlier.get('first_command') or earlier.get('command')
     card_base = {
         'command': 'flake-train-maskrcnn ' + ' '.join(argv),
         'data': [str(f) for f in data_files], 'data_images': len(dataset),
@@ -338,6 +355,8 @@ def run(args, argv: list[str]) -> int:
         'soft_labels': config.soft_labels, 'class_names': list(config.class_names),
         'warmup_iterations': args.warmup_iterations, 'threads': args.threads,
     }
+    if first_command and first_command != card_base['command']:
+        card_base['first_command'] = first_command  # resumed with another command line: the card says both
     cpu_started = time.process_time()
     cpu_before = history[-1].get('cpu_seconds', 0.0) if history else 0.0
     stage_epochs = [s.epochs or args.epochs_per_stage for s in stages]
@@ -379,7 +398,10 @@ def run(args, argv: list[str]) -> int:
                   + (f' val {metrics["val_loss"]:.4f}' if 'val_loss' in metrics else '')
                   + f' soft-labelled negatives {metrics["soft_fraction"]:.3%}', flush=True)
     card = json.loads(last.with_suffix('.json').read_text()) if last.is_file() else dict(card_base)
-    card['created'] = dt.datetime.now(dt.UTC).isoformat(timespec='seconds')
+    if card.get('command') != card_base['command']:
+        card['first_command'] = card.get('first_command', card.get('command'))
+    card.update(command=card_base['command'], stages=card_base['stages'],
+                created=dt.datetime.now(dt.UTC).isoformat(timespec='seconds'))
     card = save_checkpoint(out / 'final.pt', model, config, card)
     print(f'wrote {out / "final.pt"} ({card["model_version"]})')
     if args.export is not None:
