@@ -67,6 +67,14 @@ def test_typed_units_of_the_wrong_kind_are_refused_by_name(registry_file, capsys
     assert "unknown status 'lost'" in refused(registry_file, 'query', '--status', 'lost', capsys=capsys)
 
 
+def test_a_file_that_cannot_be_written_is_one_line_not_a_traceback(registry_file, tmp_path, capsys):
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('')
+    said = refused(registry_file, 'export', '--chip', 'chip-C', '--format', 'csv', '-o', str(blocker / 'chip.csv'),
+                   capsys=capsys)
+    assert said.startswith('error: ') and said.count('\n') == 1 and 'Traceback' not in said
+
+
 def test_show_speaks_micrometres_and_local_time(registry_file):
     shown = cli(registry_file, 'show', 'F0000002')
     assert shown.startswith('flake F0000002 on chip chip-C: hbn, mono (1.0 layers, 0.34 nm)')  # no "+- 0.0"

@@ -12,6 +12,7 @@ registry's own checks, the same functions the web app uses, and stay in its hist
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import json
 import os
 from pathlib import Path
@@ -364,18 +365,25 @@ def _correct_label(store: FlakeStore, args) -> str:
     return f'label {args.label_id} {old!r} corrected to {label.encode()!r} (label {new_id})'
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def report_refusals(command: Callable[[], int]) -> int:
+    """Run ``command`` for a person at a terminal: a refusal, a mistyped unit or a file that cannot be read or
+    written is one line ``error: ...`` on stderr and exit status 2, never a traceback."""
     try:
-        return run(args)
+        return command()
     except RegistryError as error:
         print(f'error: {error.code}: {error.message}', file=sys.stderr)
-        return 2
     except UnitError as error:
         print(f'error: {INVALID_ARGUMENT}: {error.message}', file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `| head`
         return 0
+    except OSError as error:
+        print(f'error: {error}', file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return report_refusals(lambda: run(args))
 
 
 if __name__ == '__main__':

@@ -47,6 +47,7 @@ import numpy as np
 from flake_core.geometry import Affine2D, pixel_to_wafer
 from flake_core.materials import LAYER_CLASS_NAMES
 from flake_core.units import LENGTH, UM, UnitError, parse_quantity
+from flake_registry.cli import report_refusals
 from flake_registry.query import INVALID_ARGUMENT, RegistryError
 from flake_registry.records import Sighting
 from flake_registry.store import FlakeStore
@@ -372,14 +373,7 @@ def run(args, out=None) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except RegistryError as error:
-        print(f'error: {error.code}: {error.message}', file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
+    return report_refusals(lambda: run(args))
 
 
 if __name__ == '__main__':
