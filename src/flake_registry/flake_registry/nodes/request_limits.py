@@ -6,7 +6,9 @@ path could name any file of the registry host. Every service request (and every
 ``Flake`` of a ``/detections`` batch) is walked field by field: a text or list
 longer than its limit is refused with ``INVALID_ARGUMENT`` naming the field and the
 limit, oversized pixels with ``INVALID_IMAGE``. Image paths must name an existing
-image file inside the registry's data folder.
+image file inside the registry's data folder. ``answer_request`` is how every registry
+service answers: the checks, then the work; a refusal or a failure becomes an error
+code in the response, never an exception.
 
 No rclpy here: the checks work on any generated message object and are tested
 directly.
@@ -14,9 +16,11 @@ directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from flake_registry.query import INVALID_ARGUMENT, RegistryError
+from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, RegistryError
 from flake_registry.web.files import IMAGE_SUFFIXES, resolve_inside
 
 INVALID_IMAGE = 'INVALID_IMAGE'
@@ -65,7 +69,7 @@ def check_message(msg) -> None:
         value = msg
         for name in attribute:
             value = getattr(value, name)
-        if kind is _TEXT:
+        if kind is _TEXT:  # _check_text inlined: this loop runs for every field of every detection
             if len(value) > limit:
                 raise RegistryError(INVALID_ARGUMENT, f'{path} has {len(value)} characters; at most {limit}')
             if '\x00' in value:
@@ -117,6 +121,23 @@ def _check_text(path: str, limit: int, value: str) -> None:
         raise RegistryError(INVALID_ARGUMENT, f'{path} has {len(value)} characters; at most {limit}')
     if '\x00' in value:
         raise RegistryError(INVALID_ARGUMENT, f'{path} contains a NUL character')
+
+
+def answer_request(request, response, action: Callable[[], None], what: str, logger: Any = None):
+    """Check ``request`` against the limits and run ``action`` (which fills ``response``); a refusal
+    becomes its error code in ``response``, a failure INTERNAL_ERROR (logged as ``what`` failed)."""
+    try:
+        check_message(request)
+        action()
+        response.success, response.error_code = True, ''
+    except RegistryError as error:
+        response.success, response.error_code, response.message = False, error.code, error.message
+    except Exception as error:  # noqa: BLE001 - a service must answer, whatever went wrong
+        if logger is not None:
+            logger.error(f'{what} failed: {type(error).__name__}: {error}')
+        response.success, response.error_code = False, INTERNAL_ERROR
+        response.message = f'{type(error).__name__}: {error}'
+    return response
 
 
 def check_image_size(width: int, height: int) -> None:

@@ -17,9 +17,8 @@ from flake_core.node_tools import SERVICE_QOS, declare_parameters, run_node
 from flake_msgs.msg import StackLayer
 from flake_msgs.srv import GetStackRecipe
 from flake_registry import stacks
-from flake_registry.nodes.request_limits import check_message
+from flake_registry.nodes.request_limits import answer_request
 from flake_registry.parameters import StackRecipeNodeParameters
-from flake_registry.query import INTERNAL_ERROR, RegistryError
 from flake_registry.store import FlakeStore, default_database_path
 
 SERVICE_NAME = 'registry/get_stack_recipe'
@@ -40,20 +39,11 @@ def recipe_to_response(recipe: stacks.StackRecipe, response: GetStackRecipe.Resp
 def answer_stack_recipe(store: FlakeStore, request: GetStackRecipe.Request, response: GetStackRecipe.Response,
                         logger=None) -> GetStackRecipe.Response:
     """Fill ``response`` for ``request``; refusals become error codes, never exceptions."""
-    try:
-        check_message(request)
+    def run():
         recipe = stacks.get_recipe(store, request.recipe_id)
         recipe_to_response(recipe, response)
-        response.success, response.error_code = True, ''
         response.message = f'{len(recipe.layers)} layer(s), bottom first'
-    except RegistryError as error:
-        response.success, response.error_code, response.message = False, error.code, error.message
-    except Exception as error:  # noqa: BLE001 - a service must answer, whatever went wrong
-        if logger is not None:
-            logger.error(f'get_stack_recipe failed: {type(error).__name__}: {error}')
-        response.success, response.error_code = False, INTERNAL_ERROR
-        response.message = f'{type(error).__name__}: {error}'
-    return response
+    return answer_request(request, response, run, 'get_stack_recipe', logger)
 
 
 def add_stack_recipe_service(node: Node, store: FlakeStore, name: str = SERVICE_NAME, qos_profile=SERVICE_QOS):

@@ -18,8 +18,7 @@ from flake_core.node_tools import SERVICE_QOS
 from flake_msgs.msg import WaferFrame
 from flake_msgs.srv import GetWaferFrames, SaveWaferFrame
 from flake_registry.nodes.conversions import to_time
-from flake_registry.nodes.request_limits import check_message
-from flake_registry.query import INTERNAL_ERROR, RegistryError
+from flake_registry.nodes.request_limits import answer_request
 from flake_registry.records import ChipWaferFrame
 from flake_registry.store import FlakeStore
 
@@ -34,47 +33,25 @@ def wafer_frame_to_msg(frame: ChipWaferFrame) -> WaferFrame:
                       measured_at=to_time(frame.measured_at))
 
 
-def _internal(response, logger, what: str, error: Exception):
-    if logger is not None:
-        logger.error(f'{what} failed: {type(error).__name__}: {error}')
-    response.success, response.error_code = False, INTERNAL_ERROR
-    response.message = f'{type(error).__name__}: {error}'
-    return response
-
-
 def answer_save(store: FlakeStore, request: SaveWaferFrame.Request, response: SaveWaferFrame.Response,
                 logger=None) -> SaveWaferFrame.Response:
     """Fill ``response`` for ``request``; refusals become error codes, never exceptions."""
-    try:
-        check_message(request)
+    def run():
         frame = store.save_wafer_frame(request.chip_id, [(p.x, p.y) for p in request.corners],
                                        measured_by=request.measured_by)
-    except RegistryError as error:
-        response.success, response.error_code, response.message = False, error.code, error.message
-        return response
-    except Exception as error:  # noqa: BLE001 - a service must answer, whatever went wrong
-        return _internal(response, logger, 'save_wafer_frame', error)
-    response.success, response.error_code = True, ''
-    response.frame = wafer_frame_to_msg(frame)
-    response.message = (f'chip {frame.chip_id}: rotation {math.degrees(frame.rotation):.3f} deg, '
-                        f'corner residual {frame.residual * 1e6:.1f} um')
-    return response
+        response.frame = wafer_frame_to_msg(frame)
+        response.message = (f'chip {frame.chip_id}: rotation {math.degrees(frame.rotation):.3f} deg, '
+                            f'corner residual {frame.residual * 1e6:.1f} um')
+    return answer_request(request, response, run, 'save_wafer_frame', logger)
 
 
 def answer_get(store: FlakeStore, request: GetWaferFrames.Request, response: GetWaferFrames.Response,
                logger=None) -> GetWaferFrames.Response:
-    try:
-        check_message(request)
+    def run():
         frames = store.wafer_frames(list(request.chip_ids))
-    except RegistryError as error:
-        response.success, response.error_code, response.message = False, error.code, error.message
-        return response
-    except Exception as error:  # noqa: BLE001 - a service must answer, whatever went wrong
-        return _internal(response, logger, 'get_wafer_frames', error)
-    response.frames = [wafer_frame_to_msg(frame) for frame in frames.values()]
-    response.success, response.error_code = True, ''
-    response.message = f'{len(frames)} chip(s) with a wafer frame'
-    return response
+        response.frames = [wafer_frame_to_msg(frame) for frame in frames.values()]
+        response.message = f'{len(frames)} chip(s) with a wafer frame'
+    return answer_request(request, response, run, 'get_wafer_frames', logger)
 
 
 def add_wafer_frame_services(node: Node, store: FlakeStore, qos_profile=SERVICE_QOS) -> list:
