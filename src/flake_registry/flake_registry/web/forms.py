@@ -138,23 +138,21 @@ class StackIn(StackPreviewIn):
         return value
 
 
-class LabelIn(BaseModel):
-    model_config = ConfigDict(extra='forbid')
-    who: str = Field(min_length=1, max_length=WHO_MAX)
-    verdict: str = Field(max_length=16)
-    material: str = Field(max_length=32)
-    layer_class: str | int
-    flake_id: str = Field('', max_length=64)
-    crop_path: str = Field('', max_length=512)
-
-
 class LabelItemIn(BaseModel):
+    """One label (``verdict:material:layer_class``) on a flake or a candidate crop."""
+
     model_config = ConfigDict(extra='forbid')
     verdict: str = Field(max_length=16)
     material: str = Field(max_length=32)
     layer_class: str | int
     flake_id: str = Field('', max_length=64)
     crop_path: str = Field('', max_length=512)
+
+
+class LabelIn(LabelItemIn):
+    """One label and who gave it."""
+
+    who: str = Field(min_length=1, max_length=WHO_MAX)
 
 
 class LabelBatchIn(BaseModel):

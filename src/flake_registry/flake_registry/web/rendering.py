@@ -32,20 +32,21 @@ LAYER_STYLES = {'unknown': {'fill': 0.15, 'stroke': 1}, 'mono': {'fill': 0.9, 's
                 'bulk': {'fill': 0.1, 'stroke': 1}}
 
 
-def layer_name(value) -> str:
+def _name_of(value, names) -> str:
+    """The name of a numbered value; the value itself when it is no number of ``names``."""
     try:
         number = int(value)
     except (TypeError, ValueError):
         return str(value)
-    return LAYER_NAMES[number] if 0 <= number < len(LAYER_NAMES) else str(value)
+    return names[number] if 0 <= number < len(names) else str(value)
+
+
+def layer_name(value) -> str:
+    return _name_of(value, LAYER_NAMES)
 
 
 def status_name(value) -> str:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return STATUS_NAMES[number] if 0 <= number < len(STATUS_NAMES) else str(value)
+    return _name_of(value, STATUS_NAMES)
 
 
 def contrast_text(flake) -> str:

@@ -163,15 +163,20 @@ class AccessPolicy:
             return hmac.compare_digest(value.encode(), session_value(self.token).encode())
         return False
 
-    def check_token(self, request: Request, action: str) -> None:
-        """Raise 401 (no or wrong credential) or 429 (too many failures); record failures."""
-        if self.token is None:
-            return
+    def _client_not_locked_out(self, request: Request) -> str:
+        """The request's client; 429 while it is locked out after too many wrong tokens."""
         client = self.client(request)
         wait = self.limiter.retry_after(client)
         if wait > 0:
             raise HTTPException(429, f'too many wrong tokens from {client}; try again in {math.ceil(wait)} s',
                                 headers={'Retry-After': str(math.ceil(wait))})
+        return client
+
+    def check_token(self, request: Request, action: str) -> None:
+        """Raise 401 (no or wrong credential) or 429 (too many failures); record failures."""
+        if self.token is None:
+            return
+        client = self._client_not_locked_out(request)
         kind, _ = self.presented(request)
         if self.authorised(request):
             return
@@ -182,11 +187,7 @@ class AccessPolicy:
 
     def check_login(self, request: Request, given: str) -> None:
         """The /login form's token: 429 while locked out, 401 (counted) when wrong."""
-        client = self.client(request)
-        wait = self.limiter.retry_after(client)
-        if wait > 0:
-            raise HTTPException(429, f'too many wrong tokens from {client}; try again in {math.ceil(wait)} s',
-                                headers={'Retry-After': str(math.ceil(wait))})
+        client = self._client_not_locked_out(request)
         if self.token is None or not hmac.compare_digest(given.encode(), self.token.encode()):
             self.limiter.failed(client)
             raise HTTPException(401, 'wrong token')
