@@ -20,12 +20,12 @@ count divided by that area.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 import math
 from pathlib import Path
 import threading
 import time
-from typing import Callable
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -39,7 +39,7 @@ from . import CLASS_COUNT, class_names
 from .adf import AdfDetector, detector_from
 from .calibrate import MASK_OK, MASK_REASONS, SublatticeDecision, calibrate_cells, calibrated_crops
 from .casting import ALPHA, BETA, cast_unit_cells, merge_duplicates
-from .lattice import CANONICAL_LATTICE_PX, LatticeFit, find_lattice, plan_tiles, to_canonical
+from .lattice import CANONICAL_LATTICE_PX, CANONICAL_TILE_PX, LatticeFit, find_lattice, plan_tiles, to_canonical
 from .models import (
     DETECTOR_INPUT,
     MODELS_DIR,
@@ -355,6 +355,8 @@ class DefectAnalyzer:
             self.detector_config = DetectorConfig(**{**self.detector_config.__dict__,
                                                      'score_threshold': score_threshold})
         self.alpha, self.beta, self.threads = alpha, beta, threads
+        # Largest tile side in the networks' frame: bounds the memory of one tile's work (see docs/defects.md).
+        self.canonical_tile = CANONICAL_TILE_PX
         self.model_version = f'{detector_path.stem}+{classifier_path.stem}'
         self._lock = threading.Lock()
 
@@ -408,7 +410,7 @@ class DefectAnalyzer:
 
     def _run_tiles(self, pixels, fit: LatticeFit, lattice, exponents, result: DefectAnalysis, progress) -> None:
         scale = CANONICAL_LATTICE_PX / fit.lattice_px
-        tiles = plan_tiles(pixels.shape[0], pixels.shape[1], fit.lattice_px, scale)
+        tiles = plan_tiles(pixels.shape[0], pixels.shape[1], fit.lattice_px, scale, self.canonical_tile)
         parts = []
         decision = None
         ratio = float('nan')
@@ -450,6 +452,13 @@ class DefectAnalyzer:
                 progress(index + 1, len(tiles))
         if parts:
             centres, corners, probabilities, mask, metal, chalcogen = (np.concatenate(p) for p in zip(*parts))
+            if len(tiles) > 1 and len(centres):
+                # A cell on the line between two cores may be seen by both tiles a pixel apart, once on each side.
+                half = 0.25 * fit.lattice_px
+                keep = merge_close_centres(np.concatenate([centres - half, centres + half], 1),
+                                           probabilities.max(axis=1), 0.5 * fit.lattice_px)
+                centres, corners, probabilities = centres[keep], corners[keep], probabilities[keep]
+                mask, metal, chalcogen = mask[keep], metal[keep], chalcogen[keep]
             result.centres, result.corners, result.probabilities = centres, corners, probabilities
             result.classes = probabilities.argmax(1) if len(probabilities) else np.zeros(0, np.int64)
             result.mask, result.metal_level, result.chalcogen_level = mask.astype(np.uint8), metal, chalcogen
