@@ -29,9 +29,9 @@ from typing import IO, Any
 from flake_core.geometry import Affine2D, polygon_area
 from flake_core.materials import MATERIAL_NAMES
 from flake_core.units import UM, UM2, local_time
+from flake_registry.files import resolve_inside
 from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, STATUS_NAMES, RegistryError
 from flake_registry.store import SCHEMA_VERSION, FlakeDetail, FlakeRecord, FlakeStore, default_database_path
-from flake_registry.web.files import resolve_inside
 
 FORMATS = ('json', 'csv', 'coco')
 CSV_COLUMNS = ('id', 'chip_id', 'scan_id', 'tile_index', 'material', 'layer_class', 'layers', 'layers_std',

@@ -48,10 +48,10 @@ from flake_core.geometry import Affine2D, pixel_to_wafer
 from flake_core.materials import LAYER_CLASS_NAMES
 from flake_core.units import LENGTH, UM, UnitError, parse_quantity
 from flake_registry.cli import report_refusals
+from flake_registry.files import IMAGE_SUFFIXES
 from flake_registry.query import INVALID_ARGUMENT, RegistryError
 from flake_registry.records import Sighting
 from flake_registry.store import FlakeStore
-from flake_registry.web.files import IMAGE_SUFFIXES
 
 UNIT_METRES = {'nm': 1e-9, 'um': 1e-6, 'mm': 1e-3, 'm': 1.0}
 FILE_COLUMNS = ('file', 'image', 'filename')

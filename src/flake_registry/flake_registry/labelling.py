@@ -25,14 +25,13 @@ import numpy as np
 
 from flake_core.geometry import Affine2D
 from flake_core.materials import MATERIAL_NAMES
+from flake_registry.files import IMAGE_SUFFIXES, resolve_inside
 from flake_registry.query import INVALID_ARGUMENT, LAYER_NAMES, UNKNOWN_ID, RegistryError, parse_layer_class
 from flake_registry.store import FlakeStore
-from flake_registry.web.files import resolve_inside
 
 VERDICTS = ('accept', 'reject', 'relabel')
 WHO_PATTERN = re.compile(r'^[A-Za-z0-9_.@ \-]{1,64}$')
 CROP_SIZE = 80  # Greplova et al.'s candidate crops are 80 x 80 pixels
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 # A label is withdrawn (deleted, history kept) by a later row 'withdrawn:<label id>' on the same target.
 WITHDRAWN = 'withdrawn'
 

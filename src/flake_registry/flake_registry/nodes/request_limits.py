@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flake_registry.files import IMAGE_SUFFIXES, resolve_inside
 from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, RegistryError
-from flake_registry.web.files import IMAGE_SUFFIXES, resolve_inside
 
 INVALID_IMAGE = 'INVALID_IMAGE'
 
@@ -149,7 +149,7 @@ def confine_path(path: str, data_dir: Path, other_roots: tuple[Path, ...] = ()) 
     """``path`` as the registry stores it, or RegistryError(INVALID_ARGUMENT) when it may not be kept.
 
     The name is resolved by the one function that resolves every file name the registry
-    serves (``flake_registry.web.files.resolve_inside``): read from ``data_dir`` when
+    serves (``flake_registry.files.resolve_inside``): read from ``data_dir`` when
     relative, no ``..``, symbolic links resolved, and the real file must be an existing
     image inside ``data_dir`` (or one of ``other_roots``), never a registry file.
     Returned relative to ``data_dir`` when inside it (the web app and exports read it

@@ -22,11 +22,11 @@ import numpy as np
 
 from flake_core import materials
 from flake_core.geometry import Affine2D, pixel_to_wafer
+from flake_registry.files import IMAGE_SUFFIXES, resolve_inside
 from flake_registry.query import RegistryError
 from flake_registry.store import FlakeDetail, FlakeImageRecord, FlakeRecord
 from flake_registry.web import drawing
 from flake_registry.web.context import WebContext
-from flake_registry.web.files import IMAGE_SUFFIXES, resolve_inside
 
 THUMB_PIXELS = 150
 

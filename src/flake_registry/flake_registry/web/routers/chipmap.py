@@ -11,10 +11,10 @@ import numpy as np
 
 from flake_core import materials
 from flake_core.geometry import Affine2D
+from flake_registry.files import resolve_inside
 from flake_registry.query import LAYER_NAMES, MAX_LIMIT, UNKNOWN_ID, FlakeQuery, RegistryError
 from flake_registry.web import pictures
 from flake_registry.web.context import NavEntry, require_read, web
-from flake_registry.web.files import resolve_inside
 from flake_registry.web.forms import check_name
 from flake_registry.web.rendering import LAYER_STYLES, page
 from flake_registry.web.summaries import scan_scope, thin_summary

@@ -9,9 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
+from flake_registry.files import REPORT_SUFFIXES, resolve_inside
 from flake_registry.query import UNKNOWN_ID, RegistryError
 from flake_registry.web.context import NavEntry, require_read, web
-from flake_registry.web.files import REPORT_SUFFIXES, resolve_inside
 from flake_registry.web.forms import check_name
 from flake_registry.web.rendering import page
 

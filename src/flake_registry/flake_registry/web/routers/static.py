@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, Response
 
 from flake_core import materials
 from flake_core.materials import MATERIAL_NAMES
-from flake_registry.web.files import STATIC_SUFFIXES, resolve_inside
+from flake_registry.files import STATIC_SUFFIXES, resolve_inside
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / 'static'
 MEDIA_TYPES = {'.css': 'text/css; charset=utf-8', '.js': 'text/javascript; charset=utf-8'}

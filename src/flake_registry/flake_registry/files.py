@@ -1,7 +1,8 @@
-"""The one way the web app turns a name from a request or a registry row into a file it may read.
+"""The one way the registry turns a name from a request or a registry row into a file it may read.
 
-Every file route (mosaics, flake images, frames, candidate crops, defect reports, static
-files) and every download goes through ``resolve_inside``: the name is taken after URL
+Every file route of the web app (mosaics, flake images, frames, candidate crops, defect
+reports, static files), every download, the registry's image services, the exports and
+the labelled-crop export go through ``resolve_inside``: the name is taken after URL
 decoding, ``..`` is refused outright, symbolic links are resolved, and the real file
 must lie inside the folder it is meant for and carry a suffix of the kind served there.
 Registry files (the SQLite database, its WAL and shared memory, journals) are never
