@@ -24,7 +24,7 @@ help:
 	@echo "make postgres-server - a throwaway PostgreSQL server for the registry (database_url printed; Ctrl-C removes it)"
 	@echo "make train-cascade - retrain the shipped cascade weights (graphene 1-10 layers, hBN 10-90 nm)"
 	@echo "make train-maskrcnn - retrain the shipped CPU Mask R-CNN checkpoint (simulator data)"
-	@echo "make train-defects - retrain the STEM defect-analyzer checkpoints (CNN-1 hex/direct, CNN-2)"
+	@echo "make train-defects - retrain the STEM defect-analyzer checkpoints (CNN-1 hexagonal cells, CNN-2 self-calibrated)"
 	@echo "make clean  - remove .venv and build products"
 
 setup: $(STAMPS)/packages
@@ -101,16 +101,16 @@ DEFECT_MODELS := src/flake_detector/flake_detector/defects/models
 
 # Reproduces the shipped STEM checkpoints (CPU; a few minutes each on an idle machine).
 train-defects: setup
-	$(ENV) nice flake-defects train-classifier --channels 2 --input-size 32 --steps 300 --images 30 \
+	$(ENV) nice -n 10 flake-defects train-classifier --input-size 16 --steps 250 --images 32 \
 	  --out $(DEFECT_MODELS)/cnn2_2ch.pt
-	$(ENV) nice flake-defects train-cells --target hex --steps 600 --images 24 --out $(DEFECT_MODELS)/cnn1_hex.pt
-	$(ENV) nice flake-defects train-cells --target unit --steps 600 --images 24 --out $(DEFECT_MODELS)/cnn1_unit.pt
+	$(ENV) nice -n 10 flake-defects train-cells --target hex --steps 800 --images 32 --out $(DEFECT_MODELS)/cnn1_hex.pt
 
-# Reproduces the shipped cascade weights from simulator seeds 1-3, thresholds on seeds 4-6 (evaluation uses other seeds).
+# Reproduces the shipped cascade weights from simulator seeds 1-3, thresholds on seeds 4-6 (evaluation uses other
+# seeds), every 10 frames a new random camera and chip look (never one of the held-out cameras).
 train-cascade: setup
-	$(ENV) nice flake-train-cascade --target graphene-1-10L,hbn-10-90nm --sim-seeds 1,2,3 --sim-frames 100 \
+	$(ENV) nice -n 10 flake-train-cascade --target graphene-1-10L,hbn-10-90nm --sim-seeds 1,2,3 --sim-frames 100 \
 	  --natural-frames 60 --max-steps 300 --val-seeds 4,5,6 --val-frames 100 --val-natural-frames 60 \
-	  --recall 0.95 --threads 1 --out src/flake_detector/flake_detector/models
+	  --recall 0.95 --randomise-camera --frames-per-look 10 --threads 1 --out src/flake_detector/flake_detector/models
 
 # Mask R-CNN (docs/maskrcnn.md). Simulated chips: training seeds 11 (the default camera) and 13
 # (a random camera, oxide and shading every 8 frames), validation seed 12; the bench evaluates on

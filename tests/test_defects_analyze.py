@@ -18,7 +18,7 @@ def analyzer():
 
 
 def _frame(material, **changes):
-    config = dict(material=material, height=448, width=448, pixel_size=stem_lattice(material).lattice_a / LATTICE_PX,
+    config = dict(material=material, height=320, width=320, pixel_size=stem_lattice(material).lattice_a / LATTICE_PX,
                   dose=(20.0, 20.0), rotation_deg=(5.0, 5.0), detector_inner_mrad=(80.0, 80.0))
     config.update(changes)
     return StemSimConfig(**config)
@@ -27,7 +27,7 @@ def _frame(material, **changes):
 def test_tiles_find_the_same_cells_as_one_piece_and_count_none_twice(analyzer):
     sample = simulate(_frame('mos2'), seed=8)
     whole = analyzer.analyze(sample.image, sample.pixel_size, 'mos2')
-    analyzer.canonical_tile = 600
+    analyzer.canonical_tile = 900
     try:
         tiled = analyzer.analyze(sample.image, sample.pixel_size, 'mos2')
     finally:

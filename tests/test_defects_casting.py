@@ -1,4 +1,4 @@
-"""Hexagonal-net casting (seed 003 Fig. 2b) and the unit-cell accuracy measure."""
+"""Hexagonal-net casting (Yang et al. (2024), Fig. 2b) and the unit-cell accuracy measure."""
 
 import numpy as np
 import pytest

@@ -57,7 +57,8 @@ def write_dm4(path, image: np.ndarray, pixel_size_nm: float, title: str = 'HAADF
         _scalar('DisplayCalibratedUnits', DM_BOOL, 1)])
     image_data = _group('ImageData', [
         calibrations,
-        _data_tag('Data', [DM_ARRAY, element, image.size], np.ascontiguousarray(image).astype('<' + image.dtype.str[1:]).tobytes()),
+        _data_tag('Data', [DM_ARRAY, element, image.size],
+                  np.ascontiguousarray(image).astype('<' + image.dtype.str[1:]).tobytes()),
         _scalar('DataType', DM_UINT32, data_type),
         _group('Dimensions', [_scalar('', DM_UINT32, width), _scalar('', DM_UINT32, height)]),
         _scalar('PixelDepth', DM_UINT32, image.dtype.itemsize)])
