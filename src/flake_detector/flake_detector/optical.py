@@ -367,7 +367,14 @@ class _PixelClassifier:
     class's gate ellipsoid (bulk crystals, dust, saturated spots) are settled first.
     """
 
-    def __init__(self, means: np.ndarray, covariances: np.ndarray, gate: float):
+    def __init__(self, means: np.ndarray, covariances: np.ndarray, gate: float, active: np.ndarray | None = None):
+        # Only ``active`` classes compete; their indices are mapped back to the full table.
+        self._index = np.arange(len(means)) if active is None else np.nonzero(active)[0]
+        if not len(self._index):  # nothing can be reported: every class looks like the substrate
+            self._index = np.arange(len(means))
+            means = np.full_like(means, 1e6)
+        else:
+            means, covariances = means[self._index], covariances[self._index]
         precisions = np.linalg.inv(covariances)  # (K, 3, 3)
         self._means, self._precisions = means, precisions
         self._quadratic = precisions.reshape(len(means), 9).T.astype(np.float32)  # (9, K)
@@ -415,7 +422,7 @@ class _PixelClassifier:
             best = np.argmin(d2, axis=1)
             ok = np.take_along_axis(d2, best[:, None], axis=1)[:, 0] <= self._gate_sq
             labels[inside[ok]] = best[ok]
-        return labels
+        return np.where(labels >= 0, self._index[np.maximum(labels, 0)], -1).astype(np.int32)
 
 
 # --------------------------------------------------------------------------- detector
@@ -431,6 +438,9 @@ class _FrameTables:
     all_logdet: np.ndarray
     clip_precisions: np.ndarray  # and bulk hBN (the clipped-region families)
     blind_rgb: np.ndarray  # (3,) bool, R, G, B
+    # Reported classes the substrate itself fits within the gate: a region of their colour cannot
+    # be told from bare substrate (a faint thick rung, hBN of 1-3 layers), so none is reported.
+    visible: np.ndarray
 
 
 class OpticalDetector:
@@ -521,8 +531,11 @@ class OpticalDetector:
             blind_rgb = np.array(key[::-1])
             extra = np.diag(np.where(blind_rgb, BLIND_VARIANCE, 0.0))
             all_covs = self._all_covs + extra
-            found = _FrameTables(self._covs + extra, np.linalg.inv(all_covs), np.linalg.slogdet(all_covs)[1],
-                                 np.linalg.inv(self._clip_covs + extra), blind_rgb)
+            covariances = self._covs + extra
+            to_substrate = mahalanobis_sq(np.zeros((1, 3)), self._means, covariances)[0]
+            found = _FrameTables(covariances, np.linalg.inv(all_covs), np.linalg.slogdet(all_covs)[1],
+                                 np.linalg.inv(self._clip_covs + extra), blind_rgb,
+                                 to_substrate > self.gate_sigma ** 2)
             self._frame_tables[key] = found
         return found
 
@@ -593,7 +606,7 @@ class OpticalDetector:
         t1 = time.perf_counter()
         detections: list[Detection] = []
         pixel_cov = np.eye(3) * noise ** 2
-        classifier = _PixelClassifier(self._means, tables.covariances + pixel_cov, self.gate_sigma)
+        classifier = _PixelClassifier(self._means, tables.covariances + pixel_cov, self.gate_sigma, tables.visible)
         candidates = unknown = rims = 0
         for x0, y0, x1, y1, owned in windows:
             contrast, saturated = self._window_contrast(work, raw_work, background, x0, y0, x1, y1, tables.blind_rgb)
