@@ -1,4 +1,4 @@
-"""Hexagonal-net casting (seed 003, Fig. 2b): two unit cells from one hexagonal cell.
+"""Hexagonal-net casting (Yang et al. (2024), Fig. 2b): two unit cells from one hexagonal cell.
 
 For a hexagonal-cell box (x_min, y_min, x_max, y_max) of width W_H and height H_H:
 A = (x_min, y_min), B = (x_min + alpha W_H, y_min + beta H_H),
@@ -61,7 +61,7 @@ def merge_duplicates(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float
 
 
 def match_accuracy(predicted: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> tuple[float, np.ndarray]:
-    """Seed 003's unit-cell detection accuracy: share of true cells matched one-to-one with IoU > 0.5.
+    """Yang et al.'s unit-cell detection accuracy: share of true cells matched one-to-one with IoU > 0.5.
 
     Returns the accuracy and, per true cell, the index of its matched prediction (-1 if none).
     """

@@ -168,12 +168,16 @@ def _train_classifier(args, argv) -> int:
 def _analyze(args) -> int:
     from flake_core.materials import stem_lattice
 
-    from .analyze import DefectAnalyzer
+    from .adf import detector_from
+    from .analyze import DefectAnalyzer, prepare_input
     from .io import read_image
     from .report import write_report
-    stem_lattice(args.material)                       # an unknown material fails before the file is read
+    stem_lattice(args.material)                       # an unknown material or detector fails before the file is read
+    if args.detector:
+        detector_from(args.detector)
     frame = read_image(args.image)
     pixel_size = args.pixel_size or frame.pixel_size
+    prepare_input(frame.pixels, pixel_size, args.material)   # and a bad frame before the networks are loaded
     if args.detector:
         detector, source = args.detector, 'request'
     elif frame.detector is not None:

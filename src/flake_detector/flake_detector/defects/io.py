@@ -96,8 +96,8 @@ def _read_npy(path: Path) -> Frame:
 
 
 def _read_plain(path: Path) -> Frame:
-    from PIL import Image, UnidentifiedImageError
     import cv2
+    from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as header:          # reads the header only
             width, height = header.size
@@ -142,7 +142,8 @@ def _read_rosettasciio(path: Path, plugin: str) -> Frame:
     warnings = []
     chosen = images[0]
     if len(images) > 1:
-        titles = [str(s.get('metadata', {}).get('General', {}).get('title', f'image {k}')) for k, s in enumerate(images)]
+        titles = [str(s.get('metadata', {}).get('General', {}).get('title', f'image {k}'))
+                  for k, s in enumerate(images)]
         warnings.append(f'{path.name} holds {len(images)} images ({", ".join(titles)}); analysed the first, '
                         f'{titles[0]}')
     data = chosen['data']

@@ -51,7 +51,8 @@ def cell_rows(analysis: DefectAnalysis) -> list[dict]:
                'x_min_px': float(box[0]), 'y_min_px': float(box[1]), 'x_max_px': float(box[2]),
                'y_max_px': float(box[3]), 'x_m': float(centre[0]) * analysis.pixel_size,
                'y_m': float(centre[1]) * analysis.pixel_size,
-               'metal_level': float(analysis.metal_level[index]), 'chalcogen_level': float(analysis.chalcogen_level[index])}
+               'metal_level': float(analysis.metal_level[index]),
+               'chalcogen_level': float(analysis.chalcogen_level[index])}
         row.update({f'p_{name}': float(p[j]) for j, name in enumerate(names)})
         rows.append(row)
     return rows

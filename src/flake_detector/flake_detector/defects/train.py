@@ -17,13 +17,13 @@ disjoint seeds of the simulator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 import json
 from pathlib import Path
 import subprocess
 import sys
 import time
-from typing import Callable
 
 import numpy as np
 import torch
