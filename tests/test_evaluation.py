@@ -10,10 +10,12 @@ from flake_detector.evaluation import (
     coco_ap,
     detections_to_predictions,
     evaluate,
+    instance_precision_recall,
     layer_confusion,
     markdown_report,
     per_image_precision_recall,
     select_truth,
+    with_layer_labels,
 )
 from flake_detector.evaluation_cli import main as eval_main
 
@@ -131,3 +133,30 @@ def test_cli_writes_json_and_markdown(tmp_path):
     with pytest.raises(SystemExit):
         eval_main(['--gt', str(tmp_path / 'gt.json'), '--pred', str(tmp_path / 'bad.json'),
                    '--out', str(tmp_path / 'x')])
+
+
+def test_flake_level_precision_recall_with_layer_labels_as_labelling_tools_write_them():
+    # A labelling tool's file: categories named by layer count, '>5L' open-ended.
+    coco = {'images': [{'id': 1, 'width': 100, 'height': 100}],
+            'categories': [{'id': 1, 'name': '3L'}, {'id': 2, 'name': '>5L'}, {'id': 3, 'name': 'scratch'}],
+            'annotations': [
+                {'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [0, 0, 20, 20], 'area': 400,
+                 'segmentation': [[0, 0, 20, 0, 20, 20, 0, 20]]},
+                {'id': 2, 'image_id': 1, 'category_id': 2, 'bbox': [50, 50, 30, 30], 'area': 900,
+                 'segmentation': [[50, 50, 80, 50, 80, 80, 50, 80]]},
+                {'id': 3, 'image_id': 1, 'category_id': 3, 'bbox': [0, 60, 10, 10], 'area': 100,
+                 'segmentation': [[0, 60, 10, 60, 10, 70, 0, 70]]}]}
+    gt = with_layer_labels(coco, 'nbse2')
+    assert [a['attributes']['label'] for a in gt['annotations']] == ['3L', '>5L']  # the scratch is no flake
+    open_ended = gt['annotations'][1]['attributes']
+    assert open_ended['layers'] == 6 and open_ended['layers_max'] is None
+    predictions = [_pred(1, [0, 0, 20, 20], 0.9, layers=4),       # found, wrong count
+                   _pred(1, [50, 50, 30, 30], 0.8, layers=40),    # found, within '>5L'
+                   _pred(1, [30, 0, 10, 10], 0.7, layers=3),      # nothing there
+                   _pred(1, [0, 60, 10, 10], 0.2, layers=3)]      # below the cut
+    m = instance_precision_recall(gt, gt['annotations'], predictions, score_threshold=0.5)
+    assert (m['flakes'], m['detections'], m['matched']) == (2, 3, 2)
+    assert m['recall'] == 1.0 and m['precision'] == pytest.approx(2 / 3) and m['layer_accuracy'] == 0.5
+    assert m['per_label']['3L'] == {'flakes': 1, 'found': 1, 'recall': 1.0, 'layers_right': 0}
+    assert m['per_predicted_label']['3L'] == {'detections': 1, 'right': 0, 'precision': 0.0}
+    assert m['per_predicted_label']['>5L']['precision'] == 1.0

@@ -292,6 +292,20 @@ def instance_precision_recall(gt: dict, truth: list[dict], predictions: list[dic
     by_image_truth = _group(truth)
     by_image_pred = _group([p for p in predictions if float(p.get('score', 1.0)) >= score_threshold])
     per_label: dict[str, list[int]] = {}
+    # Detections sorted into the labels the truth uses, by their layer count (precision per label).
+    spans = {}
+    for ann in truth:
+        label = (ann.get('attributes') or {}).get('label') or layer_class_name(annotation_layers(ann))
+        spans.setdefault(label, annotation_layer_range(ann))
+    per_predicted: dict[str, list[int]] = {}
+
+    def predicted_label(prediction) -> str:
+        layers = prediction.get('layers')
+        for label, (low, high) in sorted(spans.items(), key=lambda item: item[1][1] - item[1][0]):
+            if layers is not None and low - 0.5 <= float(layers) < high + 0.5:
+                return label
+        return 'other'
+
     matched = right = predicted = 0
     for image in gt['images']:
         t = by_image_truth.get(image['id'], [])
@@ -299,6 +313,11 @@ def instance_precision_recall(gt: dict, truth: list[dict], predictions: list[dic
         predicted += len(p)
         matches = match_image(t, p, image['height'], image['width'], iou_threshold)
         hit = {ti: pi for ti, pi, _ in matches}
+        found = {pi for _, pi, _ in matches}
+        for pi, prediction in enumerate(p):
+            counts = per_predicted.setdefault(predicted_label(prediction), [0, 0])
+            counts[0] += 1
+            counts[1] += pi in found
         for ti, ann in enumerate(t):
             label = (ann.get('attributes') or {}).get('label') or layer_class_name(annotation_layers(ann))
             counts = per_label.setdefault(label, [0, 0, 0])
@@ -318,6 +337,9 @@ def instance_precision_recall(gt: dict, truth: list[dict], predictions: list[dic
             'layer_accuracy': right / matched if matched else None,
             'per_label': {label: {'flakes': c[0], 'found': c[1], 'recall': c[1] / c[0] if c[0] else None,
                                   'layers_right': c[2]} for label, c in sorted(per_label.items())},
+            'per_predicted_label': {label: {'detections': c[0], 'right': c[1],
+                                            'precision': c[1] / c[0] if c[0] else None}
+                                    for label, c in sorted(per_predicted.items())},
             'score_threshold': score_threshold, 'iou_threshold': iou_threshold}
 
 
