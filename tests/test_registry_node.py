@@ -304,7 +304,9 @@ def test_revisit_list_and_stored_revisit_image(registry):
     listener.publish(FlakeArray(scan_id='scan-R', flakes=chip),
                      lambda: sum(e.chip_id == 'chip-R' for e in listener.events) == 5)
     listed = robot.revisit_list(chip_id='chip-R', min_score=0.8)
-    assert [round(f.score, 2) for f in listed] == [0.9, 0.85, 0.8]
+    # Monolayers first (the registry's default revisit policy), the better score first among equals.
+    assert [(round(f.score, 2), f.layer_class) for f in listed] == [
+        (0.9, Flake.LAYER_MONO), (0.8, Flake.LAYER_MONO), (0.85, Flake.LAYER_FEW)]
     assert all(f.status == Flake.STATUS_AVAILABLE for f in listed)
     assert len(robot.revisit_list(chip_id='chip-R', min_score=0.8, limit=2)) == 2
     target = listed[0].id

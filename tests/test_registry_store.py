@@ -463,9 +463,12 @@ def test_processes_racing_for_the_same_flakes_never_share_one(populated):
 
 def test_revisit_list_takes_good_unvisited_available_flakes(populated):
     store, batch, ids = populated
-    expected = sorted(((d.score, i) for i, d in zip(ids, batch, strict=True) if d.score >= 0.8), reverse=True)
+    expected = {i for i, d in zip(ids, batch, strict=True) if d.score >= 0.8}
     listed = store.revisit_list(min_score=0.8)
-    assert [f.id for f in listed] == [i for _, i in expected]
+    assert {f.id for f in listed} == expected
+    # Monolayer-first by default: thinnest first, then largest (flake_registry.revisit).
+    keys = [(round(f.layers), -f.area) for f in listed]
+    assert keys == sorted(keys) and listed[0].layers == 1.0
     best = listed[0].id
     store.add_image(best, 'revisit', 'images/revisit_best.png', objective='100x', pixel_size=70e-9)
     taken = store.reserve(listed[1].id, 'robot-a')

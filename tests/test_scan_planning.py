@@ -110,3 +110,30 @@ def test_hardware_model_times_focus_steps_with_the_z_axis_profile():
     # 30 um: 20 ms up, 20 ms down, 10 um at 1 mm/s; the direction does not matter.
     assert hardware.z_move_time(-30e-6) == pytest.approx(0.04 + 0.01 + 0.02)
     assert hardware.z_move_time(0.0) == 0.0
+
+
+def test_blended_mosaic_shows_no_seams_where_pasted_frames_do():
+    from flake_scanner.scan.tiler import MosaicBuilder
+
+    # Nine frames of bare substrate through optics that darken the corners by a third (vignetting),
+    # overlapping by 20 %: pasted edge to edge, every field boundary is a step in brightness.
+    side, pixel = 200, 2e-6
+    u = (np.arange(side) - (side - 1) / 2) / (side / 2)
+    vignette = 1.0 - 0.33 * (u[None, :] ** 2 + u[:, None] ** 2) / 2
+    rng = np.random.default_rng(5)
+    builders = {'pasted': MosaicBuilder(4e-6), 'blended': MosaicBuilder(4e-6, blend_px=30)}
+    for row in range(3):
+        for col in range(3):
+            frame = np.clip(150 * vignette[..., None] + rng.normal(0, 1.0, (side, side, 3)), 0, 255).astype(np.uint8)
+            to_wafer = pixel_to_wafer(col * 0.8 * side * pixel, row * 0.8 * side * pixel, pixel, side, side, Affine2D())
+            for builder in builders.values():
+                builder.add(frame, to_wafer)
+    step, spread = {}, {}
+    for name, builder in builders.items():
+        inner = builder.render().canvas[10:-10, 10:-10].astype(float).mean(axis=2)
+        step[name] = max(np.abs(np.diff(inner, axis=1)).max(), np.abs(np.diff(inner, axis=0)).max())
+        spread[name] = inner.std()
+    # The largest step between neighbouring mosaic pixels: a seam pasted, the noise blended.
+    assert step['pasted'] > 12 and step['blended'] < 5
+    # The shading the frames share is divided out: the mosaic of bare substrate is flat.
+    assert spread['pasted'] > 5 and spread['blended'] < 1.5

@@ -61,6 +61,10 @@ class DetectorNodeParameters:
     calibration: str = param('auto', 'microscope calibration every backend reads: auto, measured, model, or a '
                              'calibration file written by flake-calibrate', validator=_calibration_error)
     min_area_px: int = param(60, 'smallest flake reported [px]', minimum=1, maximum=10_000_000)
+    min_area_um2: float = param(0.0,
+          'smallest flake published, in um^2 at the sample (from each frame\'s pixel -> wafer map), whatever the '
+          'magnification: at 10x 60 px are 18 um^2, at a 50x revisit 0.7 um^2; 0 = min_area_px alone',
+          minimum=0.0, maximum=1e6)
     max_layers: float = param(40.0, 'contrast backend: thickest flake reported [layers]', minimum=1.0, maximum=10000.0)
     max_elongation: float = param(5.0,
           'contrast backend: a region whose area exceeds this times the square of its widest width is a line (tape '

@@ -7,7 +7,19 @@ from dataclasses import dataclass
 
 from flake_core.parameters import param
 from flake_registry.query import MAX_LIMIT
+from flake_registry.revisit import DEFAULT_MIN_AREA, DEFAULT_ORDER, DEFAULT_WANTED, RANK_KEYS, parse_order, parse_wanted
 from flake_registry.store import SYNCHRONOUS_MODES
+
+
+def _error_of(parse):
+    """A parameter validator from a parser that raises ValueError: the error text, or None."""
+    def check(text: str) -> str | None:
+        try:
+            parse(text)
+        except ValueError as error:
+            return str(error)
+        return None
+    return check
 
 
 @dataclass(frozen=True)
@@ -57,10 +69,23 @@ class RegistryNodeParameters:
           'Flake messages kept for reuse in QueryFlakes and revisit answers while their flake is unchanged; 0 '
           'builds every message anew',
           minimum=0, maximum=1000000, read_only=True)
-    revisit_min_score: float = param(0.8,
-          'Lowest detector score on the revisit list when the request says 0',
+    revisit_min_score: float = param(0.4,
+          'Lowest detector score on the revisit list when the request says 0 (a revisit settles uncertain '
+          'candidates: the contrast backend scores a colour that fits no material 0.5)',
           minimum=0.0, maximum=1.0)
     revisit_limit: int = param(50, 'Flakes on the revisit list when the request says 0', minimum=1, maximum=MAX_LIMIT)
+    revisit_wanted: str = param(DEFAULT_WANTED,
+          'What the lab revisits at high magnification: "materials: layer classes" entries separated by ";" '
+          '(* any material, unknown for colours that fit no material; a material named overrides *), e.g. '
+          '"*: mono, few; hbn: few, thick"; a request naming materials or layer classes narrows it',
+          validator=_error_of(parse_wanted))
+    revisit_order: str = param(DEFAULT_ORDER,
+          f'Order of the revisit list, comma-separated rank keys ({", ".join(RANK_KEYS)}); ties go to the best '
+          'score',
+          validator=_error_of(parse_order))
+    revisit_min_area: float = param(DEFAULT_MIN_AREA,
+          'Smallest flake on the revisit list [m^2] (20 um^2: what a lab picks up at 10x)',
+          minimum=0.0, maximum=1e-6)
     publish_observation_events: bool = param(True, 'Also publish an event when a detection merges into a known flake')
     diagnostics_period: float = param(1.0, 'Seconds between /diagnostics messages', minimum=0.1, maximum=60.0)
     gc_freeze_period: float = param(1.0,

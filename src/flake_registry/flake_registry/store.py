@@ -30,10 +30,10 @@ import sqlite_utils
 
 from flake_core.geometry import WaferFrame
 from flake_registry import ingest as ingest_module
-from flake_registry import reading, reservations
+from flake_registry import reading, reservations, revisit
 from flake_registry.database import SYNCHRONOUS_MODES, Transaction, open_database
 from flake_registry.ingest import MergeRule
-from flake_registry.query import DEGENERATE, INVALID_ARGUMENT, STATUS_AVAILABLE, FlakeQuery, RegistryError
+from flake_registry.query import DEGENERATE, INVALID_ARGUMENT, FlakeQuery, RegistryError
 from flake_registry.records import (
     ChipWaferFrame,
     FlakeDetail,
@@ -48,6 +48,7 @@ from flake_registry.records import (
     encode_contour,
 )
 from flake_registry.reservations import LeasePolicy, flake_row
+from flake_registry.revisit import RevisitPolicy
 from flake_registry.schema import SCHEMA_VERSION, SchemaError, migrate
 
 IMAGE_ROLES = ('crop', 'revisit', 'mask', 'thumbnail')
@@ -284,13 +285,16 @@ class FlakeStore:
 
     def revisit_list(self, *, chip_id: str = '', scan_id: str = '', materials: Sequence[str] = (),
                      layer_classes: Sequence[int] = (), min_score: float = 0.8, min_homogeneity: float = 0.0,
-                     include_revisited: bool = False, limit: int = 50) -> list[FlakeRecord]:
-        """Promising flakes for a high-magnification revisit: available, good enough, best first."""
-        query = FlakeQuery(chip_id=chip_id, scan_id=scan_id, materials=tuple(materials),
-                           layer_classes=tuple(layer_classes), min_score=min_score,
-                           min_homogeneity=min_homogeneity, statuses=(STATUS_AVAILABLE,),
-                           revisited=None if include_revisited else False, sort_by='score', limit=limit)
-        return self.query(query).flakes
+                     include_revisited: bool = False, limit: int = 50,
+                     policy: RevisitPolicy | None = None) -> list[FlakeRecord]:
+        """Flakes for a high-magnification revisit: available, good enough, wanted by ``policy`` (default:
+        thin and thick flakes and unknown-colour candidates, thinnest first, then largest, then most
+        isolated; see ``flake_registry.revisit``), at most ``limit``. ``materials`` and ``layer_classes``
+        narrow what the policy wants."""
+        chosen = (policy or RevisitPolicy()).restricted(materials, layer_classes)
+        return revisit.revisit_list(self, chosen, chip_id=chip_id, scan_id=scan_id, min_score=min_score,
+                                    min_homogeneity=min_homogeneity, include_revisited=include_revisited,
+                                    limit=limit)
 
     # -- images, labels, defect reports ------------------------------------------------
 

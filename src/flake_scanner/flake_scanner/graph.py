@@ -50,10 +50,10 @@ GRAPH: tuple[NodeSpec, ...] = (
 # A facility: several microscopes, each under its own namespace with these nodes, and one of
 # each shared node (the registry, the STEM defect analyzer) at the root.
 MICROSCOPE_NODES = ('stage_node', 'camera_node', 'autofocus_node', 'scan_coordinator', 'tiler_node', 'detector_node')
-# Names a microscope's nodes share with the whole facility: the registry's services and the
-# detections every microscope feeds it.
+# Names a microscope's nodes share with the whole facility: the registry's services, the
+# detections every microscope feeds it and the frames its tiler keeps.
 SHARED_NAMES = ('registry/get_revisit_list', 'registry/add_flake_image', 'registry/save_wafer_frame',
-                'registry/get_wafer_frames', 'detections')
+                'registry/get_wafer_frames', 'registry/frames', 'detections')
 _NAME = re.compile(r'^[A-Za-z][A-Za-z0-9_]*$')
 
 

@@ -150,7 +150,24 @@ class TilerNodeParameters:
     mosaic_queue: int = param(64,
           'frames waiting for the mosaic worker before the oldest is skipped',
           minimum=1, maximum=10000)
-    data_dir: str = param('', 'where scans/<scan_id>/mosaic.png is written; empty = $FLAKE_DATA_DIR or ./data')
+    data_dir: str = param('',
+          'where scans/<scan_id>/mosaic.png and frames/ are written; empty = $FLAKE_DATA_DIR or ./data')
+    mosaic_blend_px: int = param(48,
+          'width of the ramp over which overlapping frames are blended in the mosaic [frame pixels]; 0 pastes '
+          'them edge to edge',
+          minimum=0, maximum=4096)
+    revisit_binning: int = param(2,
+          'revisit captures go to the detector averaged over this many pixels square (50x binned 2 x 2 still '
+          'resolves 2.5 times finer than the 10x scan, at a quarter of the detector\'s work); 1 = as captured',
+          minimum=1, maximum=8)
+    keep_frames: bool = param(True,
+          'keep every scan frame at full resolution as scans/<scan_id>/frames/<tile>.jpg and announce it on '
+          'registry/frames, so the registry records it')
+    frame_jpeg_quality: int = param(92, 'JPEG quality of kept frames', minimum=50, maximum=100)
+    frames_max_megabytes: float = param(4096.0,
+          'disk the kept frames of all scans in the data folder may take; beyond it new frames are not kept '
+          '(a warning and /diagnostics say so) [MB]',
+          minimum=1.0, maximum=1e7)
 
 
 @dataclass(frozen=True)

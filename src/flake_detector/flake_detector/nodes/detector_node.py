@@ -177,8 +177,9 @@ class DetectorNode(Node):
         out.scan_id, out.tile_index = msg.scan_id, msg.tile_index
         out.candidates = int(result.candidates)
         min_score = float(self.params.min_score)
+        min_area_px = self.params.min_area_um2 * 1e-12 / max(to_wafer.scale, 1e-15) ** 2
         for det in result.detections:
-            if det.score < min_score:
+            if det.score < min_score or det.area_px < min_area_px:
                 continue
             out.flakes.append(self._flake(msg, det, to_wafer, image.shape))
         out.processing_time = float(time.perf_counter() - started)

@@ -57,6 +57,7 @@ from flake_registry.nodes.conversions import (
     query_from_request,
     to_time,
 )
+from flake_registry.nodes.frame_records import add_frame_recorder
 from flake_registry.nodes.request_limits import (
     INVALID_IMAGE,
     check_image_size,
@@ -67,6 +68,7 @@ from flake_registry.nodes.stack_recipe_service import add_stack_recipe_service
 from flake_registry.nodes.wafer_frame_service import add_wafer_frame_services
 from flake_registry.parameters import RegistryNodeParameters
 from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, RegistryError
+from flake_registry.revisit import RevisitPolicy
 from flake_registry.store import IMAGE_ROLES, FlakeStore, default_database_path
 
 _SAFE_NAME = re.compile(r'[^A-Za-z0-9_.-]+')
@@ -109,6 +111,8 @@ class RegistryNode(Node):
         add_stack_recipe_service(self, self.store)
         # Chip wafer frames for every scan coordinator (SaveWaferFrame, GetWaferFrames).
         add_wafer_frame_services(self, self.store)
+        # The scan frames tiler_node keeps at full resolution (the web app's flake page shows them).
+        add_frame_recorder(self, self.store)
         self._diagnostics = diagnostics_publisher(self)
         self._diagnostics_timer = self.create_timer(self.params.diagnostics_period, self._publish_diagnostics)
 
@@ -278,7 +282,9 @@ class RegistryNode(Node):
                 layer_classes=tuple(int(v) for v in request.layer_classes),
                 min_score=request.min_score or self.params.revisit_min_score,
                 min_homogeneity=request.min_homogeneity, include_revisited=request.include_revisited,
-                limit=int(request.limit) or self.params.revisit_limit)
+                limit=int(request.limit) or self.params.revisit_limit,
+                policy=RevisitPolicy.parse(self.params.revisit_wanted, self.params.revisit_order,
+                                           self.params.revisit_min_area))
             response.flakes = [self.messages.message(f, contour=True) for f in flakes]
             response.message = f'{len(flakes)} flake(s) to revisit'
         return self._answer(request, response, run, 'get_revisit_list')

@@ -46,7 +46,7 @@ from flake_msgs.msg import FlakeArray, FlakeImage, ScanFrame, StageState
 from flake_msgs.srv import AddFlakeImage, GetRevisitList, GetWaferFrames, MoveStage, SaveWaferFrame, SetWaferFrame
 from flake_scanner.nodes.tf_publishing import TfPublisher, wafer_transform
 from flake_scanner.parameters import FOCUS_STRATEGIES, ScanCoordinatorParameters
-from flake_scanner.scan.planner import EtaEstimator, Region, focus_points, plan_serpentine
+from flake_scanner.scan.planner import EtaEstimator, PlannedTile, Region, focus_points, plan_serpentine
 from flake_scanner.scan.session import HardwareModel, ScanProgress
 
 
@@ -201,8 +201,9 @@ class ScanCoordinator(Node):
         if progress is None or msg.scan_id != progress.scan_id:
             return
         progress.tiles_detected.add(msg.tile_index)
-        progress.flakes_found += len(msg.flakes)
-        progress.last_detection = time.monotonic()
+        if msg.tile_index < progress.tiles_total:  # revisit captures come after the scan's tiles
+            progress.flakes_found += len(msg.flakes)
+            progress.last_detection = time.monotonic()
 
     # ------------------------------------------------------------------ async helpers
     def _with_timeout(self, future: Future, seconds: float, what: str) -> Future:
@@ -509,8 +510,26 @@ class ScanCoordinator(Node):
         if done.exception() is None:
             self._publish_frame(done.result(), progress, tile, position, objective, pixel_size, frame, chip_id)
 
+    def _publish_revisit_frame(self, image: Image, progress: ScanProgress, flake_id: str, number: int, position,
+                               objective: str, pixel_size: float, frame: WaferFrame, chip_id: str) -> None:
+        """A revisit capture on scan/frames (``revisit``, numbered after the scan's tiles)."""
+        tile = PlannedTile(progress.tiles_total + number, 0, 0, 0.0, 0.0, position.x, position.y)
+        msg = self._frame_message(image, progress, tile, (position.x, position.y, position.z), objective,
+                                  pixel_size, frame, chip_id)
+        msg.revisit, msg.revisit_flake_id = True, flake_id
+        self.frame_publisher.publish(msg)
+        progress.frames_published += 1
+
     def _publish_frame(self, image: Image, progress: ScanProgress, tile, position, objective: str,
                        pixel_size: float, frame: WaferFrame, chip_id: str) -> None:
+        msg = self._frame_message(image, progress, tile, position, objective, pixel_size, frame, chip_id)
+        self.frame_publisher.publish(msg)
+        progress.tiles_done += 1
+        progress.frames_published += 1
+        progress.last_capture = time.monotonic()
+
+    def _frame_message(self, image: Image, progress: ScanProgress, tile, position, objective: str,
+                       pixel_size: float, frame: WaferFrame, chip_id: str) -> ScanFrame:
         msg = ScanFrame()
         msg.header.stamp = image.header.stamp
         msg.header.frame_id = 'camera_optical'
@@ -529,10 +548,7 @@ class ScanCoordinator(Node):
         msg.wafer_position = Point(x=centre[0], y=centre[1], z=0.0)
         msg.pixel_to_wafer = to_wafer.as_list()
         msg.focus_z = position[2]
-        self.frame_publisher.publish(msg)
-        progress.tiles_done += 1
-        progress.frames_published += 1
-        progress.last_capture = time.monotonic()
+        return msg
 
     async def _focus_model(self, goal_handle, progress, frame: WaferFrame, region: Region, strategy: str,
                            n_points: int):
@@ -602,6 +618,9 @@ class ScanCoordinator(Node):
             z = await self._autofocus(z)
             reached = await self._move(sx, sy, z)
             image = await self._capture()
+            # The detector sees the revisit too: its detections refine the flake in the registry.
+            self._publish_revisit_frame(image, progress, flake.id, number, reached, objective, pixel_size, frame,
+                                        goal.chip_id)
             request = AddFlakeImage.Request(flake_id=flake.id, pixels=image)
             request.image = FlakeImage(role='revisit', objective=objective, pixel_size=pixel_size,
                                        stamp=image.header.stamp)
@@ -614,6 +633,8 @@ class ScanCoordinator(Node):
                 phase='revisit', tiles_done=progress.tiles_done, tiles_total=progress.tiles_total,
                 flakes_so_far=progress.flakes_found, eta=float(len(response.flakes) - number - 1),
                 stage_position=reached))
+        # Until the detector has reported on every revisit capture, the registry does not know them.
+        await self._drain(goal_handle, progress)
 
 
 def main(args=None):
