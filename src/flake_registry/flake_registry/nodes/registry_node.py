@@ -9,7 +9,6 @@ flake_registry.store; this module converts messages and wires callbacks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import gc
 import json
 import math
@@ -60,14 +59,14 @@ from flake_registry.nodes.conversions import (
 from flake_registry.nodes.frame_records import add_frame_recorder
 from flake_registry.nodes.request_limits import (
     INVALID_IMAGE,
+    answer_request,
     check_image_size,
-    check_message,
     confine_path,
 )
 from flake_registry.nodes.stack_recipe_service import add_stack_recipe_service
 from flake_registry.nodes.wafer_frame_service import add_wafer_frame_services
 from flake_registry.parameters import RegistryNodeParameters
-from flake_registry.query import INTERNAL_ERROR, INVALID_ARGUMENT, RegistryError
+from flake_registry.query import INVALID_ARGUMENT, RegistryError
 from flake_registry.revisit import RevisitPolicy
 from flake_registry.store import IMAGE_ROLES, FlakeStore, default_database_path
 
@@ -210,25 +209,6 @@ class RegistryNode(Node):
 
     # -- services -------------------------------------------------------------------
 
-    def _answer(self, request, response, action: Callable[[], None], what: str):
-        """Check ``request`` against the size limits and run ``action``; a refusal or a failure
-        becomes an error code in ``response``, never an exception."""
-        try:
-            check_message(request)
-            action()
-            response.success = True
-            response.error_code = ''
-        except RegistryError as error:
-            response.success = False
-            response.error_code = error.code
-            response.message = error.message
-        except Exception as error:  # noqa: BLE001 - the node must answer, whatever went wrong
-            self.get_logger().error(f'{what} failed: {type(error).__name__}: {error}')
-            response.success = False
-            response.error_code = INTERNAL_ERROR
-            response.message = f'{type(error).__name__}: {error}'
-        return response
-
     def _query_flakes(self, request, response):
         def run():
             contours = self.params.query_contours
@@ -237,7 +217,7 @@ class RegistryNode(Node):
             response.total = result.total
             response.flakes = [self.messages.message(f, contour=contours) for f in result.flakes]
             response.message = f'{len(result.flakes)} of {result.total} flakes'
-        return self._answer(request, response, run, 'query_flakes')
+        return answer_request(request, response, run, 'query_flakes', self.get_logger())
 
     def _get_flake(self, request, response):
         def run():
@@ -248,7 +228,7 @@ class RegistryNode(Node):
             response.reserved_by = detail.flake.reserved_by
             response.lease_expires = to_time(detail.flake.lease_expires)
             response.message = f'{detail.flake.n_observations} observation(s)'
-        return self._answer(request, response, run, 'get_flake')
+        return answer_request(request, response, run, 'get_flake', self.get_logger())
 
     def _reserve_flake(self, request, response):
         def run():
@@ -258,14 +238,14 @@ class RegistryNode(Node):
             response.message = f'reserved for {reservation.expires - reservation.created:.1f} s'
             self._event(RegistryEvent.RESERVED, request.flake_id, robot_id=request.robot_id,
                         detail={'expires': reservation.expires})
-        return self._answer(request, response, run, 'reserve_flake')
+        return answer_request(request, response, run, 'reserve_flake', self.get_logger())
 
     def _release_flake(self, request, response):
         def run():
             reservation = self.store.release(request.flake_id, request.token)
             response.message = 'released'
             self._event(RegistryEvent.RELEASED, request.flake_id, robot_id=reservation.robot_id)
-        return self._answer(request, response, run, 'release_flake')
+        return answer_request(request, response, run, 'release_flake', self.get_logger())
 
     def _mark_flake_used(self, request, response):
         def run():
@@ -273,7 +253,7 @@ class RegistryNode(Node):
             response.message = 'marked used'
             self._event(RegistryEvent.USED, request.flake_id, robot_id=reservation.robot_id,
                         detail={'note': request.note})
-        return self._answer(request, response, run, 'mark_flake_used')
+        return answer_request(request, response, run, 'mark_flake_used', self.get_logger())
 
     def _get_revisit_list(self, request, response):
         def run():
@@ -287,7 +267,7 @@ class RegistryNode(Node):
                                            self.params.revisit_min_area))
             response.flakes = [self.messages.message(f, contour=True) for f in flakes]
             response.message = f'{len(flakes)} flake(s) to revisit'
-        return self._answer(request, response, run, 'get_revisit_list')
+        return answer_request(request, response, run, 'get_revisit_list', self.get_logger())
 
     def _add_flake_image(self, request, response):
         def run():
@@ -306,7 +286,7 @@ class RegistryNode(Node):
             response.path = path
             response.message = f'{image.role} image stored'
             self._event(RegistryEvent.IMAGE_ADDED, request.flake_id, detail={'role': image.role, 'path': path})
-        return self._answer(request, response, run, 'add_flake_image')
+        return answer_request(request, response, run, 'add_flake_image', self.get_logger())
 
     def _stored_path(self, path: Path) -> str:
         """As the registry keeps it: relative to the data folder when inside it (the web app and exports
