@@ -74,10 +74,14 @@ def test_pixel_to_wafer_composes_and_inverts():
 
 
 def test_wafer_transform_for_tf_matches_the_frame():
-    from flake_scanner.nodes.scan_coordinator import _wafer_transform
+    from builtin_interfaces.msg import Time
+
+    from flake_scanner.nodes.tf_publishing import wafer_transform
 
     frame = WaferFrame.from_corners([(2e-3, 1e-3), (12e-3, 1.5e-3), (1.5e-3, 11e-3)])
-    transform = _wafer_transform(frame, None).transform
+    message = wafer_transform(frame, 'chip-7', Time())
+    assert (message.header.frame_id, message.child_frame_id) == ('stage', 'wafer_chip-7')
+    transform = message.transform
     assert (transform.translation.x, transform.translation.y) == pytest.approx((2e-3, 1e-3))
     angle = 2 * math.atan2(transform.rotation.z, transform.rotation.w)
     assert angle == pytest.approx(math.atan2(0.5e-3, 10e-3))
