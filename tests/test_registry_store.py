@@ -84,7 +84,7 @@ def populated(store):
 # -- schema -------------------------------------------------------------------
 
 def test_new_registry_has_current_schema(store):
-    assert store.schema_version == SCHEMA_VERSION == 7
+    assert store.schema_version == SCHEMA_VERSION == 9
     tables = set(store.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
             'labels', 'schema_version', 'flake_boxes', 'stack_recipes', 'wafer_frames'} <= tables
@@ -96,7 +96,7 @@ def test_new_registry_has_current_schema(store):
 
 def test_new_file_has_current_schema_wal_and_full_sync(tmp_path):
     store = FlakeStore(tmp_path / 'registry.sqlite')
-    assert store.schema_version == SCHEMA_VERSION == 7
+    assert store.schema_version == SCHEMA_VERSION == 9
     tables = set(store.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
             'labels', 'schema_version', 'flake_boxes', 'stack_recipes', 'wafer_frames'} <= tables
@@ -170,6 +170,45 @@ def test_version_4_file_keeps_its_stack_recipes_and_chip_frame(tmp_path):
         assert frame.rotation == pytest.approx(math.pi / 2)
         assert frame.corners == [(0.001, 0.002), (0.001, 0.007), (-0.004, 0.002)]
         assert set(new.chips()[0]) == {'id', 'note', 'created', 'updated', 'flakes'}
+
+
+@pytest.fixture(params=('sqlite', 'postgresql'))
+def empty_registry_url(request, tmp_path):
+    """Where a registry can be made at any schema version (no migrated template)."""
+    if request.param == 'sqlite':
+        return str(tmp_path / 'registry.sqlite')
+    return request.getfixturevalue('postgres_server').create_database(f'empty_{tmp_path.name}'.lower()[:60])
+
+
+def test_version_7_registry_gets_chip_keys_and_keeps_its_reservations(empty_registry_url):
+    """Migration 8 adds who ended a reservation (unknown for older ones); 9 puts the chip into the spatial index."""
+    with FlakeStore(empty_registry_url, schema_target=7) as old:
+        assert old.schema_version == 7
+        outcomes = old.ingest([square(1e-3, 1e-3, 10 * UM), square(1e-3, 1e-3, 10 * UM, chip_id='chip-2'),
+                               square(3e-3, 1e-3, 10 * UM, chip_id='chip-2')])
+        flake_id = outcomes[1].flake_id
+        with old.transaction() as tx:
+            tx.execute("INSERT INTO reservations (flake_pk, robot_id, token, created, expires, ended, outcome) "
+                       "SELECT pk, 'arm-1', 'old-token', 1.0, 100.0, 50.0, 'released' FROM flakes WHERE id = ?",
+                       (flake_id,))
+    with FlakeStore(empty_registry_url) as new:
+        assert new.schema_version == SCHEMA_VERSION == 9
+        assert [(r['outcome'], r['ended_by']) for r in new.reservations(flake_id, live_only=False)] == [
+            ('released', None)]
+        with new.snapshot() as tx:
+            keys = {r['id']: r['chip_key'] for r in tx.all('SELECT id, chip_key FROM chips')}
+        assert sorted(keys) == ['chip-1', 'chip-2'] and len(set(keys.values())) == 2
+        around = (0.9e-3, 0.9e-3, 1.1e-3, 1.1e-3)
+        assert [f.id for f in new.query(FlakeQuery(chip_id='chip-2', region=around)).flakes] == [flake_id]
+        assert [f.id for f in new.query(FlakeQuery(chip_id='chip-1', region=around)).flakes] == [outcomes[0].flake_id]
+        # Ingest after the migration merges on the right chip and gives a new chip the next key.
+        later = new.ingest([square(1e-3 + 1 * UM, 1e-3, 10 * UM, chip_id='chip-2'), square(0.0, 0.0, 10 * UM,
+                                                                                          chip_id='chip-3')])
+        assert later[0].flake_id == flake_id and later[1].is_new
+        with new.snapshot() as tx:
+            assert tx.scalar("SELECT chip_key FROM chips WHERE id = 'chip-3'") not in keys.values()
+        assert new.query(FlakeQuery(chip_id='chip-3', near=(0.0, 0.0), max_distance=2 * UM)).total == 1
+        assert new.integrity_check() == 'ok'
 
 
 def test_every_table_is_made_by_a_numbered_migration(store, populated):
@@ -263,6 +302,61 @@ def test_nearby_distinct_flakes_other_chips_and_bad_input_stay_apart(store):
     assert [store.query(FlakeQuery(chip_id=chip)).total for chip in ('chip-1', 'chip-2', 'none')] == [2, 1, 0]
     assert [c['flakes'] for c in store.chips()] == [2, 1]
     assert store.count() == 3
+    here = (-1 * UM, -1 * UM, 1 * UM, 1 * UM)
+    assert [store.query(FlakeQuery(chip_id=chip, region=here)).flakes[0].id for chip in ('chip-1', 'chip-2')] == [
+        outcomes[0].flake_id, outcomes[2].flake_id]
+    assert store.query(FlakeQuery(region=here)).total == 2
+
+
+def _merge_one_by_one(sightings, rule_distance=5e-6, rule_iou=0.3):
+    """The merge rule applied by comparing each sighting with every flake made before it: flake index per sighting."""
+    from flake_registry.ingest import box_iou
+
+    flakes = []                                 # [chip, x, y, score, box]
+    assigned = []
+    for sighting in sightings:
+        box = sighting.wafer_box()
+        best, best_rank = None, None
+        for index, (chip, x, y, _, other) in enumerate(flakes):
+            distance = math.hypot(x - sighting.x, y - sighting.y)
+            iou = box_iou(box, other)
+            if chip != sighting.chip_id or (distance > rule_distance and iou < rule_iou):
+                continue
+            rank = (iou, -distance, -index)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = index, rank
+        if best is None:
+            flakes.append([sighting.chip_id, sighting.x, sighting.y, sighting.score, box])
+            assigned.append(len(flakes) - 1)
+            continue
+        if sighting.score > flakes[best][3]:
+            flakes[best] = [sighting.chip_id, sighting.x, sighting.y, sighting.score, box]
+        assigned.append(best)
+    return assigned
+
+
+def test_a_batch_merges_as_if_each_sighting_met_every_flake_before_it(store):
+    """Sightings of one batch find the flakes made earlier in it through a grid of cells: the same flakes as
+    comparing each with all of them, with flakes much larger than a cell and sightings on two chips."""
+    rng = random.Random(11)
+    batch = []
+    for i in range(400):
+        chip = 'chip-1' if i % 3 else 'chip-2'
+        if i % 97 == 0:                         # a crystal-sized flake over many cells
+            batch.append(square(rng.uniform(0, 600) * UM, rng.uniform(0, 600) * UM, 900 * UM, chip_id=chip,
+                                score=rng.random()))
+            continue
+        # Dense: most sightings land near an earlier one (a tile seen twice, neighbouring tiles).
+        x, y = rng.uniform(0, 600) * UM, rng.uniform(0, 600) * UM
+        if batch and rng.random() < 0.5:
+            earlier = rng.choice(batch)
+            x, y, chip = earlier.x + rng.uniform(-6, 6) * UM, earlier.y + rng.uniform(-6, 6) * UM, earlier.chip_id
+        batch.append(square(x, y, rng.uniform(3, 70) * UM, chip_id=chip, score=rng.random()))
+    outcomes = store.ingest(batch)
+    order = sorted({o.flake_id for o in outcomes})   # new flakes are numbered in order of discovery
+    assigned = [order.index(o.flake_id) for o in outcomes]
+    assert assigned == _merge_one_by_one(batch)
+    assert 30 < len(order) < 350                 # merged and distinct flakes both
 
 
 # -- queries ------------------------------------------------------------------
@@ -294,6 +388,15 @@ def test_filters_match_a_brute_force_scan(populated):
     assert got(near=near, max_distance=150 * UM) == expect(
         lambda d: (d.x - near[0]) ** 2 + (d.y - near[1]) ** 2 <= (150 * UM) ** 2)
     assert len(got(near=near, max_distance=150 * UM)) == 9  # 5 on the axes and 4 on the diagonals at 141 um
+    # The chip is a dimension of the spatial index: both chips hold flakes in this square.
+    square_mm = (0.0, 250 * UM, 1e-3, 1e-3)
+    for chip in ('chip-1', 'chip-2'):
+        assert got(chip_id=chip, region=square_mm) == expect(
+            lambda d, chip=chip: d.chip_id == chip and d.y >= 250 * UM)
+        assert got(chip_id=chip, near=(450 * UM, 350 * UM), max_distance=120 * UM) == expect(
+            lambda d, chip=chip: d.chip_id == chip and (d.x - 450 * UM) ** 2 + (d.y - 350 * UM) ** 2 <= (120 * UM) ** 2)
+    assert got(chip_id='chip-1', region=square_mm) and got(chip_id='chip-2', region=square_mm)
+    assert got(chip_id='no-such-chip', region=square_mm) == set()
 
 
 def test_sorting_and_paging(populated):
@@ -394,6 +497,27 @@ def test_reservation_lifecycle_and_every_error(populated, clock):
     assert (record.status, record.used_by, record.used_note) == (STATUS_USED, 'robot-b', 'stack 7')
     assert codes_of(store.reserve, flake, 'robot-a') == 'ALREADY_USED'
     assert codes_of(store.mark_used, flake, again.token) == 'ALREADY_USED'
+
+
+def test_who_ended_each_reservation_is_kept(populated, clock):
+    """The holder that gave a reservation back, or the person who released it or marked the flake used."""
+    from flake_registry import control
+
+    store, _, ids = populated
+    held = store.reserve(ids[0], 'robot-a', 30.0)
+    assert store.release(ids[0], held.token).ended_by == 'robot-a'
+    store.reserve(ids[0], 'robot-a', 30.0)
+    assert control.release_flake(store, ids[0], 'Ada L', via='cli')['ended_by'] == 'cli-Ada_L'
+    store.reserve(ids[1], 'robot-b', 30.0)
+    control.mark_flake_used(store, ids[1], 'bo', note='cracked')
+    assert store.get_flake(ids[1]).flake.used_by == 'robot-b'
+    store.reserve(ids[2], 'robot-c', 5.0)
+    clock.now += 10
+    store.reserve(ids[2], 'robot-d', 5.0)       # closes robot-c's lease as expired: nobody ended it
+    history = [(r['robot_id'], r['outcome'], r['ended_by'])
+               for flake in ids[:3] for r in store.reservations(flake, live_only=False)]
+    assert history == [('robot-a', 'released', 'robot-a'), ('robot-a', 'released', 'cli-Ada_L'),
+                       ('robot-b', 'used', 'web-bo'), ('robot-c', 'expired', None), ('robot-d', None, None)]
 
 
 def test_lease_expires_at_query_time(populated, clock):

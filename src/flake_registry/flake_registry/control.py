@@ -4,8 +4,9 @@ The web app and ``flake-registry`` both act through these functions; labels are
 withdrawn and corrected through ``flake_registry.labelling``. Every action goes
 through the registry's own paths and checks (the reservation token of the live
 reservation, the flake's status) inside its transactions, so the registry's history
-records it: a released reservation ends with outcome ``released``, a used flake keeps
-who used it and a note naming the person, a withdrawn label stays in the labels
+records it: a released reservation ends with outcome ``released`` and who released it
+(``ended_by``: ``web-<name>`` or ``cli-<name>``), a used flake keeps who used it and a
+note naming the person, a withdrawn label stays in the labels
 table with who withdrew it and when.
 """
 
@@ -36,15 +37,18 @@ def _live_reservation(store: FlakeStore, flake_id: str) -> dict[str, Any] | None
     return live[0] if live else None
 
 
-def release_flake(store: FlakeStore, flake_id: str, who: str) -> dict[str, Any]:
-    """End the flake's live reservation (a mistaken one, or a robot that gave up); NOT_RESERVED otherwise."""
+def release_flake(store: FlakeStore, flake_id: str, who: str, via: str = 'web') -> dict[str, Any]:
+    """End the flake's live reservation (a mistaken one, or a robot that gave up); NOT_RESERVED otherwise.
+
+    The reservation ends with outcome ``released`` and ``ended_by`` = ``web-<who>`` (``cli-<who>``).
+    """
     labelling.check_who(who)
     live = _live_reservation(store, flake_id)
     if live is None:
         store.get_flake(flake_id)  # UNKNOWN_ID for a flake that does not exist
         raise RegistryError(NOT_RESERVED, f'flake {flake_id} is not reserved; nothing to release', flake_id)
-    released = store.release(flake_id, live['token'])
-    return {'flake_id': flake_id, 'released_from': released.robot_id, 'by': who}
+    released = store.release(flake_id, live['token'], ended_by=web_robot_id(who, via))
+    return {'flake_id': flake_id, 'released_from': released.robot_id, 'by': who, 'ended_by': released.ended_by}
 
 
 def mark_flake_used(store: FlakeStore, flake_id: str, who: str, note: str = '', via: str = 'web') -> dict[str, Any]:
@@ -57,20 +61,21 @@ def mark_flake_used(store: FlakeStore, flake_id: str, who: str, note: str = '', 
     labelling.check_who(who)
     text = f'marked used {VIA[via][1]} by {who}' + (f': {note.strip()}' if note.strip() else '')
     live = _live_reservation(store, flake_id)
+    robot = web_robot_id(who, via)
     if live is not None:
-        used = store.mark_used(flake_id, live['token'], text)
+        used = store.mark_used(flake_id, live['token'], text, ended_by=robot)
         return {'flake_id': flake_id, 'used_by': used.robot_id, 'note': text}
     now = store.clock()
-    robot = web_robot_id(who, via)
     with store.transaction() as tx:
         reservation = reserve_in(tx, [flake_id], robot, WEB_LEASE_S, now)[0]
         mark_used_in(tx, flake_id, reservation.token, text, now)
     return {'flake_id': flake_id, 'used_by': robot, 'note': text}
 
 
-def release_stack(store: FlakeStore, recipe_id: str, who: str) -> dict[str, Any]:
+def release_stack(store: FlakeStore, recipe_id: str, who: str, via: str = 'web') -> dict[str, Any]:
     """Release every layer the recipe still holds (with the tokens kept in it); layers already used stay used."""
     labelling.check_who(who)
+    person = web_robot_id(who, via)
     recipe = stacks.get_recipe(store, recipe_id)
     released, kept = [], []
     for layer in recipe.layers:
@@ -78,7 +83,7 @@ def release_stack(store: FlakeStore, recipe_id: str, who: str) -> dict[str, Any]
             kept.append({'flake_id': layer.flake_id, 'why': 'never reserved by this recipe'})
             continue
         try:
-            store.release(layer.flake_id, layer.token)
+            store.release(layer.flake_id, layer.token, ended_by=person)
             released.append(layer.flake_id)
         except RegistryError as refused:
             kept.append({'flake_id': layer.flake_id, 'why': f'{refused.code}: {refused.message}'})

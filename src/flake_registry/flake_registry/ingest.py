@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-import json
 import math
 from typing import Any
 import zlib
 
-from flake_registry.database import Transaction
+from flake_registry.database import CHIP_SPAN, Transaction
 from flake_registry.query import STATUS_AVAILABLE, STATUS_REJECTED
 from flake_registry.records import IngestOutcome, Sighting, encode_contour
+from flake_registry.schema import SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def ingest(tx: Transaction, sightings: Iterable[Sighting], rule: MergeRule, now: float,
-           count_per_chip: bool = True) -> list[IngestOutcome]:
+           schema_version: int = SCHEMA_VERSION) -> list[IngestOutcome]:
     """Store one batch inside ``tx``, merging sightings of flakes already known.
 
     Sightings that cannot be stored (non-finite numbers, unknown material) are
@@ -57,8 +57,9 @@ def ingest(tx: Transaction, sightings: Iterable[Sighting], rule: MergeRule, now:
     planned in memory first (the matches read from the database in one pass, then
     taken in order, so that a sighting can merge into a flake found earlier in the
     same batch) and written with one statement per kind of row: on PostgreSQL that
-    is a few round trips per batch instead of several per sighting. ``count_per_chip``:
-    keep ``chips.n_flakes`` (schema 7 on; False only for a registry kept at an older version).
+    is a few round trips per batch instead of several per sighting. ``schema_version``:
+    that of the registry (below 9 only for one kept at an older version: chips keep
+    their number of flakes from 7 on, their key in the spatial index from 9 on).
     """
     sightings = list(sightings)
     outcomes: list[IngestOutcome] = [IngestOutcome() for _ in sightings]
@@ -77,10 +78,11 @@ def ingest(tx: Transaction, sightings: Iterable[Sighting], rule: MergeRule, now:
         # in order, batches of different chips are written side by side.
         for chip in chips:
             tx.execute('SELECT pg_advisory_xact_lock(hashtext(?))', (chip,))
+    chip_keys = _chip_keys(tx, chips, now, keyed=schema_version >= 9)
     boxes = {i: sightings[i].wafer_box() for i in valid}
-    fetched = _candidates(tx, [(i, sightings[i].chip_id, boxes[i]) for i in valid], rule.distance)
+    fetched = _candidates(tx, [(i, sightings[i].chip_id, boxes[i]) for i in valid], rule.distance, chip_keys)
 
-    plan = _Plan()
+    plan = _Plan(rule.distance)
     for index in valid:
         sighting, box = sightings[index], boxes[index]
         match = plan.best_match(sighting, box, fetched.get(index, ()), rule)
@@ -98,28 +100,65 @@ def ingest(tx: Transaction, sightings: Iterable[Sighting], rule: MergeRule, now:
     for index in valid:
         key = int(outcomes[index].flake_id)
         outcomes[index].flake_id = plan.state[key][0] if key > 0 else flake_id_of(real[key])
-    _write(tx, plan, real, sightings, valid, now, count_per_chip)
+    _write(tx, plan, real, sightings, valid, now, chip_keys, count_per_chip=schema_version >= 7)
     return outcomes
+
+
+# The batch's own flakes are found through a grid of cells of this side: comparing every
+# sighting with every flake the batch touched cost ~20 us per sighting in batches of 100.
+_CELL = 64e-6                                   # [m]
+_MAX_CELLS = 64                                 # a box over more cells is kept in its chip's list of wide ones
 
 
 class _Plan:
     """The batch in memory: known flakes touched so far, new flakes (negative keys), observations."""
 
-    def __init__(self):
+    def __init__(self, reach: float):
         self.state: dict[int, list] = {}        # key -> [id, x, y, score, box]; key = pk, or -n for new flakes
         self.touched: list[int] = []            # keys changed or made by this batch, in order
         self.new: list[int] = []
         self.best: dict[int, Sighting] = {}     # key -> sighting that now represents the flake
         self.extra_observations: dict[int, int] = {}
         self.observations: list[tuple[int, Sighting, float]] = []
-        self.chip_of: dict[int, str] = {}
+        self.reach = reach
+        self._touched_on: dict[str, list[int]] = {}           # chip -> touched keys
+        self._cells: dict[tuple[str, int, int], list[int]] = {}  # grid cell -> keys whose box (+ reach) meets it
+        self._wide: dict[str, list[int]] = {}                 # chip -> keys whose box covers too many cells
+
+    @staticmethod
+    def _cell_span(box, margin: float) -> tuple[int, int, int, int]:
+        return (math.floor((box[0] - margin) / _CELL), math.floor((box[2] + margin) / _CELL),
+                math.floor((box[1] - margin) / _CELL), math.floor((box[3] + margin) / _CELL))
+
+    def _touch(self, key: int, chip: str) -> None:
+        """``key`` now lies where ``state[key]`` says (touched first, or its box changed)."""
+        if key not in self.extra_observations and key not in self.best:
+            self.touched.append(key)
+            self._touched_on.setdefault(chip, []).append(key)
+        x0, x1, y0, y1 = self._cell_span(self.state[key][4], self.reach)
+        if (x1 - x0 + 1) * (y1 - y0 + 1) > _MAX_CELLS:
+            self._wide.setdefault(chip, []).append(key)
+            return
+        for i in range(x0, x1 + 1):
+            for j in range(y0, y1 + 1):
+                self._cells.setdefault((chip, i, j), []).append(key)
+
+    def _near_touched(self, chip: str, box) -> set[int] | list[int]:
+        """Touched keys of ``chip`` whose box may lie within ``reach`` of ``box`` (a superset)."""
+        x0, x1, y0, y1 = self._cell_span(box, 0.0)
+        if (x1 - x0 + 1) * (y1 - y0 + 1) > _MAX_CELLS:
+            return self._touched_on.get(chip, [])
+        keys = set(self._wide.get(chip, ()))
+        for i in range(x0, x1 + 1):
+            for j in range(y0, y1 + 1):
+                keys.update(self._cells.get((chip, i, j), ()))
+        return keys
 
     def best_match(self, sighting: Sighting, box, fetched, rule: MergeRule):
         for pk, row in fetched:
             self.state.setdefault(pk, row)      # a flake changed earlier in the batch keeps its new state
-            self.chip_of[pk] = sighting.chip_id  # fetched for this sighting: on its chip
         keys = {pk for pk, _ in fetched}
-        keys.update(key for key in self.touched if self.chip_of[key] == sighting.chip_id)
+        keys.update(self._near_touched(sighting.chip_id, box))
         reach = rule.distance
         best, best_key = None, None
         for key in keys:
@@ -140,47 +179,83 @@ class _Plan:
         key = -(len(self.new) + 1)
         self.new.append(key)
         self.state[key] = ['', sighting.x, sighting.y, sighting.score, box]
-        self.chip_of[key] = sighting.chip_id
+        self._touch(key, sighting.chip_id)
         self.best[key] = sighting
-        self.touched.append(key)
         return key
 
     def merge(self, key: int, sighting: Sighting, box) -> None:
-        self.extra_observations[key] = self.extra_observations.get(key, 0) + 1
-        if key not in self.touched:
-            self.touched.append(key)
-        if sighting.score > self.state[key][3]:
+        better = sighting.score > self.state[key][3]
+        if better:
             self.state[key] = [self.state[key][0], sighting.x, sighting.y, sighting.score, box]
+        if better or (key not in self.extra_observations and key not in self.best):
+            self._touch(key, sighting.chip_id)
+        self.extra_observations[key] = self.extra_observations.get(key, 0) + 1
+        if better:
             self.best[key] = sighting
 
 
-def _candidates(tx: Transaction, wanted: list[tuple[int, str, tuple]], reach: float) -> dict[int, list]:
-    """Known flakes near each sighting: index -> [(pk, [id, x, y, score, box])]."""
+def _chip_keys(tx: Transaction, chips: list[str], now: float, keyed: bool) -> dict[str, int]:
+    """Make the batch's chips known (a new chip gets its key) and return chip id -> key (schema 9 on)."""
+    if not keyed:
+        tx.executemany('INSERT INTO chips (id, created, updated) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING',
+                       [(chip, now, now) for chip in chips])
+        return {}
+    if tx.dialect != 'postgresql':
+        tx.executemany('INSERT INTO chips (id, created, updated) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING',
+                       [(chip, now, now) for chip in chips])
+        rows = tx.all(f'SELECT id, chip_key FROM chips WHERE id IN ({", ".join("?" * len(chips))})', chips)
+        return {row['id']: int(row['chip_key']) for row in rows}
+    # One round trip: the chips inserted now come back from the INSERT, the others from the
+    # table (the statement's snapshot does not see its own insert).
+    rows = tx.all('WITH new AS (INSERT INTO chips (id, created, updated) SELECT unnest(:ids::text[]), :now, :now '
+                  'ON CONFLICT (id) DO NOTHING RETURNING id, chip_key) SELECT id, chip_key FROM new UNION ALL '
+                  'SELECT id, chip_key FROM chips WHERE id = ANY(:ids::text[])', {'ids': chips, 'now': now})
+    keys = {row['id']: int(row['chip_key']) for row in rows}
+    if len(keys) < len(chips):
+        # A chip that a writer without this chip's lock (a wafer frame) committed while the
+        # statement ran: the next statement sees it.
+        keys.update((row['id'], int(row['chip_key'])) for row in tx.all(
+            'SELECT id, chip_key FROM chips WHERE id = ANY(:ids::text[])', {'ids': chips}))
+    return keys
+
+
+def _candidates(tx: Transaction, wanted: list[tuple[int, str, tuple]], reach: float,
+                chip_keys: dict[str, int]) -> dict[int, list]:
+    """Known flakes near each sighting, on its chip: index -> [(pk, [id, x, y, score, box])].
+
+    ``chip_keys`` empty: a registry older than schema 9, whose spatial index has no chip.
+    """
     found: dict[int, list] = {}
     columns = 'f.pk, f.id, f.x, f.y, f.score, b.min_x, b.min_y, b.max_x, b.max_y'
     if tx.dialect == 'postgresql':
-        near = tx.box_overlap('b', 'd.x0', 'd.y0', 'd.x1', 'd.y1')
-        # LATERAL: one GiST search per sighting, then its few flakes by key. `|| ''` keeps
-        # the planner off the chip index: with it, it read every flake of the chip for each
-        # sighting (280 ms a batch at 3000 flakes, growing with the chip).
+        if chip_keys:
+            near = tx.box_overlap('b', 'd.x0', 'd.y0', 'd.x1', 'd.y1', chip_key='d.chip_key')
+        else:
+            # `|| ''` keeps the planner off the chip index: with it, it read every flake of
+            # the chip for each sighting (280 ms a batch at 3000 flakes, growing with the chip).
+            near = tx.box_overlap('b', 'd.x0', 'd.y0', 'd.x1', 'd.y1') + " AND f.chip_id || '' = d.chip"
+        # LATERAL: one GiST search per sighting, then its few flakes by key.
         rows = tx.all(
-            f'SELECT d.i, c.* FROM unnest(:i::int[], :chip::text[], :x0::float8[], :y0::float8[], '
-            f':x1::float8[], :y1::float8[]) AS d(i, chip, x0, y0, x1, y1) CROSS JOIN LATERAL '
-            f'(SELECT {columns} FROM flake_boxes b JOIN flakes f ON f.pk = b.id WHERE {near} '
-            "AND f.chip_id || '' = d.chip OFFSET 0) AS c",
+            f'SELECT d.i, c.* FROM unnest(:i::int[], :chip::text[], :chip_key::int[], :x0::float8[], :y0::float8[], '
+            f':x1::float8[], :y1::float8[]) AS d(i, chip, chip_key, x0, y0, x1, y1) CROSS JOIN LATERAL '
+            f'(SELECT {columns} FROM flake_boxes b JOIN flakes f ON f.pk = b.id WHERE {near} OFFSET 0) AS c',
             {'i': [w[0] for w in wanted], 'chip': [w[1] for w in wanted],
+             'chip_key': [chip_keys.get(w[1], 0) for w in wanted],
              'x0': [w[2][0] - reach for w in wanted], 'y0': [w[2][1] - reach for w in wanted],
              'x1': [w[2][2] + reach for w in wanted], 'y1': [w[2][3] + reach for w in wanted]})
         for row in rows:
             found.setdefault(row['i'], []).append(_candidate(row))
         return found
-    for index, chip, box in wanted:
+    if chip_keys:
+        near = tx.box_overlap('b', ':x0', ':y0', ':x1', ':y1', chip_key=':chip_key')
+    else:
         # `+f.chip_id`: keeps SQLite's planner on the R*Tree range search; with the chip
         # index it would visit every flake of the chip and probe the R*Tree once for each.
-        rows = tx.all(f'SELECT {columns} FROM flake_boxes b JOIN flakes f ON f.pk = b.id WHERE '
-                      f'{tx.box_overlap("b", ":x0", ":y0", ":x1", ":y1")} AND +f.chip_id = :chip',
-                      {'x0': box[0] - reach, 'y0': box[1] - reach, 'x1': box[2] + reach, 'y1': box[3] + reach,
-                       'chip': chip})
+        near = tx.box_overlap('b', ':x0', ':y0', ':x1', ':y1') + ' AND +f.chip_id = :chip'
+    sql = f'SELECT {columns} FROM flake_boxes b JOIN flakes f ON f.pk = b.id WHERE {near}'
+    for index, chip, box in wanted:
+        rows = tx.all(sql, {'x0': box[0] - reach, 'y0': box[1] - reach, 'x1': box[2] + reach, 'y1': box[3] + reach,
+                            'chip': chip, 'chip_key': chip_keys.get(chip, 0)})
         if rows:
             found[index] = [_candidate(row) for row in rows]
     return found
@@ -203,12 +278,10 @@ def _allocate_pks(tx: Transaction, count: int) -> list[int]:
 
 
 def _write(tx: Transaction, plan: _Plan, real: dict[int, int], sightings: list[Sighting], valid: list[int],
-           now: float, count_per_chip: bool) -> None:
+           now: float, chip_keys: dict[str, int], count_per_chip: bool) -> None:
     seen = {}
     for index in valid:
         seen.setdefault((sightings[index].chip_id, sightings[index].scan_id), sightings[index].stamp)
-    tx.executemany('INSERT INTO chips (id, created, updated) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING',
-                   [(chip, now, now) for chip in sorted({chip for chip, _ in seen})])
     tx.executemany('INSERT INTO scans (id, chip_id, started) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING',
                    [(scan, chip, stamp or now) for (chip, scan), stamp in seen.items() if scan])
     inserts, boxes = [], []
@@ -230,9 +303,16 @@ def _write(tx: Transaction, plan: _Plan, real: dict[int, int], sightings: list[S
                        [(count, chip) for chip, count in sorted(new_per_chip.items())])
     if inserts:
         names = list(inserts[0])
-        tx.executemany(f'INSERT INTO flakes ({", ".join(names)}) VALUES ({", ".join("?" * len(names))})',
-                       [tuple(values[name] for name in names) for values in inserts])
-        tx.executemany('INSERT INTO flake_boxes (id, min_x, max_x, min_y, max_y) VALUES (?, ?, ?, ?, ?)', boxes)
+        tx.insert_many('flakes', names, [tuple(values.values()) for values in inserts])
+        if not chip_keys:
+            tx.insert_many('flake_boxes', ('id', 'min_x', 'max_x', 'min_y', 'max_y'), boxes)
+        elif tx.dialect == 'postgresql':
+            tx.insert_many('flake_boxes', ('id', 'min_x', 'max_x', 'min_y', 'max_y', 'chip_key'),
+                           [(*box, chip_keys[values['chip_id']]) for box, values in zip(boxes, inserts, strict=True)])
+        else:
+            tx.insert_many('flake_boxes', ('id', 'min_x', 'max_x', 'min_y', 'max_y', 'min_chip', 'max_chip'),
+                           [(*box, chip_keys[values['chip_id']], chip_keys[values['chip_id']] + CHIP_SPAN)
+                            for box, values in zip(boxes, inserts, strict=True)])
     updates, box_updates, counts = [], [], []
     for key in plan.touched:
         if key < 0:
@@ -248,11 +328,17 @@ def _write(tx: Transaction, plan: _Plan, real: dict[int, int], sightings: list[S
         tx.executemany(f'UPDATE flakes SET {assignments} WHERE pk = ?', updates)
         tx.executemany('UPDATE flake_boxes SET min_x = ?, max_x = ?, min_y = ?, max_y = ? WHERE id = ?', box_updates)
     tx.executemany('UPDATE flakes SET n_observations = n_observations + ?, updated = ? WHERE pk = ?', counts)
-    tx.executemany('INSERT INTO observations (flake_pk, scan_id, tile_index, stamp, x, y, bbox_px, score, detector, '
-                   'iou, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+    tx.insert_many('observations', ('flake_pk', 'scan_id', 'tile_index', 'stamp', 'x', 'y', 'bbox_px', 'score',
+                                    'detector', 'iou', 'created'),
                    [(real.get(key, key), s.scan_id, int(s.tile_index), s.stamp, s.x, s.y,
-                     json.dumps(list(map(int, s.bbox_px))), s.score, s.detector, iou, now)
+                     _bbox_text(s.bbox_px), s.score, s.detector, iou, now)
                     for key, s, iou in plan.observations])
+
+
+def _bbox_text(bbox: Sequence[int]) -> str:
+    """The pixel box as JSON (``[x, y, w, h]``, as json.dumps writes it), without the JSON encoder's cost."""
+    x, y, w, h = map(int, bbox)
+    return f'[{x}, {y}, {w}, {h}]'
 
 
 def _flake_values(sighting: Sighting) -> dict[str, Any]:
@@ -264,7 +350,7 @@ def _flake_values(sighting: Sighting) -> dict[str, Any]:
         'score': sighting.score, 'detector': sighting.detector, 'model_version': sighting.model_version,
         'x': sighting.x, 'y': sighting.y,
         'contour': encode_contour(sighting.contour),
-        'area': sighting.area, 'bbox_px': json.dumps(list(map(int, sighting.bbox_px))),
+        'area': sighting.area, 'bbox_px': _bbox_text(sighting.bbox_px),
         'homogeneity': sighting.homogeneity, 'isolation_distance': sighting.isolation_distance,
         'edge_straightness': sighting.edge_straightness, 'detected_at': sighting.stamp,
         'mask': zlib.compress(sighting.mask, 1) if sighting.mask else None,

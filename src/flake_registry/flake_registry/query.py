@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from flake_core.materials import LAYER_CLASS_NAMES, MATERIAL_NAMES
+from flake_registry.database import box_overlap_sql
 
 # Codes shared with the service definitions in flake_msgs/srv (same strings).
 UNKNOWN_ID = 'UNKNOWN_ID'
@@ -283,12 +284,10 @@ class FlakeQuery:
             params['max_distance_sq'] = r * r
         if box is not None:
             # A flake's centre lies inside its bounding box, so every flake whose centre
-            # is in `box` has a box that intersects it: an R*Tree lookup, not a scan.
-            if dialect == 'postgresql':  # the expression of the GiST index on flake_boxes
-                overlap = ('box(point(min_x, min_y), point(max_x, max_y)) && '
-                           'box(point(:box_min_x, :box_min_y), point(:box_max_x, :box_max_y))')
-            else:
-                overlap = 'max_x >= :box_min_x AND min_x <= :box_max_x AND max_y >= :box_min_y AND min_y <= :box_max_y'
+            # is in `box` has a box that intersects it: a spatial index lookup, not a scan,
+            # on the chip asked for (the chip is a dimension of the index).
+            chip_key = '(SELECT chip_key FROM chips WHERE id = :chip_id)' if self.chip_id else None
+            overlap = box_overlap_sql(dialect, '', ':box_min_x', ':box_min_y', ':box_max_x', ':box_max_y', chip_key)
             clauses.append(f'f.pk IN (SELECT id FROM flake_boxes WHERE {overlap})')
             params.update(box_min_x=box[0], box_min_y=box[1], box_max_x=box[2], box_max_y=box[3])
         if self.statuses:

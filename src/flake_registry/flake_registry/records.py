@@ -11,6 +11,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 import math
 import sys
 
@@ -54,7 +55,7 @@ class Sighting:
         for name in ('x', 'y', 'score', 'area', 'layers', 'thickness_nm'):
             if not math.isfinite(getattr(self, name)):
                 return f'{name} is not finite'
-        if any(not (math.isfinite(px) and math.isfinite(py)) for px, py in self.contour):
+        if not all(map(math.isfinite, chain.from_iterable(self.contour))):
             return 'contour has a non-finite point'
         if self.material not in MATERIAL_NAMES:
             return f'unknown material {self.material!r}'
@@ -149,6 +150,7 @@ class Reservation:
     token: str
     created: float
     expires: float
+    ended_by: str = ''                          # who ended it (release, mark used), when it has ended
 
 
 @dataclass
@@ -187,7 +189,10 @@ class ChipWaferFrame:
 
 def encode_contour(points: Iterable[tuple[float, float]]) -> bytes:
     """An outline as little-endian float64 x, y pairs: several times faster to read back than JSON."""
-    values = array('d', (float(v) for point in points for v in point[:2]))
+    points = points if isinstance(points, Sequence) else list(points)
+    values = array('d', chain.from_iterable(points))
+    if len(values) != 2 * len(points):          # points with more than x and y: keep those two
+        values = array('d', (float(v) for point in points for v in point[:2]))
     if sys.byteorder == 'big':
         values.byteswap()
     return values.tobytes()

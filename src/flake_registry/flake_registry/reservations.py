@@ -152,30 +152,42 @@ def _check_token(tx: Transaction, flake_pk: int, flake_id: str, token: str, now:
     raise RegistryError(NOT_RESERVED, f'flake {flake_id} is not reserved', flake_id)
 
 
-def release_in(tx: Transaction, flake_id: str, token: str, now: float) -> Reservation:
-    """Give a reservation back before its lease ends."""
+def release_in(tx: Transaction, flake_id: str, token: str, now: float, ended_by: str = '') -> Reservation:
+    """Give a reservation back before its lease ends.
+
+    ``ended_by``: who gave it back, when not the holder itself (a person releasing a
+    robot's reservation, recorded as ``web-<name>`` or ``cli-<name>``); kept in the history.
+    """
     flake = flake_row(tx, flake_id, lock=True)
     live = _check_token(tx, flake['pk'], flake_id, token, now, NOT_RESERVED)
-    tx.execute("UPDATE reservations SET ended = ?, outcome = 'released' WHERE id = ?", (now, live['id']))
+    ended_by = ended_by or live['robot_id']
+    tx.execute("UPDATE reservations SET ended = ?, outcome = 'released', ended_by = ? WHERE id = ?",
+               (now, ended_by, live['id']))
     return Reservation(flake_id=flake_id, robot_id=live['robot_id'], token=token, created=live['created'],
-                       expires=now)
+                       expires=now, ended_by=ended_by)
 
 
-def mark_used_in(tx: Transaction, flake_id: str, token: str, note: str, now: float) -> Reservation:
-    """The robot put the flake into a stack: it leaves the pool for good. Needs the live token."""
+def mark_used_in(tx: Transaction, flake_id: str, token: str, note: str, now: float,
+                 ended_by: str = '') -> Reservation:
+    """The robot put the flake into a stack: it leaves the pool for good. Needs the live token.
+
+    ``ended_by`` as for ``release_in``: a person who marked a robot's flake used.
+    """
     flake = flake_row(tx, flake_id, lock=True)
     if flake['status'] == STATUS_USED:
         raise RegistryError(ALREADY_USED, f'flake {flake_id} was already used', flake_id)
     live = _check_token(tx, flake['pk'], flake_id, token, now, LEASE_EXPIRED)
-    tx.execute("UPDATE reservations SET ended = ?, outcome = 'used' WHERE id = ?", (now, live['id']))
+    ended_by = ended_by or live['robot_id']
+    tx.execute("UPDATE reservations SET ended = ?, outcome = 'used', ended_by = ? WHERE id = ?",
+               (now, ended_by, live['id']))
     tx.execute('UPDATE flakes SET status = ?, used_by = ?, used_at = ?, used_note = ?, updated = ? WHERE pk = ?',
                (STATUS_USED, live['robot_id'], now, note, now, flake['pk']))
     return Reservation(flake_id=flake_id, robot_id=live['robot_id'], token=token, created=live['created'],
-                       expires=now)
+                       expires=now, ended_by=ended_by)
 
 
 def list_reservations(tx: Transaction, now: float, flake_id: str = '', live_only: bool = True) -> list[dict]:
-    """Reservation rows (who, token, lease, outcome), live ones only by default."""
+    """Reservation rows (who, token, lease, outcome, who ended it), live ones only by default."""
     clauses, params = [], {'now': now}
     if live_only:
         clauses.append('r.ended IS NULL AND r.expires > :now')
@@ -183,6 +195,7 @@ def list_reservations(tx: Transaction, now: float, flake_id: str = '', live_only
         clauses.append('f.id = :flake_id')
         params['flake_id'] = flake_id
     where = ('WHERE ' + ' AND '.join(clauses)) if clauses else ''
-    rows = tx.all('SELECT f.id AS flake_id, r.robot_id, r.token, r.created, r.expires, r.ended, r.outcome '
+    rows = tx.all('SELECT f.id AS flake_id, r.robot_id, r.token, r.created, r.expires, r.ended, r.outcome, '
+                  'r.ended_by '
                   f'FROM reservations r JOIN flakes f ON f.pk = r.flake_pk {where} ORDER BY r.id', params)
     return [dict(row) for row in rows]

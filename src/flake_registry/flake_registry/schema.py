@@ -21,7 +21,7 @@ import time
 
 import sqlite_utils
 
-from flake_registry.database import Transaction
+from flake_registry.database import CHIP_SPAN, Transaction
 
 
 def _migration_1(tx: Transaction) -> None:
@@ -154,8 +154,42 @@ def _migration_7(tx: Transaction) -> None:
     tx.execute('UPDATE chips SET n_flakes = (SELECT COUNT(*) FROM flakes f WHERE f.chip_id = chips.id)')
 
 
+def _migration_8(tx: Transaction) -> None:
+    """Who ended a reservation: the robot that gave it back, or the person who released it or marked it used."""
+    # Reservations ended before this migration keep NULL: their records never said.
+    tx.execute('ALTER TABLE reservations ADD COLUMN ended_by TEXT')
+
+
+def _migration_9(tx: Transaction) -> None:
+    """Chip keys and the chip in the spatial index: a region of one chip reads that chip's flakes only."""
+    # Every chip an integer key (a third R*Tree dimension in SQLite; a range in the GiST
+    # index in PostgreSQL): without it a 1 x 1 mm box read that square of every chip.
+    # A flake whose chip row is missing (registries filled by hand) gets one first.
+    tx.execute('INSERT INTO chips (id, created, updated) SELECT DISTINCT f.chip_id, 0.0, 0.0 FROM flakes f '
+               'WHERE NOT EXISTS (SELECT 1 FROM chips c WHERE c.id = f.chip_id)')
+    tx.execute('ALTER TABLE chips ADD COLUMN chip_key INTEGER')
+    if tx.dialect == 'postgresql':
+        _run(tx, _PG[9])
+        return
+    tx.execute('UPDATE chips SET chip_key = rowid')
+    tx.execute('CREATE UNIQUE INDEX idx_chips_chip_key ON chips (chip_key)')
+    # A chip inserted by any code gets the next key (PostgreSQL: the column's sequence default).
+    tx.execute('CREATE TRIGGER chips_chip_key AFTER INSERT ON chips WHEN NEW.chip_key IS NULL BEGIN '
+               'UPDATE chips SET chip_key = (SELECT COALESCE(MAX(chip_key), 0) + 1 FROM chips) WHERE id = NEW.id; '
+               'END')
+    # An R*Tree keeps its dimensions for life: a new one with the chip, filled from the old.
+    tx.execute('CREATE VIRTUAL TABLE flake_boxes_by_chip USING rtree(id, min_x, max_x, min_y, max_y, '
+               'min_chip, max_chip)')
+    tx.execute('INSERT INTO flake_boxes_by_chip (id, min_x, max_x, min_y, max_y, min_chip, max_chip) '
+               'SELECT b.id, b.min_x, b.max_x, b.min_y, b.max_y, c.chip_key, c.chip_key + ? FROM flake_boxes b '
+               'JOIN flakes f ON f.pk = b.id JOIN chips c ON c.id = f.chip_id ORDER BY c.chip_key', (CHIP_SPAN,))
+    tx.execute('DROP TABLE flake_boxes')
+    tx.execute('ALTER TABLE flake_boxes_by_chip RENAME TO flake_boxes')
+
+
 MIGRATIONS: tuple[Callable[[Transaction], None], ...] = (
-    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6, _migration_7)
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6, _migration_7,
+    _migration_8, _migration_9)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -221,7 +255,7 @@ def _run(tx: Transaction, statements: str) -> None:
 
 
 _D = 'DOUBLE PRECISION'
-# PostgreSQL's DDL of migrations 1-4 (SQLite's is the sqlite-utils code above).
+# PostgreSQL's DDL of migrations 1-4 and 9 (SQLite's is the code above).
 _PG = {
     1: f"""
 CREATE TABLE chips (id TEXT PRIMARY KEY, corners TEXT, stage_to_wafer TEXT, note TEXT, created {_D} NOT NULL,
@@ -279,5 +313,20 @@ DROP INDEX IF EXISTS idx_flakes_material_layers
     4: """
 DROP INDEX IF EXISTS idx_flakes_created;
 DROP INDEX IF EXISTS idx_flakes_revisited_at_score
+""",
+    # The chip first in a two-column GiST index: a range of one integer (GiST's built-in
+    # range_ops, no extension such as btree_gist to install), then the box.
+    9: """
+CREATE SEQUENCE chip_key_seq OWNED BY chips.chip_key;
+UPDATE chips SET chip_key = nextval('chip_key_seq');
+ALTER TABLE chips ALTER COLUMN chip_key SET DEFAULT nextval('chip_key_seq');
+ALTER TABLE chips ALTER COLUMN chip_key SET NOT NULL;
+CREATE UNIQUE INDEX idx_chips_chip_key ON chips (chip_key);
+DROP INDEX idx_flake_boxes_box;
+ALTER TABLE flake_boxes ADD COLUMN chip_key INTEGER;
+UPDATE flake_boxes b SET chip_key = c.chip_key FROM flakes f JOIN chips c ON c.id = f.chip_id WHERE f.pk = b.id;
+ALTER TABLE flake_boxes ALTER COLUMN chip_key SET NOT NULL;
+CREATE INDEX idx_flake_boxes_chip_box ON flake_boxes USING gist (int4range(chip_key, chip_key, '[]'),
+    box(point(min_x, min_y), point(max_x, max_y)))
 """,
 }

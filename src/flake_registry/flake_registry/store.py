@@ -255,8 +255,7 @@ class FlakeStore:
         """Store one batch in one transaction, merging sightings of flakes already known (see ``ingest``)."""
         sightings = list(sightings)
         with self.transaction(self.ingest_synchronous) as tx:
-            return ingest_module.ingest(tx, sightings, self.merge_rule, self.clock(),
-                                        count_per_chip=self.schema_version >= 7)
+            return ingest_module.ingest(tx, sightings, self.merge_rule, self.clock(), self.schema_version)
 
     # -- reading --------------------------------------------------------------------
 
@@ -378,20 +377,23 @@ class FlakeStore:
         with self.transaction() as tx:
             return reservations.reserve_in(tx, flake_ids, robot_id, lease_s, now)
 
-    def release(self, flake_id: str, token: str) -> Reservation:
-        """Give a reservation back before its lease ends."""
+    def release(self, flake_id: str, token: str, ended_by: str = '') -> Reservation:
+        """Give a reservation back before its lease ends.
+
+        ``ended_by``: who did it when not the holder (a person: ``flake_registry.control``); kept in the history.
+        """
         now = self.clock()
         with self.transaction() as tx:
-            return reservations.release_in(tx, flake_id, token, now)
+            return reservations.release_in(tx, flake_id, token, now, ended_by)
 
-    def mark_used(self, flake_id: str, token: str, note: str = '') -> Reservation:
+    def mark_used(self, flake_id: str, token: str, note: str = '', ended_by: str = '') -> Reservation:
         """The robot put the flake into a stack: it leaves the pool for good. Needs the live token."""
         now = self.clock()
         with self.transaction() as tx:
-            return reservations.mark_used_in(tx, flake_id, token, note, now)
+            return reservations.mark_used_in(tx, flake_id, token, note, now, ended_by)
 
     def reservations(self, flake_id: str = '', live_only: bool = True) -> list[dict[str, Any]]:
-        """Reservation rows (who, token, lease, outcome), live ones only by default."""
+        """Reservation rows (who, token, lease, outcome, ``ended_by``), live ones only by default."""
         now = self.clock()
         with self.snapshot() as tx:
             return reservations.list_reservations(tx, now, flake_id, live_only)
