@@ -23,8 +23,8 @@ def _error_of(parse):
 
 
 @dataclass(frozen=True)
-class RegistryNodeParameters:
-    """Parameters of the ``registry_node`` node."""
+class RegistryDatabaseParameters:
+    """Where a node finds the registry: the parameters every registry node shares."""
 
     database_path: str = param('',
           'SQLite file of the registry; empty: $FLAKE_DATA_DIR/registry.sqlite (./data/registry.sqlite without the '
@@ -33,6 +33,12 @@ class RegistryNodeParameters:
     database_url: str = param('',
           'PostgreSQL registry, postgresql://user@host:port/database; empty: the SQLite file of database_path',
           read_only=True)
+
+
+@dataclass(frozen=True)
+class RegistryNodeParameters(RegistryDatabaseParameters):
+    """Parameters of the ``registry_node`` node."""
+
     image_dir: str = param('',
           'Directory for images sent with AddFlakeImage; empty: "images" next to the database',
           read_only=True)
@@ -96,15 +102,8 @@ class RegistryNodeParameters:
 
 
 @dataclass(frozen=True)
-class StackRecipeNodeParameters:
-    """Parameters of the ``stack_recipe_node`` node."""
-
-    database_path: str = param('',
-          'SQLite file of the registry; empty: $FLAKE_DATA_DIR/registry.sqlite',
-          read_only=True)
-    database_url: str = param('',
-          'PostgreSQL registry, postgresql://user@host:port/database; empty: the SQLite file of database_path',
-          read_only=True)
+class StackRecipeNodeParameters(RegistryDatabaseParameters):
+    """Parameters of the ``stack_recipe_node`` node (the stack-recipe service on its own)."""
 
 
 # Node name -> schema, for docs/parameters.md and the checks of config/*.yaml.
