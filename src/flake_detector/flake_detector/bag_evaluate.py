@@ -13,7 +13,10 @@ without ``pixel_to_wafer`` is matched by order (n-th frame = n-th image).
 Metrics come from flake_detector.evaluation (COCO AP per material, per-image
 precision/recall, funnel, layer-class confusion); this module only turns a bag
 into the ground truth and predictions that evaluation takes, and writes
-``report.json``, ``report.md`` and precision-recall PNGs per backend.
+``report.json`` (its ``units`` entry names what the numbers are in), ``report.md``,
+precision-recall PNGs per backend and overlays of the first frames (each backend's
+detections in their material's colour, the ground truth in white, a legend and a
+scale bar). Materials are given as everywhere else: ``--materials graphene,hbn``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 
 import numpy as np
 
+from flake_core.materials import CONTAMINANT_CATEGORY_MIN, parse_materials
 from flake_core.ros_image import image_to_numpy
 from flake_scanner.bag.io import (
     GROUND_TRUTH_FILE,
@@ -42,6 +46,11 @@ from flake_scanner.bag.io import (
 
 # Offsets of a tile inside its source frame are whole pixels; allow for float rounding.
 _PIXEL_TOLERANCE = 0.05
+# What the numbers of report.json are in (COCO keeps boxes, masks and areas in frame pixels).
+REPORT_UNITS = {'bbox': 'px', 'area': 'px', 'segmentation': 'px (COCO RLE)', 'detect_seconds': 's',
+                'seconds_per_100_frames': 's', 'pixel_to_wafer': 'm per px (affine, row-major)',
+                'timestamp_ns': 'ns since the epoch', 'score': '0..1', 'AP': '0..1', 'precision': '0..1',
+                'recall': '0..1'}
 
 
 class GroundTruthError(BagError):
@@ -252,22 +261,29 @@ def bag_frames(reader: BagReader, truth: GroundTruthIndex, topic: str | None = N
                        annotations=truth.annotations_in(window, width, height))
 
 
-def _parse_backend(spec: str) -> tuple[str, dict]:
-    """'contrast' or 'contrast:materials=graphene+hbn,oxide_nm=285' -> (name, params)."""
+def _parse_backend(spec: str, materials: str | None = None) -> tuple[str, dict]:
+    """'contrast' or 'contrast:oxide_nm=285,calibration=model' -> (name, params).
+
+    Materials are given once for every contrast backend with ``--materials graphene,hbn``, the
+    syntax of every command line (``materials``: comma-separated names).
+    """
     name, _, rest = spec.partition(':')
+    name = name.strip()
     params: dict = {}
     for item in filter(None, rest.split(',')):
         key, sep, value = item.partition('=')
         if not sep:
             raise ValueError(f'backend option {item!r} must look like key=value')
-        if '+' in value:
-            params[key] = tuple(value.split('+'))
-        else:
-            try:
-                params[key] = json.loads(value)
-            except ValueError:
-                params[key] = value
-    return name.strip(), params
+        if key.strip() == 'materials':
+            raise ValueError(f'give materials with --materials (comma-separated, e.g. --materials graphene,hbn), '
+                             f'not as an option of {name!r}')
+        try:
+            params[key.strip()] = json.loads(value)
+        except ValueError:
+            params[key.strip()] = value
+    if materials and name == 'contrast':
+        params['materials'] = materials
+    return name, params
 
 
 def main(argv=None) -> int:
@@ -276,6 +292,11 @@ def main(argv=None) -> int:
     parser.add_argument('--backends', default='contrast',
                         help='comma separated backends, each optionally name:key=value,... '
                              '(separate backends with ";" when they carry options)')
+    parser.add_argument('--materials', default=None,
+                        help='contrast backends: comma-separated materials to match, e.g. graphene,hbn')
+    parser.add_argument('--overlays', type=int, default=8,
+                        help='frames drawn per backend into overlays/<backend>/ (detections in their material\'s '
+                             'colour, the ground truth in white, legend, scale bar); 0 = none')
     parser.add_argument('--ground-truth', default=None, help='COCO file (default: <bag>/ground_truth.json)')
     parser.add_argument('--topic', default=None, help='ScanFrame topic (default: /scan/tiles, /scan/frames)')
     parser.add_argument('--output', '-o', default=None, help='report folder (default: <bag>/evaluation)')
@@ -283,11 +304,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     separator = ';' if ';' in args.backends else ','
     try:
-        backends = [_parse_backend(spec) for spec in args.backends.split(separator) if spec.strip()]
+        materials = ','.join(parse_materials(args.materials)) if args.materials is not None else None
+        backends = [_parse_backend(spec, materials) for spec in args.backends.split(separator) if spec.strip()]
         bag = Path(args.bag)
         output = Path(args.output) if args.output else (bag if bag.is_dir() else bag.parent) / 'evaluation'
         report = evaluate_bag(bag, backends, output, ground_truth=args.ground_truth, topic=args.topic,
-                              limit=args.limit, progress=True)
+                              limit=args.limit, progress=True, overlays=max(0, args.overlays))
     except (BagError, ValueError) as exc:
         print(f'flake-bag-eval: {exc}', file=sys.stderr)
         return 2
@@ -321,8 +343,10 @@ class BackendRun:
 
 
 def run_backend(reader: BagReader, truth: GroundTruthIndex, name: str, params: dict,
-                topic: str | None = None, limit: int | None = None, progress: bool = False) -> BackendRun:
-    """Run one backend over every frame of the bag and collect COCO predictions and its funnel."""
+                topic: str | None = None, limit: int | None = None, progress: bool = False,
+                overlay_dir: Path | None = None, overlays: int = 0) -> BackendRun:
+    """Run one backend over every frame of the bag and collect COCO predictions and its funnel;
+    the first ``overlays`` frames are drawn into ``overlay_dir``."""
     from flake_detector.detection import make_detector
     from flake_detector.evaluation import detections_to_predictions
 
@@ -337,6 +361,8 @@ def run_backend(reader: BagReader, truth: GroundTruthIndex, name: str, params: d
         detect_seconds += time.perf_counter() - start
         height, width = frame.pixels.shape[:2]
         predictions += detections_to_predictions(frame.image_id, result.detections, height, width)
+        if overlay_dir is not None and frames < overlays:
+            write_overlay(overlay_dir / f'frame_{frame.image_id:05d}.png', frame, result.detections)
         for stage in result.funnel:
             funnel[stage.stage] = funnel.get(stage.stage, 0) + int(stage.remaining)
         frames += 1
@@ -344,6 +370,26 @@ def run_backend(reader: BagReader, truth: GroundTruthIndex, name: str, params: d
             print(f'[{name}] {frames} frame(s), {len(predictions)} detection(s)', file=sys.stderr, flush=True)
     return BackendRun(predictions, [{'stage': k, 'remaining': v} for k, v in funnel.items()], frames,
                       detect_seconds)
+
+
+def write_overlay(path: Path, frame: BagFrame, detections) -> None:
+    """One frame with the backend's detections, its ground truth, a legend and a scale bar."""
+    import cv2
+
+    from flake_detector.cli import draw_overlay
+
+    height, width = frame.pixels.shape[:2]
+    truth = [_mask_of(annotation, height, width) for annotation in frame.annotations
+             if annotation.get('category_id', 0) < CONTAMINANT_CATEGORY_MIN]
+    pixel_size = float(np.hypot(frame.pixel_to_wafer[0], frame.pixel_to_wafer[3])) or None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), draw_overlay(frame.pixels, detections, pixel_size, truth))
+
+
+def _mask_of(annotation: dict, height: int, width: int) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.decode(_as_rle(annotation['segmentation'], {'height': height, 'width': width})).astype(bool)
 
 
 def precision_recall_curve(gt: dict, predictions: list[dict], material: str | None,
@@ -381,8 +427,9 @@ def precision_recall_curve(gt: dict, predictions: list[dict], material: str | No
 
 def evaluate_bag(bag: Path, backends: list[tuple[str, dict]], output: Path | None,
                  ground_truth: str | Path | None = None, topic: str | None = None,
-                 limit: int | None = None, progress: bool = False) -> dict:
-    """Run every backend over the bag's frames and score each; write the report when ``output``."""
+                 limit: int | None = None, progress: bool = False, overlays: int = 0) -> dict:
+    """Run every backend over the bag's frames and score each; write the report when ``output``
+    (with ``overlays`` frames drawn per backend into ``output/overlays/<backend>/``)."""
     from flake_detector.evaluation import evaluate
 
     if not backends:
@@ -394,10 +441,11 @@ def evaluate_bag(bag: Path, backends: list[tuple[str, dict]], output: Path | Non
         if not gt['images']:
             raise NoFramesError(f'bag {bag}: no frames to evaluate')
         report: dict = {'bag': str(bag), 'frames': len(gt['images']),
-                        'ground_truth_flakes': len(gt['annotations']), 'backends': {}}
-        for name, params in backends:
+                        'ground_truth_flakes': len(gt['annotations']), 'units': REPORT_UNITS, 'backends': {}}
+        for number, (name, params) in enumerate(backends):
             label = name if not params else f'{name}({", ".join(f"{k}={v}" for k, v in params.items())})'
-            run = run_backend(reader, truth, name, params, topic, limit, progress)
+            overlay_dir = (Path(output) / 'overlays' / f'{number}_{name}') if output is not None and overlays else None
+            run = run_backend(reader, truth, name, params, topic, limit, progress, overlay_dir, overlays)
             metrics = evaluate(gt, run.predictions, funnel=run.funnel or None)
             scopes = list(metrics['materials'])
             report['backends'][label] = {

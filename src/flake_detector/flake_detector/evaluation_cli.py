@@ -3,9 +3,10 @@
     flake-eval --gt data/sim/annotations.json --pred out/predictions.json \
         --materials graphene --min-layers 1 --max-layers 3 --out out/metrics
 
-writes ``metrics.json`` and ``metrics.md`` (COCO AP/AP50/AP75 for boxes and masks per
-material, per-image precision and recall as seed 001 defines them, layer-class
-confusion, and the cascade funnel when the predictions file carries one).
+writes ``metrics.json`` (its ``units`` entry names what the numbers are in) and
+``metrics.md`` (COCO AP/AP50/AP75 for boxes and masks per material, per-image precision
+and recall as Masubuchi et al. (2020) defines them, layer-class confusion, and the cascade
+funnel when the predictions file carries one).
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import json
 from pathlib import Path
 import sys
 
+from flake_core.materials import parse_materials
 from flake_detector.evaluation import evaluate, markdown_report
+
+# What the numbers of metrics.json are in: COCO scores images in pixels.
+METRICS_UNITS = {'area': 'px', 'bbox': 'px', 'min_area': 'px', 'AP': '0..1', 'precision': '0..1', 'recall': '0..1',
+                 'layers': 'layers'}
 
 
 def load_predictions(path: Path) -> tuple[list[dict], list[dict] | None]:
@@ -33,11 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--gt', type=Path, required=True, help='COCO ground truth (annotations.json)')
     parser.add_argument('--pred', type=Path, required=True, help='predictions JSON (COCO results)')
     parser.add_argument('--out', type=Path, required=True, help='output stem: writes OUT.json and OUT.md')
-    parser.add_argument('--materials', default='', help='comma-separated materials (default: all in the GT)')
+    parser.add_argument('--materials', default='',
+                        help='comma-separated materials, e.g. graphene,hbn (default: all in the GT)')
     parser.add_argument('--min-layers', type=float, default=None, help='evaluate flakes with >= this many layers')
     parser.add_argument('--max-layers', type=float, default=None, help='evaluate flakes with <= this many layers')
     parser.add_argument('--min-area', type=float, default=0.0,
-                        help='leave out flakes (and detections) smaller than this many pixels')
+                        help='leave out flakes (and detections) smaller than this [px]')
     parser.add_argument('--score-threshold', type=float, default=0.5,
                         help='score above which a detection counts for per-image P/R and confusion')
     return parser
@@ -60,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = {p.get('image_id') for p in predictions} - known
     if unknown:
         parser.error(f'predictions name image ids missing from the ground truth: {sorted(unknown)[:5]}')
-    materials = [m.strip() for m in args.materials.split(',') if m.strip()] or None
+    try:
+        materials = list(parse_materials(args.materials)) if args.materials.strip() else None
+    except ValueError as exc:
+        parser.error(f'--materials: {exc}')
     metrics = evaluate(gt, predictions, materials, args.min_layers, args.max_layers, args.score_threshold,
                        funnel, args.min_area)
+    metrics['units'] = METRICS_UNITS
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out.with_suffix('.json'), args.out.with_suffix('.md')
     json_path.write_text(json.dumps(metrics, indent=1))

@@ -224,17 +224,17 @@ def _render(args) -> int:
         wx, wy = wafer.stage_to_wafer.apply(x, y)
     if not wafer.contains(wx, wy):
         w, h = wafer.config.chip_width_m * 1e3, wafer.config.chip_height_m * 1e3
-        corners = ', '.join(f'({cx * 1e3:.3f}, {cy * 1e3:.3f})' for cx, cy in wafer.corner_positions_stage())
+        corners = ', '.join(f'({cx * 1e6:.1f}, {cy * 1e6:.1f})' for cx, cy in wafer.corner_positions_stage())
         raise SystemExit(f'flake-sim: error: position is off the {w:g} x {h:g} mm chip (chip coordinates '
-                         f'{wx * 1e3:.3f}, {wy * 1e3:.3f} mm); stage corners [mm]: {corners}')
+                         f'{wx * 1e6:.1f}, {wy * 1e6:.1f} µm); stage corners [µm]: {corners}')
     z = camera.focal_plane_z(x, y) if args.z is None else args.z * 1e-6
     z += args.defocus * 1e-6
     image = camera.render(x, y, z)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(args.out), image):
         raise SystemExit(f'flake-sim: error: cannot write image {args.out}')
-    print(f'wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {camera.pixel_size * 1e6:.3f} um/px, '
-          f'stage {x * 1e3:.3f}, {y * 1e3:.3f} mm, z {z * 1e6:.2f} um)')
+    print(f'wrote {args.out} ({image.shape[1]}x{image.shape[0]}, {camera.pixel_size * 1e6:.3f} µm/px, '
+          f'stage ({x * 1e6:.1f}, {y * 1e6:.1f}) µm, z {z * 1e6:.2f} µm)')
     if args.truth is not None:
         truth = camera.ground_truth(x, y)
         coco = frames_to_coco([FrameRecord(args.out.name, truth, args.objective,
