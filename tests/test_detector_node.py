@@ -81,7 +81,7 @@ def test_frames_in_flakes_out_with_wafer_coordinates(graph):
             assert flake.layers == truth.layers
             assert flake.thickness_nm == pytest.approx(truth.layers * 0.335, abs=1e-4)
             assert flake.material == 'graphene' and flake.detector == 'contrast'
-            assert flake.model_version.startswith('graphene-thinfilm')
+            assert flake.model_version == 'model-sio2-90nm-graphene'  # the thin-film model's calibration at 90 nm
             assert flake.chip_id == 'chip-test' and flake.tile_index == index
             assert flake.area == pytest.approx(truth.mask.sum() * PIXEL ** 2, rel=0.2)
             # The outline is in the wafer frame around the centre.
