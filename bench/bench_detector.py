@@ -4,10 +4,10 @@ both on the real micrographs of ../shared/data/real_images_2dmatgmm.
 Prints Markdown tables:
 - optical: graphene 1-3 layers on 90 nm SiO2, COCO AP50 (boxes and masks); exact layer
   count on matched graphene 1-5 layer flakes; frames/s at 1024 x 1024;
-- cascade: the funnel of seed 000 Fig. 2 (candidates left and truly good after each
+- cascade: the funnel of Greplova et al. (2020), Fig. 2 (candidates left and truly good after each
   net) on a natural scan (the simulator's default chip, where thin flakes are rare; three
   times as many frames, for the rare good ones) and on frames centred on flakes; the
-  share of candidates removed (seed 000's figure, which depends on how rare good ones
+  share of candidates removed (Greplova et al.'s figure, which depends on how rare good ones
   are), of bad candidates removed and of good ones kept (which do not); frames/s with
   candidate finding;
 - real micrographs: detections per image; overlays written to docs/img/.
@@ -195,7 +195,7 @@ def _funnel(detector, frames) -> tuple[list[int], list[int], float, int]:
 
 
 def _summary_row(label, threshold, candidates, good, left, good_left, speed) -> str:
-    """One line of the funnel summary: removed (seed 000's figure, which depends on how
+    """One line of the funnel summary: removed (Greplova et al.'s figure, which depends on how
     rare the good candidates are), and the two shares that do not: bad removed, good kept."""
     bad, bad_left = candidates - good, left - good_left
     return (f'| {label} | {threshold} | {1 - left / max(1, candidates):.1%} | {1 - bad_left / max(1, bad):.1%} | '
@@ -235,7 +235,7 @@ def bench_cascade(frames: int) -> list[str]:
         lines += ['', '| frames | threshold | candidates removed | bad candidates removed | good kept | '
                       'precision after the cascade | frames/s finder + nets (CPU time) | (wall) |',
                   '|---|---|---|---|---|---|---|---|', *summary,
-                  '| seed 000 (hBN, real scans) | - | 99 % | - | - | 55 % | - | - |']
+                  '| Greplova et al. (2020) (hBN, real scans) | - | 99 % | - | - | 55 % | - | - |']
     return lines
 
 

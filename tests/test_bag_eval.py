@@ -152,7 +152,7 @@ def test_evaluation_of_a_tiny_bag_gives_the_hand_computed_metrics(ros, tmp_path,
     assert metrics['all']['segm']['AP'] == pytest.approx(67 / 101)
     assert metrics['graphene']['segm']['AP50'] == pytest.approx(51 / 101)
     assert metrics['hbn']['segm']['AP'] == pytest.approx(1.0)
-    # per image (seed 001): A-left, A-right correct; B-left missed; B-right spurious
+    # per image (Masubuchi et al. (2020)): A-left, A-right correct; B-left missed; B-right spurious
     per_image = metrics['all']['per_image']
     assert (per_image['tp'], per_image['fp'], per_image['fn']) == (2, 1, 1)
     confusion = everything['metrics']['layer_confusion']

@@ -1,4 +1,4 @@
-"""Seed 000 candidate finder: recall on synthetic and simulated frames, crops, wafer coordinates."""
+"""Greplova et al. (2020) candidate finder: recall on synthetic and simulated frames, crops, wafer coordinates."""
 
 from detector_synth import make_frame, sim_frames
 import numpy as np

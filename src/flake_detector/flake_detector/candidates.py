@@ -1,7 +1,7 @@
-"""Seed 000's candidate finder: a local standard-deviation map, a loose threshold,
+"""Greplova et al.'s candidate finder: a local standard-deviation map, a loose threshold,
 fixed-size crops around what stands out, near-duplicates merged.
 
-The threshold is loose on purpose (seed 000: "sufficiently loose ... such that no
+The threshold is loose on purpose (Greplova et al. (2020): "sufficiently loose ... such that no
 good flake would be missed"); the classifier behind it removes the junk. The
 standard deviation is taken relative to the frame's substrate level, so the same
 threshold works at any illumination. The std filter fires on edges, so the outline
@@ -9,7 +9,7 @@ of a flake is filled to give one region per object.
 
 Every candidate keeps its position in the frame and, given the frame's
 pixel-to-wafer map, on the wafer: a flake is identified by its wafer coordinates
-from this step on (seed 000).
+from this step on (Greplova et al. (2020)).
 """
 
 from __future__ import annotations

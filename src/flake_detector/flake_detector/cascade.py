@@ -1,6 +1,6 @@
-"""Seed 000's cascade of noisy CNNs: the model, the 'good flake' targets, and inference.
+"""Greplova et al.'s cascade of noisy CNNs: the model, the 'good flake' targets, and inference.
 
-The network follows seed 000 Table I: convolutions of 64 (5x5, stride 2), 64, 128 and
+The network follows Greplova et al. (2020), Table I: convolutions of 64 (5x5, stride 2), 64, 128 and
 256 filters (3x3), a dense layer of 256 and a softmax over (bad, good), ReLU
 throughout. The paper does not give the pooling; a 2x2 max-pool after each of the
 first three convolutions and a global average before the dense layer keep a net at
@@ -11,7 +11,7 @@ with the scan on a CPU, at no cost for objects that span tens of pixels.
 
 Three nets are trained separately on the same crops; a candidate is good only if
 every net of the cascade accepts it, which removes the bad candidates that any single
-net lets through (seed 000 Fig. 2). Each net's decision threshold is chosen on a
+net lets through (Greplova et al. (2020), Fig. 2). Each net's decision threshold is chosen on a
 validation seed for a recall target and folded into its output bias
 (``fold_thresholds``), so the cascade always decides at P(good) = 0.5.
 
@@ -73,7 +73,8 @@ class Target:
         return cls(**data)
 
 
-# Default targets: hBN gate dielectric 10-90 nm (seed 000), graphene mono or few layers (seed 001).
+# Default targets: hBN gate dielectric 10-90 nm (Greplova et al. 2020), graphene mono or few layers
+# (Masubuchi et al. 2020).
 TARGETS = {
     'hbn-10-90nm': Target('hbn-10-90nm', 'hbn', min_thickness_nm=10.0, max_thickness_nm=90.0),
     'graphene-1-10L': Target('graphene-1-10L', 'graphene', min_layers=1, max_layers=10),
@@ -101,7 +102,7 @@ def normalise_crops(crops: np.ndarray, size: int = 0) -> np.ndarray:
 
 
 def build_net(width: float = 1.0):
-    """Seed 000 Table I (see the module text); ``width`` scales every layer (tests use tiny nets)."""
+    """Greplova et al. (2020), Table I (see the module text); ``width`` scales every layer (tests use tiny nets)."""
     from torch import nn
 
     def ch(n):
@@ -243,7 +244,7 @@ class CascadeDetector:
     def __init__(self, target: str = 'graphene-1-10L', model_path: str = '', threshold: float | None = None,
                  oxide_nm: float = 90.0, calibration: str = 'auto', finder: CandidateFinder | None = None,
                  std_threshold: float = 0.02, min_area_px: int = 30, work_size: int = 512,
-                 cascade: Cascade | None = None, min_contrast: float = 0.03, threads: int = 1, **_ignored):
+                 cascade: Cascade | None = None, min_contrast: float = 0.03, threads: int = 1):
         import torch
 
         # Small batches of small crops: one thread is fastest, more only spin.
@@ -319,6 +320,4 @@ class CascadeDetector:
             extra={'wafer_xy': candidate.wafer_xy, 'window': candidate.window})
 
 
-@register_detector('cascade')
-def _make_cascade(**params) -> CascadeDetector:
-    return CascadeDetector(**params)
+register_detector('cascade')(CascadeDetector)

@@ -250,7 +250,7 @@ def crops_from_frames(frames, finder: CandidateFinder, target: Target | list[Tar
                       if candidates else np.zeros((0, len(targets)), np.int64))
         if progress and index % 25 == 0:
             print(f'[{progress}] {index} frames, {sum(len(c) for c in crops)} candidates, good per target '
-                  f'{[int(v) for v in sum(lab.sum(axis=0) for lab in labels)]}', file=sys.stderr, flush=True)
+                  f'{[int(v) for v in sum((lab == 1).sum(axis=0) for lab in labels)]}', file=sys.stderr, flush=True)
     if crops:
         all_crops, all_labels = np.concatenate(crops), np.concatenate(labels)
     else:

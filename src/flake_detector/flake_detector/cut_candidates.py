@@ -1,4 +1,4 @@
-"""``flake-web candidates``: cut seed 000's candidate crops from frames for labelling.
+"""``flake-web candidates``: cut Greplova et al.'s candidate crops from frames for labelling.
 
 The detector's candidate finder (standard-deviation map, fixed-size crops, merged
 near-duplicates) runs on each image; its crops go to
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('images', nargs='+', type=Path, help='frame images (as OpenCV reads them)')
     parser.add_argument('--data-dir', default='', help='data folder (default: $FLAKE_DATA_DIR or ./data)')
     parser.add_argument('--limit', type=int, default=200, help='crops per image at most')
-    parser.add_argument('--crop-size', type=int, default=80, help='crop side [px] (seed 000: 80)')
+    parser.add_argument('--crop-size', type=int, default=80, help='crop side [px] (Greplova et al. (2020): 80)')
     args = parser.parse_args(argv)
     if args.limit < 1 or args.crop_size < 8:
         parser.error('--limit must be >= 1 and --crop-size >= 8')

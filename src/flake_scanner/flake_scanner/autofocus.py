@@ -9,7 +9,7 @@ successive parabolic interpolation on the logarithm of the measure (a Gaussian-l
 peak is a parabola there) refines it, falling back to bisection of the wider side of
 the bracket whenever the parabola is unusable. The best measured z is the answer.
 
-``FocusMap`` is the focal plane of seed 000: three (x, y, z) points define the
+``FocusMap`` is the focal plane of Greplova et al. (2020): three (x, y, z) points define the
 plane z = a x + b y + c exactly; more points are fitted by least squares.
 """
 

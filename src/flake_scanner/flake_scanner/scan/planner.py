@@ -86,7 +86,7 @@ def plan_serpentine(region: Region, field_width: float, field_height: float, ove
 def focus_points(region: Region, count: int) -> list[tuple[float, float]]:
     """Well-spread points (wafer frame) at which to measure focus for a focus map.
 
-    Three points make a triangle over the region (seed 000); more fill a grid.
+    Three points make a triangle over the region (Greplova et al. (2020)); more fill a grid.
     """
     if count < 3:
         raise ValueError('a focus map needs at least three points')
