@@ -123,7 +123,7 @@ def test_weighted_loss_uses_masubuchi_2020_weights():
     losses = {'loss_classifier': torch.tensor(1.0), 'loss_box_reg': torch.tensor(2.0),
               'loss_mask': torch.tensor(3.0), 'loss_objectness': torch.tensor(4.0)}
     assert float(train.weighted_loss(losses)) == pytest.approx(0.6 + 2 + 3 + 4)
-    assert train.parse_stages(train.SEED001_STAGES) == [
+    assert train.parse_stages(train.MASUBUCHI_2020_STAGES) == [
         train.Stage('heads', 1e-3), train.Stage('layer4', 1e-3), train.Stage('all', 1e-4),
         train.Stage('all', 1e-5)]
     assert train.parse_stages('heads:4e-3,all:1e-3:3') == [train.Stage('heads', 4e-3), train.Stage('all', 1e-3, 3)]

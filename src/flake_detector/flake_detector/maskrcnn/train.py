@@ -45,7 +45,7 @@ CHECKPOINT_FORMAT = 'flake-maskrcnn/1'
 # Masubuchi et al. (2020): L = 0.6 L_cls + 1.0 L_box + 1.0 L_mask; the RPN terms keep weight 1.
 LOSS_WEIGHTS = {'loss_classifier': 0.6, 'loss_box_reg': 1.0, 'loss_mask': 1.0,
                 'loss_objectness': 1.0, 'loss_rpn_box_reg': 1.0}
-SEED001_STAGES = 'heads:1e-3,layer4:1e-3,all:1e-4,all:1e-5'
+MASUBUCHI_2020_STAGES = 'heads:1e-3,layer4:1e-3,all:1e-4,all:1e-5'
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='linear learning-rate warm-up at the start of training')
     parser.add_argument('--keep-epochs', action='store_true',
                         help='also keep every epoch as OUT/epoch_NNN.pt (float16, for learning curves)')
-    parser.add_argument('--stages', default=SEED001_STAGES, help='comma list of heads|layer4|all:<lr>')
+    parser.add_argument('--stages', default=MASUBUCHI_2020_STAGES, help='comma list of heads|layer4|all:<lr>')
     parser.add_argument('--epochs-per-stage', type=int, default=30)
     parser.add_argument('--iterations-per-epoch', type=int, default=500)
     parser.add_argument('--batch-size', type=int, default=2)
