@@ -75,7 +75,8 @@ def find_lattice(image: np.ndarray, expected_px: float) -> LatticeFit:
     for radius in radii:
         xs = centre + radius * np.cos(spokes)
         ys = centre + radius * np.sin(spokes)
-        values = _bilinear(power, xs, ys).mean(axis=1)                               # (A,)
+        # The weaker half of the six spots: a lattice shows all six, stripes or a JPEG block grid two or four.
+        values = np.median(_bilinear(power, xs, ys), axis=1)                          # (A,)
         ring = _bilinear(power, centre + radius * np.cos(np.linspace(0, 2 * np.pi, 720)),
                          centre + radius * np.sin(np.linspace(0, 2 * np.pi, 720)))
         floor = float(np.median(ring)) + 1e-12
