@@ -119,4 +119,4 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: detector 'contrast'")
     with pytest.raises(SystemExit):
         main([str(tmp_path), '--chip', 'c', '--pixel-size=-1um'])
-    assert 'a length must be positive' in capsys.readouterr().err
+    assert '--pixel-size must be a positive length' in capsys.readouterr().err

@@ -46,7 +46,6 @@ import numpy as np
 
 from flake_core.geometry import Affine2D, pixel_to_wafer
 from flake_core.materials import LAYER_CLASS_NAMES
-from flake_core.units import LENGTH, UM, UnitError, parse_quantity
 from flake_registry.cli import report_refusals
 from flake_registry.files import IMAGE_SUFFIXES
 from flake_registry.query import INVALID_ARGUMENT, RegistryError
@@ -264,19 +263,8 @@ def import_folder(store: FlakeStore, data_dir: Path, images: Sequence[Path], *, 
 # Command line
 
 
-def parse_length(text: str) -> float:
-    """'0.345um', '345 nm', '0.000345mm' -> metres (a bare number is micrometres)."""
-    try:
-        value = parse_quantity(text, LENGTH, '--pixel-size')
-    except UnitError as error:
-        raise argparse.ArgumentTypeError(error.message) from None
-    if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(f'a length must be positive, got {text!r}')
-    return value * UM
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from flake_detector.cli import parse_param
+    from flake_detector.cli import parse_param, pixel_size_option
     from flake_detector.detection import available_detectors
 
     parser = argparse.ArgumentParser(prog='flake-import', description=__doc__.split('\n\n')[0],
@@ -286,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--chip', required=True, help='chip id the images show')
     parser.add_argument('--scan', default='', help='scan id (default: import-<folder>-<local time>); '
                                                    'the same id again continues an interrupted import')
-    parser.add_argument('--pixel-size', type=parse_length, required=True,
+    parser.add_argument('--pixel-size', type=pixel_size_option, required=True,
                         help='size of one image pixel on the sample, e.g. 0.345um (a bare number is um)')
     parser.add_argument('--objective', default='', help='objective the images were taken with, e.g. 20x')
     parser.add_argument('--camera-rotation-deg', type=float, default=0.0,
