@@ -2,7 +2,7 @@
 with camera settings no training used, against the same frames rendered with the default camera.
 
 The looks are ``flake_scanner.sim.randomise.held_out_looks()``: a white balance set for 4600 K
-under the 3200 K lamp, a gamma-encoded camera (1.85), 155 nm of oxide, and all of these together
+under the 3200 K lamp, a gamma-encoded camera (1.85), 235 nm of oxide, and all of these together
 with a 4600 K LED, broad shifted colour bands, JPEG, shading and dirt on the optics. Each lies
 inside intervals the randomiser never draws, so a cascade trained with ``--randomise-camera``
 meets them here for the first time; the shipped cascade before it was trained on the default
