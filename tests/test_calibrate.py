@@ -144,3 +144,29 @@ def test_command_line_says_when_there_is_nothing_to_fit(tmp_path, capsys):
     assert main([str(tmp_path / 'blank.png'), '--material', 'graphene', '--out', str(tmp_path / 'x.json')]) == 2
     assert 'too few to fit' in capsys.readouterr().err
     assert not (tmp_path / 'x.json').exists()
+
+
+def test_flake_detect_self_calibrates_on_the_images_it_is_given(microscope, tmp_path):
+    from flake_detector.cli import main as detect_main
+
+    images, _, _ = microscope
+    paths = []
+    for name, image in images:
+        cv2.imwrite(str(tmp_path / name), image)
+        paths.append(str(tmp_path / name))
+    out = tmp_path / 'out'
+    assert detect_main(['--self-calibrate', '--materials', 'graphene', '--param', 'min_area_px=60', '--no-overlays',
+                        '--out', str(out), *paths]) == 0
+    fitted = Calibration.load(out / 'calibration.json')
+    assert abs(fitted.oxide_nm - 270.0) <= OXIDE_TOLERANCE_NM
+    detections = json.loads((out / 'detections.json').read_text())
+    assert detections['params']['calibration'] == str(out / 'calibration.json')
+    assert sum(d['material'] == 'graphene' for f in detections['frames'] for d in f['detections']) >= len(images)
+
+
+def test_flake_detect_refuses_self_calibration_beside_a_given_calibration(tmp_path, capsys):
+    from flake_detector.cli import main as detect_main
+
+    with pytest.raises(SystemExit):
+        detect_main(['--self-calibrate', '--param', 'calibration=model', '--out', str(tmp_path), 'a.png'])
+    assert '--self-calibrate fits the calibration' in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     flake-detect --backend contrast --materials graphene,hbn --pixel-size 0.55um --out out/ a.png b.png
     flake-detect --backend cascade --param target=graphene-thin --coco data/sim/annotations.json --out out/
+    flake-detect --self-calibrate --materials nbse2 --out out/ my_scope/*.jpg    # a microscope never calibrated
 
 With ``--coco`` the images of a COCO file are processed and ``predictions.json``
 (COCO results with material and layers, plus the cascade funnel) is written for
@@ -9,6 +10,11 @@ With ``--coco`` the images of a COCO file are processed and ``predictions.json``
 thickness estimate; units named in its ``units`` entry, areas in um^2 when the pixel
 size is known) and ``overlays/<name>.png`` (outlines in the material's colour, a legend
 and, when the pixel size is known, a scale bar).
+
+``--self-calibrate`` first fits the microscope's calibration from the same images, without
+labels, as ``flake-calibrate`` does (oxide, camera gamma and colour bands, white balance),
+writes it to ``calibration.json`` in the output folder and detects with it: one command for
+images of a microscope the system has never seen.
 """
 
 from __future__ import annotations
@@ -113,7 +119,36 @@ def build_parser() -> argparse.ArgumentParser:
                         help='other backend parameter name=value (repeatable)')
     parser.add_argument('--out', type=Path, required=True, help='output directory')
     parser.add_argument('--no-overlays', action='store_true', help='skip the overlay images')
+    parser.add_argument('--self-calibrate', action='store_true',
+                        help='fit the calibration from these images first (no labels; as flake-calibrate) and '
+                             'detect with it; written to OUT/calibration.json')
     return parser
+
+
+def self_calibrate(inputs, materials: str, out: Path, min_area_px: int = 200) -> Path:
+    """Fit a calibration from the images to be detected (``flake_detector.calibrate``); its path."""
+    from flake_detector.calibrate import calibrate
+
+    def images():
+        for _, path, _ in inputs:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                raise SystemExit(f'flake-detect: error: cannot read image {path}')
+            yield path.name, image
+
+    def progress(done, total, name):
+        print(f'[flake-detect] calibrating {done}/{total} {name}', file=sys.stderr, flush=True)
+
+    try:
+        result = calibrate(images(), materials, progress=progress, name=f'self-calibrated-{out.name}',
+                           min_area_px=min_area_px)
+    except ValueError as error:
+        raise SystemExit(f'flake-detect: error: cannot self-calibrate from these images ({error}); '
+                         'give a calibration with --param calibration=FILE or leave out --self-calibrate') from None
+    path = out / 'calibration.json'
+    result.calibration.save(path)
+    print(result.summary(), file=sys.stderr, flush=True)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend != 'contrast':
             parser.error(f'--materials is a parameter of the contrast backend, not of {args.backend!r}')
         params['materials'] = args.materials
+    if args.self_calibrate:
+        if 'calibration' in params:
+            parser.error('--self-calibrate fits the calibration; give either it or --param calibration=...')
+        args.out.mkdir(parents=True, exist_ok=True)
+        # Regions as small as the smallest flake reported take part in the fit (flake-calibrate's default: 200 px).
+        params['calibration'] = str(self_calibrate(_inputs(args), params.get('materials') or 'graphene', args.out,
+                                                   int(params.get('min_area_px', 200))))
     try:
         detector = make_detector(args.backend, **params)
     except (ValueError, TypeError, FileNotFoundError) as exc:
