@@ -24,7 +24,7 @@ SQLite (``SQLiteDatabase``): one connection per thread, WAL journal.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import functools
 import os
@@ -33,12 +33,14 @@ import re
 import sqlite3
 import sys
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
 SYNCHRONOUS_MODES = ('FULL', 'NORMAL', 'EXTRA')
 Params = Mapping[str, Any] | Sequence[Any]
+Row = Mapping[str, Any]                         # a row read by column name
+_Result = TypeVar('_Result')
 
 
 # SQLite's R*Tree holds chip k as the interval [k, k + CHIP_SPAN] of its third dimension: an
@@ -91,7 +93,8 @@ class Transaction:
         (and lies on the chip whose key is the SQL term ``chip_key``); see ``box_overlap_sql``."""
         return box_overlap_sql(self.dialect, alias, min_x, min_y, max_x, max_y, chip_key)
 
-    def execute(self, sql: str, params: Params = ()) -> sqlite3.Cursor:
+    def execute(self, sql: str, params: Params = ()) -> Any:
+        """Run one statement; the driver's cursor."""
         return self.conn.execute(sql, params)
 
     def executemany(self, sql: str, rows: Sequence[Params]) -> None:
@@ -103,12 +106,21 @@ class Transaction:
             self.conn.executemany(f'INSERT INTO {table} ({", ".join(columns)}) '
                                   f'VALUES ({", ".join("?" * len(columns))})', rows)
 
-    def one(self, sql: str, params: Params = ()) -> Mapping[str, Any] | None:
+    def one(self, sql: str, params: Params = ()) -> Row | None:
         """The first row (read by column name), or None."""
-        return self.conn.execute(sql, params).fetchone()
+        row: Row | None = self.conn.execute(sql, params).fetchone()
+        return row
 
-    def all(self, sql: str, params: Params = ()) -> list[Mapping[str, Any]]:
-        return self.conn.execute(sql, params).fetchall()
+    def first(self, sql: str, params: Params = ()) -> Row:
+        """The first row of a statement that always gives one (``COUNT``, ``RETURNING``, a checked key)."""
+        row = self.one(sql, params)
+        if row is None:
+            raise LookupError(f'no row from {sql[:80]!r}')
+        return row
+
+    def all(self, sql: str, params: Params = ()) -> list[Row]:
+        rows: list[Row] = self.conn.execute(sql, params).fetchall()
+        return rows
 
     def scalar(self, sql: str, params: Params = ()) -> Any:
         row = self.conn.execute(sql, params).fetchone()
@@ -118,7 +130,7 @@ class Transaction:
         """Run an INSERT into a table with an integer key; return the new row's key."""
         return int(self.conn.execute(sql, params).lastrowid)
 
-    def tuples(self, sql: str, params: Params = ()) -> tuple[list[str], list[tuple]]:
+    def tuples(self, sql: str, params: Params = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Column names and plain tuple rows: the fast path for long pages.
 
         A ``sqlite3.Row`` finds each column by comparing names one after the other:
@@ -130,7 +142,8 @@ class Transaction:
         cursor.row_factory = None
         cursor.execute(sql, params)
         names = [sys.intern(column[0]) for column in cursor.description]
-        return names, cursor.fetchall()
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+        return names, rows
 
 
 class SQLiteDatabase:
@@ -138,7 +151,7 @@ class SQLiteDatabase:
 
     dialect = 'sqlite'
 
-    def __init__(self, path: str | os.PathLike, *, synchronous: str = 'FULL', busy_timeout_s: float = 10.0):
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = 'FULL', busy_timeout_s: float = 10.0):
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f'synchronous modes are {SYNCHRONOUS_MODES}, got {synchronous!r}')
@@ -260,14 +273,14 @@ class PostgresTransaction(Transaction):
     dialect = 'postgresql'
     for_update = ' FOR UPDATE'                  # row locks: concurrent claims of one flake queue here
 
-    def __init__(self, conn: Any, writable: bool, reconnect=None):
+    def __init__(self, conn: Any, writable: bool, reconnect: Callable[[], Any] | None = None):
         super().__init__(conn, writable)
         import psycopg
 
         self.integrity_error = psycopg.IntegrityError
         self._reconnect = reconnect              # for a statement outside a transaction: its first may retry
 
-    def _run(self, work):
+    def _run(self, work: Callable[[Any], _Result]) -> _Result:
         """``work(conn)``; when the pooled connection had ended, once more on a fresh one."""
         if self._reconnect is None:
             return work(self.conn)
@@ -280,7 +293,7 @@ class PostgresTransaction(Transaction):
             self.conn = reconnect()
             return work(self.conn)
 
-    def execute(self, sql: str, params: Params = ()):
+    def execute(self, sql: str, params: Params = ()) -> Any:
         query, values = _placeholders(sql, params)
         return self._run(lambda conn: conn.execute(query, values))
 
@@ -299,11 +312,13 @@ class PostgresTransaction(Transaction):
             for row in rows:
                 copy.write_row(row)
 
-    def one(self, sql: str, params: Params = ()) -> Mapping[str, Any] | None:
-        return self.execute(sql, params).fetchone()
+    def one(self, sql: str, params: Params = ()) -> Row | None:
+        row: Row | None = self.execute(sql, params).fetchone()
+        return row
 
-    def all(self, sql: str, params: Params = ()) -> list[Mapping[str, Any]]:
-        return self.execute(sql, params).fetchall()
+    def all(self, sql: str, params: Params = ()) -> list[Row]:
+        rows: list[Row] = self.execute(sql, params).fetchall()
+        return rows
 
     def scalar(self, sql: str, params: Params = ()) -> Any:
         row = self.execute(sql, params).fetchone()
@@ -312,15 +327,16 @@ class PostgresTransaction(Transaction):
     def insert(self, sql: str, params: Params = ()) -> int:
         return int(self.scalar(sql + ' RETURNING id', params))
 
-    def tuples(self, sql: str, params: Params = ()) -> tuple[list[str], list[tuple]]:
+    def tuples(self, sql: str, params: Params = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
         from psycopg.rows import tuple_row
 
         query, values = _placeholders(sql, params)
 
-        def work(conn):
+        def work(conn: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
             with conn.cursor(row_factory=tuple_row) as cursor:
                 cursor.execute(query, values)
-                return [sys.intern(column.name) for column in cursor.description], cursor.fetchall()
+                rows: list[tuple[Any, ...]] = cursor.fetchall()
+                return [sys.intern(column.name) for column in cursor.description], rows
         return self._run(work)
 
 
@@ -360,7 +376,7 @@ class PostgresDatabase:
                                                                    'application_name': 'flake_registry'})
 
         @event.listens_for(self.engine, 'connect')
-        def _autocommit(dbapi_connection, _record):
+        def _autocommit(dbapi_connection: Any, _record: Any) -> None:
             from psycopg.rows import dict_row
 
             # Transactions are begun explicitly (BEGIN ... COMMIT), as on SQLite.
@@ -368,7 +384,7 @@ class PostgresDatabase:
             dbapi_connection.row_factory = dict_row
 
     @contextlib.contextmanager
-    def _connection(self, first: str | None) -> Iterator[list]:
+    def _connection(self, first: str | None) -> Iterator[list[Any]]:
         """[pool entry] whose connection has run ``first`` (BEGIN ...); the list lets a reader swap it."""
         import psycopg
 
@@ -386,12 +402,12 @@ class PostgresDatabase:
         finally:
             held[0].close()                     # back to the pool
 
-    def _checkout(self, first: str | None):
+    def _checkout(self, first: str | None) -> Any:
         """A pool entry whose connection answered ``first``; ended connections are replaced (3 tries)."""
         import psycopg
 
         for attempt in range(3):
-            pooled = self.engine.raw_connection()
+            pooled: Any = self.engine.raw_connection()
             if first is None:
                 return pooled
             try:
@@ -422,7 +438,7 @@ class PostgresDatabase:
         runs without a transaction of its own (one round trip instead of three)."""
         if single_statement:
             with self._connection(None) as held:
-                def reconnect():
+                def reconnect() -> Any:
                     held[0].invalidate()
                     held[0].close()
                     held[0] = self.engine.raw_connection()
@@ -458,14 +474,18 @@ class PostgresDatabase:
         self.engine.dispose()
 
 
-def is_postgres_url(target: str | os.PathLike) -> bool:
+def is_postgres_url(target: str | os.PathLike[str]) -> bool:
     return isinstance(target, str) and target.split(':', 1)[0].split('+', 1)[0] in ('postgresql', 'postgres')
 
 
-def open_database(target: str | os.PathLike, *, synchronous: str = 'FULL', busy_timeout_s: float = 10.0):
+def open_database(target: str | os.PathLike[str], *, synchronous: str = 'FULL',
+                  busy_timeout_s: float = 10.0) -> Database:
     """The registry database at ``target``: a file path, ``sqlite:///path`` or ``postgresql://...``."""
     if is_postgres_url(target):
         return PostgresDatabase(str(target), synchronous=synchronous)
     if isinstance(target, str) and target.startswith('sqlite:///'):
         target = target[len('sqlite:///'):]
     return SQLiteDatabase(target, synchronous=synchronous, busy_timeout_s=busy_timeout_s)
+
+
+Database = SQLiteDatabase | PostgresDatabase    # what open_database returns

@@ -16,7 +16,7 @@ import math
 from typing import Any
 import zlib
 
-from flake_registry.database import CHIP_SPAN, Transaction
+from flake_registry.database import CHIP_SPAN, Row, Transaction
 from flake_registry.query import STATUS_AVAILABLE, STATUS_REJECTED
 from flake_registry.records import IngestOutcome, Sighting, encode_contour
 from flake_registry.schema import SCHEMA_VERSION
@@ -27,7 +27,7 @@ class MergeRule:
     distance: float = 5e-6                      # [m] centres this close on one chip are one flake
     iou: float = 0.3                            # wafer-frame box overlap that also makes them one flake
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.distance < 0 or not 0 < self.iou <= 1:
             raise ValueError('merge_distance must be >= 0 and merge_iou in (0, 1]')
 
@@ -108,13 +108,15 @@ def ingest(tx: Transaction, sightings: Iterable[Sighting], rule: MergeRule, now:
 # sighting with every flake the batch touched cost ~20 us per sighting in batches of 100.
 _CELL = 64e-6                                   # [m]
 _MAX_CELLS = 64                                 # a box over more cells is kept in its chip's list of wide ones
+Box = tuple[float, float, float, float]         # min_x, min_y, max_x, max_y [m], wafer frame
+Known = tuple[str, float, float, float, Box]    # a flake as merging sees it: id, x, y, score, box
 
 
 class _Plan:
     """The batch in memory: known flakes touched so far, new flakes (negative keys), observations."""
 
     def __init__(self, reach: float):
-        self.state: dict[int, list] = {}        # key -> [id, x, y, score, box]; key = pk, or -n for new flakes
+        self.state: dict[int, Known] = {}       # key = pk, or -n for new flakes
         self.touched: list[int] = []            # keys changed or made by this batch, in order
         self.new: list[int] = []
         self.best: dict[int, Sighting] = {}     # key -> sighting that now represents the flake
@@ -126,7 +128,7 @@ class _Plan:
         self._wide: dict[str, list[int]] = {}                 # chip -> keys whose box covers too many cells
 
     @staticmethod
-    def _cell_span(box, margin: float) -> tuple[int, int, int, int]:
+    def _cell_span(box: Box, margin: float) -> tuple[int, int, int, int]:
         return (math.floor((box[0] - margin) / _CELL), math.floor((box[2] + margin) / _CELL),
                 math.floor((box[1] - margin) / _CELL), math.floor((box[3] + margin) / _CELL))
 
@@ -143,7 +145,7 @@ class _Plan:
             for j in range(y0, y1 + 1):
                 self._cells.setdefault((chip, i, j), []).append(key)
 
-    def _near_touched(self, chip: str, box) -> set[int] | list[int]:
+    def _near_touched(self, chip: str, box: Box) -> set[int] | list[int]:
         """Touched keys of ``chip`` whose box may lie within ``reach`` of ``box`` (a superset)."""
         x0, x1, y0, y1 = self._cell_span(box, 0.0)
         if (x1 - x0 + 1) * (y1 - y0 + 1) > _MAX_CELLS:
@@ -154,13 +156,15 @@ class _Plan:
                 keys.update(self._cells.get((chip, i, j), ()))
         return keys
 
-    def best_match(self, sighting: Sighting, box, fetched, rule: MergeRule):
+    def best_match(self, sighting: Sighting, box: Box, fetched: Sequence[tuple[int, Known]],
+                   rule: MergeRule) -> tuple[int, float] | None:
         for pk, row in fetched:
             self.state.setdefault(pk, row)      # a flake changed earlier in the batch keeps its new state
         keys = {pk for pk, _ in fetched}
         keys.update(self._near_touched(sighting.chip_id, box))
         reach = rule.distance
-        best, best_key = None, None
+        best: tuple[int, float] | None = None
+        best_key: tuple[float, float, int] | None = None
         for key in keys:
             _, x, y, _, other = self.state[key]
             if other[0] - reach > box[2] or other[2] + reach < box[0] or other[1] - reach > box[3] \
@@ -175,18 +179,18 @@ class _Plan:
                 best, best_key = (key, iou), rank
         return best
 
-    def add_flake(self, sighting: Sighting, box) -> int:
+    def add_flake(self, sighting: Sighting, box: Box) -> int:
         key = -(len(self.new) + 1)
         self.new.append(key)
-        self.state[key] = ['', sighting.x, sighting.y, sighting.score, box]
+        self.state[key] = ('', sighting.x, sighting.y, sighting.score, box)
         self._touch(key, sighting.chip_id)
         self.best[key] = sighting
         return key
 
-    def merge(self, key: int, sighting: Sighting, box) -> None:
+    def merge(self, key: int, sighting: Sighting, box: Box) -> None:
         better = sighting.score > self.state[key][3]
         if better:
-            self.state[key] = [self.state[key][0], sighting.x, sighting.y, sighting.score, box]
+            self.state[key] = (self.state[key][0], sighting.x, sighting.y, sighting.score, box)
         if better or (key not in self.extra_observations and key not in self.best):
             self._touch(key, sighting.chip_id)
         self.extra_observations[key] = self.extra_observations.get(key, 0) + 1
@@ -219,13 +223,13 @@ def _chip_keys(tx: Transaction, chips: list[str], now: float, keyed: bool) -> di
     return keys
 
 
-def _candidates(tx: Transaction, wanted: list[tuple[int, str, tuple]], reach: float,
-                chip_keys: dict[str, int]) -> dict[int, list]:
-    """Known flakes near each sighting, on its chip: index -> [(pk, [id, x, y, score, box])].
+def _candidates(tx: Transaction, wanted: list[tuple[int, str, Box]], reach: float,
+                chip_keys: dict[str, int]) -> dict[int, list[tuple[int, Known]]]:
+    """Known flakes near each sighting, on its chip: index -> [(pk, (id, x, y, score, box))].
 
     ``chip_keys`` empty: a registry older than schema 9, whose spatial index has no chip.
     """
-    found: dict[int, list] = {}
+    found: dict[int, list[tuple[int, Known]]] = {}
     columns = 'f.pk, f.id, f.x, f.y, f.score, b.min_x, b.min_y, b.max_x, b.max_y'
     if tx.dialect == 'postgresql':
         if chip_keys:
@@ -261,9 +265,9 @@ def _candidates(tx: Transaction, wanted: list[tuple[int, str, tuple]], reach: fl
     return found
 
 
-def _candidate(row) -> tuple[int, list]:
-    return row['pk'], [row['id'], row['x'], row['y'], row['score'],
-                       (row['min_x'], row['min_y'], row['max_x'], row['max_y'])]
+def _candidate(row: Row) -> tuple[int, Known]:
+    return row['pk'], (row['id'], row['x'], row['y'], row['score'],
+                       (row['min_x'], row['min_y'], row['max_x'], row['max_y']))
 
 
 def _allocate_pks(tx: Transaction, count: int) -> list[int]:
@@ -279,7 +283,7 @@ def _allocate_pks(tx: Transaction, count: int) -> list[int]:
 
 def _write(tx: Transaction, plan: _Plan, real: dict[int, int], sightings: list[Sighting], valid: list[int],
            now: float, chip_keys: dict[str, int], count_per_chip: bool) -> None:
-    seen = {}
+    seen: dict[tuple[str, str], float] = {}
     for index in valid:
         seen.setdefault((sightings[index].chip_id, sightings[index].scan_id), sightings[index].stamp)
     tx.executemany('INSERT INTO scans (id, chip_id, started) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING',

@@ -119,14 +119,14 @@ class FlakeQuery:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> FlakeQuery:
         """Build from loosely typed input (command line, web form): names or numbers, lists or CSV."""
-        def as_tuple(value):
+        def as_tuple(value: Any) -> tuple[Any, ...]:
             if value is None or value == '':
                 return ()
             if isinstance(value, str):
                 return tuple(v.strip() for v in value.split(',') if v.strip())
             return tuple(value)
 
-        def as_float(name):
+        def as_float(name: str) -> float | None:
             value = values.get(name)
             if value is None or value == '':
                 return None
@@ -153,23 +153,23 @@ class FlakeQuery:
                      'area_max', 'min_score', 'min_homogeneity', 'max_distance'):
             kwargs[name] = as_float(name)
         for name in ('region', 'near'):
-            value = as_tuple(values.get(name))
-            if value:
+            numbers = as_tuple(values.get(name))
+            if numbers:
                 try:
-                    kwargs[name] = tuple(float(v) for v in value)
+                    kwargs[name] = tuple(float(v) for v in numbers)
                 except ValueError:
-                    raise RegistryError(INVALID_ARGUMENT, f'{name} must be numbers, got {value!r}') from None
+                    raise RegistryError(INVALID_ARGUMENT, f'{name} must be numbers, got {numbers!r}') from None
         for name in ('ascending', 'revisited'):
-            value = values.get(name)
-            if isinstance(value, str):
-                value = value.strip().lower() in ('1', 'true', 'yes', 'asc')
-            kwargs[name] = value
+            flag = values.get(name)
+            if isinstance(flag, str):
+                flag = flag.strip().lower() in ('1', 'true', 'yes', 'asc')
+            kwargs[name] = flag
         for name, default in (('limit', DEFAULT_LIMIT), ('offset', 0)):
-            value = values.get(name)
+            count = values.get(name)
             try:
-                kwargs[name] = default if value is None or value == '' else int(value)
+                kwargs[name] = default if count is None or count == '' else int(count)
             except (TypeError, ValueError):
-                raise RegistryError(INVALID_ARGUMENT, f'{name} must be an integer, got {value!r}') from None
+                raise RegistryError(INVALID_ARGUMENT, f'{name} must be an integer, got {count!r}') from None
         return cls(**kwargs).validated()
 
     def validated(self) -> FlakeQuery:
@@ -229,7 +229,7 @@ class FlakeQuery:
         clauses: list[str] = []
         params: dict[str, Any] = {'now': now}
 
-        def add_in(column: str, values, prefix: str):
+        def add_in(column: str, values: tuple[Any, ...], prefix: str) -> None:
             names = []
             for i, value in enumerate(values):
                 params[f'{prefix}{i}'] = value
@@ -273,7 +273,7 @@ class FlakeQuery:
             params.update(region_min_x=box[0], region_min_y=box[1], region_max_x=box[2], region_max_y=box[3])
         if self.near is not None:
             params['near_x'], params['near_y'] = self.near
-        if self.max_distance is not None:
+        if self.max_distance is not None and self.near is not None:  # validated: a distance comes with `near`
             x, y = self.near
             r = self.max_distance
             disc = (x - r, y - r, x + r, y + r)

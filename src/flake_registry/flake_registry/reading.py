@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 import zlib
 
 from flake_registry.database import Transaction
@@ -22,6 +22,9 @@ from flake_registry.records import (
     decode_contour,
 )
 from flake_registry.reservations import flake_row
+
+if TYPE_CHECKING:
+    from flake_registry.store import FlakeStore
 
 FLAKE_COLUMNS = ('f.id, f.chip_id, f.scan_id, f.tile_index, f.material, f.layer_class, f.layers, '
                  'f.layers_std, f.thickness_nm, f.thickness_nm_std, f.score, f.detector, f.model_version, '
@@ -96,7 +99,8 @@ def query(tx: Transaction, flake_query: FlakeQuery, now: float, contours: bool =
 def flake_page(tx: Transaction, now: float, after_pk: int, page: int, chip_id: str = '',
                scan_id: str = '') -> tuple[int, list[FlakeRecord]]:
     """Up to ``page`` flakes of a chip and/or scan after ``after_pk`` in creation order, and the last pk."""
-    clauses, params = ['f.pk > :last_pk'], {'now': now, 'last_pk': after_pk, 'page': page}
+    clauses = ['f.pk > :last_pk']
+    params: dict[str, Any] = {'now': now, 'last_pk': after_pk, 'page': page}
     if chip_id:
         clauses.append('f.chip_id = :chip_id')
         params['chip_id'] = chip_id
@@ -114,7 +118,7 @@ def flake_page(tx: Transaction, now: float, after_pk: int, page: int, chip_id: s
     return after_pk, records
 
 
-def iter_flakes(store, chip_id: str = '', scan_id: str = '', page: int = 1000) -> Iterator[FlakeRecord]:
+def iter_flakes(store: FlakeStore, chip_id: str = '', scan_id: str = '', page: int = 1000) -> Iterator[FlakeRecord]:
     """Every flake of a chip and/or scan in creation order, one short read per page (exports)."""
     last_pk = 0
     while True:
@@ -128,8 +132,8 @@ def iter_flakes(store, chip_id: str = '', scan_id: str = '', page: int = 1000) -
 def get_flake(tx: Transaction, flake_id: str, now: float) -> FlakeDetail:
     """The full record: outline, mask, every observation and image. Raises UNKNOWN_ID."""
     pk = flake_row(tx, flake_id)['pk']
-    row = tx.one(f'SELECT {FLAKE_COLUMNS_WITH_MASK} FROM flakes AS f {LIVE_RESERVATION_JOIN} WHERE f.pk = :pk',
-                 {'pk': pk, 'now': now})
+    row = tx.first(f'SELECT {FLAKE_COLUMNS_WITH_MASK} FROM flakes AS f {LIVE_RESERVATION_JOIN} WHERE f.pk = :pk',
+                   {'pk': pk, 'now': now})
     observations = [
         Observation(scan_id=r['scan_id'] or '', tile_index=r['tile_index'], stamp=r['stamp'], x=r['x'],
                     y=r['y'], bbox_px=tuple(json.loads(r['bbox_px'])), score=r['score'],

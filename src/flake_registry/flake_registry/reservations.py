@@ -45,7 +45,7 @@ class LeasePolicy:
     default_s: float = 300.0                    # lease when a request asks for 0 s
     max_s: float = 7 * 86400.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not MIN_LEASE_S <= self.default_s <= self.max_s:
             raise ValueError(f'need {MIN_LEASE_S} <= default_lease_s <= max_lease_s, got {self.default_s}, '
                              f'{self.max_s}')
@@ -147,7 +147,7 @@ def _check_token(tx: Transaction, flake_pk: int, flake_id: str, token: str, now:
             raise RegistryError(expired_code, f'the lease on {flake_id} expired and the flake was '
                                               'reserved again', flake_id)
         raise RegistryError(WRONG_TOKEN, f'token does not match the reservation of {flake_id}', flake_id)
-    if own_expired:
+    if own is not None and own_expired:
         raise RegistryError(expired_code, f'the lease on {flake_id} expired at {own["expires"]:.3f}', flake_id)
     raise RegistryError(NOT_RESERVED, f'flake {flake_id} is not reserved', flake_id)
 
@@ -186,9 +186,11 @@ def mark_used_in(tx: Transaction, flake_id: str, token: str, note: str, now: flo
                        expires=now, ended_by=ended_by)
 
 
-def list_reservations(tx: Transaction, now: float, flake_id: str = '', live_only: bool = True) -> list[dict]:
+def list_reservations(tx: Transaction, now: float, flake_id: str = '',
+                      live_only: bool = True) -> list[dict[str, Any]]:
     """Reservation rows (who, token, lease, outcome, who ended it), live ones only by default."""
-    clauses, params = [], {'now': now}
+    clauses: list[str] = []
+    params: dict[str, Any] = {'now': now}
     if live_only:
         clauses.append('r.ended IS NULL AND r.expires > :now')
     if flake_id:

@@ -16,9 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 import math
+from typing import TYPE_CHECKING
 
 from flake_core.materials import LAYER_CLASS_BY_NAME, UNKNOWN, check_material_name
 from flake_registry.records import FlakeRecord
+
+if TYPE_CHECKING:
+    from flake_registry.store import FlakeStore
 
 ANY_MATERIAL = '*'
 DEFAULT_WANTED = '*: mono, few, thick; unknown: unknown'
@@ -153,8 +157,9 @@ def _class_name(value: int) -> str:
 MAX_CANDIDATES = 5000
 
 
-def revisit_list(store, policy: RevisitPolicy, *, chip_id: str = '', scan_id: str = '', min_score: float = 0.8,
-                 min_homogeneity: float = 0.0, include_revisited: bool = False, limit: int = 50) -> list[FlakeRecord]:
+def revisit_list(store: FlakeStore, policy: RevisitPolicy, *, chip_id: str = '', scan_id: str = '',
+                 min_score: float = 0.8, min_homogeneity: float = 0.0, include_revisited: bool = False,
+                 limit: int = 50) -> list[FlakeRecord]:
     """Available flakes of ``store`` wanted by ``policy`` and good enough, in its order (at most ``limit``)."""
     from flake_registry.query import INVALID_RANGE, MAX_LIMIT, STATUS_AVAILABLE, FlakeQuery, RegistryError
 

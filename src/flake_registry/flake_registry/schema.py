@@ -21,7 +21,7 @@ import time
 
 import sqlite_utils
 
-from flake_registry.database import CHIP_SPAN, Transaction
+from flake_registry.database import CHIP_SPAN, Database, Transaction
 
 
 def _migration_1(tx: Transaction) -> None:
@@ -47,37 +47,37 @@ def _migration_1(tx: Transaction) -> None:
         'used_by': str, 'used_at': float, 'used_note': str,
         'mask': bytes, 'mask_width': int, 'mask_height': int,
     }, pk='pk', not_null={'id', 'chip_id', 'material', 'x', 'y', 'status', 'score'})
-    db['flakes'].create_index(['id'], unique=True)
-    db['flakes'].create_index(['chip_id', 'score'])
-    db['flakes'].create_index(['material', 'layers'])
-    db['flakes'].create_index(['material', 'layer_class', 'score'])
-    db['flakes'].create_index(['score'])
-    db['flakes'].create_index(['area'])
-    db['flakes'].create_index(['thickness_nm'])
-    db['flakes'].create_index(['created'])
+    db.table('flakes').create_index(['id'], unique=True)
+    db.table('flakes').create_index(['chip_id', 'score'])
+    db.table('flakes').create_index(['material', 'layers'])
+    db.table('flakes').create_index(['material', 'layer_class', 'score'])
+    db.table('flakes').create_index(['score'])
+    db.table('flakes').create_index(['area'])
+    db.table('flakes').create_index(['thickness_nm'])
+    db.table('flakes').create_index(['created'])
     db.create_table('observations', {
         'id': int, 'flake_pk': int, 'scan_id': str, 'tile_index': int, 'stamp': float, 'x': float, 'y': float,
         'bbox_px': str, 'score': float, 'detector': str, 'iou': float, 'created': float,
     }, pk='id', foreign_keys=[('flake_pk', 'flakes', 'pk')], not_null={'flake_pk'})
-    db['observations'].create_index(['flake_pk'])
-    db['observations'].create_index(['scan_id', 'flake_pk'])
+    db.table('observations').create_index(['flake_pk'])
+    db.table('observations').create_index(['scan_id', 'flake_pk'])
     db.create_table('images', {'id': int, 'flake_pk': int, 'role': str, 'path': str, 'objective': str,
                                'pixel_size': float, 'stamp': float, 'created': float},
                     pk='id', foreign_keys=[('flake_pk', 'flakes', 'pk')], not_null={'flake_pk', 'role', 'path'})
-    db['images'].create_index(['flake_pk'])
+    db.table('images').create_index(['flake_pk'])
     db.create_table('reservations', {'id': int, 'flake_pk': int, 'robot_id': str, 'token': str,
                                      'created': float, 'expires': float, 'ended': float, 'outcome': str},
                     pk='id', foreign_keys=[('flake_pk', 'flakes', 'pk')],
                     not_null={'flake_pk', 'robot_id', 'token', 'created', 'expires'})
     # The guarantee behind "never two owners": one unended reservation per flake.
     db.execute('CREATE UNIQUE INDEX idx_reservations_one_live ON reservations (flake_pk) WHERE ended IS NULL')
-    db['reservations'].create_index(['token'])
+    db.table('reservations').create_index(['token'])
     db.create_table('defect_reports', {
         'id': int, 'flake_pk': int, 'image_id': str, 'stamp': float, 'pixel_size': float,
         'analysed_area': float, 'cells_total': int, 'class_names': str, 'counts': str, 'concentration': str,
         'concentration_low': str, 'concentration_high': str, 'model_version': str, 'created': float,
     }, pk='id', foreign_keys=[('flake_pk', 'flakes', 'pk')])
-    db['defect_reports'].create_index(['flake_pk'])
+    db.table('defect_reports').create_index(['flake_pk'])
     # Bounding boxes of flakes in the wafer frame: merge candidates, region and distance queries.
     db.execute('CREATE VIRTUAL TABLE flake_boxes USING rtree(id, min_x, max_x, min_y, max_y)')
 
@@ -91,8 +91,8 @@ def _migration_2(tx: Transaction) -> None:
     db.create_table('labels', {'id': int, 'flake_pk': int, 'crop_path': str, 'label': str,
                                'labelled_by': str, 'created': float},
                     pk='id', foreign_keys=[('flake_pk', 'flakes', 'pk')], not_null={'label', 'created'})
-    db['labels'].create_index(['flake_pk'])
-    db['flakes'].create_index(['revisited_at', 'score'])
+    db.table('labels').create_index(['flake_pk'])
+    db.table('flakes').create_index(['revisited_at', 'score'])
 
 
 def _migration_3(tx: Transaction) -> None:
@@ -101,7 +101,7 @@ def _migration_3(tx: Transaction) -> None:
         _run(tx, _PG[3])
         return
     db = sqlite_utils.Database(tx.conn, execute_plugins=False)
-    db['flakes'].create_index(['material', 'layers', 'score'])
+    db.table('flakes').create_index(['material', 'layers', 'score'])
     db.execute('DROP INDEX IF EXISTS idx_flakes_material_layers')
 
 
@@ -207,7 +207,7 @@ def schema_version(tx: Transaction) -> int:
     return int(tx.scalar('SELECT COALESCE(MAX(version), 0) FROM schema_version'))
 
 
-def migrate(database, target: int = SCHEMA_VERSION) -> int:
+def migrate(database: Database, target: int = SCHEMA_VERSION) -> int:
     """Apply the missing migrations up to ``target``, each in its own transaction; return the version.
 
     Several processes may open a registry at once: on SQLite the write lock, on
@@ -228,7 +228,7 @@ def migrate(database, target: int = SCHEMA_VERSION) -> int:
             return done
 
 
-def _migrate_step(database, target: int) -> int | None:
+def _migrate_step(database: Database, target: int) -> int | None:
     """Apply the next missing migration; the version when there is none left to apply."""
     with database.transaction() as tx:
         if tx.dialect == 'postgresql':

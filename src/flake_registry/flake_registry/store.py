@@ -31,7 +31,7 @@ import sqlite_utils
 from flake_core.geometry import WaferFrame
 from flake_registry import ingest as ingest_module
 from flake_registry import reading, reservations, revisit
-from flake_registry.database import SYNCHRONOUS_MODES, Transaction, open_database
+from flake_registry.database import SYNCHRONOUS_MODES, Row, SQLiteDatabase, Transaction, open_database
 from flake_registry.ingest import MergeRule
 from flake_registry.query import DEGENERATE, INVALID_ARGUMENT, FlakeQuery, RegistryError
 from flake_registry.records import (
@@ -76,7 +76,7 @@ class FlakeStore:
     through time. Every method that refuses a request raises ``RegistryError``.
     """
 
-    def __init__(self, path: str | os.PathLike, *, synchronous: str = 'FULL', ingest_synchronous: str = 'NORMAL',
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = 'FULL', ingest_synchronous: str = 'NORMAL',
                  busy_timeout_s: float = 10.0,
                  default_lease_s: float = 300.0, max_lease_s: float = 7 * 86400.0,
                  merge_distance: float = 5e-6, merge_iou: float = 0.3,
@@ -115,7 +115,7 @@ class FlakeStore:
     @property
     def db(self) -> sqlite_utils.Database:
         """This thread's sqlite-utils Database of the file (SQLite only: inspection and tests)."""
-        if self.dialect != 'sqlite':
+        if not isinstance(self.database, SQLiteDatabase):
             raise AttributeError('db (sqlite-utils) exists for SQLite registries only; use snapshot()')
         return self.database.db
 
@@ -149,7 +149,7 @@ class FlakeStore:
     def __enter__(self) -> FlakeStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def integrity_check(self) -> str:
@@ -399,7 +399,7 @@ class FlakeStore:
             return reservations.list_reservations(tx, now, flake_id, live_only)
 
 
-def _wafer_frame(row) -> ChipWaferFrame:
+def _wafer_frame(row: Row) -> ChipWaferFrame:
     return ChipWaferFrame(chip_id=row['chip_id'], corners=[tuple(c) for c in json.loads(row['corners'])],
                           stage_to_wafer=json.loads(row['stage_to_wafer']), rotation=row['rotation'],
                           residual=row['residual'], measured_by=row['measured_by'] or '',
