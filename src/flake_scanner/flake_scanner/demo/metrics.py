@@ -1,11 +1,16 @@
 """Wafer-level scoring of a scan against the simulator's ground truth (pure core).
 
 A registry flake matches a true flake when its wafer-frame centre lies inside the
-true outline. The targets are the flakes a lab hunts: 1-40 layers (seed 001's mono,
+true outline. The targets are the flakes a lab hunts: 1-40 layers (Masubuchi et al.'s mono,
 few and thick classes; bulk crystals are not reported) and large enough to be
 useful. Precision counts registry flakes that match a target; recall counts targets
 that some registry flake matched. A registry flake on a true flake of target
 thickness that is merely too small is neither right nor wrong, and is left out.
+
+The flakes people hunt get their own recall: a true monolayer counts as found when a
+registry flake on it says "mono" of its material (a monolayer called few-layer, or of
+another material, is not what a hunter looks for), a true thin flake (1-10 layers) when a
+registry flake on it says mono or few of its material.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from flake_scanner.sim.wafer import VirtualWafer
 TRUTH_KINDS = ('flake', 'terrace', 'fold')
 TARGET_MAX_LAYERS = 40
 THIN_MAX_LAYERS = 10  # the flakes labs stack: mono and few-layer
+THIN_CLASSES = ('mono', 'few')
 MIN_TARGET_AREA = 20e-12  # [m^2]
 LAYER_CLASSES = ('mono', 'few', 'thick', 'bulk')
 
@@ -62,7 +68,11 @@ class MaterialScore:
     layer_class_correct: int = 0
     material_correct: int = 0
     thin_true: int = 0
-    thin_matched: int = 0
+    thin_matched: int = 0       # thin targets some registry flake lies on, whatever its class
+    thin_right: int = 0         # ... one that calls it mono or few
+    mono_true: int = 0
+    mono_matched: int = 0
+    mono_right: int = 0         # true monolayers a registry flake calls mono
 
     @property
     def precision(self) -> float:
@@ -71,6 +81,14 @@ class MaterialScore:
     @property
     def recall(self) -> float:
         return self.matched_true / self.true if self.true else float('nan')
+
+    @property
+    def mono_recall(self) -> float:
+        return self.mono_right / self.mono_true if self.mono_true else float('nan')
+
+    @property
+    def thin_recall(self) -> float:
+        return self.thin_right / self.thin_true if self.thin_true else float('nan')
 
 
 @dataclass
@@ -127,8 +145,9 @@ def score_scan(found: list[FoundFlake], truth: list[TruthFlake],
     for t in truth:
         score.per_material[t.material].true += 1
         score.per_material[t.material].thin_true += int(t.layers <= THIN_MAX_LAYERS)
+        score.per_material[t.material].mono_true += int(t.layers == 1)
         score.true_by_class[(t.material, t.layer_class)] += 1
-    matched_truth: set[int] = set()
+    matched_truth: dict[int, set[tuple[str, str]]] = {}  # truth id -> (material, layer class) the registry gave it
     by_id = {t.object_id: t for t in truth}
     ignored_ids = {t.object_id for t in ignored}
     for flake in found:
@@ -149,9 +168,16 @@ def score_scan(found: list[FoundFlake], truth: list[TruthFlake],
         entry.material_correct += int(material == best.material)
         entry.layer_class_correct += int(flake.layer_class == best.layer_class)
         score.matches[flake.flake_id] = best.object_id
-        matched_truth.add(best.object_id)
-    for object_id in matched_truth:
-        entry = score.per_material[by_id[object_id].material]
+        matched_truth.setdefault(best.object_id, set()).add((material, flake.layer_class))
+    for object_id, called in matched_truth.items():
+        target = by_id[object_id]
+        entry = score.per_material[target.material]
         entry.matched_true += 1
-        entry.thin_matched += int(by_id[object_id].layers <= THIN_MAX_LAYERS)
+        classes = {layer_class for material, layer_class in called if material == target.material}
+        if target.layers <= THIN_MAX_LAYERS:
+            entry.thin_matched += 1
+            entry.thin_right += int(bool(classes & set(THIN_CLASSES)))
+        if target.layers == 1:
+            entry.mono_matched += 1
+            entry.mono_right += int('mono' in classes)
     return score
