@@ -51,7 +51,8 @@ OXIDE_NM = 90.0
 EXPOSURE_S = 0.005          # config/demo.yaml
 PIXEL_PITCH_M = 5.5e-6
 TARGET_AREA = 20e-12
-MIN_SCORE = 0.4
+MIN_SCORE = 0.4             # registry_node revisit_min_score
+MIN_AREA = 18e-12           # [m^2] detector_node min_area_um2 in config/demo.yaml
 
 
 def camera(wafer: VirtualWafer, objective: str, seed: int) -> CameraModel:
@@ -162,9 +163,10 @@ def revisit_into(store: FlakeStore, wafer: VirtualWafer, seed: int, detector, fl
     for number, flake in enumerate(flakes):
         stage = wafer.wafer_to_stage.apply(flake.x, flake.y)
         frame, to_wafer = bin_frame(model.render(*stage), model.pixel_to_wafer(*stage), binning)
-        result = detector.detect(frame)
-        seen.append((stage, [unbinned(d, binning) for d in result.detections]))
-        store.ingest(sightings_of(result.detections, to_wafer, frame.shape[:2], chip_id, scan_id,
+        # As detector_node with config/demo.yaml's min_area_um2 publishes them.
+        detections = [d for d in detector.detect(frame).detections if d.area_px * to_wafer.scale ** 2 >= MIN_AREA]
+        seen.append((stage, [unbinned(d, binning) for d in detections]))
+        store.ingest(sightings_of(detections, to_wafer, frame.shape[:2], chip_id, scan_id,
                                   first_index + number, time.time(), 'contrast'))
         store.add_image(flake.id, 'revisit', f'revisits/{flake.id}.png', objective='50x',
                         pixel_size=pixel_size('50x'))
