@@ -32,15 +32,17 @@ Files are JSON (``FORMAT``); ``load_calibration`` reads a file or a shipped name
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 import functools
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from flake_core import materials, optics
 from flake_core.camera_response import CameraResponse
@@ -63,7 +65,7 @@ class MeasuredClass:
     covariance_rgb: tuple[tuple[float, float, float], ...]
     regions: int = 0  # flakes it was measured on (0: not recorded)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         mean = np.asarray(self.contrast_rgb, dtype=float)
         cov = np.asarray(self.covariance_rgb, dtype=float)
         if int(self.layers) != self.layers or self.layers < 1:
@@ -78,9 +80,9 @@ class MeasuredClass:
         object.__setattr__(self, 'contrast_rgb', tuple(float(v) for v in mean))
         object.__setattr__(self, 'covariance_rgb', tuple(tuple(float(v) for v in row) for row in cov))
 
-    def as_dict(self) -> dict:
-        out = {'layers': self.layers, 'contrast_rgb': list(self.contrast_rgb),
-               'covariance_rgb': [list(row) for row in self.covariance_rgb]}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {'layers': self.layers, 'contrast_rgb': list(self.contrast_rgb),
+                               'covariance_rgb': [list(row) for row in self.covariance_rgb]}
         if self.regions:
             out['regions'] = self.regions
         return out
@@ -93,9 +95,9 @@ class LayerClasses:
 
     material: str
     layer_nm: float
-    layers: np.ndarray  # (K,)
-    means: np.ndarray  # (K, 3) contrast R, G, B
-    covariances: np.ndarray  # (K, 3, 3)
+    layers: npt.NDArray[np.float64]  # (K,)
+    means: npt.NDArray[np.float64]  # (K, 3) contrast R, G, B
+    covariances: npt.NDArray[np.float64]  # (K, 3, 3)
     version: str
     camera: CameraResponse = field(default_factory=CameraResponse)  # decodes images to physical contrast
 
@@ -115,10 +117,10 @@ class Calibration:
     relative_sigma: float = 0.0
     name: str = 'model'
     source: str = 'thin-film model (flake_core.optics)'
-    images: tuple[dict, ...] = ()
+    images: tuple[dict[str, Any], ...] = ()
     fit: Mapping[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         oxide = float(self.oxide_nm)
         if not (math.isfinite(oxide) and 1.0 <= oxide <= 2000.0):
             raise ValueError(f'oxide thickness must lie within 1..2000 nm, got {self.oxide_nm}')
@@ -126,7 +128,7 @@ class Calibration:
             raise ValueError(f'model_sigma must lie within 1e-4..1, got {self.model_sigma}')
         if not (math.isfinite(self.relative_sigma) and 0.0 <= self.relative_sigma <= 1.0):
             raise ValueError(f'relative_sigma must lie within 0..1, got {self.relative_sigma}')
-        measured = {}
+        measured: dict[str, tuple[MeasuredClass, ...]] = {}
         for name, classes in dict(self.materials).items():
             key = materials.material(name).name
             counts = [c.layers for c in classes]
@@ -145,13 +147,13 @@ class Calibration:
     def version(self) -> str:
         return f'{self.name}-sio2-{self.oxide_nm:g}nm'
 
-    def model_contrast_rgb(self, material: str, layers) -> np.ndarray:
+    def model_contrast_rgb(self, material: str, layers: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Thin-film model contrast (K, 3), R, G, B, of ``layers`` (K,) layers through this camera."""
         key = materials.material(material).name
         return _model_table(key, tuple(float(n) for n in np.atleast_1d(layers)), self.oxide_nm,
                             self.camera.spectral).copy()
 
-    def layer_classes(self, material: str, layers=None) -> LayerClasses:
+    def layer_classes(self, material: str, layers: Iterable[int] | None = None) -> LayerClasses:
         """Classes of ``material`` for ``layers`` (default: the material's ``optical_layers``):
         measured where this calibration measured them (extra measured counts are added),
         thin-film model with ``model_sigma`` elsewhere."""
@@ -171,7 +173,7 @@ class Calibration:
         version = f'{self.version}-{entry.name}' + ('-measured' if measured else '')
         return LayerClasses(entry.name, entry.layer_nm, layer_array, means, covs, version, self.camera)
 
-    def contrast_table(self, material: str, max_layers: int = 300) -> np.ndarray:
+    def contrast_table(self, material: str, max_layers: int = 300) -> npt.NDArray[np.float64]:
         """(max_layers, 3) physical contrast, **B, G, R** (the simulator's order), of 1..max_layers
         layers; row i is i + 1 layers. Measured layer counts win."""
         classes = self.layer_classes(material, range(1, int(max_layers) + 1))
@@ -179,13 +181,13 @@ class Calibration:
         table.setflags(write=False)
         return table
 
-    def flake_contrast(self, material: str, layers: int) -> np.ndarray:
+    def flake_contrast(self, material: str, layers: int) -> npt.NDArray[np.float64]:
         """Physical contrast (B, G, R) of a ``layers``-layer flake."""
         layers = int(layers)
         if layers < 1:
             raise ValueError(f'layer count must be >= 1, got {layers}')
         if layers <= 300:
-            return self.contrast_table(material)[layers - 1].copy()
+            return self.contrast_table(material)[layers - 1, :].copy()
         return self.model_contrast_rgb(material, [layers])[0, ::-1].copy()
 
     def with_oxide(self, oxide_nm: float) -> Calibration:
@@ -197,19 +199,20 @@ class Calibration:
                        name=self.name if not self.materials else f'{self.name}-model')
 
     # -- files -------------------------------------------------------------------------------------
-    def as_dict(self) -> dict:
-        out = {'format': FORMAT, 'name': self.name, 'source': self.source, 'oxide_nm': self.oxide_nm,
-               'camera': self.camera.as_dict(), 'model_sigma': self.model_sigma,
-               'relative_sigma': self.relative_sigma,
-               'materials': {m: {'classes': [c.as_dict() for c in classes]}
-                             for m, classes in self.materials.items()}}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            'format': FORMAT, 'name': self.name, 'source': self.source, 'oxide_nm': self.oxide_nm,
+            'camera': self.camera.as_dict(), 'model_sigma': self.model_sigma,
+            'relative_sigma': self.relative_sigma,
+            'materials': {m: {'classes': [c.as_dict() for c in classes]}
+                          for m, classes in self.materials.items()}}
         if self.images:
             out['images'] = list(self.images)
         if self.fit:
             out['fit'] = dict(self.fit)
         return out
 
-    def save(self, path) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_plain(self.as_dict()), indent=1) + '\n')
@@ -226,7 +229,7 @@ class Calibration:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f'unknown calibration fields {sorted(unknown)}; known: {sorted(known)}')
-        measured = {}
+        measured: dict[str, tuple[MeasuredClass, ...]] = {}
         for name, entry in dict(data.get('materials') or {}).items():
             classes = entry.get('classes') if isinstance(entry, Mapping) else None
             if not isinstance(classes, list):
@@ -242,7 +245,7 @@ class Calibration:
                    images=tuple(data.get('images') or ()), fit=dict(data.get('fit') or {}))
 
     @classmethod
-    def load(cls, path) -> Calibration:
+    def load(cls, path: str | os.PathLike[str]) -> Calibration:
         path = Path(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))
@@ -254,7 +257,7 @@ class Calibration:
 
 @functools.lru_cache(maxsize=4096)
 def _model_table(material: str, layers: tuple[float, ...], oxide_nm: float,
-                 response: optics.SpectralResponse) -> np.ndarray:
+                 response: optics.SpectralResponse) -> npt.NDArray[np.float64]:
     thickness = np.asarray(layers) * optics.layer_thickness_nm(material)
     bgr = optics.band_reflectance(material, thickness, oxide_nm, response) / optics.substrate_reflectance(
         oxide_nm, response) - 1.0
@@ -263,7 +266,8 @@ def _model_table(material: str, layers: tuple[float, ...], oxide_nm: float,
     return table
 
 
-def _plain(value):
+def _plain(value: object) -> object:
+    """``value`` with numpy arrays and scalars turned into lists and Python numbers (for JSON)."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -313,11 +317,11 @@ class OpticsModel:
             found = self._by_oxide[oxide] = Calibration(oxide_nm=oxide)
         return found
 
-    def flake_contrast(self, material: str, layers: int, oxide_nm: float) -> np.ndarray:
+    def flake_contrast(self, material: str, layers: int, oxide_nm: float) -> npt.NDArray[np.float64]:
         """Contrast (B, G, R) of a ``layers``-layer flake; measured values win."""
         return self.calibration(oxide_nm).flake_contrast(material, layers)
 
-    def contrast_table(self, material: str, oxide_nm: float, max_layers: int = 300) -> np.ndarray:
+    def contrast_table(self, material: str, oxide_nm: float, max_layers: int = 300) -> npt.NDArray[np.float64]:
         """(max_layers, 3) contrast, B, G, R, for 1..max_layers layers; row i is i + 1 layers."""
         return self.calibration(oxide_nm).contrast_table(material, max_layers)
 
@@ -328,6 +332,6 @@ def default_model() -> OpticsModel:
     return OpticsModel([_shipped_measured()])
 
 
-def flake_contrast(material: str, layers: int, oxide_nm: float) -> np.ndarray:
+def flake_contrast(material: str, layers: int, oxide_nm: float) -> npt.NDArray[np.float64]:
     """Contrast (B, G, R) of a flake with the default model (shipped calibrations applied)."""
     return default_model().flake_contrast(material, layers, oxide_nm)

@@ -34,10 +34,13 @@ unseen by every model trained on the randomiser.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from flake_core import optics
 
@@ -47,7 +50,7 @@ _C2 = 1.4388e-2
 
 
 def lamp_band_power(temperature_k: float, spectral: optics.SpectralResponse = optics.DEFAULT_RESPONSE
-                    ) -> np.ndarray:
+                    ) -> npt.NDArray[np.float64]:
     """Power of a black-body lamp at ``temperature_k`` in each band (B, G, R), relative to green."""
     if not (math.isfinite(temperature_k) and 1000.0 <= temperature_k <= 20000.0):
         raise ValueError(f'lamp temperature must lie within 1000..20000 K, got {temperature_k}')
@@ -55,15 +58,15 @@ def lamp_band_power(temperature_k: float, spectral: optics.SpectralResponse = op
     lam = wavelengths * 1e-9
     radiance = lam ** -5 / np.expm1(_C2 / (lam * temperature_k))
     power = (radiance * weights).sum(axis=1)
-    return power / power[1]
+    relative: npt.NDArray[np.float64] = power / power[1]    # numpy's stubs type a reduction as Any
+    return relative
 
 
 def white_balance_for(temperature_k: float, spectral: optics.SpectralResponse = optics.DEFAULT_RESPONSE
                       ) -> tuple[float, float, float]:
     """White-balance gains (B, G, R; green 1) that make a black body at ``temperature_k`` read grey:
     what a camera's white-balance setting of that colour temperature does."""
-    power = lamp_band_power(temperature_k, spectral)
-    return tuple(float(v) for v in 1.0 / power)
+    return optics.channel_floats(1.0 / lamp_band_power(temperature_k, spectral))
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class CameraResponse:
     gamma: float = 1.0
     jpeg_quality: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # The spectral response validates the bands.
         spectral = optics.SpectralResponse(self.channel_centres_nm, self.channel_widths_nm, self.band_samples)
         object.__setattr__(self, 'channel_centres_nm', spectral.centres_nm)
@@ -114,25 +117,26 @@ class CameraResponse:
         """The channels' bands, for ``flake_core.optics``' band functions (``response=``)."""
         return optics.SpectralResponse(self.channel_centres_nm, self.channel_widths_nm, self.band_samples)
 
-    def balance(self) -> np.ndarray:
+    def balance(self) -> npt.NDArray[np.float64]:
         """lamp_c * white_balance_c (B, G, R): the colour the lamp and the white balance give a
         white reflector, relative to ``exposure``."""
         if self.white_balance is None:
             return np.ones(3)
-        return lamp_band_power(self.lamp_temperature_k, self.spectral) * np.asarray(self.white_balance)
+        gains = np.asarray(self.white_balance, dtype=np.float64)
+        return lamp_band_power(self.lamp_temperature_k, self.spectral) * gains
 
-    def channel_gain(self) -> np.ndarray:
+    def channel_gain(self) -> npt.NDArray[np.float64]:
         """Linear signal per unit band reflectance, per channel (B, G, R) [fraction of full scale]."""
         return self.exposure * self.balance()
 
-    def encode(self, linear) -> np.ndarray:
+    def encode(self, linear: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Linear signal (fraction of full scale, any shape) -> digital numbers (float, not rounded)."""
         linear = np.clip(np.asarray(linear, dtype=np.float64), 0.0, 1.0)
         if self.gamma != 1.0:
             linear = linear ** (1.0 / self.gamma)
         return self.black_level_dn + (FULL_SCALE_DN - self.black_level_dn) * linear
 
-    def decode(self, digital) -> np.ndarray:
+    def decode(self, digital: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Digital numbers (any shape, any dtype) -> linear signal; the inverse of ``encode``
         (levels below the black level read 0, levels at 255 read full scale)."""
         level = (np.asarray(digital, dtype=np.float64) - self.black_level_dn) / (FULL_SCALE_DN - self.black_level_dn)
@@ -140,24 +144,24 @@ class CameraResponse:
         return level ** self.gamma if self.gamma != 1.0 else level
 
     # -- reflectance <-> digital numbers --------------------------------------------------------
-    def to_digital(self, reflectance) -> np.ndarray:
+    def to_digital(self, reflectance: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Band reflectance (..., 3), B, G, R -> digital numbers (..., 3), float, before noise and JPEG."""
         return self.encode(np.asarray(reflectance, dtype=np.float64) * self.channel_gain())
 
-    def to_reflectance(self, digital) -> np.ndarray:
+    def to_reflectance(self, digital: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Digital numbers (..., 3), B, G, R -> band reflectance (..., 3); exact below full scale."""
         return self.decode(digital) / self.channel_gain()
 
-    def contrast(self, digital, substrate_digital) -> np.ndarray:
+    def contrast(self, digital: npt.ArrayLike, substrate_digital: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Physical contrast R / R_substrate - 1 (..., 3) of digital numbers against the substrate's:
         the quantity the optics and the calibrations speak of, whatever the camera's gamma."""
         return self.decode(digital) / np.maximum(self.decode(substrate_digital), 1e-12) - 1.0
 
-    def saturated(self, digital) -> np.ndarray:
+    def saturated(self, digital: npt.ArrayLike) -> npt.NDArray[np.bool_]:
         """True where a digital number is at full scale: its reflectance is only a lower bound."""
         return np.asarray(digital) >= FULL_SCALE_DN - 0.5
 
-    def compress(self, image_bgr: np.ndarray) -> np.ndarray:
+    def compress(self, image_bgr: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         """The image after the camera's JPEG compression (unchanged when ``jpeg_quality`` is 0)."""
         if not self.jpeg_quality:
             return image_bgr
@@ -166,13 +170,17 @@ class CameraResponse:
         ok, data = cv2.imencode('.jpg', image_bgr, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
         if not ok:
             raise ValueError('JPEG encoding failed')
-        return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if decoded is None:
+            raise ValueError('JPEG decoding failed')
+        return np.asarray(decoded, dtype=np.uint8)
 
     # -- variants ---------------------------------------------------------------------------------
-    def with_changes(self, **changes) -> CameraResponse:
+    def with_changes(self, **changes: Any) -> CameraResponse:
+        # Any: each field has its own type; replace() refuses unknown names, __post_init__ checks values.
         return replace(self, **changes)
 
-    def exposed_for(self, reflectance, level: float) -> CameraResponse:
+    def exposed_for(self, reflectance: npt.ArrayLike, level: float) -> CameraResponse:
         """The same camera with ``exposure`` set so that the brightest channel of ``reflectance``
         (B, G, R; e.g. the bare substrate) reads ``level`` of full scale (linear)."""
         if not 0.0 < level <= 1.0:
@@ -182,35 +190,35 @@ class CameraResponse:
             raise ValueError('the reference reflectance must be positive')
         return replace(self, exposure=level / brightest)
 
-    def balanced_on(self, reflectance) -> CameraResponse:
+    def balanced_on(self, reflectance: npt.ArrayLike) -> CameraResponse:
         """The same camera white-balanced on a reference (B, G, R band reflectance, e.g. the
         substrate): the reference reads grey at the green channel's level, as a camera's
         'white balance on this area' button does."""
         reflectance = np.asarray(reflectance, dtype=np.float64)
         power = lamp_band_power(self.lamp_temperature_k, self.spectral)
         gains = power[1] * reflectance[1] / (power * reflectance)
-        return replace(self, white_balance=tuple(float(g) for g in gains))
+        return replace(self, white_balance=optics.channel_floats(gains))
 
-    def with_channel_gain(self, gain) -> CameraResponse:
+    def with_channel_gain(self, gain: npt.ArrayLike) -> CameraResponse:
         """The camera whose ``channel_gain()`` is ``gain`` (B, G, R), for the lamp it has: what a
         fit of the three per-channel gains turns into exposure and white balance."""
         gain = np.asarray(gain, dtype=np.float64)
         power = lamp_band_power(self.lamp_temperature_k, self.spectral)
         exposure = float(gain[1] / power[1])
-        return replace(self, exposure=exposure, white_balance=tuple(float(g) for g in gain / (exposure * power)))
+        return replace(self, exposure=exposure, white_balance=optics.channel_floats(gain / (exposure * power)))
 
     # -- files ----------------------------------------------------------------------------------
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready fields (tuples as lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> CameraResponse:
+    def from_dict(cls, data: Mapping[str, Any]) -> CameraResponse:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f'unknown camera fields {sorted(unknown)}; known: {sorted(known)}')
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
+        values: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
         return cls(**values)
 
 
@@ -267,7 +275,9 @@ def _uniform_outside(rng: np.random.Generator, low: float, high: float, hole: tu
     raise ValueError(f'the held-out interval {hole} covers the range {low}..{high}')
 
 
-def random_camera(seed, ranges: CameraRanges = RANGES, substrate=None, held_out: dict | None = HELD_OUT,
+def random_camera(seed: int | Sequence[int] | np.random.Generator, ranges: CameraRanges = RANGES,
+                  substrate: Callable[[optics.SpectralResponse], npt.ArrayLike] | None = None,
+                  held_out: Mapping[str, tuple[float, float]] | None = HELD_OUT,
                   wavelength_samples: int | None = None) -> CameraResponse:
     """A plausible camera drawn from ``ranges`` (seeded: ``seed`` is an int, a sequence of ints,
     or a numpy Generator). ``substrate`` (a callable from a SpectralResponse to the substrate's
@@ -278,8 +288,8 @@ def random_camera(seed, ranges: CameraRanges = RANGES, substrate=None, held_out:
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     held_out = held_out or {}
     r = ranges
-    centres = tuple(float(c + rng.uniform(*r.centre_shift_nm)) for c in optics.CHANNEL_CENTRES_NM)
-    widths = tuple(float(rng.uniform(*r.width_nm)) for _ in range(3))
+    centres = optics.channel_floats(c + rng.uniform(*r.centre_shift_nm) for c in optics.CHANNEL_CENTRES_NM)
+    widths = optics.channel_floats(rng.uniform(*r.width_nm) for _ in range(3))
     # About one sample per 10 nm of band, odd, at least the default 5.
     samples = wavelength_samples or max(optics.BAND_SAMPLES, 2 * math.ceil(1.5 * max(widths) / 10.0) + 1)
     lamp = _uniform_outside(rng, *r.lamp_temperature_k, held_out.get('lamp_temperature_k'))
@@ -306,10 +316,10 @@ def random_camera(seed, ranges: CameraRanges = RANGES, substrate=None, held_out:
 
 
 def in_held_out(camera: CameraResponse, white_balance_k: float | None = None,
-                held_out: dict | None = None) -> list[str]:
+                held_out: Mapping[str, tuple[float, float]] | None = None) -> list[str]:
     """Names of the held-out intervals ``camera`` lies in (``white_balance_k``: the temperature its
     white balance was set for, when known)."""
     values = {'gamma': camera.gamma, 'lamp_temperature_k': camera.lamp_temperature_k,
               'white_balance_k': white_balance_k}
     return [name for name, (low, high) in (HELD_OUT if held_out is None else held_out).items()
-            if values.get(name) is not None and low < values[name] < high]
+            if (value := values.get(name)) is not None and low < value < high]

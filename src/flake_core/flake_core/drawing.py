@@ -9,10 +9,11 @@ app all draw through this module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from importlib import resources
 import math
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -96,7 +97,7 @@ def annotate(pixels: np.ndarray, metres_per_pixel: float | None, legend: Sequenc
     lines = list(legend)
     if not metres_per_pixel or not math.isfinite(metres_per_pixel) or metres_per_pixel <= 0:
         lines.append(('#b0bec5', 'no pixel size: no scale bar'))
-    y = pad
+    y: float = pad                      # Pillow's text boxes may be fractional
     for colour, text in lines:
         line_font, text = fit_text(draw, text, size, width - 3 * pad - size - 4)
         box = draw.textbbox((0, 0), text, font=line_font)
@@ -121,7 +122,8 @@ def annotate(pixels: np.ndarray, metres_per_pixel: float | None, legend: Sequenc
     return cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
 
 
-def fit_text(draw: ImageDraw.ImageDraw, text: str, size: int, room: int):
+def fit_text(draw: ImageDraw.ImageDraw, text: str, size: int,
+             room: int) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, str]:
     """The font (no smaller than 8 px) and text that fit ``room`` pixels; the text is cut with '…' if need be."""
     while size > 8 and draw.textlength(text, font=font(size)) > room:
         size -= 1
@@ -210,8 +212,23 @@ LAYER_MARKER_WIDTH = {'unknown': 1, 'mono': 3, 'few': 2, 'thick': 2, 'bulk': 1}
 LAYER_WIDTH_LEGEND = 'outline width: mono 3 px, few and thick 2 px, bulk 1 px'
 
 
-def annotated_mosaic(pixels: np.ndarray, to_mosaic: Affine2D, metres_per_pixel: float, flakes,
-                     max_side: int = 4000) -> np.ndarray:
+class OutlinedFlake(Protocol):
+    """What a mosaic reads of a flake (the registry's records and the report's flakes have it)."""
+
+    @property
+    def material(self) -> str: ...
+    @property
+    def layer_class(self) -> int | str: ...
+    @property
+    def x(self) -> float: ...               # wafer frame [m]
+    @property
+    def y(self) -> float: ...
+    @property
+    def contour(self) -> Sequence[tuple[float, float]]: ...   # outline, wafer frame [m]
+
+
+def annotated_mosaic(pixels: np.ndarray, to_mosaic: Affine2D, metres_per_pixel: float,
+                     flakes: Iterable[OutlinedFlake], max_side: int = 4000) -> np.ndarray:
     """A scan mosaic with every flake's outline in its material colour, a scale bar and a legend."""
     height, width = pixels.shape[:2]
     factor = min(1.0, max_side / max(height, width))

@@ -17,11 +17,13 @@ layer counts it covers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 import functools
 import math
 
 import numpy as np
+import numpy.typing as npt
 import tmm
 
 from flake_core import materials
@@ -47,6 +49,12 @@ REFRACTIVE_INDEX = {**MEDIA, **{m.name: m.refractive_index for m in materials.MA
 # Interlayer spacing [nm] of the layered materials.
 LAYER_THICKNESS_NM = {m.name: m.layer_nm for m in materials.MATERIALS.values()}
 MATERIALS = materials.FLAKE_MATERIALS
+
+
+def channel_floats(values: Iterable[float]) -> tuple[float, float, float]:
+    """One plain float per channel (B, G, R): the form of cache keys and JSON. ValueError unless three."""
+    blue, green, red = (float(v) for v in values)
+    return blue, green, red
 
 
 def _check_material(material: str) -> str:
@@ -86,7 +94,7 @@ class SpectralResponse:
     widths_nm: tuple[float, float, float] = CHANNEL_WIDTHS_NM
     samples: int = BAND_SAMPLES
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         centres = tuple(float(v) for v in self.centres_nm)
         widths = tuple(float(v) for v in self.widths_nm)
         if len(centres) != 3 or len(widths) != 3:
@@ -102,7 +110,7 @@ class SpectralResponse:
         object.__setattr__(self, 'widths_nm', widths)
         object.__setattr__(self, 'samples', int(self.samples))
 
-    def bands(self) -> tuple[np.ndarray, np.ndarray]:
+    def bands(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """Wavelengths (3, samples) [nm] and normalised weights (3, samples) of the B, G, R bands."""
         offsets = np.linspace(-1.5, 1.5, self.samples)
         weights = np.exp(-0.5 * offsets ** 2)
@@ -115,8 +123,8 @@ class SpectralResponse:
 DEFAULT_RESPONSE = SpectralResponse()
 
 
-def _indices(material: str, wavelengths_nm: np.ndarray) -> np.ndarray:
-    values = np.array(REFRACTIVE_INDEX[material])
+def _indices(material: str, wavelengths_nm: npt.NDArray[np.float64]) -> npt.NDArray[np.complex128]:
+    values = np.array(REFRACTIVE_INDEX[material], dtype=np.complex128)
     return (np.interp(wavelengths_nm, _ANCHOR_NM, values.real)
             + 1j * np.interp(wavelengths_nm, _ANCHOR_NM, values.imag))
 
@@ -133,7 +141,8 @@ def tmm_reflectance(film: str | None, film_nm: float, oxide_nm: float, wavelengt
     return float(tmm.coh_tmm('s', n_list, d_list, 0.0, wavelength_nm)['R'])
 
 
-def stack_reflectance(film: str | None, film_nm, oxide_nm: float, wavelength_nm) -> np.ndarray:
+def stack_reflectance(film: str | None, film_nm: npt.ArrayLike, oxide_nm: float,
+                      wavelength_nm: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Reflectance of air/film/SiO2/Si at normal incidence, vectorised over thickness and wavelength.
 
     The same characteristic-matrix (transfer-matrix) product that ``tmm.coh_tmm`` evaluates one
@@ -142,7 +151,9 @@ def stack_reflectance(film: str | None, film_nm, oxide_nm: float, wavelength_nm)
     lam = np.asarray(wavelength_nm, dtype=np.float64)
     n_ox, n_si = _indices('sio2', lam), _indices('si', lam)
 
-    def layer(n, d):
+    def layer(n: npt.NDArray[np.complex128], d: float | npt.NDArray[np.float64]
+              ) -> tuple[npt.NDArray[np.complex128], ...]:
+        """The characteristic matrix (a, b, c, d) of a film of index ``n`` and thickness ``d`` [nm]."""
         delta = 2.0 * np.pi * n * d / lam
         cos, sin = np.cos(delta), np.sin(delta)
         return cos, -1j * sin / n, -1j * n * sin, cos
@@ -156,19 +167,22 @@ def stack_reflectance(film: str | None, film_nm, oxide_nm: float, wavelength_nm)
     return np.abs((big_b - big_c) / (big_b + big_c)) ** 2
 
 
-def band_reflectance(film: str | None, film_nm, oxide_nm: float,
-                     response: SpectralResponse = DEFAULT_RESPONSE) -> np.ndarray:
+def band_reflectance(film: str | None, film_nm: npt.ArrayLike, oxide_nm: float,
+                     response: SpectralResponse = DEFAULT_RESPONSE) -> npt.NDArray[np.float64]:
     """Band reflectance (..., 3) in B, G, R order for film thicknesses ``film_nm`` (any shape),
     seen through the channels of ``response``."""
     wavelengths, weights = response.bands()
     thickness = np.asarray(film_nm, dtype=np.float64)[..., None, None]
-    return (stack_reflectance(film, thickness, oxide_nm, wavelengths) * weights).sum(axis=-1)
+    # numpy's stubs type a reduction along an axis as Any.
+    reflectance: npt.NDArray[np.float64] = (stack_reflectance(film, thickness, oxide_nm, wavelengths)
+                                            * weights).sum(axis=-1)
+    return reflectance
 
 
 @functools.lru_cache(maxsize=8192)
 def _reflectance_cached(film: str | None, film_nm: float, oxide_nm: float,
                         response: SpectralResponse) -> tuple[float, float, float]:
-    return tuple(float(v) for v in band_reflectance(film, film_nm if film else 0.0, oxide_nm, response))
+    return channel_floats(band_reflectance(film, film_nm if film else 0.0, oxide_nm, response))
 
 
 def _check_oxide(oxide_nm: float) -> float:
@@ -178,13 +192,14 @@ def _check_oxide(oxide_nm: float) -> float:
     return round(oxide_nm, 1)
 
 
-def substrate_reflectance(oxide_nm: float, response: SpectralResponse = DEFAULT_RESPONSE) -> np.ndarray:
+def substrate_reflectance(oxide_nm: float,
+                          response: SpectralResponse = DEFAULT_RESPONSE) -> npt.NDArray[np.float64]:
     """Band reflectance (B, G, R) of bare SiO2/Si."""
     return np.array(_reflectance_cached(None, 0.0, _check_oxide(oxide_nm), response))
 
 
 def film_reflectance(material: str, thickness_nm: float, oxide_nm: float,
-                     response: SpectralResponse = DEFAULT_RESPONSE) -> np.ndarray:
+                     response: SpectralResponse = DEFAULT_RESPONSE) -> npt.NDArray[np.float64]:
     """Band reflectance (B, G, R) of a film of ``thickness_nm`` on SiO2/Si (model only)."""
     key = _check_material(material)
     if not (math.isfinite(thickness_nm) and thickness_nm >= 0):
@@ -194,13 +209,13 @@ def film_reflectance(material: str, thickness_nm: float, oxide_nm: float,
 
 
 def model_contrast(material: str, thickness_nm: float, oxide_nm: float,
-                   response: SpectralResponse = DEFAULT_RESPONSE) -> np.ndarray:
+                   response: SpectralResponse = DEFAULT_RESPONSE) -> npt.NDArray[np.float64]:
     """Model contrast (B, G, R) of a film ``thickness_nm`` thick."""
     sub = substrate_reflectance(oxide_nm, response)
     return film_reflectance(material, thickness_nm, oxide_nm, response) / sub - 1.0
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # Calibrations (measured classes, the simulator's OpticsModel) moved to flake_core.calibration,
     # the one calibration format; these names forward there for the simulator until it imports it.
     if name in ('OpticsModel', 'default_model', 'flake_contrast'):

@@ -70,6 +70,11 @@ def parse_quantity(text: str, kind: Kind, field: str) -> float | None:
     text = str(text).strip()
     if not text:
         return None
+    return _parse_filled(text, kind, field)
+
+
+def _parse_filled(text: str, kind: Kind, field: str) -> float:
+    """``parse_quantity`` of a field that is not empty (``text`` stripped)."""
     accepted = ', '.join(sorted({u for u in kind.factors if u.isascii() and len(u) <= 3}))
     match = _NUMBER.match(text)
     if match is None:
@@ -96,7 +101,7 @@ def parse_point(text: str, field: str) -> tuple[float, float] | None:
     if len(parts) != 2:
         raise UnitError(field, f'{field}: {text!r} needs two lengths x, y (in µm, or with a unit '
                                               'such as 1.2 mm, 0.4 mm)')
-    x, y = (parse_quantity(p, LENGTH, field) for p in parts)
+    x, y = (_parse_filled(p.strip(), LENGTH, field) for p in parts)
     return x, y
 
 
