@@ -17,7 +17,7 @@ PY_PKG_FILES := $(foreach p,$(PACKAGES),src/$(p)/setup.py src/$(p)/setup.cfg src
 help:
 	@echo "make setup  - create .venv, install pinned dependencies, build flake_msgs, install the packages"
 	@echo "make demo   - scan a simulated chip with the whole graph; report in reports/demo"
-	@echo "make test   - ruff and the whole pytest suite (what CI runs)"
+	@echo "make test   - lint (ruff, mypy) and the whole pytest suite (what CI runs)"
 	@echo "make test-fast - lint and the suite without the slow system and browser tests (the inner loop)"
 	@echo "make bench  - run every bench/*.py and print their tables"
 	@echo "make ros2-tools - ros2 launch and the ros2 CLI (and tf2_msgs) from ../shared/ros2-tools, when it is there"
@@ -58,8 +58,15 @@ $(STAMPS)/packages: $(STAMPS)/flake_msgs $(PY_PKG_FILES) tools/install_ament_sha
 	$(VENV)/bin/python tools/install_ament_share.py $(VENV) $(PACKAGES)
 	@touch $@
 
+# mypy checks exactly what pyproject.toml declares strict (its [[tool.mypy.overrides]] with strict = true:
+# flake_core and the registry's storage modules); a pattern "pkg.*" there is the package "-p pkg".
+MYPY_STRICT_TARGETS := import tomllib; config = tomllib.load(open('pyproject.toml', 'rb'))['tool']['mypy']; \
+  print(' '.join(f'-p {m[:-2]}' if m.endswith('.*') else f'-m {m}' \
+                 for o in config['overrides'] if o.get('strict') for m in o['module']))
+
 lint: setup
 	$(ENV) ruff check src tests bench tools launch
+	$(ENV) mypy $$(python -c "$(MYPY_STRICT_TARGETS)")
 
 # Debian's chromium for the web app's browser tests; installed only when missing.
 browser:
