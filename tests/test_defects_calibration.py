@@ -141,3 +141,19 @@ def test_calibrated_crops_put_the_chalcogen_left_and_the_metal_right_either_way_
         peaks = [np.unravel_index(np.argmax(c[channel]), c[channel].shape) for c in crops]
         assert np.abs(np.subtract(*peaks)).max() <= 2
         assert crops[0][channel].max() == pytest.approx(crops[1][channel].max(), rel=0.15)
+
+
+def test_crops_stay_bounded_where_a_sublattice_is_empty():
+    # Every chalcogen column gone: the chalcogen references are noise about zero (or below it), and a crop
+    # divided by them would reach 1e6 and wreck a classifier's batch statistics. They are floored instead.
+    config = _frame('ws2', detector_inner_mrad=(120.0, 120.0), dose=(4.0, 4.0), swap_probability=0.0,
+                    defect_probabilities=(0.0, 0.0, 1.0, 0.0, 0.0, 0.0))
+    sample = simulate(config, seed=6)
+    lattice = stem_lattice('ws2')
+    decision = replace(decide_sublattice(np.ones(3), np.ones(3), lattice, ANY), metal_site='P')
+    calibration, _ = calibrate_cells(sample.image, sample.unit_boxes, 30.0, lattice, ANY, decision=decision)
+    floor = calibration.chalcogen_reference.min()
+    assert floor > 0 and (calibration.chalcogen_reference == floor).mean() > 0.5
+    assert calibration.metal_reference.min() >= floor
+    inputs = calibrated_crops(sample.image, sample.unit_boxes, calibration, 'P', 16)
+    assert np.isfinite(inputs).all() and np.abs(inputs).max() < 60

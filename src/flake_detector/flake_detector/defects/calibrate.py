@@ -72,7 +72,7 @@ class CellCalibration:
     metal: np.ndarray                # (N,) metal column signal / local metal reference
     chalcogen: np.ndarray            # (N,) chalcogen column signal / local chalcogen reference
     background: np.ndarray           # (N,) local background [counts]
-    metal_reference: np.ndarray      # (N,) [counts above background]
+    metal_reference: np.ndarray      # (N,) [counts above background], at least 5 % of the brighter sublattice's
     chalcogen_reference: np.ndarray
     mask: np.ndarray                 # (N,) MASK_* codes; MASK_OK cells are analysed
     metal_signal: float              # frame reference of the metal column [counts above background]
@@ -232,8 +232,11 @@ def calibrate_cells(canonical: np.ndarray, boxes: np.ndarray, lattice_px: float,
     mask[_empty_clusters(empty, centres, lattice_px)] = MASK_VACUUM
     mask[_few_neighbours(centres, lattice_px, valid, boxes)] = MASK_EDGE
     mask[contaminated] = MASK_CONTAMINATION
+    # The crops are divided by the same floored references as the levels: a neighbourhood whose reference
+    # is near zero or negative (empty columns, a faint sublattice at low dose) must not scale a crop by 1e6.
     return (CellCalibration(metal=metal, chalcogen=chalcogen, background=background,
-                            metal_reference=metal_reference, chalcogen_reference=chalcogen_reference, mask=mask,
+                            metal_reference=np.maximum(metal_reference, floor),
+                            chalcogen_reference=np.maximum(chalcogen_reference, floor), mask=mask,
                             metal_signal=frame_metal, chalcogen_signal=frame_chalcogen), decision)
 
 
