@@ -17,7 +17,9 @@ Three tables, each on fresh simulated chips (90 nm oxide, the demo's camera at 5
    detections go into the same registry, then monolayer and thin recall per material before
    and after the revisits (docs/system.md's scoring: flakes of 1-40 layers, >= 20 um^2,
    wholly inside the region). ``--policy score`` ranks the revisit list by detector score
-   instead (the order before the monolayer-first policy).
+   instead (the order before the monolayer-first policy). Detections smaller than
+   ``--min-area-um2`` (detector_node's min_area_um2, 10 in config/demo.yaml) are dropped at both
+   magnifications, as the node drops them.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ EXPOSURE_S = 0.005          # config/demo.yaml
 PIXEL_PITCH_M = 5.5e-6
 TARGET_AREA = 20e-12
 MIN_SCORE = 0.4             # registry_node revisit_min_score
-MIN_AREA = 18e-12           # [m^2] detector_node min_area_um2 in config/demo.yaml
+MIN_AREA_UM2 = 10.0         # detector_node min_area_um2 in config/demo.yaml
 
 
 def camera(wafer: VirtualWafer, objective: str, seed: int) -> CameraModel:
@@ -136,22 +138,29 @@ def centred_frames_table(seeds: list[int], region, detector) -> list[str]:
     return rows
 
 
-def scan_into(store: FlakeStore, wafer: VirtualWafer, seed: int, region, detector, chip_id: str, scan_id: str
-              ) -> int:
+def published(detections, pixel_to_wafer, min_area: float) -> list:
+    """The detections detector_node publishes with ``min_area_um2``: at least ``min_area`` [m^2]."""
+    return [d for d in detections if d.area_px * pixel_to_wafer.scale ** 2 >= min_area]
+
+
+def scan_into(store: FlakeStore, wafer: VirtualWafer, seed: int, region, detector, chip_id: str, scan_id: str,
+              min_area: float = MIN_AREA_UM2 * 1e-12) -> int:
     """A 10x serpentine scan of ``region`` (10 % overlap) into ``store``; the number of frames."""
     model = camera(wafer, '10x', seed)
     width, height = model.field_of_view
     tiles = plan_serpentine(Region(*region), width, height, 0.1, wafer.wafer_to_stage)
     for tile in tiles:
         frame = model.render(tile.stage_x, tile.stage_y)
-        result = detector.detect(frame)
-        store.ingest(sightings_of(result.detections, model.pixel_to_wafer(tile.stage_x, tile.stage_y),
-                                  frame.shape[:2], chip_id, scan_id, tile.index, time.time(), 'contrast'))
+        to_wafer = model.pixel_to_wafer(tile.stage_x, tile.stage_y)
+        detections = published(detector.detect(frame).detections, to_wafer, min_area)
+        store.ingest(sightings_of(detections, to_wafer, frame.shape[:2], chip_id, scan_id, tile.index, time.time(),
+                                  'contrast'))
     return len(tiles)
 
 
 def revisit_into(store: FlakeStore, wafer: VirtualWafer, seed: int, detector, flakes, chip_id: str, scan_id: str,
-                 first_index: int, binning: int = 2) -> list[tuple[tuple[float, float], list]]:
+                 first_index: int, binning: int = 2, min_area: float = MIN_AREA_UM2 * 1e-12
+                 ) -> list[tuple[tuple[float, float], list]]:
     """A 50x frame centred on each flake, binned as tiler_node bins revisits; its detections go into
     ``store`` as the revisit's sightings.
 
@@ -163,8 +172,7 @@ def revisit_into(store: FlakeStore, wafer: VirtualWafer, seed: int, detector, fl
     for number, flake in enumerate(flakes):
         stage = wafer.wafer_to_stage.apply(flake.x, flake.y)
         frame, to_wafer = bin_frame(model.render(*stage), model.pixel_to_wafer(*stage), binning)
-        # As detector_node with config/demo.yaml's min_area_um2 publishes them.
-        detections = [d for d in detector.detect(frame).detections if d.area_px * to_wafer.scale ** 2 >= MIN_AREA]
+        detections = published(detector.detect(frame).detections, to_wafer, min_area)
         seen.append((stage, [unbinned(d, binning) for d in detections]))
         store.ingest(sightings_of(detections, to_wafer, frame.shape[:2], chip_id, scan_id,
                                   first_index + number, time.time(), 'contrast'))
@@ -210,7 +218,8 @@ def registry_score(store: FlakeStore, chip_id: str, truth, too_small, region):
     return score_scan(found, truth, region=region, ignored=too_small)
 
 
-def scan_table(seeds: list[int], region, detector, revisits: int, policy_name: str, binning: int = 2) -> list[str]:
+def scan_table(seeds: list[int], region, detector, revisits: int, policy_name: str, binning: int = 2,
+               min_area: float = MIN_AREA_UM2 * 1e-12) -> list[str]:
     before, after = defaultdict(lambda: np.zeros(6, int)), defaultdict(lambda: np.zeros(6, int))
     precision = {'before': [0, 0], 'after': [0, 0]}
     listed_total = 0
@@ -225,13 +234,14 @@ def scan_table(seeds: list[int], region, detector, revisits: int, policy_name: s
             store = FlakeStore(Path(folder) / f'registry-{seed}.sqlite')
             wafer = VirtualWafer.generate(seed=seed, oxide_nm=OXIDE_NM)
             truth, too_small = targets_in_region(wafer, *region)
-            frames = scan_into(store, wafer, seed, region, detector, chip, scan)
+            frames = scan_into(store, wafer, seed, region, detector, chip, scan, min_area)
             for name, table in (('before', before), ('after', after)):
                 if name == 'after':
                     listed = revisit_list(store, policy, chip_id=chip, scan_id=scan, min_score=min_score,
                                           limit=revisits)
                     listed_total += len(listed)
-                    captured = revisit_into(store, wafer, seed, detector, listed, chip, scan, frames, binning)
+                    captured = revisit_into(store, wafer, seed, detector, listed, chip, scan, frames, binning,
+                                            min_area)
                 score = registry_score(store, chip, truth, too_small, region)
                 if name == 'after':
                     found = {}
@@ -251,7 +261,8 @@ def scan_table(seeds: list[int], region, detector, revisits: int, policy_name: s
                     precision[name][1] += s.found
             store.close()
     rows = [f'Revisit policy: {policy.describe()}; up to {revisits} flakes per chip, {listed_total} revisited '
-            f'in all, 50x frames binned {binning} x {binning}.', '',
+            f'in all, 50x frames binned {binning} x {binning}, detections of at least {min_area / 1e-12:g} um^2 at '
+            'both magnifications.', '',
             '| material | monolayers called mono, 10x scan | after the 50x revisits | thin (1-10 layers) called '
             'mono or few, 10x scan | after the revisits | precision 10x / after |', '|---|---|---|---|---|---|']
     for material in sorted(set(before) | set(after)):
@@ -285,6 +296,8 @@ def main(argv=None) -> int:
     parser.add_argument('--policy', choices=('thinnest', 'score'), default='thinnest')
     parser.add_argument('--revisit-binning', type=int, default=2, help='as tiler_node\'s revisit_binning')
     parser.add_argument('--tables', default='physics,centred,scan', help='which tables to print')
+    parser.add_argument('--min-area-um2', type=float, default=MIN_AREA_UM2,
+                        help='smallest detection reported, at 10x and 50x alike (detector_node min_area_um2)')
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(',')]
     region = tuple(float(v) * 1e-3 for v in args.region_mm.split(','))
@@ -298,7 +311,8 @@ def main(argv=None) -> int:
         centred = tuple(float(v) * 1e-3 for v in args.centred_region_mm.split(','))
         print('\n'.join(centred_frames_table(seeds, centred, detector)) + '\n', flush=True)
     if 'scan' in tables:
-        print('\n'.join(scan_table(seeds, region, detector, args.revisits, args.policy, args.revisit_binning)) + '\n',
+        print('\n'.join(scan_table(seeds, region, detector, args.revisits, args.policy, args.revisit_binning,
+                                          args.min_area_um2 * 1e-12)) + '\n',
               flush=True)
     print(f'seeds {args.seeds}, region {args.region_mm} mm, {time.perf_counter() - started:.0f} s', file=sys.stderr)
     return 0
