@@ -32,7 +32,7 @@ from scipy.spatial import cKDTree
 import torch
 
 from flake_core.materials import stem_lattice
-from flake_detector.defects.analyze import DefectAnalyzer
+from flake_detector.defects.analyze import CLASSIFIER_CHECKPOINT, DefectAnalyzer
 from flake_detector.defects.calibrate import calibrate_cells
 from flake_detector.defects.models import MODELS_DIR, ClassifierConfig, classify
 from flake_detector.defects.simulate import StemSimConfig, balanced_config, simulate
@@ -87,12 +87,16 @@ def score(analysis, sample) -> dict:
                 defects=int(defective.sum()), defects_correct=int(right[defective].sum()))
 
 
-def pipeline_table(frames: int, size: int, materials=TMDS) -> str:
-    analyzers = [('self-calibrated CNN-2 (shipped)', DefectAnalyzer(threads=1))]
+def pipeline_table(frames: int, size: int, materials=TMDS, classifiers=()) -> str:
+    """The shipped CNN-1 with each CNN-2 of ``classifiers`` (default: the shipped one), on the same frames."""
+    shipped = (MODELS_DIR / CLASSIFIER_CHECKPOINT).resolve()
+    analyzers = [(_classifier_label(Path(path), shipped), DefectAnalyzer(classifier_path=Path(path), threads=1))
+                 for path in (classifiers or (shipped,))]
     lines = ['| material | conditions (never trained on) | CNN-2 | clean cells | unit-cell detection | '
              'class accuracy of detected | defect-class accuracy | metal found by |',
              '|---|---|---|---|---|---|---|---|']
-    totals = {name: dict(cells=0, found=0, correct=0, defects=0, defects_correct=0) for name, _ in analyzers}
+    totals = {(material, name): dict(cells=0, found=0, correct=0, defects=0, defects_correct=0)
+              for material in materials + ('all',) for name, _ in analyzers}
     for material in materials:
         for c, (label, changes) in enumerate(UNSEEN):
             samples = [simulate(unseen_config(material, changes, size), seed=BENCH_SEED + 1000 * c + i)
@@ -107,11 +111,12 @@ def pipeline_table(frames: int, size: int, materials=TMDS) -> str:
                         bases.add(f'{analysis.sublattice.basis}{"" if right else " (WRONG)"}')
                     for key, value in score(analysis, sample).items():
                         tally[key] += value
-                        totals[name][key] += value
+                        totals[material, name][key] += value
+                        totals['all', name][key] += value
                 lines.append(_row(stem_lattice(material), material, label, name, tally, ', '.join(sorted(bases))))
             log(f'{material} {label} done')
-    for name, tally in totals.items():
-        lines.append(_row(None, 'all', 'all', name, tally, ''))
+    for (material, name), tally in totals.items():
+        lines.append(_row(material != 'all', material, f'all {len(UNSEEN)}', name, tally, ''))
     lines.append(f'\n{frames} frame(s) of {size} x {size} px per row, lattice constant {LATTICE_PX:g} px, '
                  'lattice turned '
                  'by up to 25 degrees, either sublattice on top, 10 % of cells defective. Only cells not under '
@@ -119,6 +124,10 @@ def pipeline_table(frames: int, size: int, materials=TMDS) -> str:
                  'constant of the true one; cells within a lattice constant of the frame edge are left out. Targets: '
                  'detection >= 0.99, class accuracy >= 95 %.')
     return '\n'.join(lines)
+
+
+def _classifier_label(path: Path, shipped: Path) -> str:
+    return f'{path.stem} (shipped)' if path.resolve() == shipped else path.stem
 
 
 def _row(lattice, material, label, name, t, bases) -> str:
@@ -224,7 +233,7 @@ def calibration_table(size: int) -> str:
 SCALE_SCRIPT = '''
 import json, sys, time
 import numpy as np
-from flake_detector.defects.analyze import DefectAnalyzer
+from flake_detector.defects.analyze import CLASSIFIER_CHECKPOINT, DefectAnalyzer
 from flake_detector.defects.io import read_image
 path, pixel_size = sys.argv[1], float(sys.argv[2])
 analyzer = DefectAnalyzer(threads=1)
@@ -293,6 +302,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true', help='fewer frames and shorter training')
     parser.add_argument('--materials', default=','.join(TMDS), help='materials of the pipeline table')
+    parser.add_argument('--classifier', action='append', type=Path, default=[],
+                        help='CNN-2 checkpoint for the pipeline table (repeat to compare several on the same frames; '
+                             'default: the shipped one)')
     parser.add_argument('--tables', default='pipeline,classifier,transfer,calibration,scale',
                         help='comma-separated: pipeline, classifier, transfer, calibration, scale')
     args = parser.parse_args(argv)
@@ -305,7 +317,8 @@ def main(argv=None) -> int:
     if 'pipeline' in tables:
         log('whole pipeline on unseen conditions')
         print('## Whole pipeline, per material, on conditions never trained on\n\n'
-              + pipeline_table(1, 256 if args.quick else 320, tuple(args.materials.split(','))) + '\n')
+              + pipeline_table(1, 256 if args.quick else 320, tuple(args.materials.split(',')),
+                                 tuple(args.classifier)) + '\n')
     if 'classifier' in tables:
         log('CNN-2 with and without self-calibration')
         print('## CNN-2 with and without self-calibration\n\n'
