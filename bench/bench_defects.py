@@ -3,7 +3,8 @@
 Prints Markdown tables:
 1. per material, on detector angles (8, 50 and 180 mrad), doses (3 and 80 counts) and a
    contamination texture (granular patches with adatoms) outside the training ranges: unit-cell
-   detection and defect-class accuracy of the whole pipeline (shipped networks);
+   detection and defect-class accuracy of the whole pipeline (shipped networks; ``--classifier`` names
+   the CNN-2 checkpoints compared on the same frames, default the shipped one);
 1b. on the same conditions, CNN-2 on the true unit cells: the shipped self-calibrated network
    beside the same network trained the same way without self-calibration;
 2. leave-one-material-out: CNN-2 trained on every 2H material but one (same recipe and
