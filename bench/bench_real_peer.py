@@ -8,7 +8,8 @@ image, several rounds, so that the machine's load falls on both alike; the table
 median milliseconds per image of each, CPU time of the detecting process (what a dedicated core
 gives; one thread each) and wall time (what the machine delivered), and their ratios.
 
-Both look for graphene of 1-4 layers with the same smallest size (200 px) on the 8 demo
+Both look for graphene with the same smallest size (200 px; 2DMatGMM its classes of 1-4 layers,
+the optical detector up to 10) on the 8 demo
 micrographs of 2DMatGMM (1920 x 1200, 20x, graphene on 90 nm SiO2); the optical detector
 uses the shipped calibration measured on that microscope (``calibration measured``).
 Agreement: flakes of 1-3 layers that both report with masks overlapping at IoU >= 0.5, and
