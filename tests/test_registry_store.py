@@ -84,7 +84,7 @@ def populated(store):
 # -- schema -------------------------------------------------------------------
 
 def test_new_registry_has_current_schema(store):
-    assert store.schema_version == SCHEMA_VERSION == 9
+    assert store.schema_version == SCHEMA_VERSION == 10
     tables = set(store.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
             'labels', 'schema_version', 'flake_boxes', 'stack_recipes', 'wafer_frames'} <= tables
@@ -96,7 +96,7 @@ def test_new_registry_has_current_schema(store):
 
 def test_new_file_has_current_schema_wal_and_full_sync(tmp_path):
     store = FlakeStore(tmp_path / 'registry.sqlite')
-    assert store.schema_version == SCHEMA_VERSION == 9
+    assert store.schema_version == SCHEMA_VERSION == 10
     tables = set(store.table_names())
     assert {'chips', 'scans', 'frames', 'flakes', 'observations', 'images', 'reservations', 'defect_reports',
             'labels', 'schema_version', 'flake_boxes', 'stack_recipes', 'wafer_frames'} <= tables
@@ -192,7 +192,7 @@ def test_version_7_registry_gets_chip_keys_and_keeps_its_reservations(empty_regi
                        "SELECT pk, 'arm-1', 'old-token', 1.0, 100.0, 50.0, 'released' FROM flakes WHERE id = ?",
                        (flake_id,))
     with FlakeStore(empty_registry_url) as new:
-        assert new.schema_version == SCHEMA_VERSION == 9
+        assert new.schema_version == SCHEMA_VERSION == 10
         assert [(r['outcome'], r['ended_by']) for r in new.reservations(flake_id, live_only=False)] == [
             ('released', None)]
         with new.snapshot() as tx:
@@ -209,6 +209,25 @@ def test_version_7_registry_gets_chip_keys_and_keeps_its_reservations(empty_regi
             assert tx.scalar("SELECT chip_key FROM chips WHERE id = 'chip-3'") not in keys.values()
         assert new.query(FlakeQuery(chip_id='chip-3', near=(0.0, 0.0), max_distance=2 * UM)).total == 1
         assert new.integrity_check() == 'ok'
+
+
+def test_version_9_registry_keeps_its_defect_reports_as_not_recorded(empty_registry_url):
+    """Migration 10 adds what a defect analysis assumed; reports stored before it never said."""
+    with FlakeStore(empty_registry_url, schema_target=9) as old:
+        flake_id = old.ingest([square(0.0, 0.0, 10 * UM)])[0].flake_id
+        with old.transaction() as tx:
+            tx.execute("INSERT INTO defect_reports (flake_pk, image_id, cells_total, class_names, counts, created) "
+                       "SELECT pk, 'stem-old', 400, ?, ?, 1.0 FROM flakes WHERE id = ?",
+                       (json.dumps(['Perfect', 'V_Te1']), json.dumps([390, 10]), flake_id))
+    with FlakeStore(empty_registry_url) as new:
+        assert new.schema_version == SCHEMA_VERSION == 10
+        [report] = new.defect_reports(flake_id)
+        assert (report['image_id'], report['class_names'], report['counts']) == ('stem-old', ['Perfect', 'V_Te1'],
+                                                                               [390, 10])
+        assert (report['material'], report['detector'], report['detector_source'], report['warnings']) == (
+            '', '', '', [])
+        new.add_defect_report({'image_id': 'stem-new', 'material': 'mote2'}, flake_id=flake_id)
+        assert [r['material'] for r in new.defect_reports(flake_id)] == ['', 'mote2']
 
 
 def test_every_table_is_made_by_a_numbered_migration(store, populated):
@@ -615,6 +634,15 @@ def test_labels_for_crops_and_defect_reports(populated):
                              'counts': [390, 10], 'concentration': [0.0, 1.2e13]}, flake_id=ids[0])
     reports = store.defect_reports(ids[0])
     assert len(reports) == 1 and reports[0]['counts'] == [390, 10] and reports[0]['flake_id'] == ids[0]
+    # What the analysis assumed is kept with it; a caller that does not say is stored as not recorded.
+    assert (reports[0]['material'], reports[0]['detector'], reports[0]['warnings']) == ('', '', [])
+    store.add_defect_report({'image_id': 'stem-2', 'material': 'wse2', 'detector': 'HAADF 80-250 mrad',
+                             'detector_source': 'file', 'warnings': ['sublattices assumed from the expected contrast'],
+                             'class_names': ['Perfect', 'V_Se'], 'counts': [99, 1]})
+    stored = store.defect_reports()[-1]
+    assert (stored['image_id'], stored['flake_id'], stored['material'], stored['detector'],
+            stored['detector_source'], stored['warnings']) == (
+        'stem-2', None, 'wse2', 'HAADF 80-250 mrad', 'file', ['sublattices assumed from the expected contrast'])
 
 
 # -- export -------------------------------------------------------------------

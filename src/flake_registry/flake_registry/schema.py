@@ -187,9 +187,18 @@ def _migration_9(tx: Transaction) -> None:
     tx.execute('ALTER TABLE flake_boxes_by_chip RENAME TO flake_boxes')
 
 
+def _migration_10(tx: Transaction) -> None:
+    """What a defect analysis assumed: the material, the annular detector and where it came from; its warnings."""
+    # Reports stored before this migration read '' and no warnings: their records never said
+    # (the web app shows "not recorded"), and a DEFAULT fills old rows on both engines.
+    for column in ('material', 'detector', 'detector_source'):
+        tx.execute(f"ALTER TABLE defect_reports ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+    tx.execute("ALTER TABLE defect_reports ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
+
+
 MIGRATIONS: tuple[Callable[[Transaction], None], ...] = (
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6, _migration_7,
-    _migration_8, _migration_9)
+    _migration_8, _migration_9, _migration_10)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

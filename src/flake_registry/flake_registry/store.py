@@ -335,29 +335,38 @@ class FlakeStore:
         return [dict(row) for row in rows]
 
     def add_defect_report(self, report: dict[str, Any], flake_id: str = '') -> int:
-        """Store a STEM defect analysis (the fields of flake_msgs/DefectReport), optionally for a flake."""
+        """Store a STEM defect analysis (the fields of flake_msgs/DefectReport), optionally for a flake.
+
+        ``material``, ``detector``, ``detector_source`` and ``warnings`` say what the analysis
+        assumed and doubted; a report without them is stored as not recorded ('', no warnings).
+        """
         with self.transaction() as tx:
             pk = flake_row(tx, flake_id)['pk'] if flake_id else None
             return tx.insert(
                 'INSERT INTO defect_reports (flake_pk, image_id, stamp, pixel_size, analysed_area, cells_total, '
                 'class_names, counts, concentration, concentration_low, concentration_high, model_version, '
-                'created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                'created, material, detector, detector_source, warnings) '
+                'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
                 (pk, report.get('image_id', ''), report.get('stamp', 0.0), report.get('pixel_size', 0.0),
                  report.get('analysed_area', 0.0), int(report.get('cells_total', 0)),
                  json.dumps(list(report.get('class_names', []))), json.dumps(list(report.get('counts', []))),
                  json.dumps(list(report.get('concentration', []))),
                  json.dumps(list(report.get('concentration_low', []))),
                  json.dumps(list(report.get('concentration_high', []))), report.get('model_version', ''),
-                 self.clock()))
+                 self.clock(), str(report.get('material') or ''), str(report.get('detector') or ''),
+                 str(report.get('detector_source') or ''),
+                 json.dumps([str(w) for w in report.get('warnings') or []])))
 
     def defect_reports(self, flake_id: str = '') -> list[dict[str, Any]]:
+        """Stored defect analyses, oldest first: the DefectReport fields kept, ``flake_id``, ``created``."""
         sql = 'SELECT d.*, f.id AS flake_id FROM defect_reports d LEFT JOIN flakes f ON f.pk = d.flake_pk'
         with self.snapshot() as tx:
             rows = (tx.all(sql + ' WHERE f.id = ? ORDER BY d.id', (flake_id,)) if flake_id
                     else tx.all(sql + ' ORDER BY d.id'))
-        decoded = ('class_names', 'counts', 'concentration', 'concentration_low', 'concentration_high')
-        return [{k: (json.loads(v) if k in decoded else v) for k, v in dict(r).items() if k != 'flake_pk'}
-                for r in rows]
+        decoded = ('class_names', 'counts', 'concentration', 'concentration_low', 'concentration_high', 'warnings')
+        # A list column left NULL (a row written by hand) reads as an empty list.
+        return [{k: ((json.loads(v) if v else []) if k in decoded else v) for k, v in dict(r).items()
+                 if k != 'flake_pk'} for r in rows]
 
     # -- reservations ---------------------------------------------------------------------
 
