@@ -40,3 +40,20 @@ def test_report_page_names_material_detector_and_warnings(registry):
     assert 'sublattices assumed from the expected contrast' in page
     # A report without them says so rather than leaving the reader to guess.
     assert 'id="report-material">not recorded<' in old and 'id="report-detector">not recorded<' in old
+
+
+def test_registry_report_list_names_material_and_detector(registry):
+    db_path, data_dir, store = registry
+    store.add_defect_report({'image_id': 'stem-wse2', 'material': 'wse2', 'detector': 'HAADF 80-250 mrad',
+                             'detector_source': 'request', 'warnings': ['few unit cells analysed'],
+                             'class_names': ['Perfect', 'V_Se'], 'counts': [99, 1], 'concentration': [1e15, 1e13]})
+    store.add_defect_report({'image_id': 'stem-before', 'class_names': ['Perfect'], 'counts': [10]})
+    with web_client(web_app(db_path, data_dir, store)) as client:
+        listing = client.get('/defects').text
+    recorded, unrecorded = listing.split('stem-wse2')[1].split('stem-before')
+    assert 'class="stored-material">WSe2<' in recorded
+    assert 'class="stored-detector">HAADF 80-250 mrad' in recorded and '(from request)' in recorded
+    assert 'few unit cells analysed' in recorded
+    # A report stored without them (or before the registry kept them) says so.
+    assert 'class="stored-material">not recorded<' in unrecorded
+    assert 'class="stored-detector">not recorded<' in unrecorded
