@@ -59,7 +59,7 @@ from flake_detector.detection import (
     region_quality,
     register_detector,
 )
-from flake_detector.substrate import Substrate, estimate_substrate
+from flake_detector.substrate import Substrate, as_bgr, estimate_substrate
 
 # What the detector weighs a region against besides the reported classes (flake_core.materials).
 ALTERNATIVE_LAYERS = {m.name: m.alternative_layers for m in materials.MATERIALS.values()}
@@ -123,14 +123,14 @@ def estimate_background(image_bgr: np.ndarray, step: int = 8, tolerance: float =
     """Substrate intensity per pixel (float32 HxWx3, BGR) without the flakes: the smooth
     surface of ``flake_detector.substrate.estimate_substrate`` (off-chip areas, bulk crystals
     and vignetting survive it)."""
-    image = _as_bgr(image_bgr)
+    image = as_bgr(image_bgr)
     return estimate_substrate(image, step, tolerance).background(image.shape[:2])
 
 
 def background_surface(image_bgr: np.ndarray, step: int = 8, tolerance: float = 0.04) -> np.ndarray:
     """The substrate surface of ``estimate_background`` on a copy ``step`` times smaller
     (float32, BGR); resizing it to any size gives the background at that size."""
-    return estimate_substrate(_as_bgr(image_bgr), step, tolerance).surface
+    return estimate_substrate(as_bgr(image_bgr), step, tolerance).surface
 
 
 def mahalanobis_sq(x: np.ndarray, means: np.ndarray, covariances: np.ndarray | None = None,
@@ -155,7 +155,7 @@ def mahalanobis_sq(x: np.ndarray, means: np.ndarray, covariances: np.ndarray | N
 def contrast_map(image_bgr: np.ndarray, background: np.ndarray | None = None,
                  smooth: int = 3) -> np.ndarray:
     """Per-pixel contrast (float32 HxWx3 in R, G, B order), box-smoothed over ``smooth`` px."""
-    image = _as_bgr(image_bgr)
+    image = as_bgr(image_bgr)
     if background is None:
         background = estimate_background(image)
     # cv2 does the channel swaps, the division and the subtraction in single passes.
@@ -165,15 +165,6 @@ def contrast_map(image_bgr: np.ndarray, background: np.ndarray | None = None,
     contrast = cv2.divide(image, cv2.cvtColor(np.ascontiguousarray(background, dtype=np.float32),
                                                cv2.COLOR_BGR2RGB))
     return cv2.subtract(contrast, 1.0)
-
-
-def _as_bgr(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f'expected an HxWx3 BGR image, got shape {image.shape}')
-    return image[..., :3]
 
 
 # --------------------------------------------------------------------------- thickness
@@ -277,7 +268,7 @@ def estimate_thickness(image_bgr: np.ndarray, mask: np.ndarray, calibration: Lay
     (the substrate in the frame's digital numbers, as ``estimate_background`` gives it) and
     the frame are decoded with the calibration's camera before the contrast is taken.
     """
-    image = _as_bgr(image_bgr)
+    image = as_bgr(image_bgr)
     linear = Linearizer(calibration.camera)
     if background is None:
         background = estimate_background(image)
@@ -543,7 +534,7 @@ class OpticalDetector:
         """Flakes in one frame. ``background``: the substrate in the frame's digital numbers
         (HxWx3), when known; estimated from the frame otherwise."""
         t0 = time.perf_counter()
-        raw = _as_bgr(image_bgr)
+        raw = as_bgr(image_bgr)
         h, w = raw.shape[:2]
         linear = self.linearize(raw)
         # Large frames are segmented at reduced resolution (the blur of the optics is

@@ -72,6 +72,16 @@ class Substrate:
                           interpolation=cv2.INTER_NEAREST) > 0
 
 
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """An H x W x 3 BGR view of a grey, BGR or BGRA image; anything else is a ValueError."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f'expected an HxWx3 BGR image, got shape {image.shape}')
+    return image[..., :3]
+
+
 def full_scale(image: np.ndarray) -> float:
     """The camera's full-scale reading for this image type (inf for float images)."""
     return float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else float('inf')
