@@ -31,6 +31,7 @@ command (the web app's calibration page calls it).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 import json
 import math
@@ -46,7 +47,7 @@ from flake_core import optics
 from flake_core.calibration import Calibration, MeasuredClass, _model_table
 from flake_core.camera_response import CameraResponse
 from flake_detector.evaluation import layer_range_of_name
-from flake_detector.substrate import estimate_substrate
+from flake_detector.substrate import as_bgr, estimate_substrate
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 # Search ranges: oxides labs use (thermal SiO2 on Si) and camera encodings.
@@ -129,13 +130,13 @@ class CalibrationResult:
 # --------------------------------------------------------------------------- measuring
 
 
-def _as_bgr(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f'expected an HxWx3 BGR image, got shape {image.shape}')
-    return image[..., :3]
+def read_images(paths) -> Iterator[tuple[str, np.ndarray]]:
+    """(file name, BGR image) of each path, read when needed; a file OpenCV cannot read is a ValueError."""
+    for path in paths:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f'cannot read image {path}')
+        yield Path(path).name, image
 
 
 def measure_image(image_bgr: np.ndarray, index: int = 0, name: str = '', labels: list[LabelledFlake] = (),
@@ -143,7 +144,7 @@ def measure_image(image_bgr: np.ndarray, index: int = 0, name: str = '', labels:
     """The substrate of one image and its plateaus: every region that stands out of the
     substrate and is flat inside (see the module text). Labelled flakes of the image become
     labelled samples (their mask, or the plateau under their point)."""
-    raw = _as_bgr(image_bgr)
+    raw = as_bgr(image_bgr)
     if raw.dtype != np.uint8:
         raise ValueError(f'{name or "image"}: flake-calibrate reads 8-bit images, got {raw.dtype}')
     h, w = raw.shape[:2]
@@ -761,19 +762,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, json.JSONDecodeError) as exc:
         parser.error(str(exc))
 
-    def images():
-        for path in paths:
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                raise ValueError(f'cannot read image {path}')
-            yield path.name, image
-
     def progress(done, total, name):
         print(f'[flake-calibrate] {done}/{total} {name}', file=sys.stderr, flush=True)
 
     started = time.perf_counter()
     try:
-        result = calibrate(images(), names, labels, camera, oxide_range, gamma_range, args.fit_black_level,
+        result = calibrate(read_images(paths), names, labels, camera, oxide_range, gamma_range, args.fit_black_level,
                            args.min_area_px, args.name or args.out.stem, progress, not args.fixed_bands)
     except ValueError as exc:
         print(f'flake-calibrate: error: {exc}', file=sys.stderr)

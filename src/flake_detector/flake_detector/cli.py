@@ -127,21 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def self_calibrate(inputs, materials: str, out: Path, min_area_px: int = 200) -> Path:
     """Fit a calibration from the images to be detected (``flake_detector.calibrate``); its path."""
-    from flake_detector.calibrate import calibrate
-
-    def images():
-        for _, path, _ in inputs:
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                raise SystemExit(f'flake-detect: error: cannot read image {path}')
-            yield path.name, image
+    from flake_detector.calibrate import calibrate, read_images
 
     def progress(done, total, name):
         print(f'[flake-detect] calibrating {done}/{total} {name}', file=sys.stderr, flush=True)
 
     try:
-        result = calibrate(images(), materials, progress=progress, name=f'self-calibrated-{out.name}',
-                           min_area_px=min_area_px)
+        result = calibrate(read_images(path for _, path, _ in inputs), materials, progress=progress,
+                           name=f'self-calibrated-{out.name}', min_area_px=min_area_px)
     except ValueError as error:
         raise SystemExit(f'flake-detect: error: cannot self-calibrate from these images ({error}); '
                          'give a calibration with --param calibration=FILE or leave out --self-calibrate') from None
