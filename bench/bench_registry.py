@@ -30,8 +30,9 @@ CHIP_SIZE = 10 * MM
 MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2')
 
 
-def make_detections(count: int, seed: int) -> list[Sighting]:
-    """Flakes spread over 10 mm chips with 8-point outlines and thin flakes rare."""
+def make_detections(count: int, seed: int, chip: str | None = None) -> list[Sighting]:
+    """Flakes spread over 10 mm chips (all on ``chip`` when given, else over CHIPS chips) with
+    8-point outlines and thin flakes rare."""
     rng = random.Random(seed)
     detections = []
     for i in range(count):
@@ -41,8 +42,9 @@ def make_detections(count: int, seed: int) -> list[Sighting]:
         layer_class = LAYER_MONO if layers == 1 else LAYER_FEW if layers <= 10 else LAYER_THICK
         contour = [(x + radius * math.cos(a) * rng.uniform(0.7, 1.0), y + radius * math.sin(a) * rng.uniform(0.7, 1.0))
                    for a in (k * math.pi / 4 for k in range(8))]
+        on_chip = chip if chip is not None else f'chip-{i % CHIPS}'
         detections.append(Sighting(
-            chip_id=f'chip-{i % CHIPS}', scan_id=f'scan-{i % CHIPS}', tile_index=i // 100, x=x, y=y,
+            chip_id=on_chip, scan_id=f'scan-{on_chip.removeprefix("chip-")}', tile_index=i // 100, x=x, y=y,
             material=MATERIALS[rng.randrange(4)], layer_class=layer_class, layers=layers, layers_std=0.3,
             thickness_nm=0.34 * layers, score=rng.random(), detector='contrast', model_version='bench',
             contour=contour, area=2.6 * radius * radius, bbox_px=(rng.randrange(2000), rng.randrange(2000), 40, 40),

@@ -50,7 +50,6 @@ CHIP_SPAN = 0.5
 
 UM, MM = 1e-6, 1e-3
 CHIP_SIZE = 10 * MM
-MATERIALS = ('graphene', 'hbn', 'mos2', 'wte2')
 FLAKES_PER_CHIP = 5000  # as bench_registry.py: 5000 flakes on a 1 cm^2 chip, dense yet realistic
 
 QUERIES = {
@@ -65,23 +64,10 @@ QUERIES = {
 
 
 def sightings(count: int, seed: int, chip: str) -> list[Sighting]:
-    """Flakes spread over one 10 mm chip with 8-point outlines, thin flakes rare (as bench_registry.py)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(count):
-        x, y = rng.uniform(0, CHIP_SIZE), rng.uniform(0, CHIP_SIZE)
-        radius = rng.uniform(2, 40) * UM
-        layers = max(1.0, round(rng.lognormvariate(2.5, 1.2)))
-        layer_class = LAYER_MONO if layers == 1 else LAYER_FEW if layers <= 10 else LAYER_THICK
-        contour = [(x + radius * math.cos(a) * rng.uniform(0.7, 1.0), y + radius * math.sin(a) * rng.uniform(0.7, 1.0))
-                   for a in (k * math.pi / 4 for k in range(8))]
-        out.append(Sighting(chip_id=chip, scan_id=f'scan-{chip}', tile_index=i // 100, x=x, y=y,
-                            material=MATERIALS[rng.randrange(4)], layer_class=layer_class, layers=layers,
-                            layers_std=0.3, thickness_nm=0.34 * layers, score=rng.random(), detector='contrast',
-                            model_version='bench', contour=contour, area=2.6 * radius * radius,
-                            bbox_px=(rng.randrange(2000), rng.randrange(2000), 40, 40), homogeneity=rng.random(),
-                            stamp=time.time()))
-    return out
+    """Flakes spread over one 10 mm chip, as bench_registry.py makes them."""
+    from bench_registry import make_detections
+
+    return make_detections(count, seed, chip)
 
 
 # -- worker processes ------------------------------------------------------------------
