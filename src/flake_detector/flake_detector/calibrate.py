@@ -31,7 +31,7 @@ command (the web app's calibration page calls it).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
 import json
 import math
@@ -130,13 +130,23 @@ class CalibrationResult:
 # --------------------------------------------------------------------------- measuring
 
 
-def read_images(paths) -> Iterator[tuple[str, np.ndarray]]:
-    """(file name, BGR image) of each path, read when needed; a file OpenCV cannot read is a ValueError."""
-    for path in paths:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ValueError(f'cannot read image {path}')
-        yield Path(path).name, image
+class ImageFiles:
+    """(file name, BGR image) of each path, each read only when its turn comes (a folder of
+    micrographs need not fit in memory), with the count for progress; a file OpenCV cannot read
+    is a ValueError."""
+
+    def __init__(self, paths: Iterable[str | Path]):
+        self.paths = [Path(path) for path in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        for path in self.paths:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                raise ValueError(f'cannot read image {path}')
+            yield path.name, image
 
 
 def measure_image(image_bgr: np.ndarray, index: int = 0, name: str = '', labels: list[LabelledFlake] = (),
@@ -423,16 +433,17 @@ def calibrate(images, material_names, labels: list[LabelledFlake] = (), camera: 
     by_image: dict[str, list[LabelledFlake]] = {}
     for label in labels:
         by_image.setdefault(label.image, []).append(label)
-    images = list(images)
-    if not images:
-        raise ValueError('no images to calibrate from')
+    # Images are measured one at a time and let go: only their regions are kept for the fit.
+    total = len(images) if isinstance(images, Sized) else 0
     image_samples, samples = [], []
     for index, (image_name, image) in enumerate(images):
         info, found = measure_image(image, index, image_name, by_image.pop(image_name, []), min_area_px)
         image_samples.append(info)
         samples += found
         if progress is not None:
-            progress(index + 1, len(images), image_name)
+            progress(index + 1, max(total, index + 1), image_name)
+    if not image_samples:
+        raise ValueError('no images to calibrate from')
     if by_image:
         raise ValueError(f'labelled flakes name images that were not given: {", ".join(sorted(by_image))}')
     return fit_calibration(image_samples, samples, names, camera, oxide_range, gamma_range, fit_black, name,
@@ -767,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        result = calibrate(read_images(paths), names, labels, camera, oxide_range, gamma_range, args.fit_black_level,
+        result = calibrate(ImageFiles(paths), names, labels, camera, oxide_range, gamma_range, args.fit_black_level,
                            args.min_area_px, args.name or args.out.stem, progress, not args.fixed_bands)
     except ValueError as exc:
         print(f'flake-calibrate: error: {exc}', file=sys.stderr)

@@ -127,13 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def self_calibrate(inputs, materials: str, out: Path, min_area_px: int = 200) -> Path:
     """Fit a calibration from the images to be detected (``flake_detector.calibrate``); its path."""
-    from flake_detector.calibrate import calibrate, read_images
+    from flake_detector.calibrate import ImageFiles, calibrate
 
     def progress(done, total, name):
         print(f'[flake-detect] calibrating {done}/{total} {name}', file=sys.stderr, flush=True)
 
     try:
-        result = calibrate(read_images(path for _, path, _ in inputs), materials, progress=progress,
+        result = calibrate(ImageFiles(path for _, path, _ in inputs), materials, progress=progress,
                            name=f'self-calibrated-{out.name}', min_area_px=min_area_px)
     except ValueError as error:
         raise SystemExit(f'flake-detect: error: cannot self-calibrate from these images ({error}); '
