@@ -40,8 +40,9 @@ SETS = {'set_a': 'labels_my-project-name_2025-01-10-04-51-39.json',
 IMG_DIR = ROOT / 'docs' / 'img'
 MATERIAL = 'nbse2'
 # What the detector reports here: every thickness (the labels include bulk crystals as '>5L')
-# and regions of at least 200 px (the smallest labelled flakes are 220-340 px).
-DETECTOR = {'materials': MATERIAL, 'max_layers': 300, 'min_area_px': 200, 'work_size': 0}
+# and regions of at least 200 px (the smallest labelled flakes are 220-340 px), segmented at
+# the default working size.
+DETECTOR = {'materials': MATERIAL, 'max_layers': 300, 'min_area_px': 200}
 # 1 um^2 in pixels: the scale bar of these images (5 um) spans 197 px at 150x.
 USABLE_PX = (197 / 5.0) ** 2
 SCORE_CUT = 0.5

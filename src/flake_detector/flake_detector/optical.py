@@ -450,7 +450,7 @@ class OpticalDetector:
     def __init__(self, materials='graphene', oxide_nm: float = 90.0, calibration: str = 'auto',
                  min_area_px: int = 60, max_layers: float = 40.0, gate_sigma: float = 4.0,
                  foreground_sigma: float = 4.0, min_contrast: float = 0.03, smooth: int = 3,
-                 background_step: int = 8, edge_px: int = 2, work_size: int = 512,
+                 background_step: int = 8, edge_px: int = 2, work_size: int = 1024,
                  max_elongation: float = 5.0, rim_direction: bool = True, min_clipped_probability: float = 0.9,
                  report_unknown: bool = True, rim_width_px: float = 6.0, score_map=None):
         names = parse_materials(materials)

@@ -70,8 +70,9 @@ class DetectorNodeParameters:
           'contrast backend: a region whose area exceeds this times the square of its widest width is a line (tape '
           'residue) and is dropped',
           minimum=1.0, maximum=1000.0)
-    work_size: int = param(0,
-          'contrast backend: segment at this long side [px]; 0 = full resolution',
+    work_size: int = param(1024,
+          'contrast backend: frames with a longer side are segmented at this long side [px] (the blur of a '
+          'megapixel camera spans several pixels); 0 = full resolution',
           minimum=0, maximum=16384)
     target: str = param('graphene-1-10L', 'cascade backend: shipped target (models/cascade_<target>.pt)')
     model_path: str = param('', 'cascade backend: weights file overriding the shipped target')
