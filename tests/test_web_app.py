@@ -13,6 +13,7 @@ from flake_registry.query import FlakeQuery
 from flake_registry.stack_geometry import place_outline, stack_overlap
 from flake_registry.store import Sighting
 from flake_registry.web.app import is_loopback, main
+from flake_registry.web.summaries import AREA_EDGES_UM2, THICKNESS_EDGES_NM, histogram
 
 
 @pytest.fixture()
@@ -119,6 +120,27 @@ def test_chip_map_markers_sit_on_the_mosaic(client, registry):
     assert marker['colour'] == '#4fc3f7' if flake.material == 'graphene' else marker['colour'].startswith('#')
     png = client.get(body['mosaic']['url'])
     assert png.status_code == 200 and png.content[:4] == b'\x89PNG'
+
+
+def test_chip_map_draws_the_scans_thickness_and_area_distributions(client, registry):
+    store = registry[2]
+    flakes = list(store.iter_flakes(scan_id=SCAN_ID))
+    html = client.get('/', params={'scan_id': SCAN_ID}).text
+    assert 'id="scan-distributions"' in html and f'{len(flakes)} flakes' in html
+    for material in {f.material for f in flakes}:
+        mine = [f for f in flakes if f.material == material]
+        expected_thickness = histogram([f.thickness_nm for f in mine], THICKNESS_EDGES_NM, 'nm').counts
+        expected_area = histogram([f.area * 1e12 for f in mine], AREA_EDGES_UM2, 'um2').counts
+        for chart, expected in ((f'thickness-{material}', expected_thickness), (f'area-{material}', expected_area)):
+            svg = re.search(rf'<svg class="histogram" id="{chart}".*?</svg>', html, re.S).group(0)
+            assert [int(n) for n in re.findall(r'data-count="(\d+)"', svg)] == expected
+        assert sum(expected_thickness) == len(mine)
+
+
+def test_histogram_bins_are_half_open_and_catch_the_extremes():
+    counts = histogram([0.0, 0.99, 1.0, 4.9, 250.0, -1.0], THICKNESS_EDGES_NM, 'nm')
+    assert counts.counts == [3, 1, 1, 0, 0, 0, 0, 1]
+    assert counts.labels[0] == '0–1' and counts.labels[-1] == '> 100 nm'
 
 
 def test_flake_page_shows_thickness_observations_and_history(client, registry):

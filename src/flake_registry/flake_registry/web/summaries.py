@@ -7,11 +7,13 @@ millisecond at 100 000 flakes, so the pages that lead with thin flakes stay fast
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+import math
 
 from flake_core.materials import LAYER_FEW, LAYER_MONO, MATERIAL_NAMES
-from flake_registry.query import FlakeQuery
+from flake_registry.query import MAX_LIMIT, FlakeQuery
 from flake_registry.store import FlakeRecord, FlakeStore
 
 THIN_CLASSES = (LAYER_MONO, LAYER_FEW)
@@ -95,3 +97,74 @@ def thin_summary(store: FlakeStore, *, scan_id: str = '', leading: int = 12,
             summary.counts[material] = counts
     summary.leading = thin_first(store, leading, scope) if summary.counts else []
     return summary
+
+
+# Bin edges people read at a glance: thickness [nm] and area [um^2], one decade in two or three steps.
+THICKNESS_EDGES_NM = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, math.inf)
+AREA_EDGES_UM2 = (0.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, math.inf)
+# Flakes read for a scan's distributions; beyond it the histograms are of the best-scoring ones.
+DISTRIBUTION_READ_LIMIT = 20000
+
+
+@dataclass
+class Histogram:
+    labels: list[str]
+    counts: list[int]
+
+    @property
+    def peak(self) -> int:
+        return max(self.counts, default=0)
+
+
+@dataclass
+class ScanDistributions:
+    """Thickness and area histograms of a scan's flakes, per material."""
+
+    thickness: dict[str, Histogram] = field(default_factory=dict)
+    area: dict[str, Histogram] = field(default_factory=dict)
+    flakes: int = 0           # flakes counted
+    total: int = 0            # flakes of the scan (more than counted beyond the read limit)
+
+    @property
+    def materials(self) -> list[str]:
+        return sorted(self.thickness, key=lambda m: (-sum(self.thickness[m].counts), m))
+
+
+def _edge_labels(edges: tuple[float, ...], unit: str) -> list[str]:
+    def text(v: float) -> str:
+        return f'{v:g}'
+    labels = [f'{text(lo)}–{text(hi)}' for lo, hi in zip(edges[:-2], edges[1:-1], strict=True)]
+    return labels + [f'> {text(edges[-2])} {unit}']
+
+
+def histogram(values: list[float], edges: tuple[float, ...], unit: str) -> Histogram:
+    """Counts of ``values`` in [edges[i], edges[i+1]); values below the first edge count in the first bin."""
+    counts = [0] * (len(edges) - 1)
+    for value in values:
+        index = bisect.bisect_right(edges, value) - 1
+        counts[min(max(index, 0), len(counts) - 1)] += 1
+    return Histogram(_edge_labels(edges, unit), counts)
+
+
+def scan_distributions(store: FlakeStore, scan_id: str, scans: list[dict] | None = None,
+                       read_limit: int = DISTRIBUTION_READ_LIMIT) -> ScanDistributions:
+    """Thickness [nm] and area [um^2] histograms of a scan's flakes, per material (the flakes
+    whose material is unknown included); at most ``read_limit`` flakes, the best-scoring first."""
+    base = FlakeQuery(sort_by='score', limit=MAX_LIMIT, **scan_scope(store, scan_id, scans))
+    thickness: dict[str, list[float]] = {}
+    area: dict[str, list[float]] = {}
+    offset, total = 0, None
+    while offset < read_limit:
+        result = store.query(replace(base, offset=offset, limit=min(MAX_LIMIT, read_limit - offset)), contours=False)
+        total = result.total if total is None else total
+        for flake in result.flakes:
+            thickness.setdefault(flake.material, []).append(flake.thickness_nm)
+            area.setdefault(flake.material, []).append(flake.area * 1e12)
+        offset += len(result.flakes)
+        if not result.flakes or offset >= result.total:
+            break
+    out = ScanDistributions(flakes=offset, total=total or 0)
+    for material in thickness:
+        out.thickness[material] = histogram(thickness[material], THICKNESS_EDGES_NM, 'nm')
+        out.area[material] = histogram(area[material], AREA_EDGES_UM2, 'µm²')
+    return out

@@ -1,4 +1,5 @@
-"""Chip map: a scan's mosaic in the wafer frame with a marker per flake, thin flakes first beside it."""
+"""Chip map: a scan's mosaic in the wafer frame with a marker per flake, thin flakes first beside it, and the
+thickness and area distributions of the scan's flakes per material."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from flake_registry.web import pictures
 from flake_registry.web.context import NavEntry, require_read, web
 from flake_registry.web.forms import check_name
 from flake_registry.web.rendering import LAYER_STYLES, page
-from flake_registry.web.summaries import scan_scope, thin_summary
+from flake_registry.web.summaries import scan_distributions, scan_scope, thin_summary
 
 NAV = NavEntry('chipmap', 'Chip map', '/')
 router = APIRouter(dependencies=[Depends(require_read)])
@@ -49,10 +50,12 @@ def chip_map(request: Request, scan_id: str = Query('', max_length=128)):
         if scan_id not in scans:
             raise RegistryError(UNKNOWN_ID, f'no scan {scan_id!r}')
     chosen = scan_id or (scans[-1] if scans else '')
-    thin = thin_summary(web(request).store, scan_id=chosen, scans=scan_rows) if chosen else None
+    store = web(request).store
+    thin = thin_summary(store, scan_id=chosen, scans=scan_rows) if chosen else None
+    distributions = scan_distributions(store, chosen, scans=scan_rows) if chosen else None
     chip_id = next((s['chip_id'] for s in scan_rows if s['id'] == chosen), '')
     return page(request, 'chipmap.html', {'page': 'chipmap', 'scans': scans, 'scan_id': chosen, 'thin': thin,
-                                          'chip_id': chip_id})
+                                          'distributions': distributions, 'chip_id': chip_id})
 
 
 @router.get('/api/chipmap')
