@@ -721,8 +721,9 @@ class OpticalDetector:
         saturated = _saturated(raw_work[py0:py1, px0:px1], self.smooth)
         if saturated is not None:
             saturated = saturated[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
-        contrast = cv2.subtract(cv2.divide(patch, background[y0:y1, x0:x1]), 1.0)
-        contrast = np.ascontiguousarray(contrast[..., ::-1])
+        contrast = cv2.divide(patch, background[y0:y1, x0:x1])
+        np.subtract(contrast, 1.0, out=contrast)
+        contrast = cv2.cvtColor(contrast, cv2.COLOR_BGR2RGB)  # BGR -> RGB: several times numpy's strided copy
         if saturated is not None:
             saturated = np.ascontiguousarray(saturated[..., ::-1])
         if blind_rgb.any():
@@ -1085,16 +1086,19 @@ class OpticalDetector:
         if np.count_nonzero(component) < 4 * min_area or not (region_class < 0).any():
             return out
         rim_width = self.rim_width_px * scale
+        # Each region's box once, not a comparison over the whole component per region.
+        objects = ndimage.find_objects(region_map + 1)
         for region_id in np.nonzero(region_class < 0)[0]:
-            where = region_map == region_id
+            box = objects[region_id] if region_id < len(objects) else None
+            if box is None:
+                continue
+            where = region_map[box] == region_id
             if np.count_nonzero(where) < min_area:
                 continue
-            ys, xs = np.nonzero(where)
-            ry, rx = int(ys.min()), int(xs.min())
-            box = (slice(ry, int(ys.max()) + 1), slice(rx, int(xs.max()) + 1))
-            inner = where[box] & core[box]
+            ry, rx = box[0].start, box[1].start
+            inner = where & core[box]
             crop = window[box]
-            mask = _half_contrast_edge(where[box] & ~beside[box], crop, crop[inner] if inner.sum() >= 8 else None)
+            mask = _half_contrast_edge(where & ~beside[box], crop, crop[inner] if inner.sum() >= 8 else None)
             area = int(mask.sum())
             if area < min_area:
                 continue
