@@ -2,8 +2,6 @@
 writes a model card; the maskrcnn backend dispatches to its hook. Mechanism only, no scores."""
 
 import json
-import sys
-import types
 
 import cv2
 from detector_synth import make_frame
@@ -131,17 +129,14 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path, base_cascade):
         finetune.main(['--base', 'nonsense', '--crops', str(tmp_path / 'empty'), '--out', str(tmp_path / 'x.pt')])
 
 
-def test_maskrcnn_backend_dispatches_to_its_hook(tmp_path, monkeypatch):
+def test_maskrcnn_backend_passes_the_command_line_to_its_fine_tuning(tmp_path, monkeypatch):
+    from flake_detector.maskrcnn import finetune as maskrcnn_finetune
+
     coco = tmp_path / 'labels.json'
     coco.write_text('{"images": [], "annotations": [], "categories": []}')
-    monkeypatch.setattr(finetune, 'MASKRCNN_HOOK', 'flake_detector.no_such_module_for_test')
-    with pytest.raises(SystemExit, match='maskrcnn backend has no fine-tuning yet'):
-        finetune.main(['--backend', 'maskrcnn', '--coco', str(coco), '--out', str(tmp_path / 'm.pt')])
     calls = []
-    hook = types.ModuleType('fake_maskrcnn_finetune')
-    hook.finetune = lambda **kwargs: calls.append(kwargs) or kwargs['out']
-    monkeypatch.setitem(sys.modules, 'fake_maskrcnn_finetune', hook)
-    monkeypatch.setattr(finetune, 'MASKRCNN_HOOK', 'fake_maskrcnn_finetune')
+    monkeypatch.setattr(maskrcnn_finetune, 'finetune', lambda **kwargs: calls.append(kwargs) or kwargs['out'])
     assert finetune.main(['--backend', 'maskrcnn', '--coco', str(coco), '--steps', '7', '--material', 'nbse2',
-                          '--out', str(tmp_path / 'm.pt')]) == 0
+                          '--input-scale', '0.2', '--out', str(tmp_path / 'm.pt')]) == 0
     assert calls[0]['coco'] == [str(coco)] and calls[0]['steps'] == 7 and calls[0]['material'] == 'nbse2'
+    assert calls[0]['input_scale'] == 0.2

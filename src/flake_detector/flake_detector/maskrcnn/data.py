@@ -73,6 +73,19 @@ def resolve_label(annotation: dict, category: dict) -> int | None:
     return class_index(material, layer_class)
 
 
+def is_flake_target(annotation: dict, category: dict) -> bool:
+    """Whether an annotation is a target of the class-agnostic model: any flake of any
+    material (a lab's NbSe2 labelled ``3L`` or ``>5L`` as well as the simulator's four
+    materials), but no contaminant and no bulk crystal (more than 40 layers)."""
+    attributes = annotation.get('attributes') or {}
+    if annotation.get('is_contaminant') or category.get('supercategory') == 'contaminant':
+        return False
+    if str(attributes.get('layer_class', '')).lower() == 'bulk':
+        return False
+    layers = attributes.get('layers')
+    return layers in (None, '') or layer_class_from_layers(float(layers)) is not None
+
+
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """uint8 mask from COCO polygons, uncompressed or compressed RLE."""
     if isinstance(segmentation, list):
@@ -134,13 +147,20 @@ class CocoFlakeDataset(torch.utils.data.Dataset):
         categories = {c['id']: c for c in coco.get('categories', [])}
         by_image: dict[int, list[tuple[int, dict]]] = {}
         for ann in coco.get('annotations', []):
-            label = resolve_label(ann, categories.get(ann['category_id'], {}))
-            if label is None or ann.get('iscrowd', 0):
+            category = categories.get(ann['category_id'], {})
+            label = resolve_label(ann, category)
+            if ann.get('iscrowd', 0):
+                continue
+            if class_agnostic and not materials:
+                # One class: every flake of 1-40 layers, of whatever material the labels name.
+                if is_flake_target(ann, category):
+                    by_image.setdefault(ann['image_id'], []).append((1, ann))
+                continue
+            if label is None:
                 continue
             material = MATERIALS[(label - 1) // len(LAYER_CLASSES)]
             if materials and material not in materials:
                 continue
-            # The class-agnostic model has one class: every flake of 1-40 layers.
             by_image.setdefault(ann['image_id'], []).append((1 if class_agnostic else label, ann))
         self.total_annotations = sum(len(v) for v in by_image.values())
         self.dropped = self._drop(by_image, drop_fraction, seed)
