@@ -139,4 +139,5 @@ def test_maskrcnn_backend_passes_the_command_line_to_its_fine_tuning(tmp_path, m
     assert finetune.main(['--backend', 'maskrcnn', '--coco', str(coco), '--steps', '7', '--material', 'nbse2',
                           '--input-scale', '0.2', '--out', str(tmp_path / 'm.pt')]) == 0
     assert calls[0]['coco'] == [str(coco)] and calls[0]['steps'] == 7 and calls[0]['material'] == 'nbse2'
-    assert calls[0]['input_scale'] == 0.2
+    assert calls[0]['input_scale'] == 0.2 and '--input-scale 0.2' in calls[0]['command']
+    assert calls[0]['lr'] == 2e-3  # the Mask R-CNN's own default, not the cascade's

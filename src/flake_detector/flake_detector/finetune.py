@@ -27,7 +27,7 @@ CPU minutes (``--threads``).
 
 The maskrcnn backend (``flake_detector.maskrcnn.finetune``) goes on training the class-agnostic
 Mask R-CNN (``--base``: a .pt checkpoint, else the shipped one) on the COCO files' images for
-``--steps`` steps at ``--lr`` (2e-3 suits it; the default 3e-4 is the cascade's), with
+``--steps`` steps (600) at ``--lr`` (2e-3), with
 ``--input-scale`` putting a lab's flakes at the size the network learned, and writes the
 checkpoint and its model card.
 """
@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--group-pattern', default=None,
                         help='regular expression naming the flake in a file name (e.g. "flake\\d+"): images of '
                              'one flake are held out together')
-    parser.add_argument('--steps', type=int, default=150, help='training steps per net (default 150)')
-    parser.add_argument('--lr', type=float, default=3e-4, help='learning rate (default 3e-4)')
+    parser.add_argument('--steps', type=int, default=None,
+                        help='training steps (default: cascade 150 per net, maskrcnn 600)')
+    parser.add_argument('--lr', type=float, default=None, help='learning rate (default: cascade 3e-4, maskrcnn 2e-3)')
     parser.add_argument('--batch', type=int, default=64, help='balanced batch size (default 64)')
     parser.add_argument('--gamma-jitter', type=float, default=0.3,
                         help='random gamma within [1/(1+j), 1+j] on training crops (default 0.3)')
@@ -182,11 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Schedules measured to suit each backend: the cascade's small nets on crops, the Mask R-CNN
+# on 256 px windows of a few images (docs/maskrcnn.md, few-shot fine-tuning).
+BACKEND_DEFAULTS = {'cascade': {'steps': 150, 'lr': 3e-4}, 'maskrcnn': {'steps': 600, 'lr': 2e-3}}
+
+
 def _fail(message: str) -> SystemExit:
     return SystemExit(f'flake-finetune: error: {message}')
 
 
-def _maskrcnn(args, log) -> int:
+def _maskrcnn(args, argv: list[str], log) -> int:
     from flake_detector.maskrcnn import finetune as maskrcnn_finetune
 
     if args.crops or not args.coco:
@@ -194,7 +200,8 @@ def _maskrcnn(args, log) -> int:
     try:
         path = maskrcnn_finetune.finetune(coco=[str(p) for p in args.coco], out=str(args.out), base=args.base,
                                           steps=args.steps, lr=args.lr, seed=args.seed, threads=args.threads,
-                                          material=args.material, input_scale=args.input_scale, log=log)
+                                          material=args.material, input_scale=args.input_scale, log=log,
+                                          command=' '.join(['flake-finetune', *argv]))
     except (ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
     log(f'wrote {path}')
@@ -217,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.crops:
         if not folder.is_dir():
             parser.error(f'no crops folder at {folder}')
+    defaults = BACKEND_DEFAULTS[args.backend]
+    args.steps = defaults['steps'] if args.steps is None else args.steps
+    args.lr = defaults['lr'] if args.lr is None else args.lr
     if args.steps < 1 or args.batch < 2 or not args.lr > 0:
         parser.error('--steps must be >= 1, --batch >= 2 and --lr > 0')
     if not 0.0 < args.recall <= 1.0:
         parser.error(f'--recall must lie in (0, 1], got {args.recall}')
     if args.backend == 'maskrcnn':
-        return _maskrcnn(args, log)
+        return _maskrcnn(args, argv, log)
     try:
         return _cascade(args, argv, log)
     except (ValueError, OSError, re.error) as exc:

@@ -61,13 +61,14 @@ def learning_rate_at(step: int, steps: int, lr: float) -> float:
     return lr
 
 
-def finetune(coco: list[str], out: str, base: str | None = None, steps: int = 300, lr: float = 2e-3,
+def finetune(coco: list[str], out: str, base: str | None = None, steps: int = 600, lr: float = 2e-3,
              seed: int = 0, threads: int = 2, material: str | None = None, input_scale: float = 0.0,
-             batch_size: int = 2, log: Callable[[str], None] = print) -> Path:
+             batch_size: int = 2, log: Callable[[str], None] = print,
+             command: str = 'flake-finetune --backend maskrcnn') -> Path:
     """Fine-tune on the COCO files ``coco`` (images beside each file) and write ``out`` (.pt)
     with its model card (.json). ``input_scale`` (model pixels per image pixel; 0 keeps the
     base's) puts the lab's flakes at the size the network learned; ``material`` is recorded
-    on the card (the network has one class, the optics name the material)."""
+    on the card (the network has one class, the optics name the material), as is ``command``."""
     if steps < 1 or not lr > 0 or batch_size < 1:
         raise ValueError(f'need steps >= 1, lr > 0 and batch_size >= 1, got {steps}, {lr}, {batch_size}')
     if not 0.0 <= input_scale <= 16.0:
@@ -106,7 +107,7 @@ def finetune(coco: list[str], out: str, base: str | None = None, steps: int = 30
                     f'{(time.monotonic() - started) / step:.1f} s/step')
             if step >= steps:
                 break
-    card = {'command': 'flake-finetune --backend maskrcnn', 'base': str(start.name), 'base_version': base_version,
+    card = {'command': command, 'base': str(start.name), 'base_version': base_version,
             'data': [str(Path(p).name) for p in coco], 'data_images': len(dataset), 'data_annotations': flakes,
             'material': material, 'steps': steps, 'lr': lr, 'batch_size': batch_size, 'seed': seed,
             'input_scale': config.pixel_scale, 'loss_last_20_steps': sum(recent) / len(recent),
