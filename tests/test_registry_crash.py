@@ -29,15 +29,21 @@ class Writer:
         self.committed: list[str] = []
         self.retries = 0
         self.batches = 0
+        self.ready = False
+        self.other: list[str] = []  # anything else it printed (a traceback), for the failure message
 
     def read_line(self) -> None:
         line = self.process.stdout.readline()
-        assert line, f'writer ended early: {self.process.stdout.read()}'
-        if line.startswith('COMMITTED'):
+        assert line, f'writer ended early: {"".join(self.other) + self.process.stdout.read()}'
+        if line.startswith('READY'):
+            self.ready = True
+        elif line.startswith('COMMITTED'):
             self.committed.extend(line.split()[1:])
             self.batches += 1
         elif line.startswith('RETRY'):
             self.retries += 1
+        else:
+            self.other.append(line)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -64,7 +70,9 @@ def run_writers(url, seeds, batches, end_connections_at=()):
             assert time.monotonic() < deadline, 'writers too slow'
             for key, _ in selector.select(timeout=5):
                 key.data.read_line()
-            if pending and sum(w.batches for w in writers) >= pending[0]:
+            # Connections are ended only once every writer has its store open: a writer still
+            # opening it (slow under load) would die in its constructor, which is not the case tested.
+            if pending and all(w.ready for w in writers) and sum(w.batches for w in writers) >= pending[0]:
                 pending.pop(0)
                 with psycopg.connect(url, autocommit=True) as admin:
                     admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

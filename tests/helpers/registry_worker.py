@@ -6,7 +6,7 @@
 DB is a file path or a postgresql:// URL.
 
 `reserve` prints one line per won flake: "WON <flake_id> <token>".
-`ingest` prints "COMMITTED <flake_id> ..." after each batch's transaction has
+`ingest` prints "READY" once its store is open, then "COMMITTED <flake_id> ..." after each batch's transaction has
 committed, so a parent that kills it knows what must be in the registry. A batch
 whose transaction failed (its connection ended by the server) is not acknowledged:
 the worker prints "RETRY" and stores it again, as registry_node does.
@@ -36,6 +36,7 @@ def reserve(path: str, robot: str, flake_ids: list[str]) -> None:
 def ingest(path: str, seed: int) -> None:
     rng = random.Random(seed)
     store = FlakeStore(path, merge_distance=0.0, merge_iou=1.0)
+    print('READY', flush=True)  # the store is open: from here on an ended connection is retried
     batch_index = 0
     while True:
         batch = []
