@@ -30,7 +30,7 @@ class RacingExecutor:
         RacingExecutor.stopped = True
 
 try:
-    run_node(Node, args=[], executor=RacingExecutor())
+    run_node(Node, args=[], make_executor=RacingExecutor)
     outcome = 'returned'
 except RuntimeError as error:
     outcome = 'raised ' + str(error)

@@ -12,11 +12,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rclpy  # noqa: E402
 from rclpy.action import ActionServer, CancelResponse, GoalResponse  # noqa: E402
 from rclpy.callback_groups import ReentrantCallbackGroup  # noqa: E402
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sample_messages import sample_flake  # noqa: E402
 
+from flake_core.node_tools import run_node  # noqa: E402
 from flake_msgs.action import Scan  # noqa: E402
 from flake_msgs.msg import Flake  # noqa: E402
 from flake_msgs.srv import QueryFlakes  # noqa: E402
@@ -83,17 +84,8 @@ class InterfacePeer(Node):
 
 
 def main():
-    rclpy.init()
-    node = InterfacePeer()
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    # The nodes' own runner: it also ends cleanly when Ctrl-C's shutdown races the executor.
+    run_node(InterfacePeer, make_executor=lambda: MultiThreadedExecutor(num_threads=2))
 
 
 if __name__ == '__main__':

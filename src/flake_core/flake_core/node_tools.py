@@ -234,7 +234,8 @@ def wake_executor(node: Any) -> None:
         executor.wake()
 
 
-def run_node(make_node: Callable[[], Any], args: list[str] | None = None, executor: Any = None) -> None:
+def run_node(make_node: Callable[[], Any], args: list[str] | None = None,
+             make_executor: Callable[[], Any] | None = None) -> None:
     """Init rclpy, build the node, spin until Ctrl-C or SIGTERM, then shut down cleanly.
 
     rclpy's own handlers catch both signals and wake the executor, which then raises
@@ -242,7 +243,8 @@ def run_node(make_node: Callable[[], Any], args: list[str] | None = None, execut
     """
     rclpy.init(args=args)
     node = None
-    executor = executor or SingleThreadedExecutor()
+    # Made after init: an executor needs a valid context for its guard condition.
+    executor = make_executor() if make_executor is not None else SingleThreadedExecutor()
     try:
         node = make_node()
         executor.add_node(node)
