@@ -181,11 +181,13 @@ def overlays(gt: dict, paths: dict[int, Path], predictions: list[dict], unknown:
     return names
 
 
-def _row(name: str, m: dict, unknown: int, ms: float) -> str:
+def _row(name: str, m: dict, extra, ms: float) -> str:
+    """A table row of flake-level scores; ``extra`` fills the second-last column (unknown
+    regions here, fine-tuning CPU seconds in bench_real_nbse2_maskrcnn)."""
     def f(v):
         return '-' if v is None else f'{v:.2f}'
     return (f'| {name} | {m["flakes"]} | {m["detections"]} | {m["matched"]} | {f(m["recall"])} | '
-            f'{f(m["precision"])} | {f(m["layer_accuracy"])} | {unknown} | {ms:.0f} |')
+            f'{f(m["precision"])} | {f(m["layer_accuracy"])} | {extra} | {ms:.0f} |')
 
 
 def main() -> int:

@@ -59,13 +59,6 @@ def detect(model_path, calibration: Path, paths: dict, ids, score_threshold: flo
     return predictions, seconds / max(1, len(ids))
 
 
-def _row(name: str, m: dict, cpu: str, seconds: float) -> str:
-    def f(v):
-        return '-' if v is None else f'{v:.2f}'
-    return (f'| {name} | {m["flakes"]} | {m["detections"]} | {m["matched"]} | {f(m["recall"])} | '
-            f'{f(m["precision"])} | {f(m["layer_accuracy"])} | {cpu} | {1e3 * seconds:.0f} |')
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--folds', type=int, default=3, help='flake names to hold out in turn (default 3)')
@@ -110,10 +103,10 @@ def main() -> int:
         cpu = time.process_time() - started
         after, ms_after = detect(model, calibration, paths, held, args.score, args.input_scale, args.threads)
         m_after = real.score(gt, after, held)
-        lines.append(_row(f'shipped network, scored on the {len(held)} images not of {group}', m_before, '-',
-                          ms_before))
-        lines.append(_row(f'fine-tuned on {len(labelled)} images of {group}, same {len(held)} images', m_after,
-                          f'{cpu:.0f}', ms_after))
+        lines.append(real._row(f'shipped network, scored on the {len(held)} images not of {group}', m_before, '-',
+                               1e3 * ms_before))
+        lines.append(real._row(f'fine-tuned on {len(labelled)} images of {group}, same {len(held)} images',
+                               m_after, f'{cpu:.0f}', 1e3 * ms_after))
         for key, m in (('before', m_before), ('after', m_after)):
             pooled[key][0] += m['flakes']
             pooled[key][1] += m['detections']

@@ -148,7 +148,6 @@ class CocoFlakeDataset(torch.utils.data.Dataset):
         by_image: dict[int, list[tuple[int, dict]]] = {}
         for ann in coco.get('annotations', []):
             category = categories.get(ann['category_id'], {})
-            label = resolve_label(ann, category)
             if ann.get('iscrowd', 0):
                 continue
             if class_agnostic and not materials:
@@ -156,6 +155,7 @@ class CocoFlakeDataset(torch.utils.data.Dataset):
                 if is_flake_target(ann, category):
                     by_image.setdefault(ann['image_id'], []).append((1, ann))
                 continue
+            label = resolve_label(ann, category)
             if label is None:
                 continue
             material = MATERIALS[(label - 1) // len(LAYER_CLASSES)]
