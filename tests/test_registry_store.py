@@ -470,6 +470,29 @@ def test_impossible_filters_are_refused_with_a_code(store, filters, code):
     assert error.value.code == code
 
 
+def test_histograms_count_every_match_per_material_in_half_open_bins(populated):
+    store, batch, ids = populated
+    edges = {'layers': (0.0, 2.0, 10.0, math.inf), 'area': (0.0, 100 * UM * UM, 400 * UM * UM, math.inf)}
+
+    def expected(sightings):
+        counts = {}
+        for s in sightings:
+            material = counts.setdefault(s.material, {'layers': [0, 0, 0], 'area': [0, 0, 0]})
+            material['layers'][sum(s.layers >= e for e in edges['layers'][1:-1])] += 1
+            material['area'][sum(s.area >= e for e in edges['area'][1:-1])] += 1
+        return counts
+
+    assert store.histograms(FlakeQuery(chip_id='chip-1'), edges) == expected(batch[:40])
+    assert store.histograms(FlakeQuery(), edges) == expected(batch)
+    graphene_counts = store.histograms(FlakeQuery(materials=('graphene',), layer_classes=(LAYER_FEW,)), edges)
+    assert graphene_counts == expected([s for s in batch if s.material == 'graphene' and s.layer_class == LAYER_FEW])
+    store.reserve(ids[0], 'robot-a')
+    assert store.histograms(FlakeQuery(statuses=(STATUS_RESERVED,)), edges) == expected(batch[:1])
+    assert store.histograms(FlakeQuery(chip_id='no-such-chip'), edges) == {}
+    with pytest.raises(ValueError, match='contour'):
+        store.histograms(FlakeQuery(), {'contour': (0.0, 1.0)})
+
+
 def test_query_from_loose_text_input():
     query = FlakeQuery.from_mapping({'material': 'Graphene', 'layer_classes': 'mono,few', 'statuses': 'available',
                                      'region': '0,0,1e-3,1e-3', 'limit': '5', 'ascending': 'true'})

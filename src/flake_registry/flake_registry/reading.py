@@ -6,7 +6,7 @@ Every filter of a ``FlakeQuery`` runs on an index or the spatial index (see
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 import json
 from typing import TYPE_CHECKING, Any
 import zlib
@@ -94,6 +94,47 @@ def query(tx: Transaction, flake_query: FlakeQuery, now: float, contours: bool =
         del values['total_matches'], values['sort_key'], values['sort_pk']
         flakes.append(record(values))
     return QueryResult(total=int(rows[0][0]) if rows else 0, flakes=flakes)
+
+
+# Columns a histogram may count over (their units are the registry's: nm, m^2, layers).
+HISTOGRAM_COLUMNS = ('thickness_nm', 'area', 'layers', 'score')
+
+
+def histograms(tx: Transaction, flake_query: FlakeQuery, now: float,
+               edges: dict[str, Sequence[float]]) -> dict[str, dict[str, list[int]]]:
+    """Per material, the counts of the matching flakes in the bins of each column of ``edges``.
+
+    ``edges[column]`` are ascending bin edges; bin i is [edges[i], edges[i + 1]), values
+    below the first edge count in the first bin and values from the last inner edge on in
+    the last (as ``flake_registry.web.summaries.histogram``), an unknown value in the
+    first. One grouped statement counts every match, so the answer is exact at any size.
+    """
+    flake_query = flake_query.validated()
+    where, params = flake_query.where_sql(now, tx.dialect)
+    join = LIVE_RESERVATION_JOIN if flake_query.statuses else ''
+    bins = []
+    for c, (column, column_edges) in enumerate(edges.items()):
+        if column not in HISTOGRAM_COLUMNS:
+            raise ValueError(f'no histogram of {column!r}; one of {HISTOGRAM_COLUMNS}')
+        if len(column_edges) < 2:
+            raise ValueError(f'{column}: a histogram needs at least two edges, got {list(column_edges)}')
+        # The bin index is the number of inner edges the value reaches.
+        steps = []
+        for i, edge in enumerate(column_edges[1:-1]):
+            params[f'edge_{c}_{i}'] = float(edge)
+            steps.append(f'CASE WHEN f.{column} >= :edge_{c}_{i} THEN 1 ELSE 0 END')
+        bins.append(f'({" + ".join(steps) or "0"}) AS bin_{c}')
+    groups = ', '.join(f'bin_{c}' for c in range(len(bins)))
+    rows = tx.all(f'SELECT material, {groups}, COUNT(*) AS n FROM (SELECT f.material AS material, '
+                  f'{", ".join(bins)} FROM flakes AS f {join} WHERE {where}) AS binned '
+                  f'GROUP BY material, {groups}', params)
+    out: dict[str, dict[str, list[int]]] = {}
+    for row in rows:
+        counts = out.setdefault(row['material'] or '', {column: [0] * (len(column_edges) - 1)
+                                                        for column, column_edges in edges.items()})
+        for c, column in enumerate(edges):
+            counts[column][int(row[f'bin_{c}'])] += int(row['n'])
+    return out
 
 
 def flake_page(tx: Transaction, now: float, after_pk: int, page: int, chip_id: str = '',

@@ -268,6 +268,13 @@ class FlakeStore:
         with self.snapshot(single_statement=True) as tx:
             return reading.query(tx, query, now, contours)
 
+    def histograms(self, query: FlakeQuery, edges: dict[str, Sequence[float]]) -> dict[str, dict[str, list[int]]]:
+        """Per material, counts of the flakes matching ``query`` in the bins of each column of
+        ``edges`` (``reading.histograms``); ``query``'s page and sort are ignored."""
+        now = self.clock()
+        with self.snapshot(single_statement=True) as tx:
+            return reading.histograms(tx, query, now, edges)
+
     def iter_flakes(self, chip_id: str = '', scan_id: str = '', page: int = 1000) -> Iterator[FlakeRecord]:
         """Every flake of a chip and/or scan in creation order, read in pages (exports)."""
         return reading.iter_flakes(self, chip_id, scan_id, page)

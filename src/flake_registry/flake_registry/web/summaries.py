@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 import math
 
 from flake_core.materials import LAYER_FEW, LAYER_MONO, MATERIAL_NAMES
-from flake_registry.query import MAX_LIMIT, FlakeQuery
+from flake_registry.query import FlakeQuery
 from flake_registry.store import FlakeRecord, FlakeStore
 
 THIN_CLASSES = (LAYER_MONO, LAYER_FEW)
@@ -102,9 +102,6 @@ def thin_summary(store: FlakeStore, *, scan_id: str = '', leading: int = 12,
 # Bin edges people read at a glance: thickness [nm] and area [um^2], one decade in two or three steps.
 THICKNESS_EDGES_NM = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, math.inf)
 AREA_EDGES_UM2 = (0.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, math.inf)
-# Flakes read for a scan's distributions; beyond it the histograms are of the best-scoring ones.
-DISTRIBUTION_READ_LIMIT = 20000
-
 
 @dataclass
 class Histogram:
@@ -122,8 +119,7 @@ class ScanDistributions:
 
     thickness: dict[str, Histogram] = field(default_factory=dict)
     area: dict[str, Histogram] = field(default_factory=dict)
-    flakes: int = 0           # flakes counted
-    total: int = 0            # flakes of the scan (more than counted beyond the read limit)
+    flakes: int = 0           # flakes counted: every flake of the scan
 
     @property
     def materials(self) -> list[str]:
@@ -146,25 +142,14 @@ def histogram(values: list[float], edges: tuple[float, ...], unit: str) -> Histo
     return Histogram(_edge_labels(edges, unit), counts)
 
 
-def scan_distributions(store: FlakeStore, scan_id: str, scans: list[dict] | None = None,
-                       read_limit: int = DISTRIBUTION_READ_LIMIT) -> ScanDistributions:
-    """Thickness [nm] and area [um^2] histograms of a scan's flakes, per material (the flakes
-    whose material is unknown included); at most ``read_limit`` flakes, the best-scoring first."""
-    base = FlakeQuery(sort_by='score', limit=MAX_LIMIT, **scan_scope(store, scan_id, scans))
-    thickness: dict[str, list[float]] = {}
-    area: dict[str, list[float]] = {}
-    offset, total = 0, None
-    while offset < read_limit:
-        result = store.query(replace(base, offset=offset, limit=min(MAX_LIMIT, read_limit - offset)), contours=False)
-        total = result.total if total is None else total
-        for flake in result.flakes:
-            thickness.setdefault(flake.material, []).append(flake.thickness_nm)
-            area.setdefault(flake.material, []).append(flake.area * 1e12)
-        offset += len(result.flakes)
-        if not result.flakes or offset >= result.total:
-            break
-    out = ScanDistributions(flakes=offset, total=total or 0)
-    for material in thickness:
-        out.thickness[material] = histogram(thickness[material], THICKNESS_EDGES_NM, 'nm')
-        out.area[material] = histogram(area[material], AREA_EDGES_UM2, 'µm²')
+def scan_distributions(store: FlakeStore, scan_id: str, scans: list[dict] | None = None) -> ScanDistributions:
+    """Thickness [nm] and area [um^2] histograms of every flake of a scan, per material (the
+    flakes whose material is unknown included), counted by the registry in one statement."""
+    counts = store.histograms(FlakeQuery(**scan_scope(store, scan_id, scans)),
+                              {'thickness_nm': THICKNESS_EDGES_NM,
+                               'area': tuple(edge * 1e-12 for edge in AREA_EDGES_UM2)})
+    out = ScanDistributions(flakes=sum(sum(c['thickness_nm']) for c in counts.values()))
+    for material, material_counts in counts.items():
+        out.thickness[material] = Histogram(_edge_labels(THICKNESS_EDGES_NM, 'nm'), material_counts['thickness_nm'])
+        out.area[material] = Histogram(_edge_labels(AREA_EDGES_UM2, 'µm²'), material_counts['area'])
     return out
