@@ -10,6 +10,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 
 from pycocotools.coco import COCO
 import pytest
@@ -116,6 +117,36 @@ def test_batches_commit_with_normal_sync_and_claims_with_full(tmp_path):
     assert mode() == 1  # NORMAL: a batch survives crashes of the process; a rescan restores it after power loss
     store.reserve(flake_id, 'robot-a')
     assert mode() == 2  # FULL: a claim survives power loss too
+
+
+def test_writers_take_turns_and_a_writer_held_up_past_the_busy_timeout_is_told(tmp_path):
+    from flake_registry.database import SQLiteDatabase
+
+    path = tmp_path / 'registry.sqlite'
+    FlakeStore(path).close()
+    holder, waiter = SQLiteDatabase(path), SQLiteDatabase(path, busy_timeout_s=0.2)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with holder.transaction() as tx:
+            tx.execute("INSERT INTO chips (id, created, updated) VALUES ('held', 0, 0)")
+            inside.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert inside.wait(30)
+    with pytest.raises(sqlite3.OperationalError, match='database is locked'):
+        with waiter.transaction() as tx:
+            tx.execute("INSERT INTO chips (id, created, updated) VALUES ('waited', 0, 0)")
+    release.set()
+    thread.join(30)
+    with waiter.transaction() as tx:   # the turn is free again
+        tx.execute("INSERT INTO chips (id, created, updated) VALUES ('waited', 0, 0)")
+    with waiter.snapshot() as tx:
+        assert sorted(r['id'] for r in tx.all('SELECT id FROM chips')) == ['held', 'waited']
+    holder.close()
+    waiter.close()
 
 
 def test_version_1_file_is_migrated_and_keeps_its_flakes(tmp_path):
